@@ -1,0 +1,3 @@
+from calibclust.cli import main
+
+raise SystemExit(main())

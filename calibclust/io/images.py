@@ -1,0 +1,234 @@
+"""Image discovery and decoding: the one decoder every layer uses.
+
+Design choices (documented because training, export calibration and serving must agree):
+
+* **Order** – files are yielded depth-first with each directory's entries sorted by name, so the
+  same folder always gives the same order without listing it all first (streams millions of files).
+* **Hidden** – names starting with ``.`` (files and directories) are skipped.
+* **Colour** – every Pillow mode becomes 8-bit RGB. Transparent images (RGBA, LA, P with a
+  transparency key) are alpha-composited onto a white background; 16-bit/32-bit integer and float
+  greyscale are rescaled to 0–255 rather than clipped; CMYK goes through Pillow's conversion.
+* **Orientation** – the EXIF orientation tag is applied before anything else.
+* **Resize** – the whole image is resized to the model's H×W (no crop, aspect ratio not kept) with
+  Pillow's bilinear filter, which antialiases when shrinking. JPEGs are first decoded at a reduced
+  scale (``Image.draft``) when much larger than the target, which is what makes 224-px serving fast.
+* **Failures** – a file that is not an image, is truncated, or exceeds the pixel limit raises
+  :class:`ImageDecodeError` carrying the path and a short reason; batch helpers turn it into a
+  per-file error record so a run never ends on one bad file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+# Same order of magnitude as Pillow's own guard (~89 Mpx); a 10k x 10k photo is 100 Mpx.
+DEFAULT_MAX_PIXELS = 100_000_000
+BACKGROUND_RGB = (255, 255, 255)
+
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
+
+
+class ImageDecodeError(Exception):
+    """One file could not be turned into an RGB array. ``reason`` is short and user-readable."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def discover_images(
+    root: str | os.PathLike, recursive: bool = True, extensions: Iterable[str] = IMAGE_EXTENSIONS
+) -> Iterator[Path]:
+    """Yield image files under ``root`` in a deterministic order, streaming.
+
+    Files are matched by extension (case-insensitive); hidden files and directories are skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"not a folder: {root}")
+    exts = {e.lower() for e in extensions}
+
+    def walk(directory: Path) -> Iterator[Path]:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except PermissionError:
+            return
+        subdirs = []
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            if entry.is_dir(follow_symlinks=True):
+                subdirs.append(entry)
+            elif os.path.splitext(entry.name)[1].lower() in exts:
+                yield Path(entry.path)
+        if recursive:
+            for entry in subdirs:
+                yield from walk(Path(entry.path))
+
+    yield from walk(root)
+
+
+@dataclass(frozen=True)
+class ImageFolderListing:
+    """Images of a folder, with labels when it has the ImageFolder layout ``root/<class>/<file>``."""
+
+    root: Path
+    paths: list[Path]
+    labels: np.ndarray | None  # int64 (N,), index into class_names; None for an unlabeled folder
+    class_names: list[str]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def relative_paths(self) -> list[str]:
+        return [p.relative_to(self.root).as_posix() for p in self.paths]
+
+
+def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
+    """List a training folder. It is labeled when ``root`` holds no images itself, only class
+    sub-folders (torchvision's ImageFolder convention); labels are used for reporting only."""
+    root = Path(root)
+    paths = list(discover_images(root))
+    if not paths:
+        raise FileNotFoundError(f"no images found under {root}")
+    top_level_images = [p for p in paths if p.parent == root]
+    if top_level_images:
+        return ImageFolderListing(root, paths, None, [])
+    class_names = sorted({p.relative_to(root).parts[0] for p in paths})
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([index[p.relative_to(root).parts[0]] for p in paths], dtype=np.int64)
+    return ImageFolderListing(root, paths, labels, class_names)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        # Palette images may carry transparency in info; RGBA keeps it for compositing.
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif arr.size and (arr.max() > 255 or arr.min() < 0):
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        elif mode == "F" and arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND_RGB + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _open(source: ImageSource) -> tuple[Image.Image, str]:
+    if isinstance(source, (bytes, bytearray)):
+        return Image.open(io.BytesIO(source)), "<bytes>"
+    if hasattr(source, "read"):
+        return Image.open(source), getattr(source, "name", "<stream>")
+    return Image.open(os.fspath(source)), os.fspath(source)
+
+
+def decode_image(
+    source: ImageSource,
+    size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode one image to an ``(H, W, 3)`` uint8 RGB array, optionally resized to ``size=(H, W)``.
+
+    Raises :class:`ImageDecodeError` for anything that is not a readable image within ``max_pixels``.
+    """
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        # Pillow refuses images above 2x its own limit before we can look; a caller that asks
+        # for a larger limit gets it (monotone, so concurrent callers never lower each other's).
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img, name = _open(source)
+            with img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(
+                        name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+                    )
+                if size is not None and img.format == "JPEG":
+                    img.draft("RGB", (size[1], size[0]))
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                img = _to_rgb(img)
+                if size is not None:
+                    img = resize_image(img, size)
+                return np.asarray(img, dtype=np.uint8).copy()
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(name, "file not found") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(name, "not an image (format not recognised)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(name, f"decompression bomb guard: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if "truncated" in reason.lower():
+            reason = f"truncated image ({reason})"
+        raise ImageDecodeError(name, f"unreadable image: {reason}") from None
+
+
+def resize_image(img: Image.Image | np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """Resize to ``size=(H, W)`` with Pillow's bilinear filter (antialiased when shrinking)."""
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    height, width = size
+    if img.size == (width, height):
+        return img
+    return img.resize((width, height), Image.BILINEAR)
+
+
+def load_image(path: ImageSource, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode and resize one file to ``(H, W, 3)`` uint8 (see :func:`decode_image`)."""
+    return decode_image(path, size=size, max_pixels=max_pixels)
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike],
+    size: tuple[int, int],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, list[ImageDecodeError]]:
+    """Decode many files into one ``(N_ok, H, W, 3)`` uint8 batch.
+
+    Returns the batch of the readable files (in input order) and one error per unreadable file;
+    ``ok_mask`` can be rebuilt from the errors' paths. Never raises for a bad file.
+    """
+    arrays, errors = [], []
+    for path in paths:
+        try:
+            arrays.append(decode_image(path, size=size, max_pixels=max_pixels))
+        except ImageDecodeError as err:
+            errors.append(err)
+    height, width = size
+    batch = np.stack(arrays) if arrays else np.zeros((0, height, width, 3), np.uint8)
+    return batch, errors
