@@ -1,0 +1,1 @@
+"""Clustering primitives used by the training methods (K-means)."""

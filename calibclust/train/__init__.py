@@ -1,0 +1,1 @@
+"""Training methods (CDC, SPICE) and the pseudo-label selection strategies they share."""
