@@ -1,0 +1,130 @@
+"""K-means in torch: runs on the tensors' device, chunked distances, deterministic under a seed.
+
+CDC runs it on the whole training set for the prototype initialisation (shared/papers/000 §3.3,
+Eq. 6) and on every batch for the mini-clusters of the calibration target (Eq. 1); the CDC
+authors use k-means++ seeding and a PyTorch implementation for speed (appendix B, "running time").
+
+Seeding is *greedy* k-means++ (Arthur & Vassilvitskii, 2007, with ``2 + ln k`` local trials per
+centre, as scikit-learn does); Lloyd iterations stop when the squared centre shift falls below
+``tol`` × the mean per-feature variance (scikit-learn's criterion). A cluster that goes empty is
+re-seeded with the point farthest from its current centre.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KMeansResult:
+    centers: torch.Tensor  # (k, d)
+    labels: torch.Tensor  # (n,) int64
+    inertia: float  # sum of squared distances to the assigned centre
+    n_iter: int
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(1)
+
+
+def assign(x: torch.Tensor, centers: torch.Tensor, chunk_size: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre of each row of ``x``: (labels (n,), squared distances (n,)), chunked so that
+    an (n, k) distance matrix never exists at once."""
+    c_norm = _sq_norms(centers)
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dists = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        xb = x[start : start + chunk_size]
+        d = _sq_norms(xb)[:, None] - 2.0 * (xb @ centers.T) + c_norm[None, :]
+        best, idx = d.min(1)
+        labels[start : start + chunk_size] = idx
+        dists[start : start + chunk_size] = best.clamp_min_(0)
+    return labels, dists
+
+
+def _min_sq_dist(x: torch.Tensor, centers: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    return assign(x, centers, chunk_size)[1]
+
+
+def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator, chunk_size: int = 16384) -> torch.Tensor:
+    n = x.shape[0]
+    n_trials = 2 + int(math.log(k))
+    first = torch.randint(n, (1,), generator=generator, device="cpu").item()
+    centers = [x[first]]
+    closest = _min_sq_dist(x, x[first : first + 1], chunk_size)
+    for _ in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than k: any point is as good as another
+            candidates = torch.randint(n, (n_trials,), generator=generator, device="cpu").to(x.device)
+        else:
+            probs = (closest / total).double().cpu()
+            candidates = torch.multinomial(probs, n_trials, replacement=True, generator=generator).to(x.device)
+        # Potential after adding each candidate; keep the one that lowers it most (greedy k-means++).
+        cand_d = _pairwise_sq(x, x[candidates], chunk_size)  # (n, trials)
+        new_closest = torch.minimum(closest[:, None], cand_d)
+        best = new_closest.sum(0).argmin()
+        centers.append(x[candidates[best]])
+        closest = new_closest[:, best]
+    return torch.stack(centers)
+
+
+def _pairwise_sq(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], y.shape[0], dtype=x.dtype, device=x.device)
+    y_norm = _sq_norms(y)
+    for start in range(0, x.shape[0], chunk_size):
+        xb = x[start : start + chunk_size]
+        out[start : start + chunk_size] = (_sq_norms(xb)[:, None] - 2.0 * xb @ y.T + y_norm[None, :]).clamp_min_(0)
+    return out
+
+
+def _lloyd(x, centers, max_iter, tol_abs, chunk_size):
+    k, d = centers.shape
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        labels, dists = assign(x, centers, chunk_size)
+        sums = torch.zeros(k, d, dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        new_centers = sums / counts.clamp_min(1)[:, None]
+        empty = torch.nonzero(counts == 0).flatten()
+        if empty.numel():
+            # Re-seed empty clusters with the points worst served by their current centre.
+            far = torch.topk(dists, min(empty.numel(), x.shape[0])).indices
+            new_centers[empty[: far.numel()]] = x[far]
+        shift = ((new_centers - centers) ** 2).sum()
+        centers = new_centers
+        if shift <= tol_abs:
+            break
+    labels, dists = assign(x, centers, chunk_size)
+    return centers, labels, float(dists.sum()), n_iter
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    n_init: int = 3,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    seed: int = 0,
+    chunk_size: int = 16384,
+) -> KMeansResult:
+    """Cluster the rows of ``x`` (n, d) into ``k`` groups; best of ``n_init`` seeded runs by inertia."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be (n, d), got {tuple(x.shape)}")
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    x = x.detach()
+    if not x.is_floating_point():
+        x = x.float()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    tol_abs = tol * float(x.var(0, unbiased=False).mean()) if n > 1 else 0.0
+    best = None
+    for _ in range(n_init):
+        centers = kmeans_plusplus(x, k, generator, chunk_size)
+        centers, labels, inertia, n_iter = _lloyd(x, centers, max_iter, tol_abs, chunk_size)
+        if best is None or inertia < best.inertia:
+            best = KMeansResult(centers, labels, inertia, n_iter)
+    return best

@@ -1,0 +1,157 @@
+"""The clustering model every method trains, exports and evaluates through one small surface.
+
+``ClusteringModel`` = backbone f(θ) + named MLP heads g(θ_head). CDC has a ``clustering`` and a
+``calibration`` head and predicts with the calibration one (shared/papers/000 §3.4, "Final
+Prediction"); SPICE keeps one ``clustering`` head. Training engine, export and evaluation only use:
+
+* ``preprocess(uint8 NHWC)`` → normalised float NCHW (the exact ops the ONNX graph fuses),
+* ``embed(x)`` → backbone features (N, D),
+* ``head_logits(z, head)`` / ``cluster_logits(x)`` → (N, C) logits of one head / the predicting head,
+* ``num_clusters``, ``predict_head``, ``head_names``.
+
+Inference checkpoints are a directory with ``model.safetensors`` and ``config.json``
+(``{"format", "architecture", "metadata"}``, metadata = :class:`calibclust.metadata.ModelMetadata`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calibclust.errors import CalibclustError
+from calibclust.metadata import ModelMetadata, digest_arrays
+from calibclust.models.backbones import backbone_from_spec, backbone_spec
+
+CHECKPOINT_FORMAT = "calibclust-model/1"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+class MLPHead(nn.Module):
+    """D → H → BN → ReLU → C (CDC §3.3 and Tab. 6, H = 512 by default)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, num_clusters: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.bn = nn.BatchNorm1d(hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, num_clusters)
+
+    def hidden(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, H)
+        return torch.relu(self.bn(self.fc1(z)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, C)
+        return self.fc2(self.hidden(z))
+
+
+class ClusteringModel(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_clusters: int,
+        hidden_dim: int = 512,
+        head_names: tuple[str, ...] = ("clustering", "calibration"),
+        predict_head: str = "calibration",
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.25, 0.25, 0.25),
+    ):
+        super().__init__()
+        if predict_head not in head_names:
+            raise ValueError(f"predict_head {predict_head!r} is not one of the heads {head_names}")
+        self.backbone = backbone
+        self.num_clusters = int(num_clusters)
+        self.hidden_dim = int(hidden_dim)
+        self.head_names = tuple(head_names)
+        self.predict_head = predict_head
+        self.heads = nn.ModuleDict({h: MLPHead(backbone.feature_dim, hidden_dim, num_clusters) for h in head_names})
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.feature_dim
+
+    def preprocess(self, images_uint8_nhwc: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) → float (N, 3, H, W), scaled to [0, 1] and normalised by mean/std."""
+        x = images_uint8_nhwc.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return (x - self.mean) / self.std
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, D)
+        return self.backbone(x)
+
+    def head_logits(self, z: torch.Tensor, head: str | None = None) -> torch.Tensor:  # (N, D) -> (N, C)
+        return self.heads[head or self.predict_head](z)
+
+    def cluster_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(self.embed(x))
+
+    forward = cluster_logits
+
+    def architecture(self) -> dict:
+        return {
+            "backbone": backbone_spec(self.backbone),
+            "num_clusters": self.num_clusters,
+            "hidden_dim": self.hidden_dim,
+            "head_names": list(self.head_names),
+            "predict_head": self.predict_head,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
+
+    @classmethod
+    def from_architecture(cls, arch: dict) -> "ClusteringModel":
+        return cls(
+            backbone_from_spec(arch["backbone"]),
+            num_clusters=arch["num_clusters"],
+            hidden_dim=arch["hidden_dim"],
+            head_names=tuple(arch["head_names"]),
+            predict_head=arch["predict_head"],
+            mean=tuple(arch["mean"]),
+            std=tuple(arch["std"]),
+        )
+
+
+def weights_digest(model: nn.Module) -> str:
+    state = model.state_dict()
+    return digest_arrays((k, state[k].detach().cpu().contiguous().numpy().tobytes()) for k in sorted(state))
+
+
+def save_model(model: ClusteringModel, out_dir: str | os.PathLike, metadata: ModelMetadata) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` atomically into ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = metadata.replace(weights_digest=weights_digest(model))
+    tmp_weights = out_dir / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp_weights))
+    config = {"format": CHECKPOINT_FORMAT, "architecture": model.architecture(), "metadata": metadata.to_dict()}
+    tmp_config = out_dir / f".{CONFIG_FILE}.tmp"
+    tmp_config.write_text(json.dumps(config, indent=2))
+    os.replace(tmp_weights, out_dir / WEIGHTS_FILE)
+    os.replace(tmp_config, out_dir / CONFIG_FILE)
+    return out_dir
+
+
+def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[ClusteringModel, ModelMetadata]:
+    """Load a checkpoint directory (or its config.json / model.safetensors) in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise CalibclustError(f"{directory} is not a calibclust checkpoint (needs {WEIGHTS_FILE} and {CONFIG_FILE})")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise CalibclustError(f"{config_path}: format {config.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    model = ClusteringModel.from_architecture(config["architecture"])
+    state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CalibclustError(f"{directory}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    metadata = ModelMetadata.from_dict(config["metadata"])
+    return model.eval(), metadata
