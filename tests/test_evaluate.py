@@ -3,7 +3,9 @@ is not evaluated is counted; the CLI's exit codes and messages."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import os
 import re
@@ -282,3 +284,48 @@ def test_predictions_error_is_a_calibclust_error():
     from calibclust.errors import CalibclustError
 
     assert issubclass(EvaluateError, CalibclustError) and issubclass(PredictionsFormatError, CalibclustError)
+
+
+# ----------------------------------------------------------------------------- report helpers
+
+
+def test_thumbnail_grid_embeds_the_exact_pixels():
+    from PIL import Image
+
+    from calibclust.report import thumbnail_grid
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+    html = thumbnail_grid(images, captions=["a<b", "c", "d"], size=48, alt="cluster 0")
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(uris) == 3 and 'alt="cluster 0: a&lt;b"' in html and "<figcaption>a&lt;b</figcaption>" in html
+    for uri, image in zip(uris, images):
+        assert (np.asarray(Image.open(io.BytesIO(base64.b64decode(uri)))) == image).all()
+    with pytest.raises(ValueError, match="captions"):
+        thumbnail_grid(images, captions=["only one"])
+    with pytest.raises(ValueError, match="uint8"):
+        thumbnail_grid(images.astype(np.float32))
+
+
+def test_aligned_confusion_puts_matches_on_the_diagonal():
+    from calibclust.report import aligned_confusion
+
+    y_true = np.array([0, 0, 1, 1, 2, 2, 2])
+    y_pred = np.array([7, 7, 5, 5, 9, 9, 3])  # 4 clusters, 3 classes: 3 stays unmatched
+    mapping = M.hungarian_accuracy(y_true, y_pred).mapping
+    matrix, classes, clusters = aligned_confusion(y_true, y_pred, mapping)
+    assert classes == [0, 1, 2] and clusters == [7, 5, 9, 3]
+    assert matrix.tolist() == [[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 1]]
+
+
+def test_report_tables_escape_and_format():
+    from calibclust.report import HTMLReport, html_table, plot_reliability_diagram
+
+    table = html_table([("<script>", 1234567, 0.123456789, float("nan"), None)], header=("a&b", "n", "x", "y", "z"))
+    assert "&lt;script&gt;" in table and "<script>" not in table and "a&amp;b" in table
+    assert ">1,234,567<" in table and ">0.1235<" in table and table.count(">–<") == 2
+    report = HTMLReport('title "quoted"')
+    report.add_figure(plot_reliability_diagram(M.calibration_error(np.zeros(0), np.zeros(0))), alt="empty")
+    html = report.render()
+    assert html.startswith("<!DOCTYPE html>") and "<title>title &quot;quoted&quot;</title>" in html
+    assert 'alt="empty"' in html, "a reliability diagram with no samples still renders"
