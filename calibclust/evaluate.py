@@ -79,10 +79,13 @@ class GroundTruth:
     def lookup(self, path: str) -> str | None:
         if not path:
             return None
-        for key in (_norm(path), _abs(path)):
-            if key in self.labels:
-                return self.labels[key]
-        return self.labels.get(_norm(os.path.realpath(path)))
+        # cheapest spelling first; abspath/realpath only for the rows that need them
+        label = self.labels.get(_norm(path))
+        if label is None:
+            label = self.labels.get(_abs(path))
+        if label is None:
+            label = self.labels.get(_norm(os.path.realpath(path)))
+        return label
 
 
 def load_ground_truth(truth: str | os.PathLike) -> GroundTruth:
@@ -146,10 +149,13 @@ def _truth_from_csv(path: Path) -> GroundTruth:
         if written.get(key, label) != label:
             raise GroundTruthError(f"{path}:{lineno}: {p!r} is listed twice with labels {written[key]!r} and {label!r}")
         written[key] = label
+    # os.path.abspath calls getcwd() every time; join onto the two bases once computed instead.
+    roots = list(dict.fromkeys([os.path.abspath(base), os.getcwd()]))
     for p, label in written.items():
-        keys = [p, _abs(p)] if os.path.isabs(p) else [p, _abs(base / p), _abs(p)]
-        for key in keys:
-            labels.setdefault(key, label)
+        labels.setdefault(p, label)
+        if not os.path.isabs(p):
+            for root in roots:
+                labels.setdefault(_norm(os.path.join(root, p)), label)
     return GroundTruth(path, "csv", labels, len(written))
 
 
