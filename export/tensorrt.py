@@ -126,7 +126,66 @@ def convert_to_fp16(model_proto):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
     keep = fp16_region(proto)
-    return convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep, disable_shape_infer=False)
+    converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep, disable_shape_infer=False)
+    _restore_fp32_initializers(converted.graph, model_proto.graph)
+    _toposort(converted.graph)  # the converter appends its Cast nodes at the end
+    # Its value_info keeps some pre-conversion element types; it is optional, so drop it and let
+    # shape inference (onnx.checker, TensorRT's parser) derive the types again.
+    del converted.graph.value_info[:]
+    return converted
+
+
+def _restore_fp32_initializers(graph, original) -> None:
+    """The converter stores *every* float initializer as fp16 and casts it back for blocked nodes;
+    put the original fp32 tensors back where a Cast-to-fp32 is the initializer's only consumer
+    (head weights, prototypes, the kNN bank), so the fp32 tail is exact."""
+    from onnx import TensorProto
+
+    fp32 = {t.name: t for t in original.initializer if t.data_type == TensorProto.FLOAT}
+    init = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    rename, drop = {}, []
+    for node in graph.node:
+        if node.op_type != "Cast" or len(node.input) != 1:
+            continue
+        src = node.input[0]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if to == TensorProto.FLOAT and src in init and src in fp32 and consumers.get(src) == 1:
+            init[src].CopyFrom(fp32[src])
+            rename[node.output[0]] = src
+            drop.append(node)
+    for node in drop:
+        graph.node.remove(node)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+
+
+def _toposort(graph) -> None:
+    """Reorder ``graph.node`` topologically (stable: keeps the original order where it is valid)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        progressed, rest = False, []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            raise TensorRTError(f"graph has a cycle or dangling inputs at {rest[0].name!r}")
+        pending = rest
+    nodes = [type(n)() for n in ordered]
+    for new, old in zip(nodes, ordered):
+        new.CopyFrom(old)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _has_qdq(model_proto) -> bool:
