@@ -42,7 +42,7 @@ EPILOG_TRITON = """examples:
 
 EPILOG_BENCH = """examples:
   calibclust export bench                              # ResNet-18 CIFAR stem, 32x32, digits
-  calibclust export bench --model runs/cdc --batches 1,32,256 --rounds 7
+  calibclust export bench runs/cdc --batches 1,32,256 --rounds 7
   calibclust export bench --backbone small --threads 2
 
 Measures images/s and latency p50/p95 on pre-decoded uint8 batches for torch eager, onnxruntime fp32,
@@ -70,7 +70,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint directory (default: build one, see --backbone)")
+    parser.add_argument("model", nargs="?", help="checkpoint directory (default: build one, see --backbone)")
     parser.add_argument("--backbone", default="resnet18", help="backbone of the built model (default resnet18, CIFAR stem)")
     parser.add_argument("--input-size", type=int, default=32, help="H = W of the built model's input (default 32)")
     parser.add_argument("--batches", type=_int_list, default=[1, 32, 256], help="batch sizes (default 1,32,256)")

@@ -196,6 +196,7 @@ def test_other_ood_scores_and_torchscript_fallback(digits, tmp_path, ood):
     assert result.exporter == "torchscript"
     meta = read_model_metadata(result.path)
     assert meta.ood.score == ood and meta.parity["fp32"]["passed"]
+    assert meta.parity["fp32"]["max_abs_ood_score"] <= 1e-4, "in-graph OOD score must equal the torch one"
     model = onnx.load(str(result.path))
     assert [o.name for o in model.graph.output] == ["probs", "confidence", "label", "ood_score"]
 
