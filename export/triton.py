@@ -49,7 +49,9 @@ class TritonConfig:
 
 
 def _quote(text: str) -> str:
-    return json.dumps(text)  # protobuf text format accepts C-style escaped double-quoted strings
+    """A protobuf text-format string literal: C-style escapes only (no \\u escapes), UTF-8 kept."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f'"{escaped}"'
 
 
 def render_config(

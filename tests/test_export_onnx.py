@@ -248,3 +248,33 @@ def test_cli_exports_a_checkpoint(tmp_path, capsys):
     assert meta.train_stats["n_images_export"] == 120
     # a missing folder is a usage error, not a traceback
     assert main(["export", "onnx", str(ckpt), "--images", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_flop_count_from_the_graph_matches_torch_counter(exported):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from calibclust.export.bench import count_flops
+
+    flops, unknown = count_flops(onnx.load(str(exported.path)))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        exported.module(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+    assert not unknown
+    assert flops == pytest.approx(counter.get_total_flops(), rel=1e-3), (flops, counter.get_total_flops())
+
+
+def test_bench_model_command_registers_and_runs(capsys):
+    import argparse
+
+    from calibclust.export.bench import register_bench_model, run_bench_command
+
+    parser = argparse.ArgumentParser(prog="calibclust bench")
+    register_bench_model(parser.add_subparsers(dest="bench_command"))
+    args = parser.parse_args(["model", "--backbone", "small", "--batches", "1,8", "--rounds", "1", "--head-steps", "5",
+                              "--no-int8", "--no-tensorrt"])
+    assert args.model is None and args.batches == [1, 8] and args.func is run_bench_command
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("torch eager", "onnxruntime fp32"))]
+    assert len(rows) == 4, out
+    assert all(float(r[-2]) > 0 for r in rows) and "GFLOP per image" in out

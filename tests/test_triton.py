@@ -124,7 +124,7 @@ def test_engine_repository_uses_tensorrt_plan(tmp_path):
     engine = tmp_path / "digits.engine"
     engine.write_bytes(b"plan bytes")
     meta = ModelMetadata(num_clusters=5, input_size=(16, 24), mean=(0.5,) * 3, std=(0.2,) * 3, embedding_dim=64,
-                         ood=OODSpec(threshold=0.3), precision="fp16")
+                         ood=OODSpec(threshold=0.3), precision="fp16", cluster_names=['say "hi"', "café", "a\\b", "d", "e"])
     outputs = [["probs", "float32", [-1, 5]], ["confidence", "float32", [-1]], ["label", "int64", [-1]],
                ["ood_score", "float32", [-1]]]
     write_engine_sidecar(engine, EngineSidecar(meta, "10.13.0.35", "NVIDIA H100", (9, 0), {"outputs": outputs}))
@@ -135,6 +135,7 @@ def test_engine_repository_uses_tensorrt_plan(tmp_path):
     assert cfg["input"][0]["dims"] == [16, 24, 3]
     assert set(_by_name(cfg["output"])) == {"probs", "confidence", "label", "ood_score"}
     assert _by_name(cfg["output"])["probs"]["dims"] == [5]
+    assert ModelMetadata.from_json(cfg["parameters"]["value"]["string_value"]) == meta
 
 
 def test_cli_triton(onnx_model, tmp_path, capsys):
