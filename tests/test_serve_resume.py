@@ -48,7 +48,7 @@ def _rows_done(out: Path) -> int:
 
 def _start(folder, model, out, *extra) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "calibclust.serve", "label", str(folder), "--model", str(model), "--out", str(out),
+        [sys.executable, "-m", "calibclust", "label", str(folder), "--model", str(model), "--out", str(out),
          *COMMON, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
