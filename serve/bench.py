@@ -89,14 +89,20 @@ def make_small_folder(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def make_large_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` 224×224 JPEGs: patches of the photographs matplotlib ships."""
+    """``n`` 224×224 JPEGs: 56-px patches of the photographs matplotlib ships, upscaled, with sensor-like
+    noise (the sample photos are too small for many distinct 224-px crops)."""
     if _complete(root, n):
         return root
+    from PIL import Image
+
     from calibclust.datasets import photo_patches
 
+    rng = np.random.default_rng(seed)
     for start in range(0, n, 250):
         m = min(250, n - start)
-        imgs = photo_patches(m, size=224, seed=seed + start)
+        small = photo_patches(m, size=56, seed=seed + start)
+        imgs = [np.clip(np.asarray(Image.fromarray(p).resize((224, 224), Image.BICUBIC), np.float32)
+                        + rng.normal(0, 6, (224, 224, 3)), 0, 255).astype(np.uint8) for p in small]
         for j, img in enumerate(imgs):
             i = start + j
             folder = root / f"{i // 1000:04d}"
