@@ -152,10 +152,22 @@ def options_from_args(args):
     )
 
 
+def _sigterm_as_interrupt(signum, frame):
+    # Batch schedulers (SLURM, Kubernetes) stop jobs with SIGTERM: treat it like Ctrl-C so finished
+    # batches are saved for --resume before exiting.
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
+    import signal
+    import threading
+
     from calibclust.serve.pipeline import label_folder
 
-    result = label_folder(options_from_args(args))
+    opts = options_from_args(args)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    result = label_folder(opts)
     s = result.summary
     th, c = s["thresholds"], s["counts"]
 

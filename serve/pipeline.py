@@ -111,6 +111,7 @@ class LabelResult:
 def _ignore_sigint() -> None:
     # Ctrl-C reaches the whole process group; the main process handles it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must not inherit the CLI's handler
 
 
 def decode_batch(
@@ -411,14 +412,14 @@ def _run_local(
 
 # --- finalisation ----------------------------------------------------------------------------------
 def finalise(
-    opts: LabelOptions, labeler: Labeler, parts: Callable[[], Iterator[dict[str, np.ndarray]]],
+    opts: LabelOptions, labeler: Labeler, parts: Callable[..., Iterator[dict[str, np.ndarray]]],
     fp: dict[str, Any], seconds: float, processed: int | None,
 ) -> LabelResult:
-    """Two streaming passes over the parts (``parts()`` yields them in discovery order each time it is
-    called): fit the policy on all scores, then write the outputs."""
+    """Two streaming passes over the parts (``parts(columns)`` yields them in discovery order each time
+    it is called): fit the policy on all scores, then write the outputs."""
     parts_again = parts
     conf, ood, clusters = [], [], []
-    for part in parts_again():
+    for part in parts_again(("confidence", "ood_score", "cluster")):
         conf.append(part["confidence"])
         ood.append(part["ood_score"])
         clusters.append(part["cluster"])
