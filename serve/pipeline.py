@@ -180,7 +180,7 @@ class _Inline:
 def iter_relative_paths(folder: str | os.PathLike) -> Iterator[str]:
     """Discovery order of :func:`discover_images`, as POSIX paths relative to ``folder`` (string
     slicing rather than ``Path.relative_to``: this runs once per file on the inference thread)."""
-    root = Path(folder)
+    root = Path(folder).absolute()  # "." would otherwise yield children without the "./" prefix
     prefix = len(str(root).rstrip(os.sep)) + 1
     for path in discover_images(root):
         rel = str(path)[prefix:]
@@ -355,7 +355,7 @@ def _run_local(
     keep_probs = bool(opts.top_k or opts.write_probs)
     wanted = ("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score")
     size = labeler.input_size
-    root = str(Path(opts.folder)).rstrip(os.sep) + os.sep
+    root = str(Path(opts.folder).absolute()).rstrip(os.sep) + os.sep
     buffer = PartBuffer(journal, done, max_rows=max(1, opts.checkpoint_every))
     count = {"total": None}
     counter = threading.Thread(target=_count_images, args=(opts.folder, count), daemon=True)

@@ -225,3 +225,18 @@ def test_standalone_serve_entry_runs_label(model, mixed, tmp_path):
     ref = run_label_cli(root / "a", "--model", model, "--out", tmp_path / "o2", "--no-progress")
     assert ref.returncode == 0
     assert (tmp_path / "o" / "predictions.csv").read_bytes() == (tmp_path / "o2" / "predictions.csv").read_bytes()
+
+
+def test_relative_folder_spellings_give_the_same_table(model, mixed, tmp_path):
+    root, _ = mixed
+    ref = run_label_cli(root, "--model", model, "--out", tmp_path / "abs", "--no-progress", "--no-report",
+                        "--max-pixels", 30_000)
+    import subprocess
+
+    for i, folder in enumerate((".", "./", "..", "../../" + root.name)):
+        cwd = root if not folder.startswith("..") else root / "a"
+        proc = subprocess.run([sys.executable, "-m", "calibclust", "label", folder, "--model", str(model), "--out",
+                               str(tmp_path / f"rel{i}"), "--no-progress", "--no-report", "--max-pixels", "30000"],
+                              capture_output=True, text=True, cwd=cwd)
+        assert proc.returncode == ref.returncode == 3, proc.stderr
+        assert (tmp_path / f"rel{i}" / "predictions.csv").read_bytes() == (tmp_path / "abs" / "predictions.csv").read_bytes(), folder
