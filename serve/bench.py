@@ -247,15 +247,24 @@ def time_ceiling(folder: Path, model: str, args, min_seconds: float = 5.0) -> di
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "cpu_s": _cpu_seconds() - c0}
 
 
+# VmHWM (peak RSS of this process image) rather than ru_maxrss: Linux carries ru_maxrss over exec,
+# so a child started by a big parent (this benchmark, with torch loaded) would report the parent's peak.
 _RSS_SCRIPT = """
 import json, resource, sys, tempfile
+
+def peak_kb():
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from calibclust.serve.pipeline import LabelOptions, label_folder
 folder, model, bs, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 with tempfile.TemporaryDirectory() as out:
     r = label_folder(LabelOptions(folder=folder, model=model, out_dir=out, batch_size=bs, workers=workers,
                                   report=False, progress=False))
 print(json.dumps({"files": r.summary["files"],
-                  "main_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "main_kb": peak_kb(),
                   "worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
