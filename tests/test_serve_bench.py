@@ -17,7 +17,7 @@ def test_label_bench_command_tiny(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "calibclust", "label-bench", "--model", str(model), "--dir", str(tmp_path / "b"),
          "--n-small", "300", "--n-large", "20", "--rss-sizes", "200,400", "--batch-size", "64", "--workers", "1",
-         "--skip-torch", "--ceiling-seconds", "0.5", "--out", str(tmp_path / "r.json")],
+         "--skip-torch", "--ceiling-seconds", "0.5", "--repeats", "1", "--out", str(tmp_path / "r.json")],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
