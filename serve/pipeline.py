@@ -512,6 +512,12 @@ def finalise(
         write_report(Path(opts.out_dir) / "report.html", summary, confidence, ood_score, readable,
                      collector, curve, folder=opts.folder, input_size=meta.input_size)
     atomic_write_text(Path(opts.out_dir) / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    # An --overwrite in another format must not leave the previous run's table beside this one.
+    for other in OUTPUT_FILES:
+        if other.startswith(TABLE_STEM) and other != table.name:
+            (Path(opts.out_dir) / other).unlink(missing_ok=True)
+    if not opts.report:
+        (Path(opts.out_dir) / "report.html").unlink(missing_ok=True)
     return LabelResult(exit_code, table, summary)
 
 

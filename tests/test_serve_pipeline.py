@@ -152,6 +152,9 @@ def test_existing_results_are_not_clobbered(model, mixed, tmp_path):
     assert (out / "predictions.csv").read_bytes() == before
     _run(model, root / "a", out, report=False, overwrite=True, policy=Policy("min_confidence", 0.0, float("inf")))
     assert set(read_predictions(out / "predictions.csv")["decision"]) == {"accepted"}
+    # Overwriting in another format leaves one table, not two from different runs.
+    _run(model, root / "a", out, report=True, overwrite=True, table_format="jsonl")
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "report.html", "summary.json"]
 
 
 def test_sort_into_never_overwrites(model, mixed, tmp_path):
