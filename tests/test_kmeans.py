@@ -130,3 +130,11 @@ def test_cuda_matches_cpu_inertia():
     gpu = kmeans(x.cuda(), 50, seed=0)
     assert gpu.centers.is_cuda and gpu.labels.is_cuda
     assert gpu.inertia == pytest.approx(cpu.inertia, rel=1e-3)
+
+
+def test_half_precision_input_is_clustered_in_float32():
+    x = make_blobs(600, 16, 5, seed=3, noise=0.2)
+    full = kmeans(torch.from_numpy(x), 5, seed=0)
+    half = kmeans(torch.from_numpy(x).to(torch.bfloat16), 5, seed=0)
+    assert half.centers.dtype == torch.float32
+    assert half.inertia == pytest.approx(full.inertia, rel=0.02)
