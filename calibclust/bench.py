@@ -76,7 +76,7 @@ def print_table(headers: list[str], rows: list[list], file=None) -> None:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for j, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if j else c.ljust(w) for c, w in zip(r, widths)))
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     print("\n".join(lines), file=file, flush=True)
@@ -100,7 +100,9 @@ def _machine_line(device) -> str:
     where = f"{device}"
     if device.type == "cuda":
         where += f" ({torch.cuda.get_device_name(device)})"
-    return f"device {where}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; {os.cpu_count()} CPUs visible"
+    load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    # The load average is printed because CPU timings on a shared machine mean little without it.
+    return f"device {where}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; {os.cpu_count()} CPUs visible{load}"
 
 
 # --- bench pretrain -------------------------------------------------------------------------------

@@ -194,15 +194,28 @@ def _kmeans_acc(backbone, images, labels):
     return hungarian_accuracy(labels, kmeans(feats, 10, n_init=5, seed=0).labels.numpy()).accuracy
 
 
-def _pretrain_vs_random(digits, tmp_path, epochs):
+def _pretrain_vs_random(digits, tmp_path, epochs, batch_size):
     from calibclust.models.backbones import build_backbone
 
     images, labels = digits
     cfg = P.MoCoConfig(
-        backbone="small", input_size=32, epochs=epochs, batch_size=128, lr=0.06,
+        backbone="small", input_size=32, epochs=epochs, batch_size=batch_size, lr=0.06,
         proj_hidden_dim=512, proj_dim=128, device="cpu", seed=0,
     )
     torch.manual_seed(cfg.seed)  # the same initial weights pretrain() starts from
     random_acc = _kmeans_acc(build_backbone("small", input_size=32), images, labels)
     result = P.pretrain(images, cfg, tmp_path, progress=False)
     return random_acc, _kmeans_acc(result.backbone, images, labels)
+
+
+def test_short_moco_beats_random_init_on_digits(digits, tmp_path):
+    # Fast variant: 4 epochs x 28 steps of the small backbone (~30 s on one busy core).
+    random_acc, moco_acc = _pretrain_vs_random(digits, tmp_path, epochs=4, batch_size=64)
+    assert moco_acc > random_acc + 0.10, f"K-means ACC on digits: MoCo-v2 (4 epochs) {moco_acc:.3f} vs random init {random_acc:.3f}"
+
+
+@pytest.mark.slow
+def test_moco_beats_random_init_on_digits_by_a_wide_margin(digits, tmp_path):
+    # 30 epochs x 14 steps (~3 min on one busy core): the loss is well into its decrease.
+    random_acc, moco_acc = _pretrain_vs_random(digits, tmp_path, epochs=30, batch_size=128)
+    assert moco_acc > random_acc + 0.25, f"K-means ACC on digits: MoCo-v2 (30 epochs) {moco_acc:.3f} vs random init {random_acc:.3f}"
