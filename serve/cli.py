@@ -94,6 +94,8 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, metavar="N", help="inference threads (default: onnxruntime's, one per core)")
     r.add_argument("--max-pixels", type=int, metavar="N", help="refuse images larger than N pixels (default 100,000,000)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (same options required)")
+    r.add_argument("--checkpoint-every", type=int, default=4096, metavar="N",
+                   help="save finished results for --resume every N images or 5 s, whichever first (default 4096)")
     r.add_argument("--overwrite", action="store_true", help="replace results or an unfinished run already in --out")
     r.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local (default) or ray: Ray Data on a local instance, or the cluster in RAY_ADDRESS")
@@ -144,6 +146,7 @@ def options_from_args(args):
         copy=args.copy,
         report=not args.no_report,
         progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
         engine=args.engine,
         ray_actors=args.ray_actors,
     )

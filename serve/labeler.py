@@ -23,34 +23,12 @@ from calibclust.serve.backends import CONTRACT_OUTPUTS, Backend, OrtOptions, cre
 from calibclust.serve.policy import Policy, Thresholds, decide, fit_thresholds
 
 
-def read_metadata(model_path: str | os.PathLike) -> ModelMetadata:
-    """The model's contract metadata, validated against its graph (one implementation: export's)."""
-    try:
-        from calibclust.contract import read_model_metadata
-    except ImportError:  # INTERIM until the export branch's contract.py is on main
-        return _interim_read_metadata(model_path)
-    return read_model_metadata(model_path)
+def read_metadata(source) -> ModelMetadata:
+    """The model's contract metadata, checked against its graph (``calibclust.contract``, the one
+    implementation shared with export). ``source``: a path or an onnxruntime session."""
+    from calibclust.contract import read_model_metadata
 
-
-def _interim_read_metadata(model_path) -> ModelMetadata:
-    import onnx
-
-    from calibclust.metadata import ONNX_METADATA_KEY, MetadataError
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    if ONNX_METADATA_KEY not in props:
-        raise MetadataError(f"{model_path}: no calibclust metadata (metadata_props['{ONNX_METADATA_KEY}'])")
-    meta = ModelMetadata.from_json(props[ONNX_METADATA_KEY])
-    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    outputs = {o.name for o in model.graph.output}
-    missing = [o for o in CONTRACT_OUTPUTS if o not in outputs]
-    if len(inputs) != 1 or missing:
-        raise MetadataError(f"{model_path}: graph does not follow the contract (outputs missing: {missing})")
-    dims = [d.dim_value or None for d in inputs[0].type.tensor_type.shape.dim]
-    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8 or dims[1:] != [*meta.input_size, 3]:
-        raise MetadataError(f"{model_path}: input is not uint8 [N, {meta.input_size[0]}, {meta.input_size[1]}, 3]")
-    return meta
+    return read_model_metadata(source)
 
 
 class Labeler:
@@ -71,8 +49,11 @@ class Labeler:
             self.model_path, backend, OrtOptions(threads=threads, max_batch_size=max_batch_size)
         )
         # A plugin backend (native engine) carries the metadata from its sidecar.
+        # onnxruntime backends hand over their session, so the file is parsed only once.
         meta = getattr(self.backend, "metadata", None)
-        self.metadata: ModelMetadata = meta if meta is not None else read_metadata(self.model_path)
+        if meta is None:
+            meta = read_metadata(getattr(self.backend, "session", None) or self.model_path)
+        self.metadata: ModelMetadata = meta
         self.max_pixels = int(max_pixels)
 
     # --- properties read from the contract --------------------------------------------------------

@@ -68,6 +68,7 @@ class LabelOptions:
     report: bool = True
     thumbnails: int = 8  # per cluster, most and least confident
     progress: bool = True
+    checkpoint_every: int = 4096  # commit results to the journal every N images (or 5 s); not (table)
     engine: str = "local"  # local | ray
     ray_actors: int | None = None
 
@@ -84,6 +85,8 @@ class LabelOptions:
             raise InputError(f"--engine must be local or ray, got {self.engine!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError("--batch-size must be >= 1")
+        if self.checkpoint_every < 1:
+            raise InputError("--checkpoint-every must be >= 1")
         if self.top_k < 0:
             raise InputError("--top-k must be >= 0")
         if self.copy and not self.sort_into:
@@ -251,6 +254,7 @@ def label_folder(opts: LabelOptions) -> LabelResult:
                 f"or choose another --out."
             )
         journal.create(fp)
+    _remove_stale_temporaries(out_dir)
     t0 = time.monotonic()
     if opts.engine == "ray":
         from calibclust.serve.ray_engine import run_ray
@@ -267,6 +271,14 @@ def label_folder(opts: LabelOptions) -> LabelResult:
     result = finalise(opts, labeler, parts, fp, seconds, processed)
     journal.remove()
     return result
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary files of outputs whose writer was killed before its atomic rename."""
+    for name in OUTPUT_FILES:
+        for stale in out_dir.glob(f".{name}.*"):
+            if ".partial-" in stale.name or ".tmp-" in stale.name:
+                stale.unlink(missing_ok=True)
 
 
 def _verify_prefix(stream: Iterator[str], journal: Journal, done: int) -> None:
@@ -291,7 +303,7 @@ def _run_local(opts: LabelOptions, labeler: Labeler, journal: Journal, batch_siz
     wanted = ("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score")
     size = labeler.input_size
     root = Path(opts.folder)
-    buffer = PartBuffer(journal, done, max_rows=max(batch_size, 4096))
+    buffer = PartBuffer(journal, done, max_rows=max(1, opts.checkpoint_every))
     count = {"total": None}
     counter = threading.Thread(target=_count_images, args=(opts.folder, count), daemon=True)
     counter.start()

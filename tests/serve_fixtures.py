@@ -221,3 +221,18 @@ def write_bad_images(root: Path) -> dict[str, str]:
 def read_metadata_json(path: Path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     return json.loads({p.key: p.value for p in model.metadata_props}[ONNX_METADATA_KEY])
+
+
+def run_label_cli(*args: str, env: dict | None = None, timeout: float = 120):
+    """``calibclust label ARGS`` in a subprocess (through ``python -m calibclust.serve``, which
+    registers the same ``label`` command as the ``calibclust`` entry point)."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "calibclust.serve", "label", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
