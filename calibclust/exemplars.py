@@ -412,4 +412,4 @@ def attach_exemplars(
 def exemplar_captions(exemplars: Exemplars, c: int) -> Iterable[str]:
     _, scores, paths = exemplars.for_cluster(c)
     for s, p in zip(scores, paths):
-        yield f"{exemplars.score_name} {s:.3f} · {Path(p).name}"
+        yield f"{s:.3f} · {Path(p).name}"  # the score first: gallery captions are cut short

@@ -56,6 +56,8 @@ TOP_K = 5  # probabilities shown in the gr.Label
 BATCH_TOP_K = 3  # top-k columns of the batch CSV
 PREVIEW_SIDE = 224  # the model's input is shown upscaled (nearest) to about this size
 MAX_NAME_LENGTH = 100
+OVERVIEW_COLUMNS = 10  # cluster tiles per row in the exemplars overview
+BATCH_COLUMNS = ["path", "decision", "cluster", "cluster_name", "confidence", "ood_score", "error"]
 
 DESCRIPTION = """\
 Start a local web app (Gradio) to try an exported calibclust model:
@@ -585,7 +587,7 @@ def single_outputs(session: DemoSession, pred: Prediction | None, conf_t, ood_t)
 
 def batch_view(table: dict[str, list]) -> tuple[list[str], list[list[Any]]]:
     """The table shown in the page: the columns a person reads first."""
-    cols = ["path", "decision", "cluster", "cluster_name", "confidence", "ood_score", "error"]
+    cols = BATCH_COLUMNS
     rows = []
     for i in range(len(table["path"])):
         row = []
@@ -702,10 +704,10 @@ def build_app(session: DemoSession):
         name = next((r[1] for r in rows if len(r) > 1 and str(r[0]) != "" and int(float(r[0])) == c), session.names[c])
         return session.cluster_gallery(c), name
 
-    def on_step(c, delta, table):
-        c = (int(c or 0) + delta) % n_clusters
-        gallery, name = on_select_cluster(c, table)
-        return c, gallery, name
+    # Navigation only moves the dropdown; its change event alone fills the gallery and the name
+    # box, so a name typed right after "Next" is never overwritten by a second, late update.
+    def on_step(c, delta):
+        return (int(c or 0) + delta) % n_clusters
 
     def on_name_typed(c, name, table):
         rows = [list(r) for r in table_rows(table)] or names_rows(session.names)
@@ -715,11 +717,9 @@ def build_app(session: DemoSession):
                 r[1] = name
         return {"headers": ["cluster", "name"], "data": rows}
 
-    def on_overview_select(table, evt):
+    def on_overview_select(evt):
         tiles = [c for c in range(n_clusters) if session.exemplars is not None and session.exemplars.counts()[c]]
-        c = tiles[evt.index] if evt.index is not None and evt.index < len(tiles) else 0
-        gallery, name = on_select_cluster(c, table)
-        return c, gallery, name
+        return tiles[evt.index] if evt.index is not None and evt.index < len(tiles) else 0
 
     def on_example_select(evt):
         return session.example_paths[evt.index]
@@ -739,6 +739,15 @@ def build_app(session: DemoSession):
     def save_fallback(msg):
         return f"**Not saved:** {html.escape(msg)}", gr.update()
 
+    # The page opens with the first example already predicted (computed once, here), so a visitor
+    # sees a complete result at once, without a round trip.
+    first = [None, badge_html(None), "", {}, None, {}, None]
+    if session.example_paths:
+        try:
+            first = [session.example_paths[0], *on_predict(session.example_paths[0], conf0, ood_init)]
+        except Exception:  # noqa: BLE001 - an unusable example only costs the pre-filled result
+            log.exception("could not predict the first example")
+
     # --- layout -----------------------------------------------------------------------------
     with gr.Blocks(title=f"calibclust demo — {session.model_path.name}", analytics_enabled=False) as app:
         gr.Markdown(session.header_markdown(), elem_id="cc-header")
@@ -751,10 +760,10 @@ def build_app(session: DemoSession):
             reset = gr.Button("Model defaults", size="sm", scale=0)
         with gr.Tabs():
             with gr.Tab("Single image", id="single"):
-                pred_state = gr.State(None)
+                pred_state = gr.State(first[6])
                 with gr.Row():
                     with gr.Column(scale=1):
-                        upload = gr.File(label="Image (any format Pillow reads)", file_count="single",
+                        upload = gr.File(first[0], label="Image (any format Pillow reads)", file_count="single",
                                          type="filepath", elem_id="cc-upload", height=140)
                         if session.example_paths:
                             examples = gr.Gallery(
@@ -767,50 +776,57 @@ def build_app(session: DemoSession):
                                         "model with `calibclust exemplars`.*")
                         preview = gr.Image(label=f"What the model sees ({session.labeler.input_size[0]}×"
                                            f"{session.labeler.input_size[1]}, upscaled)", interactive=False,
-                                           format="png", height=240)
+                                           format="png", height=240, value=first[4])
                     with gr.Column(scale=1):
-                        badge = gr.HTML(badge_html(None), elem_id="cc-badge")
-                        summary = gr.Markdown(elem_id="cc-summary")
-                        probs = gr.Label(num_top_classes=min(TOP_K, n_clusters), label="Calibrated probabilities (top-k)")
+                        badge = gr.HTML(first[1], elem_id="cc-badge")
+                        summary = gr.Markdown(first[2], elem_id="cc-summary")
+                        probs = gr.Label(first[3] or None, num_top_classes=min(TOP_K, n_clusters),
+                                         label="Calibrated probabilities (top-k)")
                         with gr.Accordion("Details", open=False):
-                            details = gr.JSON(label="Prediction and thresholds")
+                            details = gr.JSON(first[5], label="Prediction and thresholds")
             with gr.Tab("Clusters & naming", id="clusters"):
                 if session.exemplars is None:
                     gr.Markdown(f"**No exemplars.** {session.exemplars_note}", elem_id="cc-exemplars-note")
                 else:
                     gr.Markdown("Each cluster's most typical images (highest "
                                 f"{session.exemplars.score_name}). Click a tile to open that cluster.")
+                    tile_rows = math.ceil(n_clusters / OVERVIEW_COLUMNS)
                     overview = gr.Gallery(session.overview_gallery(), label="Clusters (most typical image)",
-                                          columns=min(10, max(1, n_clusters)), height="auto", format="png",
-                                          allow_preview=False, elem_id="cc-overview")
+                                          columns=OVERVIEW_COLUMNS, fit_columns=False, format="png",
+                                          height=min(420, 60 + 130 * tile_rows), allow_preview=False,
+                                          elem_id="cc-overview")
                 with gr.Row():
-                    cluster_dd = gr.Dropdown(cluster_choices, value=0, label="Cluster", scale=3)
-                    prev_btn = gr.Button("◀ Previous", scale=0)
-                    next_btn = gr.Button("Next ▶", scale=0)
-                cluster_gallery = gr.Gallery(session.cluster_gallery(0), label="Typical images of this cluster",
-                                             columns=8, height="auto", format="png", allow_preview=True)
-                name_box = gr.Textbox(session.names[0], label="Name for this cluster",
-                                      info="typing here fills the table below")
-                names_table = gr.Dataframe(
-                    value={"headers": ["cluster", "name"], "data": names_rows(session.names)},
-                    headers=["cluster", "name"], datatype=["number", "str"], type="array",
-                    interactive=True, static_columns=[0], label="Cluster names (editable)",
-                    row_count=n_clusters, max_height=400,
-                )
-                with gr.Row():
-                    filename = gr.Textbox(session.suggested_filename(), label=f"New model file (saved in {session.save_dir})",
-                                          scale=3)
-                    save_btn = gr.Button("Save named model", variant="primary", scale=1)
-                save_msg = gr.Markdown(elem_id="cc-save-msg")
+                    with gr.Column(scale=3):
+                        with gr.Row():
+                            cluster_dd = gr.Dropdown(cluster_choices, value=0, label="Cluster", scale=3)
+                            prev_btn = gr.Button("◀ Previous", scale=0, size="sm")
+                            next_btn = gr.Button("Next ▶", scale=0, size="sm")
+                        cluster_gallery = gr.Gallery(session.cluster_gallery(0), label="Typical images of this cluster",
+                                                     columns=6, fit_columns=False, height=300, format="png",
+                                                     allow_preview=True, elem_id="cc-cluster-gallery")
+                    with gr.Column(scale=2):
+                        name_box = gr.Textbox(session.names[0], label="Name for this cluster",
+                                              info="typing here fills the table below")
+                        names_table = gr.Dataframe(
+                            value={"headers": ["cluster", "name"], "data": names_rows(session.names)},
+                            headers=["cluster", "name"], datatype=["number", "str"], type="array",
+                            interactive=True, static_columns=[0], label="Cluster names (editable)",
+                            row_count=n_clusters, max_height=300,
+                        )
+                        filename = gr.Textbox(session.suggested_filename(),
+                                              label=f"New model file (saved in {session.save_dir})")
+                        save_btn = gr.Button("Save named model", variant="primary")
+                        save_msg = gr.Markdown(elem_id="cc-save-msg")
             with gr.Tab("Batch", id="batch"):
                 batch_state = gr.State(None)
                 gr.Markdown(f"Several images or a .zip of images (up to {MAX_BATCH_FILES}; each upload up to "
                             f"{session.config.max_upload_mb:g} MB). For whole folders use `calibclust label`.")
-                batch_files = gr.File(label="Images or .zip", file_count="multiple", type="filepath")
+                batch_files = gr.File(label="Images or .zip", file_count="multiple", type="filepath", height=160)
                 batch_btn = gr.Button("Label these files", variant="primary")
                 batch_msg = gr.Markdown(elem_id="cc-batch-msg")
-                batch_table = gr.Dataframe(label="Decisions", interactive=False, type="array", max_height=500)
-                batch_csv = gr.File(label="predictions.csv", interactive=False)
+                batch_table = gr.Dataframe({"headers": BATCH_COLUMNS, "data": []}, label="Decisions",
+                                           interactive=False, type="array", max_height=500)
+                batch_csv = gr.File(label="predictions.csv (download)", interactive=False, height=80)
 
         # --- events -------------------------------------------------------------------------
         single_out = [badge, summary, probs, preview, details, pred_state]
@@ -818,10 +834,8 @@ def build_app(session: DemoSession):
         upload.change(safe(on_predict, predict_fallback), [upload, conf_slider, ood_slider], single_out,
                       api_name="predict", trigger_mode="always_last")
         if examples is not None:
-            # A clicked example becomes the upload, whose change event runs the model. The page also
-            # opens with the first example predicted, so a visitor sees a full result at once.
+            # A clicked example becomes the upload, whose change event runs the model.
             examples.select(on_example_select, None, upload, api_visibility="undocumented")
-            app.load(lambda: session.example_paths[0], None, upload, api_visibility="undocumented")
         for slider in (conf_slider, ood_slider):
             slider.change(safe(on_thresholds, lambda m: (badge_html("error", m), m, {})),
                           [pred_state, conf_slider, ood_slider], [badge, summary, details],
@@ -838,15 +852,14 @@ def build_app(session: DemoSession):
 
         cluster_dd.change(safe(on_select_cluster, lambda m: ([], gr.update())), [cluster_dd, names_table],
                           [cluster_gallery, name_box], api_visibility="undocumented")
-        prev_btn.click(lambda c, t: on_step(c, -1, t), [cluster_dd, names_table], [cluster_dd, cluster_gallery, name_box],
-                       api_visibility="undocumented")
-        next_btn.click(lambda c, t: on_step(c, +1, t), [cluster_dd, names_table], [cluster_dd, cluster_gallery, name_box],
-                       api_visibility="undocumented")
-        name_box.input(on_name_typed, [cluster_dd, name_box, names_table], names_table,
+        prev_btn.click(lambda c: on_step(c, -1), cluster_dd, cluster_dd, api_visibility="undocumented")
+        next_btn.click(lambda c: on_step(c, +1), cluster_dd, cluster_dd, api_visibility="undocumented")
+        # .change, not .input: fires for typing and for our own updates alike (and .input did not
+        # reach the server from a headless browser with Gradio 6.31 in our tests).
+        name_box.change(on_name_typed, [cluster_dd, name_box, names_table], names_table,
                        api_visibility="undocumented", trigger_mode="always_last", show_progress="hidden")
         if session.exemplars is not None:
-            overview.select(on_overview_select, [names_table], [cluster_dd, cluster_gallery, name_box],
-                            api_visibility="undocumented")
+            overview.select(on_overview_select, None, cluster_dd, api_visibility="undocumented")
         save_btn.click(safe(on_save, save_fallback), [names_table, filename], [save_msg, filename],
                        api_name="save_names")
     return app

@@ -309,7 +309,7 @@ def test_exemplars_shown_when_the_model_points_to_them(model, tmp_path):
             assert len(tiles) == counts[c]
             if counts[c]:
                 np.testing.assert_array_equal(tiles[0][0][::14, ::14], ex.for_cluster(c)[0][0])  # 14× nearest upscale
-                assert tiles[0][1].startswith("confidence ")
+                assert tiles[0][1].startswith(f"{ex.for_cluster(c)[1][0]:.3f} · img_")
         assert len(with_ex.example_paths) == int((counts > 0).sum())
         assert "18 exemplar" not in with_ex.header_markdown() and "3 clusters" in with_ex.header_markdown()
     finally:
