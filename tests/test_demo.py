@@ -315,3 +315,27 @@ def test_exemplars_shown_when_the_model_points_to_them(model, tmp_path):
     finally:
         with_ex.close()
         without.close()
+
+
+def test_demo_never_imports_torch(model, files, tmp_path):
+    """Build the app and run every handler's logic in a fresh interpreter: torch stays out (the demo
+    extra is torch-free, and neither calibclust.serve nor Gradio pulls it in)."""
+    import subprocess
+
+    script = f"""
+import sys
+from calibclust.serve.demo import DemoConfig, DemoSession, build_app
+session = DemoSession(DemoConfig(model={str(model)!r}, save_dir={str(tmp_path)!r}, work_dir={str(tmp_path / 'w')!r}))
+build_app(session)
+pred, _ = session.predict_file({str(files['red.png'])!r})
+assert session.decide(pred) == "accepted", pred
+table, _, _ = session.label_batch([{str(files['grey.png'])!r}])
+assert table["decision"] == ["ood"], table
+session.save_names([[0, "r"]], "nt.onnx")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))
+print("TORCH:", loaded)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TORCH: []" in proc.stdout, proc.stdout
+    assert (tmp_path / "nt.onnx").is_file()
