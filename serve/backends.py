@@ -118,6 +118,9 @@ class OrtOptions:
     max_batch_size: int | None = None  # TensorRT optimisation profile's upper bound
     trt_cache_dir: str | None = None  # where TensorRT EP keeps built engines (rebuilt otherwise)
     extra_provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # onnxruntime's CPU thread pool spin-waits between ops by default; in the labelling pipeline that
+    # steals the cores the decode workers need, so the pipeline turns it off (model-only use keeps it).
+    allow_spinning: bool = True
 
 
 class OrtBackend:
@@ -134,6 +137,8 @@ class OrtBackend:
             so.intra_op_num_threads = int(options.threads)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not options.allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = self._providers(name, options)
         try:
             self.session = ort.InferenceSession(self.model_path, sess_options=so, providers=providers)

@@ -90,7 +90,7 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--batch-size", type=int, metavar="N", help="images per inference batch (default: 256 CPU, 512 GPU)")
     r.add_argument("--workers", type=int, metavar="N", help="decode workers (default: one per CPU core; 0 = none)")
     r.add_argument("--worker-type", choices=("process", "thread"), default="process",
-                   help="decode in processes (default, fastest for small images) or threads")
+                   help="decode in processes (default) or threads (calibclust label-bench compares both)")
     r.add_argument("--threads", type=int, metavar="N", help="inference threads (default: onnxruntime's, one per core)")
     r.add_argument("--max-pixels", type=int, metavar="N", help="refuse images larger than N pixels (default 100,000,000)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (same options required)")
@@ -99,7 +99,7 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--overwrite", action="store_true", help="replace results or an unfinished run already in --out")
     r.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local (default) or ray: Ray Data on a local instance, or the cluster in RAY_ADDRESS")
-    r.add_argument("--ray-actors", type=int, metavar="N", help="with --engine ray: inference actors (default: CPUs / 1)")
+    r.add_argument("--ray-actors", type=int, metavar="N", help="with --engine ray: inference actors, one model session each (default: one per CPU of the Ray cluster)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -152,10 +152,22 @@ def options_from_args(args):
     )
 
 
+def _sigterm_as_interrupt(signum, frame):
+    # Batch schedulers (SLURM, Kubernetes) stop jobs with SIGTERM: treat it like Ctrl-C so finished
+    # batches are saved for --resume before exiting.
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
+    import signal
+    import threading
+
     from calibclust.serve.pipeline import label_folder
 
-    result = label_folder(options_from_args(args))
+    opts = options_from_args(args)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    result = label_folder(opts)
     s = result.summary
     th, c = s["thresholds"], s["counts"]
 

@@ -41,12 +41,13 @@ class Labeler:
         threads: int | None = None,
         max_batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        allow_spinning: bool = True,
     ):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise InputError(f"model file not found: {self.model_path}")
         self.backend: Backend = create_backend(
-            self.model_path, backend, OrtOptions(threads=threads, max_batch_size=max_batch_size)
+            self.model_path, backend, OrtOptions(threads=threads, max_batch_size=max_batch_size, allow_spinning=allow_spinning)
         )
         # A plugin backend (native engine) carries the metadata from its sidecar.
         # onnxruntime backends hand over their session, so the file is parsed only once.

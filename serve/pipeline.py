@@ -61,6 +61,7 @@ class LabelOptions:
     workers: int | None = None  # decode workers; None = one per CPU core; 0 = decode inline
     worker_type: str = "process"  # process | thread
     threads: int | None = None  # inference threads (onnxruntime intra-op); None = its default
+    spin: bool = False  # let onnxruntime's threads spin-wait (faster only when decoding is elsewhere)
     resume: bool = False
     overwrite: bool = False
     sort_into: str | None = None  # (table) build DIR/<cluster>/, DIR/_rejected/, ...
@@ -110,6 +111,7 @@ class LabelResult:
 def _ignore_sigint() -> None:
     # Ctrl-C reaches the whole process group; the main process handles it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must not inherit the CLI's handler
 
 
 def decode_batch(
@@ -129,15 +131,32 @@ def decode_batch(
     return np.asarray(ok, np.int64), batch, errors
 
 
-def _make_executor(workers: int, worker_type: str) -> Executor | None:
+def _noop() -> None:
+    return None
+
+
+def _worker_count(opts: "LabelOptions") -> int:
+    return (os.cpu_count() or 1) if opts.workers is None else max(0, int(opts.workers))
+
+
+def make_executor(workers: int, worker_type: str, fork: bool = False) -> Executor | None:
+    """Decode pool. ``fork=True`` (Linux only) forks the workers *now*: call it before any inference
+    session exists, because forking a process that runs onnxruntime's thread pool can deadlock.
+    Forked workers start in milliseconds and never re-import the caller's ``__main__`` (spawned ones
+    do, which breaks scripts without a ``__main__`` guard and costs ~1 s per worker)."""
     if workers <= 0:
         return None
     if worker_type == "thread":
         return ThreadPoolExecutor(workers, thread_name_prefix="calibclust-decode")
     import multiprocessing
 
-    # spawn, not fork: forking a process that already runs onnxruntime's thread pool can deadlock.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    # Fork only a single-threaded process: a lock held by another thread at fork time stays held
+    # forever in the child. Otherwise (an app calling us from a thread pool, say) spawn.
+    method = "fork" if fork and sys.platform == "linux" and threading.active_count() == 1 else "spawn"
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    if method == "fork":
+        executor.submit(_noop).result()  # a fork pool starts all its workers on the first task
+    return executor
 
 
 class _Inline:
@@ -159,16 +178,33 @@ class _Inline:
 
 # --- discovery -------------------------------------------------------------------------------------
 def iter_relative_paths(folder: str | os.PathLike) -> Iterator[str]:
-    root = Path(folder)
+    """Discovery order of :func:`discover_images`, as POSIX paths relative to ``folder`` (string
+    slicing rather than ``Path.relative_to``: this runs once per file on the inference thread)."""
+    root = Path(folder).absolute()  # "." would otherwise yield children without the "./" prefix
+    prefix = len(str(root).rstrip(os.sep)) + 1
     for path in discover_images(root):
-        yield path.relative_to(root).as_posix()
+        rel = str(path)[prefix:]
+        yield rel if os.sep == "/" else rel.replace(os.sep, "/")
 
 
 def _count_images(folder: str, box: dict) -> None:
-    """Background count for the progress bar's total/ETA (streaming, nothing kept)."""
+    """Background count for the progress bar's total/ETA: the same rules as discover_images (hidden
+    names skipped, image extensions, symlinked folders followed) without sorting or Path objects."""
+    from calibclust.io.images import IMAGE_EXTENSIONS
+
     try:
-        box["total"] = sum(1 for _ in discover_images(folder))
-    except Exception:  # the count only feeds the progress bar
+        n, stack = 0, [folder]
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=True):
+                        stack.append(entry.path)
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                        n += 1
+        box["total"] = n
+    except OSError:  # the count only feeds the progress bar
         pass
 
 
@@ -235,8 +271,22 @@ def label_folder(opts: LabelOptions) -> LabelResult:
         raise ResumeError(
             f"{out_dir} holds an unfinished run. Pass --resume to finish it, or --overwrite to start over."
         )
+    executor = None
+    if opts.engine == "local":
+        executor = make_executor(_worker_count(opts), opts.worker_type, fork=True)
+    try:
+        return _label_folder(opts, journal, executor)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _label_folder(opts: LabelOptions, journal: Journal, executor: Executor | None) -> LabelResult:
+    out_dir = Path(opts.out_dir)
+    # No spin-waiting when decode workers share the cores with inference (see OrtOptions).
+    spin = opts.engine != "local" or _worker_count(opts) == 0 or opts.spin
     labeler = Labeler(opts.model, opts.backend, threads=opts.threads, max_pixels=opts.max_pixels,
-                      max_batch_size=opts.batch_size)
+                      max_batch_size=opts.batch_size, allow_spinning=spin)
     batch_size = opts.batch_size or labeler.batch_size
     fp = fingerprint(opts, labeler, batch_size)
     if journal.exists() and opts.resume:
@@ -265,7 +315,7 @@ def label_folder(opts: LabelOptions) -> LabelResult:
         parts = run_ray(opts, labeler, batch_size)
         processed = None
     else:
-        processed = _run_local(opts, labeler, journal, batch_size)
+        processed = _run_local(opts, labeler, journal, batch_size, executor)
         parts = journal.iter_parts
     seconds = time.monotonic() - t0
     result = finalise(opts, labeler, parts, fp, seconds, processed)
@@ -281,7 +331,7 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
                 stale.unlink(missing_ok=True)
 
 
-def _verify_prefix(stream: Iterator[str], journal: Journal, done: int) -> None:
+def _verify_prefix(stream: Iterator[str], journal: Journal) -> None:
     """On resume, the folder's first ``done`` files must be the ones already predicted."""
     for i, old in enumerate(journal.iter_paths()):
         new = next(stream, None)
@@ -292,17 +342,20 @@ def _verify_prefix(stream: Iterator[str], journal: Journal, done: int) -> None:
             )
 
 
-def _run_local(opts: LabelOptions, labeler: Labeler, journal: Journal, batch_size: int) -> int:
-    """Predict every file not yet in the journal; returns how many this call processed."""
+def _run_local(
+    opts: LabelOptions, labeler: Labeler, journal: Journal, batch_size: int, executor: Executor | None = None
+) -> int:
+    """Predict every file not yet in the journal; returns how many this call processed.
+    ``executor``: the decode pool (None: a spawned one is made and shut down here)."""
     done = journal.rows_done()
     stream = iter_relative_paths(opts.folder)
-    _verify_prefix(stream, journal, done)
+    _verify_prefix(stream, journal)
     workers = (os.cpu_count() or 1) if opts.workers is None else opts.workers
     prefetch = max(2, 2 * workers)
     keep_probs = bool(opts.top_k or opts.write_probs)
     wanted = ("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score")
     size = labeler.input_size
-    root = Path(opts.folder)
+    root = str(Path(opts.folder).absolute()).rstrip(os.sep) + os.sep
     buffer = PartBuffer(journal, done, max_rows=max(1, opts.checkpoint_every))
     count = {"total": None}
     counter = threading.Thread(target=_count_images, args=(opts.folder, count), daemon=True)
@@ -311,7 +364,9 @@ def _run_local(opts: LabelOptions, labeler: Labeler, journal: Journal, batch_siz
 
     bar = tqdm(total=None, initial=done, unit="img", unit_scale=True, dynamic_ncols=True,
                desc="label", disable=not opts.progress, smoothing=0.1)
-    executor = _make_executor(workers, opts.worker_type) or _Inline()
+    own_executor = executor is None
+    if own_executor:
+        executor = make_executor(workers, opts.worker_type) or _Inline()
     pending: deque = deque()
     processed = 0
 
@@ -332,12 +387,12 @@ def _run_local(opts: LabelOptions, labeler: Labeler, journal: Journal, batch_siz
         for rel in stream:
             chunk.append(rel)
             if len(chunk) == batch_size:
-                pending.append((chunk, executor.submit(decode_batch, [str(root / r) for r in chunk], size, opts.max_pixels)))
+                pending.append((chunk, executor.submit(decode_batch, [root + r for r in chunk], size, opts.max_pixels)))
                 chunk = []
                 while len(pending) > prefetch:
                     handle(pending.popleft())
         if chunk:
-            pending.append((chunk, executor.submit(decode_batch, [str(root / r) for r in chunk], size, opts.max_pixels)))
+            pending.append((chunk, executor.submit(decode_batch, [root + r for r in chunk], size, opts.max_pixels)))
         while pending:
             handle(pending.popleft())
         buffer.flush()
@@ -350,20 +405,21 @@ def _run_local(opts: LabelOptions, labeler: Labeler, journal: Journal, batch_siz
         raise
     finally:
         bar.close()
-    executor.shutdown(wait=True)
+    if own_executor:
+        executor.shutdown(wait=True)
     return processed
 
 
 # --- finalisation ----------------------------------------------------------------------------------
 def finalise(
-    opts: LabelOptions, labeler: Labeler, parts: Callable[[], Iterator[dict[str, np.ndarray]]],
+    opts: LabelOptions, labeler: Labeler, parts: Callable[..., Iterator[dict[str, np.ndarray]]],
     fp: dict[str, Any], seconds: float, processed: int | None,
 ) -> LabelResult:
-    """Two streaming passes over the parts (``parts()`` yields them in discovery order each time it is
-    called): fit the policy on all scores, then write the outputs."""
+    """Two streaming passes over the parts (``parts(columns)`` yields them in discovery order each time
+    it is called): fit the policy on all scores, then write the outputs."""
     parts_again = parts
     conf, ood, clusters = [], [], []
-    for part in parts_again():
+    for part in parts_again(("confidence", "ood_score", "cluster")):
         conf.append(part["confidence"])
         ood.append(part["ood_score"])
         clusters.append(part["cluster"])
@@ -456,6 +512,12 @@ def finalise(
         write_report(Path(opts.out_dir) / "report.html", summary, confidence, ood_score, readable,
                      collector, curve, folder=opts.folder, input_size=meta.input_size)
     atomic_write_text(Path(opts.out_dir) / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    # An --overwrite in another format must not leave the previous run's table beside this one.
+    for other in OUTPUT_FILES:
+        if other.startswith(TABLE_STEM) and other != table.name:
+            (Path(opts.out_dir) / other).unlink(missing_ok=True)
+    if not opts.report:
+        (Path(opts.out_dir) / "report.html").unlink(missing_ok=True)
     return LabelResult(exit_code, table, summary)
 
 

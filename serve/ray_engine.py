@@ -105,7 +105,7 @@ def run_ray(opts, labeler, batch_size: int) -> Callable[[], Iterator[dict[str, n
     ds.write_parquet(str(out))
     num_clusters = labeler.num_clusters
 
-    def parts(chunk: int = 4096) -> Iterator[dict[str, np.ndarray]]:
+    def parts(columns: tuple[str, ...] | None = None, chunk: int = 4096) -> Iterator[dict[str, np.ndarray]]:
         import pyarrow.dataset as pads
 
         table = pads.dataset(str(out), format="parquet").to_table().sort_by("index")
@@ -120,7 +120,7 @@ def run_ray(opts, labeler, batch_size: int) -> Callable[[], Iterator[dict[str, n
                 "ood_score": t.column("ood_score").to_numpy(zero_copy_only=False).astype(np.float32),
                 "error": np.asarray(t.column("error").to_pylist(), dtype=str),
             }
-            if keep_probs:
+            if keep_probs and (columns is None or "probs" in columns):
                 part["probs"] = np.stack(
                     [t.column(f"prob_{c}").to_numpy(zero_copy_only=False) for c in range(num_clusters)], axis=1
                 ).astype(np.float32)

@@ -129,10 +129,11 @@ class Journal:
         os.replace(tmp, path)
         return path
 
-    def iter_parts(self) -> Iterator[dict[str, np.ndarray]]:
+    def iter_parts(self, columns: tuple[str, ...] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Parts in row order; ``columns`` limits what is read (npz members load lazily)."""
         for _, _, path in self.parts():
             with np.load(path, allow_pickle=False) as data:
-                yield {k: data[k] for k in data.files}
+                yield {k: data[k] for k in data.files if columns is None or k in columns}
 
     def iter_paths(self) -> Iterator[str]:
         for _, _, path in self.parts():

@@ -224,8 +224,8 @@ def read_metadata_json(path: Path) -> dict:
 
 
 def run_label_cli(*args: str, env: dict | None = None, timeout: float = 120):
-    """``calibclust label ARGS`` in a subprocess (through ``python -m calibclust.serve``, which
-    registers the same ``label`` command as the ``calibclust`` entry point)."""
+    """``calibclust label ARGS`` in a subprocess, through the real ``calibclust`` command (the
+    ``label`` subcommand comes from the ``calibclust.commands`` entry point)."""
     import os
     import subprocess
     import sys
@@ -233,6 +233,6 @@ def run_label_cli(*args: str, env: dict | None = None, timeout: float = 120):
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "calibclust.serve", "label", *map(str, args)],
+        [sys.executable, "-m", "calibclust", "label", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=full_env,
     )

@@ -49,8 +49,11 @@ def test_blocker_really_blocks(blocked_env):
     for name in ("torch", "onnx"):
         proc = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, env=env)
         assert proc.returncode == 1 and "blocked by test_serve_notorch" in proc.stderr, proc.stderr
-    # ... and torch is installed here, so the block is what keeps it out.
-    assert subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+    # Where torch is installed (the dev environment), the block is what keeps it out of the run.
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        assert subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
 
 
 def test_label_cli_end_to_end_without_torch(blocked_env, tmp_path):

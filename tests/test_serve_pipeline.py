@@ -152,6 +152,9 @@ def test_existing_results_are_not_clobbered(model, mixed, tmp_path):
     assert (out / "predictions.csv").read_bytes() == before
     _run(model, root / "a", out, report=False, overwrite=True, policy=Policy("min_confidence", 0.0, float("inf")))
     assert set(read_predictions(out / "predictions.csv")["decision"]) == {"accepted"}
+    # Overwriting in another format leaves one table, not two from different runs.
+    _run(model, root / "a", out, report=True, overwrite=True, table_format="jsonl")
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "report.html", "summary.json"]
 
 
 def test_sort_into_never_overwrites(model, mixed, tmp_path):
@@ -212,3 +215,31 @@ def test_label_command_is_registered_and_teaches():
     for needle in ("--target-accuracy", "--coverage", "--resume", "--sort-into", "--engine", "examples:",
                    "Exit codes", "accepted", "ood"):
         assert needle in text, needle
+
+
+def test_standalone_serve_entry_runs_label(model, mixed, tmp_path):
+    """``python -m calibclust.serve label`` (no plugin discovery) behaves like ``calibclust label``."""
+    import subprocess
+
+    root, _ = mixed
+    proc = subprocess.run([sys.executable, "-m", "calibclust.serve", "label", str(root / "a"), "--model", str(model),
+                           "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ref = run_label_cli(root / "a", "--model", model, "--out", tmp_path / "o2", "--no-progress")
+    assert ref.returncode == 0
+    assert (tmp_path / "o" / "predictions.csv").read_bytes() == (tmp_path / "o2" / "predictions.csv").read_bytes()
+
+
+def test_relative_folder_spellings_give_the_same_table(model, mixed, tmp_path):
+    root, _ = mixed
+    ref = run_label_cli(root, "--model", model, "--out", tmp_path / "abs", "--no-progress", "--no-report",
+                        "--max-pixels", 30_000)
+    import subprocess
+
+    for i, folder in enumerate((".", "./", "..", "../../" + root.name)):
+        cwd = root if not folder.startswith("..") else root / "a"
+        proc = subprocess.run([sys.executable, "-m", "calibclust", "label", folder, "--model", str(model), "--out",
+                               str(tmp_path / f"rel{i}"), "--no-progress", "--no-report", "--max-pixels", "30000"],
+                              capture_output=True, text=True, cwd=cwd)
+        assert proc.returncode == ref.returncode == 3, proc.stderr
+        assert (tmp_path / f"rel{i}" / "predictions.csv").read_bytes() == (tmp_path / "abs" / "predictions.csv").read_bytes(), folder

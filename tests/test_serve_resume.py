@@ -48,7 +48,7 @@ def _rows_done(out: Path) -> int:
 
 def _start(folder, model, out, *extra) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "calibclust.serve", "label", str(folder), "--model", str(model), "--out", str(out),
+        [sys.executable, "-m", "calibclust", "label", str(folder), "--model", str(model), "--out", str(out),
          *COMMON, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -92,11 +92,12 @@ def test_sigkill_at_random_points_then_resume_is_identical(setup, tmp_path):
     assert len(reference.read_text().splitlines()) == total + 1
 
 
-def test_sigint_keeps_work_and_resume_is_identical(setup, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_keeps_work_and_resume_is_identical(setup, tmp_path, sig):
     folder, model, reference, _ = setup
     out = tmp_path / "out"
     proc = _start(folder, model, out)
-    assert _interrupt_at(proc, out, 300, signal.SIGINT)
+    assert _interrupt_at(proc, out, 300, sig)
     assert proc.returncode == 130, proc.stderr.read()
     assert "--resume" in proc.stderr.read()
     done = _rows_done(out)
