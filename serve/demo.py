@@ -165,7 +165,10 @@ class DemoSession:
 
         self.config = config
         self.model_path = Path(config.model)
-        self.labeler = Labeler(self.model_path, backend=config.backend, max_pixels=config.max_pixels)
+        # No spin-waiting between ops: a demo idles between requests and shares the cores with
+        # Gradio's web threads and concurrent requests.
+        self.labeler = Labeler(self.model_path, backend=config.backend, max_pixels=config.max_pixels,
+                               allow_spinning=False)
         self.metadata = self.labeler.metadata
         self.exemplars, self.exemplars_note = load_model_exemplars(self.model_path, self.metadata)
         self.save_dir = Path(config.save_dir) if config.save_dir else self.model_path.resolve().parent
@@ -173,7 +176,11 @@ class DemoSession:
         self.work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="calibclust-demo-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.example_paths = self._prepare_examples()
+        try:
+            self.example_paths = self._prepare_examples()
+        except BaseException:
+            self.close()
+            raise
 
     # --- model facts ------------------------------------------------------------------------
     @property
@@ -481,15 +488,23 @@ class DemoSession:
         exemplar written as a PNG (the thumbnails are real training images)."""
         from calibclust.io.images import discover_images
 
+        folder = self.work_dir / "examples"
         if self.config.examples is not None:
-            folder = Path(self.config.examples)
-            if not folder.is_dir():
+            source = Path(self.config.examples)
+            if not source.is_dir():
                 from calibclust.errors import InputError
 
-                raise InputError(f"--examples {folder}: not a folder")
+                raise InputError(f"--examples {source}: not a folder")
+            # Copies in the work folder: Gradio serves files from there (and the temp/current
+            # folders) only, so the user's folder is never exposed to the web.
+            folder.mkdir(exist_ok=True)
             found = []
-            for p in discover_images(folder):
-                found.append(str(p))
+            for p in discover_images(source):
+                if p.stat().st_size > self.config.max_upload_bytes:
+                    continue
+                target = folder / f"{len(found):02d}_{p.name}"
+                shutil.copyfile(p, target)
+                found.append(str(target))
                 if len(found) >= self.config.max_examples:
                     break
             return found
@@ -497,7 +512,6 @@ class DemoSession:
             return []
         from PIL import Image
 
-        folder = self.work_dir / "examples"
         folder.mkdir(exist_ok=True)
         out = []
         for c in range(self.num_clusters):
@@ -967,14 +981,32 @@ def config_from_args(args) -> DemoConfig:
 
 
 def run(args) -> int:
+    import signal
+
     from calibclust.errors import require
 
     config = config_from_args(args)
     require("gradio", "demo", "the demo app")
-    print(f"calibclust demo: serving {config.model} on http://{config.host}:{config.port} (Ctrl-C to stop)")
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"calibclust demo: listening on {config.host}: reachable from other machines", flush=True)
-    launch(config, block=True)
+
+    def stop(signum, frame):  # `docker stop` / kill: shut down as on Ctrl-C (server closed, temp files removed)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    running = None
+    try:
+        print(f"calibclust demo: loading {config.model} ...", flush=True)
+        running = launch(config, block=False, quiet=True)
+        print(f"calibclust demo: open {running.url} in a browser (Ctrl-C to stop)", flush=True)
+        if config.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"calibclust demo: listening on {config.host}, reachable from other machines", flush=True)
+        running.app.block_thread()  # returns after Ctrl-C, having closed the server
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped, at any moment: not an error
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if running is not None:
+            running.close()
+    print("calibclust demo: stopped", flush=True)
     return 0
 
 

@@ -284,6 +284,19 @@ def test_names_validation(model, tmp_path):
         session.close()
 
 
+def test_examples_folder_is_copied_not_exposed(model, files, tmp_path):
+    session = DemoSession(DemoConfig(model=model, examples=files["red.png"].parent, max_examples=2,
+                                     work_dir=tmp_path / "w"))
+    try:
+        assert [Path(p).name for p in session.example_paths] == ["00_grey.png", "01_red.png"]
+        assert all(Path(p).parent == tmp_path / "w" / "examples" for p in session.example_paths)
+        assert Path(session.example_paths[1]).read_bytes() == files["red.png"].read_bytes()
+    finally:
+        session.close()
+    with pytest.raises(InputError, match="not a folder"):
+        DemoSession(DemoConfig(model=model, examples=tmp_path / "none", work_dir=tmp_path / "w2"))
+
+
 def test_prediction_state_round_trip():
     p = Prediction("x.png", 2, 0.75, 0.25, [0.1, 0.15, 0.75])
     assert Prediction.from_state(p.to_state()) == p
@@ -317,25 +330,44 @@ def test_exemplars_shown_when_the_model_points_to_them(model, tmp_path):
         without.close()
 
 
-def test_demo_never_imports_torch(model, files, tmp_path):
-    """Build the app and run every handler's logic in a fresh interpreter: torch stays out (the demo
-    extra is torch-free, and neither calibclust.serve nor Gradio pulls it in)."""
+def test_cli_serves_until_stopped_and_never_imports_torch(model, tmp_path):
+    """``calibclust demo`` as a user (or ``docker stop``) runs it: serves the page on the port it was
+    given, stops cleanly on SIGTERM (exit 0, port freed), and imports no torch (``-X importtime``
+    lists every module the process imported)."""
+    import json
+    import signal
     import subprocess
+    import time
+    import urllib.request
 
-    script = f"""
-import sys
-from calibclust.serve.demo import DemoConfig, DemoSession, build_app
-session = DemoSession(DemoConfig(model={str(model)!r}, save_dir={str(tmp_path)!r}, work_dir={str(tmp_path / 'w')!r}))
-build_app(session)
-pred, _ = session.predict_file({str(files['red.png'])!r})
-assert session.decide(pred) == "accepted", pred
-table, _, _ = session.label_batch([{str(files['grey.png'])!r}])
-assert table["decision"] == ["ood"], table
-session.save_names([[0, "r"]], "nt.onnx")
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))
-print("TORCH:", loaded)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "TORCH: []" in proc.stdout, proc.stdout
-    assert (tmp_path / "nt.onnx").is_file()
+    port = free_port()
+    # Output to files, not pipes: -X importtime writes more than a pipe buffer holds.
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "calibclust", "demo", "--model", str(model),
+             "--port", str(port), "--save-dir", str(tmp_path)],
+            stdout=out_f, stderr=err_f,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None and "open http" not in out_path.read_text():
+            time.sleep(0.2)
+        assert proc.poll() is None, err_path.read_text()[-2000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as response:
+            config = json.loads(response.read())
+        assert "3 clusters" in json.dumps(config)  # the header, as the page will render it
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = out_path.read_text(), err_path.read_text()
+    assert proc.returncode == 0, err[-2000:]
+    assert f"open http://127.0.0.1:{port}/" in out and "stopped" in out, out
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in err.splitlines() if line.startswith("import time:")}
+    assert {"gradio", "onnxruntime", "calibclust"} <= imported, "importtime listing missing"
+    assert "torch" not in imported and "torchvision" not in imported
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
