@@ -450,6 +450,14 @@ class DemoSession:
         n = 0 if self.exemplars is None else int(self.exemplars.counts()[c])
         return f"{c} · {self.names[c]} ({n} exemplars)"
 
+    def gallery_label(self, c: int) -> str:
+        if self.exemplars is None:
+            return "Typical images of this cluster: none (the model has no exemplars sidecar)"
+        n = int(self.exemplars.counts()[c])
+        if n == 0:
+            return f"Typical images of cluster {c}: none (no image was assigned to it when the exemplars were made)"
+        return f"Typical images of cluster {c} (most typical first; click to enlarge)"
+
     def cluster_gallery(self, c: int) -> list[tuple[Any, str]]:
         from calibclust.exemplars import exemplar_captions
 
@@ -716,12 +724,11 @@ def build_app(session: DemoSession):
         c = int(c) if c is not None else 0
         rows = table_rows(table)
         name = next((r[1] for r in rows if len(r) > 1 and str(r[0]) != "" and int(float(r[0])) == c), session.names[c])
-        return session.cluster_gallery(c), name
+        return gr.update(value=session.cluster_gallery(c), label=session.gallery_label(c)), name
 
-    # Navigation only moves the dropdown; its change event alone fills the gallery and the name
-    # box, so a name typed right after "Next" is never overwritten by a second, late update.
-    def on_step(c, delta):
-        return (int(c or 0) + delta) % n_clusters
+    # Navigation (Previous/Next, overview tiles) only moves the dropdown; its change event alone
+    # fills the gallery and the name box, so a name typed right after "Next" is never overwritten
+    # by a second, late update.
 
     def on_name_typed(c, name, table):
         rows = [list(r) for r in table_rows(table)] or names_rows(session.names)
@@ -815,7 +822,7 @@ def build_app(session: DemoSession):
                             cluster_dd = gr.Dropdown(cluster_choices, value=0, label="Cluster", scale=3)
                             prev_btn = gr.Button("◀ Previous", scale=0, size="sm")
                             next_btn = gr.Button("Next ▶", scale=0, size="sm")
-                        cluster_gallery = gr.Gallery(session.cluster_gallery(0), label="Typical images of this cluster",
+                        cluster_gallery = gr.Gallery(session.cluster_gallery(0), label=session.gallery_label(0),
                                                      columns=6, fit_columns=False, height=300, format="png",
                                                      allow_preview=True, elem_id="cc-cluster-gallery")
                     with gr.Column(scale=2):
@@ -866,8 +873,11 @@ def build_app(session: DemoSession):
 
         cluster_dd.change(safe(on_select_cluster, lambda m: ([], gr.update())), [cluster_dd, names_table],
                           [cluster_gallery, name_box], api_visibility="undocumented")
-        prev_btn.click(lambda c: on_step(c, -1), cluster_dd, cluster_dd, api_visibility="undocumented")
-        next_btn.click(lambda c: on_step(c, +1), cluster_dd, cluster_dd, api_visibility="undocumented")
+        # Stepping runs in the browser (no round trip), so quick clicks each count.
+        prev_btn.click(None, cluster_dd, cluster_dd, js=f"(c) => ((Number(c) || 0) + {n_clusters - 1}) % {n_clusters}",
+                       api_visibility="undocumented")
+        next_btn.click(None, cluster_dd, cluster_dd, js=f"(c) => ((Number(c) || 0) + 1) % {n_clusters}",
+                       api_visibility="undocumented")
         # .change, not .input: fires for typing and for our own updates alike (and .input did not
         # reach the server from a headless browser with Gradio 6.31 in our tests).
         name_box.change(on_name_typed, [cluster_dd, name_box, names_table], names_table,
