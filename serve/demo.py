@@ -223,9 +223,13 @@ class DemoSession:
             f"backend {self.labeler.backend_name}",
         ]
         ex = "no exemplars sidecar" if self.exemplars is None else f"{len(self.exemplars.cluster)} exemplar thumbnails"
+        warning = "" if m.calibrated else (
+            "\n\n**Note:** this model's probabilities do not come from a calibration head, so a confidence "
+            "of 0.9 does not mean 9 in 10 such images are right; treat the thresholds as relative scores."
+        )
         return (
             f"# calibclust demo — `{self.model_path.name}`\n"
-            + " · ".join(parts) + f" · {ex}\n\n"
+            + " · ".join(parts) + f" · {ex}{warning}\n\n"
             "The model abstains when it is not confident (confidence below the threshold) or when the image "
             "looks unlike its training data (OOD score above the threshold). Move the sliders to see how the "
             "decision changes; the model is not re-run."
@@ -323,6 +327,8 @@ class DemoSession:
                 notes.append(str(exc))
                 continue
             if not zipfile.is_zipfile(f):
+                if len(paths) >= MAX_BATCH_FILES:
+                    raise DemoError(f"more than {MAX_BATCH_FILES} images in one batch; use 'calibclust label' for folders")
                 paths.append(str(f))
                 shown.append(f.name)
                 continue
@@ -348,8 +354,6 @@ class DemoSession:
                         notes.append(f"{f.name}: skipped {skipped} member(s) that are not images by their extension")
             except zipfile.BadZipFile as exc:
                 notes.append(f"{f.name}: not a readable zip ({exc})")
-            if len(paths) > MAX_BATCH_FILES:
-                raise DemoError(f"more than {MAX_BATCH_FILES} images in one batch; use 'calibclust label' for folders")
         return paths, shown, notes
 
     def label_batch(self, files: Sequence[str | os.PathLike] | None, confidence_threshold=None, ood_threshold=None):
@@ -385,12 +389,14 @@ class DemoSession:
                                       np.asarray(table["ood_score"], np.float64), readable, th))
         return out
 
-    def write_csv(self, table: dict[str, list]) -> Path:
-        """The predictions table as CSV, with THE writer (:mod:`calibclust.io.predictions`)."""
+    def write_csv(self, table: dict[str, list], path: str | os.PathLike | None = None) -> Path:
+        """The predictions table as CSV, with THE writer (:mod:`calibclust.io.predictions`);
+        ``path`` rewrites an earlier one (atomically) instead of starting a new file."""
         from calibclust.io.predictions import write_predictions
 
-        folder = Path(tempfile.mkdtemp(prefix="csv-", dir=self.work_dir))
-        return write_predictions(folder / "predictions.csv", table)
+        if path is None:
+            path = Path(tempfile.mkdtemp(prefix="csv-", dir=self.work_dir)) / "predictions.csv"
+        return write_predictions(path, table)
 
     # --- names ------------------------------------------------------------------------------
     def parse_names(self, rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -694,7 +700,8 @@ def build_app(session: DemoSession):
         table, _, notes = session.label_batch(files, conf_t, ood_t)
         headers, rows = batch_view(table)
         csv = session.write_csv(table)
-        return batch_summary(table, notes), {"headers": headers, "data": rows}, str(csv), {"table": table, "notes": notes}
+        return (batch_summary(table, notes), {"headers": headers, "data": rows}, str(csv),
+                {"table": table, "notes": notes, "csv": str(csv)})
 
     def batch_fallback(msg):
         return f"**Error:** {html.escape(msg)}", {"headers": ["path", "decision"], "data": []}, None, None
@@ -704,8 +711,9 @@ def build_app(session: DemoSession):
             return gr.update(), gr.update(), gr.update(), state
         table = session.redecide_table(state["table"], conf_t, ood_t)
         headers, rows = batch_view(table)
-        csv = session.write_csv(table)
-        return batch_summary(table, state["notes"]), {"headers": headers, "data": rows}, str(csv), {"table": table, "notes": state["notes"]}
+        csv = session.write_csv(table, state["csv"])
+        return (batch_summary(table, state["notes"]), {"headers": headers, "data": rows}, str(csv),
+                {**state, "table": table})
 
     # --- handlers: clusters & naming --------------------------------------------------------
     def names_rows(names: list[str]) -> list[list[Any]]:
@@ -770,7 +778,10 @@ def build_app(session: DemoSession):
             log.exception("could not predict the first example")
 
     # --- layout -----------------------------------------------------------------------------
-    with gr.Blocks(title=f"calibclust demo — {session.model_path.name}", analytics_enabled=False) as app:
+    # delete_cache: Gradio's copies of uploads and outputs older than an hour go, hourly, so a
+    # long-running demo does not fill the disk.
+    with gr.Blocks(title=f"calibclust demo — {session.model_path.name}", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as app:
         gr.Markdown(session.header_markdown(), elem_id="cc-header")
         with gr.Row():
             conf_slider = gr.Slider(0.0, 1.0, value=conf0, step=0.001, label="Confidence threshold",

@@ -297,6 +297,25 @@ def test_examples_folder_is_copied_not_exposed(model, files, tmp_path):
         DemoSession(DemoConfig(model=model, examples=tmp_path / "none", work_dir=tmp_path / "w2"))
 
 
+def test_batch_redecide_rewrites_the_same_csv_and_limits(model, files, tmp_path, monkeypatch):
+    session = DemoSession(DemoConfig(model=model, work_dir=tmp_path / "w"))
+    try:
+        table, _, _ = session.label_batch([files["red.png"], files["teal.png"], files["grey.png"]])
+        assert table["decision"] == ["accepted", "rejected", "ood"]
+        csv = session.write_csv(table)
+        strict = session.redecide_table(table, 0.99, 0.9)
+        assert strict["decision"] == ["rejected", "rejected", "rejected"] and table["decision"][0] == "accepted"
+        assert session.write_csv(strict, csv) == csv
+        assert list(read_predictions(csv)["decision"]) == strict["decision"]
+        assert session.redecide_table(table, 0.0, math.inf)["decision"] == ["accepted"] * 3  # OOD check off
+        monkeypatch.setattr(demo_mod, "MAX_BATCH_FILES", 2)
+        with pytest.raises(DemoError, match="more than 2 images"):
+            session.label_batch([files["red.png"], files["teal.png"], files["grey.png"]])
+        assert not list((tmp_path / "w").glob("batch-*")), "extracted batch files left behind"
+    finally:
+        session.close()
+
+
 def test_prediction_state_round_trip():
     p = Prediction("x.png", 2, 0.75, 0.25, [0.1, 0.15, 0.75])
     assert Prediction.from_state(p.to_state()) == p
