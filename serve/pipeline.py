@@ -5,7 +5,7 @@ Throughput: the main process runs the model while a pool of workers decodes the 
 (``prefetch`` batches in flight), so decoding overlaps inference. Workers are processes by default:
 for small images most of a decode is Python-level work under the GIL (open, header parsing, mode
 handling), which threads cannot parallelise; ``worker_type="thread"`` is there for comparison and
-for environments where spawning processes is not allowed (see ``calibclust label-bench``).
+for environments where spawning processes is not allowed (see ``calibclust bench label``).
 
 Memory: nothing proportional to the folder is held except the per-image confidence/OOD scores that
 the coverage and target-accuracy policies need (three floats per image); paths and probabilities
