@@ -28,7 +28,6 @@ from all ranks before they enter the queue. CUDA uses NCCL, CPU uses gloo.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -391,7 +390,6 @@ def pretrain(
         print(f"pretrain: only {n} images; batch size reduced to {batch}", file=sys.stderr)
     local = batch // world
     steps_per_epoch = n // batch
-    total_steps = config.epochs * steps_per_epoch
 
     torch.manual_seed(config.seed)  # same initial weights on every rank
     moco = _build_modules(config, n, batch).to(device)
