@@ -9,8 +9,8 @@ them instead of skewing one. Reported per backend and batch size: images/s (imag
 latency p50/p95 of one call, ratio to torch eager, and achieved GFLOP/s (FLOPs per image counted
 from the ONNX graph: 2·MACs of Conv, Gemm and MatMul).
 
-Entry points: ``calibclust export bench [MODEL]`` and :func:`register_bench_model`, which adds the
-same command as ``calibclust bench model`` to the bench group.
+Entry points: ``calibclust bench model [MODEL]`` (registered by calibclust.export.cli) and its
+alias ``calibclust export bench``.
 """
 
 from __future__ import annotations
@@ -306,19 +306,3 @@ def run_bench_command(args) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result.to_dict(), indent=2))
     return 0
-
-
-def register_bench_model(bench_subparsers) -> None:
-    """Add ``model`` to a ``calibclust bench`` subcommand group (same options as ``export bench``)."""
-    import argparse
-
-    from calibclust.export.cli import EPILOG_BENCH, add_bench_arguments
-
-    p = bench_subparsers.add_parser(
-        "model", help="model-only throughput: torch eager / onnxruntime fp32 / int8 / TensorRT",
-        description="Model-only throughput and latency on pre-decoded inputs.",
-        epilog=EPILOG_BENCH.replace("calibclust export bench", "calibclust bench model"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_bench_arguments(p)
-    p.set_defaults(func=run_bench_command)

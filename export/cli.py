@@ -255,6 +255,21 @@ def run_triton(args) -> int:
     return 0
 
 
+def register_bench_cli(subparsers) -> None:
+    """``calibclust bench model``: the same benchmark as ``calibclust export bench``."""
+    from calibclust.bench import add_bench_target
+
+    add_bench_target(
+        subparsers,
+        "model",
+        help="model-only throughput: torch eager / onnxruntime fp32 / int8 / TensorRT",
+        description="Model-only throughput and latency on pre-decoded inputs.",
+        epilog=EPILOG_BENCH.replace("calibclust export bench", "calibclust bench model"),
+        configure=add_bench_arguments,
+        run=run_bench,
+    )
+
+
 def run_bench(args) -> int:
     from calibclust.export.bench import run_bench_command
 

@@ -264,15 +264,12 @@ def test_flop_count_from_the_graph_matches_torch_counter(exported):
 
 
 def test_bench_model_command_registers_and_runs(capsys):
-    import argparse
+    from calibclust.cli import build_parser
+    from calibclust.export.cli import run_bench
 
-    from calibclust.export.bench import register_bench_model, run_bench_command
-
-    parser = argparse.ArgumentParser(prog="calibclust bench")
-    register_bench_model(parser.add_subparsers(dest="bench_command"))
-    args = parser.parse_args(["model", "--backbone", "small", "--batches", "1,8", "--rounds", "1", "--head-steps", "5",
+    args = build_parser().parse_args(["bench", "model", "--backbone", "small", "--batches", "1,8", "--rounds", "1", "--head-steps", "5",
                               "--no-int8", "--no-tensorrt"])
-    assert args.model is None and args.batches == [1, 8] and args.func is run_bench_command
+    assert args.model is None and args.batches == [1, 8] and args.func is run_bench
     assert args.func(args) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("torch eager", "onnxruntime fp32"))]
