@@ -89,8 +89,9 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (default: TensorRT > CUDA > CPU, whichever onnxruntime offers), cpu, cuda, tensorrt")
     r.add_argument("--batch-size", type=int, metavar="N", help="images per inference batch (default: 256 CPU, 512 GPU)")
     r.add_argument("--workers", type=int, metavar="N", help="decode workers (default: one per CPU core; 0 = none)")
-    r.add_argument("--worker-type", choices=("process", "thread"), default="process",
-                   help="decode in processes (default) or threads (calibclust label-bench compares both)")
+    r.add_argument("--worker-type", choices=("thread", "process"), default="thread",
+                   help="decode in threads (default; measured faster on small machines) or processes "
+                        "(may scale better on many cores; calibclust label-bench compares both)")
     r.add_argument("--threads", type=int, metavar="N", help="inference threads (default: onnxruntime's, one per core)")
     r.add_argument("--max-pixels", type=int, metavar="N", help="refuse images larger than N pixels (default 100,000,000)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (same options required)")
