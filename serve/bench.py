@@ -281,6 +281,19 @@ def peak_rss(folder: Path, model: str, args) -> dict:
 
 
 # --- the command -----------------------------------------------------------------------------------
+BENCH_HELP = "end-to-end 'calibclust label' images/s vs a PyTorch DataLoader loop and the model-only ceiling"
+
+
+def register_bench_label(subparsers) -> argparse.ArgumentParser:
+    """Add ``calibclust bench label`` through :func:`calibclust.bench.add_bench_target` (``subparsers``
+    are the top-level ones). Not wired to an entry point here: ``calibclust label-bench`` is the
+    temporary spelling until the integrator registers this."""
+    from calibclust.bench import add_bench_target
+
+    return add_bench_target(subparsers, "label", help=BENCH_HELP, configure=add_bench_arguments, run=run_bench,
+                            description=__doc__, epilog=None)
+
+
 def run_bench(args) -> int:
     from calibclust.serve.labeler import Labeler
 
