@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"calibclust {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="calibclust.commands"), key=lambda e: e.name):
-        ep.load()(subparsers)
+        try:
+            register = ep.load()
+        except ImportError as exc:
+            # One broken or half-installed plugin must not take every other command down with it.
+            print(f"calibclust: command {ep.name!r} unavailable ({exc})", file=sys.stderr)
+            continue
+        register(subparsers)
     return parser
 
 

@@ -132,10 +132,11 @@ class PredictionsWriter:
         kind = _column_kind(name)
         if values is None:
             return [float("nan")] * n if kind == "float" else ([-1] * n if kind == "int" else [""] * n)
+        # None means "no value" (e.g. an unreadable file), read back like a blank cell: -1 / NaN.
         if kind == "int":
-            return [int(v) for v in values]
+            return [-1 if v is None else int(v) for v in values]
         if kind == "float":
-            return [float(v) for v in values]
+            return [float("nan") if v is None else float(v) for v in values]
         return ["" if v is None else str(v) for v in values]
 
     def close(self) -> None:

@@ -1,0 +1,429 @@
+"""Self-contained HTML reports: figures and thumbnails embedded as base64 PNG, no external files.
+
+Used by ``calibclust evaluate`` and meant for every other report (``calibclust label``'s
+``report.html``, the quick start): torch-free, numpy + matplotlib + Pillow only.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects attached to an explicit Agg canvas
+(``FigureCanvasAgg``) instead of going through ``pyplot``: that is the Agg backend without
+touching matplotlib's global backend or pyplot's figure registry, so it works on headless
+servers, in threads, and inside a user's notebook without changing their backend.
+
+Typical use::
+
+    report = HTMLReport("Evaluation of predictions.csv")
+    report.add_heading("Calibration")
+    report.add_figure(plot_reliability_diagram(calibration), alt="reliability diagram")
+    report.write("out/report.html")
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from calibclust.metrics import CalibrationResult, RiskCoverage
+
+# Colour-blind-safe pair (Okabe & Ito) for the "good / bad" split used in several plots.
+COLOR_GOOD = "#0072B2"
+COLOR_BAD = "#D55E00"
+COLOR_NEUTRAL = "#555555"
+DEFAULT_DPI = 100
+
+
+# ----------------------------------------------------------------------------- HTML helpers
+
+
+def escape(value: Any) -> str:
+    """HTML-escape ``str(value)`` (quotes included, so the result is safe inside attributes)."""
+    return html.escape(str(value), quote=True)
+
+
+def format_value(value: Any, digits: int = 4) -> str:
+    """Numbers for tables: floats to ``digits`` significant places, NaN/None as an en dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            return "–"
+        return f"{float(value):.{digits}g}"
+    return str(value)
+
+
+def html_table(
+    rows: Sequence[Sequence[Any]],
+    header: Sequence[str] | None = None,
+    caption: str | None = None,
+    digits: int = 4,
+) -> str:
+    """A plain ``<table>``; cells go through :func:`format_value` and are escaped."""
+    parts = ["<table>"]
+    if caption:
+        parts.append(f"<caption>{escape(caption)}</caption>")
+    if header:
+        parts.append("<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr></thead>")
+    parts.append("<tbody>")
+    for row in rows:
+        cells = []
+        for value in row:
+            numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            cls = ' class="num"' if numeric else ""
+            cells.append(f"<td{cls}>{escape(format_value(value, digits))}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</tbody></table>")
+    return "".join(parts)
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def img_tag(data_uri: str, alt: str, width: int | None = None, css_class: str | None = None) -> str:
+    """``<img>`` with alt text (screen readers, and what tests look for) and an optional width."""
+    attrs = [f'src="{data_uri}"', f'alt="{escape(alt)}"']
+    if width:
+        attrs.append(f'width="{int(width)}"')
+    if css_class:
+        attrs.append(f'class="{escape(css_class)}"')
+    return "<img " + " ".join(attrs) + ">"
+
+
+# ----------------------------------------------------------------------------- figures → PNG
+
+
+def new_figure(width: float = 6.4, height: float = 4.8, dpi: int = DEFAULT_DPI) -> "Figure":
+    """A matplotlib Figure bound to an Agg canvas (see the module docstring for why not pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_to_png(fig: "Figure", dpi: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, facecolor="white")
+    return buf.getvalue()
+
+
+def figure_to_data_uri(fig: "Figure", dpi: int | None = None) -> str:
+    return png_data_uri(figure_to_png(fig, dpi))
+
+
+def array_to_png(image: np.ndarray) -> bytes:
+    """Encode an ``(H, W, 3)`` / ``(H, W)`` uint8 array as PNG bytes."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ValueError(f"expected (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_reliability_diagram(calibration: "CalibrationResult", title: str | None = None) -> "Figure":
+    """Reliability diagram (Guo et al., 2017, Fig. 1): per confidence bin the accuracy (bars) against
+    the mean confidence (the gap drawn in red); the diagonal is perfect calibration. ECE and MCE in the
+    title; a lower panel shows how many samples fall in each bin."""
+    n_bins = calibration.n_bins
+    edges = np.arange(n_bins + 1) / n_bins
+    centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / n_bins
+    acc = np.array([np.nan if a is None else a for a in calibration.bin_accuracy], dtype=float)
+    conf = np.array([np.nan if c is None else c for c in calibration.bin_confidence], dtype=float)
+    count = np.asarray(calibration.bin_count)
+    filled = count > 0
+
+    fig = new_figure(5.6, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centres[filled], acc[filled], width=width, color=COLOR_GOOD, edgecolor="white", label="accuracy")
+    gap_low = np.minimum(acc, conf)[filled]
+    gap = np.abs(acc - conf)[filled]
+    top.bar(centres[filled], gap, bottom=gap_low, width=width, color=COLOR_BAD, alpha=0.35,
+            edgecolor=COLOR_BAD, hatch="//", label="gap to mean confidence")
+    top.plot([0, 1], [0, 1], "--", color=COLOR_NEUTRAL, lw=1, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    ece = calibration.ece
+    heading = title or "Reliability diagram"
+    top.set_title(f"{heading}\nECE = {100 * ece:.2f}%  MCE = {100 * calibration.mce:.2f}%  ({n_bins} bins)"
+                  if np.isfinite(ece) else f"{heading}\nECE undefined (no samples)")
+    bottom.bar(centres, count, width=width, color=COLOR_NEUTRAL, edgecolor="white")
+    bottom.set_ylabel("samples")
+    bottom.set_xlabel("confidence")
+    return fig
+
+
+def plot_score_histograms(
+    groups: Mapping[str, Sequence[float]],
+    title: str,
+    xlabel: str,
+    bins: int = 20,
+    value_range: tuple[float, float] | None = None,
+    threshold: float | None = None,
+    threshold_label: str = "threshold",
+    colors: Sequence[str] | None = None,
+) -> "Figure":
+    """Overlaid histograms of one score for several groups (e.g. correct vs wrong, in- vs out-of-
+    distribution), with an optional vertical threshold line."""
+    fig = new_figure(6.0, 3.8)
+    ax = fig.subplots()
+    colors = list(colors or [COLOR_GOOD, COLOR_BAD, "#009E73", "#CC79A7", "#E69F00"])
+    finite = [np.asarray(v, float)[np.isfinite(np.asarray(v, float))] for v in groups.values()]
+    if value_range is None:
+        everything = np.concatenate(finite) if finite else np.zeros(0)
+        value_range = (float(everything.min()), float(everything.max())) if everything.size else (0.0, 1.0)
+        if value_range[0] == value_range[1]:
+            value_range = (value_range[0] - 0.5, value_range[1] + 0.5)
+    edges = np.linspace(value_range[0], value_range[1], bins + 1)
+    for i, (name, values) in enumerate(zip(groups, finite)):
+        color = colors[i % len(colors)]
+        ax.hist(values, bins=edges, color=color, alpha=0.45, label=f"{name} (n={values.size:,})")
+        ax.hist(values, bins=edges, color=color, histtype="step", lw=1.5)
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="black", ls="--", lw=1, label=f"{threshold_label} = {threshold:.3g}")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_confidence_histograms(confidence, correct, bins: int = 20, threshold: float | None = None) -> "Figure":
+    """Confidence of correct vs wrong predictions: a calibrated model puts its errors at low confidence."""
+    confidence = np.asarray(confidence, float)
+    correct = np.asarray(correct, bool)
+    return plot_score_histograms(
+        {"correct": confidence[correct], "wrong": confidence[~correct]},
+        title="Confidence of correct vs wrong predictions",
+        xlabel="confidence",
+        bins=bins,
+        value_range=(0.0, 1.0),
+        threshold=threshold,
+    )
+
+
+def plot_risk_coverage(curve: "RiskCoverage", title: str | None = None) -> "Figure":
+    """Risk–coverage curve (Geifman & El-Yaniv, 2017; CDC paper Fig. 3) with its AURC, and the
+    oracle curve that rejects all errors first (the best any confidence ordering could do)."""
+    fig = new_figure(6.0, 3.8)
+    ax = fig.subplots()
+    coverage = np.r_[0.0, np.asarray(curve.coverage, float)]
+    risk = np.asarray(curve.risk, float)
+    if risk.size:
+        ax.step(coverage, np.r_[risk[0], risk], where="pre", color=COLOR_GOOD, lw=1.8,
+                label=f"model (AURC = {curve.aurc:.4f})")
+        total_risk = risk[-1]
+        grid = np.linspace(1e-6, 1.0, 400)
+        oracle = np.maximum(0.0, grid - (1.0 - total_risk)) / grid
+        ax.plot(grid, oracle, ":", color=COLOR_NEUTRAL, label="oracle (errors rejected first)")
+        ax.axhline(total_risk, color=COLOR_BAD, ls="--", lw=1, label=f"no rejection (risk = {total_risk:.3f})")
+        ax.set_ylim(0, max(0.05, float(np.nanmax(risk)) * 1.1))
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("coverage (share of images accepted, most confident first)")
+    ax.set_ylabel("risk (error rate of accepted)")
+    ax.set_title(title or "Risk–coverage curve")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_confusion_matrix(
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str = "Confusion matrix",
+    xlabel: str = "cluster",
+    ylabel: str = "class",
+    annotate_max: int = 25,
+) -> "Figure":
+    """Counts as a heat map, annotated when the matrix is small enough to read.
+
+    Pass the columns already ordered the way they should be read, e.g. clusters aligned to classes by
+    Hungarian matching so that a perfect clustering is diagonal (see :func:`aligned_confusion`).
+    """
+    matrix = np.asarray(matrix)
+    rows, cols = matrix.shape
+    side = min(12.0, max(4.5, 0.45 * max(rows, cols) + 2.5))
+    fig = new_figure(side + 1.0, side)
+    ax = fig.subplots()
+    im = ax.imshow(matrix, cmap="Blues", aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="images")
+    ax.set_xticks(range(cols), [str(c) for c in col_labels], rotation=90 if cols > 12 else 0, fontsize=8)
+    ax.set_yticks(range(rows), [str(r) for r in row_labels], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if max(rows, cols) <= annotate_max and matrix.size:
+        vmax = matrix.max() or 1
+        for i in range(rows):
+            for j in range(cols):
+                if matrix[i, j]:
+                    color = "white" if matrix[i, j] > 0.6 * vmax else "black"
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7, color=color)
+    return fig
+
+
+def aligned_confusion(
+    y_true: np.ndarray, y_pred: np.ndarray, mapping: Mapping[int, int]
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """Contingency matrix with clusters ordered by the class they are matched to.
+
+    Returns ``(matrix, classes, clusters)``: row ``i`` is ``classes[i]``, column ``j`` is cluster
+    ``clusters[j]``. Matched clusters come first in the order of their class, so a perfect
+    clustering is diagonal; unmatched clusters (more clusters than classes) follow by id.
+    """
+    from calibclust.metrics import contingency_matrix
+
+    matrix, classes, clusters = contingency_matrix(y_true, y_pred)
+    class_pos = {int(c): i for i, c in enumerate(classes)}
+    key = [(0, class_pos[mapping[int(c)]]) if int(c) in mapping and mapping[int(c)] in class_pos
+           else (1, int(c)) for c in clusters]
+    order = sorted(range(len(clusters)), key=lambda j: key[j])
+    return matrix[:, order], [int(c) for c in classes], [int(clusters[j]) for j in order]
+
+
+def plot_cluster_counts(
+    names: Sequence[str],
+    counts: Mapping[str, Sequence[int]] | Sequence[int],
+    title: str = "Images per cluster",
+    ylabel: str = "images",
+) -> "Figure":
+    """Bar chart of images per cluster; ``counts`` may map series names to counts, which are stacked
+    (e.g. ``{"correct": ..., "wrong": ...}`` or ``{"accepted": ..., "rejected": ...}``)."""
+    series = dict(counts) if isinstance(counts, Mapping) else {"images": counts}
+    colors = [COLOR_GOOD, COLOR_BAD, "#009E73", "#E69F00", "#CC79A7", COLOR_NEUTRAL]
+    fig = new_figure(min(14.0, max(5.0, 0.35 * len(names) + 3.0)), 3.8)
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    bottom = np.zeros(len(names))
+    for i, (label, values) in enumerate(series.items()):
+        values = np.asarray(values, float)
+        ax.bar(x, values, bottom=bottom, color=colors[i % len(colors)], label=label, edgecolor="white")
+        bottom += values
+    ax.set_xticks(x, [str(n) for n in names], rotation=90 if len(names) > 12 else 0, fontsize=8)
+    ax.set_xlabel("cluster")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
+    return fig
+
+
+# ----------------------------------------------------------------------------- thumbnails
+
+
+def thumbnail_grid(
+    images: Sequence[np.ndarray] | np.ndarray,
+    captions: Sequence[str] | None = None,
+    size: int = 64,
+    alt: str = "thumbnail",
+) -> str:
+    """HTML grid of uint8 images (each ``(H, W, 3)``), each embedded as its own PNG and shown at
+    ``size`` px wide with pixelated upscaling (small training images stay crisp)."""
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    cells = []
+    for i, image in enumerate(images):
+        caption = captions[i] if captions is not None else None
+        tag = img_tag(png_data_uri(array_to_png(image)), alt if caption is None else f"{alt}: {caption}",
+                      width=size, css_class="thumb")
+        cap = f"<figcaption>{escape(caption)}</figcaption>" if caption is not None else ""
+        cells.append(f"<figure>{tag}{cap}</figure>")
+    return '<div class="thumbs">' + "".join(cells) + "</div>"
+
+
+# ----------------------------------------------------------------------------- the document
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
+.meta{color:#666;font-size:.9em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}td.num{text-align:right;
+font-variant-numeric:tabular-nums}caption{text-align:left;font-weight:bold;padding:.3em 0}
+figure.plot{margin:1em 0}figure.plot img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555}
+.thumbs{display:flex;flex-wrap:wrap;gap:6px}.thumbs figure{margin:0;text-align:center;font-size:.75em}
+img.thumb{image-rendering:pixelated;border:1px solid #ddd;display:block}
+.warning{background:#fff4e5;border-left:4px solid #E69F00;padding:.5em 1em;margin:1em 0}
+code{background:#f5f5f5;padding:0 .2em}
+"""
+
+
+class HTMLReport:
+    """Build a one-file HTML report piece by piece; every image is embedded, nothing is fetched."""
+
+    def __init__(self, title: str, subtitle: str | None = None):
+        self.title = title
+        self.subtitle = subtitle
+        self._parts: list[str] = []
+
+    def add_heading(self, text: str, level: int = 2) -> None:
+        level = min(max(int(level), 2), 6)
+        self._parts.append(f"<h{level}>{escape(text)}</h{level}>")
+
+    def add_paragraph(self, text: str, css_class: str | None = None) -> None:
+        cls = f' class="{escape(css_class)}"' if css_class else ""
+        self._parts.append(f"<p{cls}>{escape(text)}</p>")
+
+    def add_warning(self, text: str, items: Sequence[str] = ()) -> None:
+        listed = "<ul>" + "".join(f"<li><code>{escape(i)}</code></li>" for i in items) + "</ul>" if items else ""
+        self._parts.append(f'<div class="warning"><p>{escape(text)}</p>{listed}</div>')
+
+    def add_table(self, rows, header=None, caption=None, digits: int = 4) -> None:
+        self._parts.append(html_table(rows, header, caption, digits))
+
+    def add_figure(self, fig: "Figure", alt: str, caption: str | None = None, width: int | None = None) -> None:
+        """Embed a matplotlib figure as PNG; ``alt`` is its accessible name (tests search for it)."""
+        tag = img_tag(figure_to_data_uri(fig), alt, width)
+        cap = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
+        self._parts.append(f'<figure class="plot">{tag}{cap}</figure>')
+
+    def add_thumbnails(self, images, captions=None, size: int = 64, alt: str = "thumbnail") -> None:
+        self._parts.append(thumbnail_grid(images, captions, size, alt))
+
+    def add_html(self, fragment: str) -> None:
+        """Append trusted, already-escaped HTML."""
+        self._parts.append(fragment)
+
+    def render(self) -> str:
+        sub = f'<p class="meta">{escape(self.subtitle)}</p>' if self.subtitle else ""
+        body = "\n".join(self._parts)
+        return (
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{escape(self.title)}</title><style>{_CSS}</style></head>\n"
+            f"<body><h1>{escape(self.title)}</h1>{sub}\n{body}\n</body></html>\n"
+        )
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary file + rename), so a reader never sees half a report."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        tmp.write_text(self.render(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path

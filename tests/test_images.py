@@ -1,0 +1,282 @@
+"""Image discovery and decoding on every troublesome kind of file (issue 2, item 3)."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calibclust.io.images import (
+    ImageDecodeError,
+    decode_image,
+    discover_images,
+    list_image_folder,
+    load_images,
+)
+
+SIZE = 16  # good images are 16x16 = 256 px, far below MAX_PIXELS
+MAX_PIXELS = 5_000  # the "bomb" is 100x100 = 10,000 px: above the limit without a big file
+RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
+
+
+def _png_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _halves(mode, left, right, size=(SIZE, SIZE)) -> Image.Image:
+    """Image with the left half one colour and the right half another (W x H = size)."""
+    img = Image.new(mode, size, left)
+    img.paste(Image.new(mode, (size[0] // 2, size[1]), right), (size[0] // 2, 0))
+    return img
+
+
+def make_good_files(folder: Path) -> dict[str, Path]:
+    files: dict[str, bytes] = {}
+
+    # EXIF orientation 6 = "rotate 90° clockwise to display": stored 20 wide x 10 high, left half
+    # red, right half blue; displayed 10 wide x 20 high with red on top, blue at the bottom.
+    stored = _halves("RGB", RED, BLUE, size=(20, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files["exif_rotated.jpg"] = _jpeg_bytes(stored, exif=exif.tobytes())
+
+    files["grey_L.png"] = _png_bytes(Image.new("L", (SIZE, SIZE), 100))
+
+    # LA: left half black and opaque, right half black and fully transparent -> white
+    la = Image.new("LA", (SIZE, SIZE), (0, 255))
+    la.paste(Image.new("LA", (SIZE // 2, SIZE), (0, 0)), (SIZE // 2, 0))
+    files["grey_alpha_LA.png"] = _png_bytes(la)
+
+    # P with a transparency key: index 0 (red) transparent, index 1 (green) opaque
+    pal = Image.new("P", (SIZE, SIZE), 0)
+    pal.putpalette([255, 0, 0, 0, 255, 0] + [0, 0, 0] * 254)
+    pal.paste(1, (SIZE // 2, 0, SIZE, SIZE))
+    files["palette_P_transparent.png"] = _png_bytes(pal, transparency=0)
+
+    # RGBA: left half blue with alpha 0 -> white; right half red with alpha 128 -> pink
+    rgba = _halves("RGBA", (0, 0, 255, 0), (255, 0, 0, 128))
+    files["rgba.png"] = _png_bytes(rgba)
+
+    files["cmyk.jpg"] = _jpeg_bytes(Image.new("CMYK", (SIZE, SIZE), (255, 0, 0, 0)))  # pure cyan
+
+    # 16-bit grey: 4 vertical stripes 0, 1000, 32896 (=128*257), 65535 -> 0, 4, 128, 255 when scaled;
+    # clipping to 8 bits would make the last three all 255.
+    stripes = np.repeat(np.array([0, 1000, 32896, 65535], np.uint16), SIZE // 4)[None, :].repeat(SIZE, 0)
+    i16 = Image.fromarray(stripes)
+    assert i16.mode == "I;16"
+    files["sixteen_bit_I16.png"] = _png_bytes(i16)
+
+    one = Image.new("1", (SIZE, SIZE), 0)
+    one.paste(1, (SIZE // 2, 0, SIZE, SIZE))
+    files["one_bit.png"] = _png_bytes(one)
+
+    files["plain_rgb.png"] = _png_bytes(_halves("RGB", GREEN, BLUE))
+    return _write_shuffled(folder, files)
+
+
+def make_bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (path, word the error reason must contain)."""
+    good_png = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    good_jpg = _jpeg_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)))
+    files = {
+        "bomb.png": _png_bytes(Image.new("RGB", (100, 100), RED)),
+        "truncated.png": good_png[: len(good_png) // 2],
+        "truncated.jpg": good_jpg[: len(good_jpg) // 2],
+        "not_an_image.png": b"this is a text file with an image extension\n" * 10,
+        "empty.jpg": b"",
+    }
+    expected = {
+        "bomb.png": "exceeds",
+        "truncated.png": "truncated",
+        "truncated.jpg": "truncated",
+        "not_an_image.png": "not an image",
+        "empty.jpg": "not an image",
+    }
+    paths = _write_shuffled(folder, files)
+    return {name: (paths[name], expected[name]) for name in files}
+
+
+def _write_shuffled(folder: Path, files: dict[str, bytes]) -> dict[str, Path]:
+    """Write in a random order, so a sorted listing is not an accident of creation order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(files)
+    random.Random(len(names)).shuffle(names)
+    for name in names:
+        (folder / name).write_bytes(files[name])
+    return {name: folder / name for name in files}
+
+
+@pytest.fixture(scope="module")
+def troublesome(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("troublesome")
+    good = make_good_files(folder)
+    bad = make_bad_files(folder)
+    # must be skipped by discovery: hidden files and folders, and non-image extensions
+    (folder / ".hidden.png").write_bytes(_png_bytes(Image.new("RGB", (4, 4), RED)))
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "thumb.png").write_bytes(_png_bytes(Image.new("RGB", (4, 4), RED)))
+    (folder / "notes.txt").write_text("not an image, and not named like one")
+    return folder, good, bad
+
+
+def test_discovery_skips_hidden_and_non_image_files(troublesome):
+    folder, good, bad = troublesome
+    found = list(discover_images(folder))
+    assert sorted(p.name for p in found) == sorted(list(good) + list(bad))
+    assert found == sorted(found, key=lambda p: p.name), "entries of one folder come in name order"
+    assert list(discover_images(folder)) == found, "discovery order is deterministic"
+
+
+def test_load_images_reports_each_bad_file_once_and_never_raises(troublesome):
+    folder, good, bad = troublesome
+    paths = list(discover_images(folder))
+    batch, errors = load_images(paths, size=(SIZE, SIZE), max_pixels=MAX_PIXELS)
+
+    assert batch.shape == (len(good), SIZE, SIZE, 3) and batch.dtype == np.uint8
+    assert all(isinstance(e, ImageDecodeError) for e in errors)
+    errors_by_path = {}
+    for err in errors:
+        assert err.path not in errors_by_path, f"two errors for {err.path}"
+        errors_by_path[err.path] = err
+    assert set(errors_by_path) == {str(p) for p, _ in bad.values()}
+    for name, (path, word) in bad.items():
+        err = errors_by_path[str(path)]
+        assert word in err.reason.lower(), f"{name}: reason {err.reason!r} should mention {word!r}"
+        assert name in str(err), f"the message names the file: {err}"
+
+    # the batch holds the good files in input order: check the 'plain' one landed where expected
+    good_in_order = [p for p in paths if str(p) not in errors_by_path]
+    k = good_in_order.index(good["plain_rgb.png"])
+    assert tuple(batch[k, SIZE // 2, 2]) == GREEN and tuple(batch[k, SIZE // 2, SIZE - 3]) == BLUE
+
+
+def _close(pixel, colour, tol=12):
+    return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, colour))
+
+
+def test_good_images_decode_to_correct_rgb(troublesome):
+    _, good, _ = troublesome
+    arrays = {name: decode_image(path, max_pixels=MAX_PIXELS) for name, path in good.items()}
+    for name, arr in arrays.items():
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3, name
+
+    rotated = arrays["exif_rotated.jpg"]
+    assert rotated.shape == (20, 10, 3), "EXIF orientation 6 turns a 20x10 image into 10 wide x 20 high"
+    assert _close(rotated[3, 5], RED, 30) and _close(rotated[16, 5], BLUE, 30), (
+        f"top should be red, bottom blue after rotation; got {rotated[3, 5]} / {rotated[16, 5]}"
+    )
+
+    assert (arrays["grey_L.png"] == 100).all()
+
+    la = arrays["grey_alpha_LA.png"]
+    assert (la[:, : SIZE // 2] == 0).all() and (la[:, SIZE // 2 :] == 255).all(), "transparent LA -> white"
+
+    pal = arrays["palette_P_transparent.png"]
+    assert (pal[:, : SIZE // 2] == WHITE).all(), "transparent palette entry composited onto white"
+    assert (pal[:, SIZE // 2 :] == GREEN).all()
+
+    rgba = arrays["rgba.png"]
+    assert (rgba[:, : SIZE // 2] == WHITE).all(), "alpha 0 -> white background"
+    # red at alpha 128/255 over white: G = B = 255 * (1 - 128/255) = 127
+    assert _close(rgba[0, SIZE - 1], (255, 127, 127), 1), rgba[0, SIZE - 1]
+
+    assert _close(arrays["cmyk.jpg"][SIZE // 2, SIZE // 2], (0, 255, 255), 8), "CMYK cyan -> RGB cyan"
+
+    i16 = arrays["sixteen_bit_I16.png"]
+    assert [int(i16[0, s * SIZE // 4, 0]) for s in range(4)] == [0, 4, 128, 255], "I;16 scaled by 1/257, not clipped"
+
+    one = arrays["one_bit.png"]
+    assert (one[:, : SIZE // 2] == 0).all() and (one[:, SIZE // 2 :] == 255).all()
+
+
+def test_resize_to_model_size_keeps_colours(troublesome):
+    _, good, _ = troublesome
+    small = decode_image(good["exif_rotated.jpg"], size=(8, 4))
+    assert small.shape == (8, 4, 3)
+    assert small[0, :, 0].min() > 200 and small[-1, :, 2].min() > 200, "rotation happens before the resize"
+
+
+def test_decompression_bomb_guard_is_configurable(troublesome):
+    folder, _, bad = troublesome
+    bomb = bad["bomb.png"][0]
+    with pytest.raises(ImageDecodeError, match="exceeds the limit of 5000"):
+        decode_image(bomb, max_pixels=MAX_PIXELS)
+    assert decode_image(bomb, max_pixels=10_000).shape == (100, 100, 3), "a limit at the image size admits it"
+
+
+def test_decode_accepts_bytes_and_streams():
+    data = _png_bytes(_halves("RGB", RED, GREEN))
+    assert (decode_image(data) == decode_image(io.BytesIO(data))).all()
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_image(b"GIF89a but not really")
+
+
+def test_missing_file_is_a_decode_error(tmp_path):
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        decode_image(tmp_path / "nope.png")
+    batch, errors = load_images([tmp_path / "nope.png"], size=(4, 4))
+    assert batch.shape == (0, 4, 4, 3) and len(errors) == 1
+
+
+def _tiny_png() -> bytes:
+    return _png_bytes(Image.new("RGB", (4, 4), BLUE))
+
+
+def test_imagefolder_layout_gives_labels_in_deterministic_order(tmp_path):
+    root = tmp_path / "classes"
+    files = [("cat", "b.png"), ("dog", "a.png"), ("cat", "a.png"), ("cat/nested", "z.png"), ("ant", "x.jpg")]
+    random.Random(0).shuffle(files)
+    for sub, name in files:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / name).write_bytes(_tiny_png())
+    (root / ".git").mkdir()
+    (root / ".git" / "objects.png").write_bytes(_tiny_png())
+    (root / "dog" / ".DS_Store.png").write_bytes(b"junk")
+
+    listing = list_image_folder(root)
+    assert listing.has_labels
+    assert listing.class_names == ["ant", "cat", "dog"]
+    assert listing.relative_paths() == ["ant/x.jpg", "cat/a.png", "cat/b.png", "cat/nested/z.png", "dog/a.png"]
+    assert listing.labels.tolist() == [0, 1, 1, 1, 2], "nested folders take the label of their top-level class"
+    assert list_image_folder(root).relative_paths() == listing.relative_paths()
+
+
+def test_flat_folder_has_no_labels(tmp_path):
+    for name in ("b.png", "a.png", "c.png"):
+        (tmp_path / name).write_bytes(_tiny_png())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.png").write_bytes(_tiny_png())
+    listing = list_image_folder(tmp_path)
+    assert not listing.has_labels and listing.labels is None and listing.class_names == []
+    assert listing.relative_paths() == ["a.png", "b.png", "c.png", "sub/d.png"]
+
+
+def test_empty_folder_and_missing_folder_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_image_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        list(discover_images(tmp_path / "absent"))
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_symlinked_class_folder_is_followed(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.png").write_bytes(_tiny_png())
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(real, root / "linked")
+    assert list_image_folder(root).relative_paths() == ["linked/a.png"]
