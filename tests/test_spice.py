@@ -166,3 +166,41 @@ def test_digits_spice_s_vs_kmeans_reliable_set_joint_and_checkpoint(digits_featu
     with torch.no_grad():
         assert torch.allclose(res.model(x), model2(x), atol=1e-5)
 
+
+
+# --- CLI (needs the CDC helper's train group, features cache and data loading: calibclust.train.cdc) --
+def test_cli_train_spice_writes_a_spice_model(tmp_path, capsys):
+    pytest.importorskip("calibclust.train.cdc", reason="the train group and data loading come with the cdc branch")
+    from calibclust.cli import main
+    from calibclust.datasets import make_digits_folder
+    from calibclust.models.clustering import load_model
+
+    folder = make_digits_folder(tmp_path / "digits", limit=200)
+    out = tmp_path / "run"
+    rc = main(["train", "spice", str(folder), "--out", str(out), "--clusters", "10", "--heads", "2",
+               "--head-epochs", "3", "--batch-size", "100", "--views", "1", "--neighbors", "10",
+               "--joint-steps", "2", "--labeled-batch", "8", "--unlabeled-ratio", "2", "--no-flip", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "spice_s: ACC" in printed and "spice: ACC" in printed
+    model, meta = load_model(out / "model")
+    assert (meta.method, meta.probs_head, meta.calibrated) == ("spice", "spice", False)
+    assert model.head_names == ("clustering",) and meta.num_clusters == 10
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["best_head"] == int(np.argmin(run["head_losses"]))
+    assert set(run["metrics"]) == {"spice_s", "spice"}
+
+
+def test_cli_help_teaches():
+    pytest.importorskip("calibclust.train.cdc", reason="the train group comes with the cdc branch")
+    from calibclust.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    sub = train._calibclust_train_subparsers.choices
+    for name in ("spice", "compare"):
+        text = sub[name].format_help()
+        assert "example" in text and "--clusters" in text, name
+    assert "Eq. 6-7" in sub["spice"].format_help() and "ECE" in sub["compare"].format_help()
