@@ -12,6 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+# Imported at module level (it imports no torch) so that, if the train group is missing, the
+# entry point fails at load time and `calibclust` reports and skips it instead of crashing.
+from calibclust.train.cli import BACKBONES, train_subparsers
+
 EXIT_OK = 0
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -65,8 +69,6 @@ example (sklearn's digits, small backbone, a few minutes on 2 CPU cores):
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from calibclust.train.cli import BACKBONES
-
     p.add_argument("folder", metavar="FOLDER", help="image folder (flat, or FOLDER/<class>/<image> for reporting)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters K")
@@ -106,8 +108,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register_cli(subparsers) -> None:
-    from calibclust.train.cli import train_subparsers
-
     sub = train_subparsers(subparsers)
     p = sub.add_parser("spice", help="SPICE: prototype pseudo-labelling heads + reliable joint training",
                        description=SPICE_DESCRIPTION, epilog=SPICE_EPILOG, formatter_class=_RAW)
