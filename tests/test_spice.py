@@ -148,11 +148,13 @@ def test_digits_spice_s_vs_kmeans_reliable_set_joint_and_checkpoint(digits_featu
         res = train_spice(backbone, images, cfg, feature_cache=cache)
     s_acc = hungarian_accuracy(labels, res.spice_s_probs.argmax(1).numpy()).accuracy
     msg = f"SPICE_s ACC {s_acc:.3f}, K-means ACC {km_acc:.3f} (same frozen features)"
+    print(msg)
     assert s_acc >= km_acc - SPICE_S_TOLERANCE, msg
     assert s_acc > 0.18, msg  # clearly above chance (~0.11-0.13 Hungarian ACC for 10 classes)
     rel = res.reliable_indices.numpy()
     assert len(rel) > 0
     rel_acc = hungarian_accuracy(labels[rel], res.reliable_labels.numpy()).accuracy
+    print(f"reliable set ACC {rel_acc:.3f} (n={len(rel)})")
     assert rel_acc > s_acc, f"reliable set ACC {rel_acc:.3f} (n={len(rel)}) vs all {s_acc:.3f}; {msg}"
     assert len(res.joint_history) == 3 and all(np.isfinite(r["loss"]) for r in res.joint_history)
     # checkpoint through the shared contract
