@@ -117,7 +117,8 @@ def kmeans(
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n={n}], got {k}")
     x = x.detach()
-    if not x.is_floating_point():
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        # ||x||² − 2 x·c + ||c||² cancels catastrophically in half precision (e.g. AMP features).
         x = x.float()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     tol_abs = tol * float(x.var(0, unbiased=False).mean()) if n > 1 else 0.0

@@ -1,0 +1,782 @@
+"""Self-supervised backbone pretraining with MoCo-v2, and the ``calibclust pretrain`` command.
+
+MoCo-v2 (Chen et al. 2020b) as used by SPICE (shared/papers/002 §III-A, Eq. (1), §IV-A) and CDC
+(shared/papers/000 §3.3, appendix B.1):
+
+* query encoder f_q = projector ∘ backbone, trained; key encoder f_k, its momentum average
+  θ_k ← μ θ_k + (1 − μ) θ_q (SPICE §III-A, text after Eq. (1));
+* InfoNCE over one positive key and a queue of N_q negative keys, temperature τ (SPICE Eq. (1));
+  the queue is a ring buffer of past keys, capped by the data set size;
+* 2-layer MLP projector with BN + ReLU (CDC appendix B.1); MoCo-v2 augmentations applied to whole
+  batches on the training device (:mod:`calibclust.augment`);
+* SGD, linear warm-up then cosine decay per step (CDC appendix B.1), AMP on CUDA.
+
+Determinism and resume: every random draw of a step comes from generators seeded by
+``(seed, epoch, step, rank)`` (data order per epoch, views per step), so the run is a pure
+function of the seed and the saved state; ``--resume`` reloads weights, key encoder, queue,
+optimizer buffers and the global RNG states and continues bit-for-bit (on the same device type and
+thread count). Checkpoints: ``backbone.safetensors`` + ``backbone.json`` (the inference artefact,
+:func:`calibclust.models.weights.save_backbone`) and ``checkpoint/`` (resume state: one
+safetensors file of tensors + a JSON of plain values), written every epoch.
+
+Multi-GPU / multi-process: launch with ``torchrun --nproc_per_node N -m calibclust pretrain ...``.
+The query encoder is wrapped in DistributedDataParallel; keys are computed on a batch shuffled
+across ranks (MoCo's "shuffling BN", so batch statistics cannot leak the positive) and gathered
+from all ranks before they enter the queue. CUDA uses NCCL, CPU uses gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from calibclust.augment import AugmentConfig
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+STATE_FORMAT = "calibclust-pretrain-state/1"
+CHECKPOINT_DIR = "checkpoint"
+STATE_JSON = "state.json"
+# Config fields that may change between a run and its resumption (they do not alter the math).
+RESUMABLE_CHANGES = ("checkpoint_every_steps",)
+
+
+@dataclass
+class MoCoConfig:
+    """MoCo-v2 pretraining. Defaults follow CDC appendix B.1 unless a comment says otherwise."""
+
+    backbone: str = "resnet34"  # CDC B.1 (SPICE uses ResNet-18/34); "small" for CPU runs
+    stem: str = "auto"  # CIFAR stem for inputs <= 64 px (CDC B.1), ImageNet stem above
+    width: int = 32  # width of the "small" backbone only
+    input_size: int = 32  # images are decoded once at this size (square)
+    proj_hidden_dim: int = 4096  # CDC B.1: 2-layer MLP projector, hidden 4096-d with BN + ReLU
+    proj_dim: int = 256  # CDC B.1: projector output 256-d
+    momentum: float = 0.99  # μ of the key encoder (CDC B.1: 0.99; SPICE §III-A / MoCo: 0.999)
+    temperature: float = 0.2  # τ in SPICE Eq. (1); CDC B.1
+    queue_size: int = 32768  # N_q (CDC B.1); capped at N - batch (SPICE §IV-A shrinks it for small sets)
+    epochs: int = 1000  # CDC B.1
+    batch_size: int = 256  # global batch (CDC B.1), split evenly across ranks
+    # Base learning rate for batch 256, scaled linearly with batch_size: MoCo-v2's 0.03 (SPICE
+    # §IV-A: 0.015 at batch 128). CDC B.1 states 0.5, which collapsed MoCo to a uniform loss
+    # (log N_q) in our short runs on digits, so it is not the default.
+    lr: float = 0.03
+    weight_decay: float = 1e-4  # CDC B.1 / SPICE §IV-A
+    sgd_momentum: float = 0.9  # SPICE §IV-A
+    warmup_epochs: float | None = None  # None = 5% of epochs (CDC B.1: 50 of 1000)
+    seed: int = 0
+    amp: bool = True  # mixed precision, CUDA only (bf16 where supported, else fp16 + loss scaling)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_every_steps: int = 0  # extra resume checkpoints inside an epoch (0 = at epoch ends)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig.from_dict(self.augment)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum μ must be in [0, 1), got {self.momentum}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("epochs", "batch_size", "queue_size", "proj_dim", "proj_hidden_dim", "input_size", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+
+    @property
+    def resolved_warmup_epochs(self) -> float:
+        return 0.05 * self.epochs if self.warmup_epochs is None else float(self.warmup_epochs)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoCoConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown pretraining option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class PretrainResult:
+    out_dir: Path
+    backbone: object  # nn.Module (eval mode)
+    step_losses: list[float]  # losses of the steps run by this call
+    first_step: int  # global step index of step_losses[0]
+    global_step: int  # steps done in total
+    history: list[dict]  # per-epoch summaries of the whole run
+    n_failed: int = 0  # images that could not be decoded (pretrain_folder)
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+
+def _build_modules(config: MoCoConfig, n_images: int, world_batch: int):
+    import copy
+    from collections import OrderedDict
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from calibclust.models.backbones import build_backbone
+
+    class Projector(nn.Module):
+        """Linear → BN → ReLU → Linear (CDC appendix B.1)."""
+
+        def __init__(self, in_dim: int, hidden: int, out: int):
+            super().__init__()
+            self.fc1 = nn.Linear(in_dim, hidden)
+            self.bn = nn.BatchNorm1d(hidden)
+            self.fc2 = nn.Linear(hidden, out)
+
+        def forward(self, x):  # (N, D) -> (N, out)
+            return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+    class MoCo(nn.Module):
+        """Query encoder, momentum key encoder and the queue of negatives (SPICE Eq. (1))."""
+
+        def __init__(self):
+            super().__init__()
+            backbone = build_backbone(config.backbone, input_size=config.input_size, stem=config.stem, width=config.width)
+            self.encoder_q = nn.Sequential(
+                OrderedDict(backbone=backbone, projector=Projector(backbone.feature_dim, config.proj_hidden_dim, config.proj_dim))
+            )
+            self.encoder_k = copy.deepcopy(self.encoder_q)
+            for p in self.encoder_k.parameters():
+                p.requires_grad_(False)
+            k = queue_length(config.queue_size, n_images, world_batch)
+            g = torch.Generator().manual_seed(config.seed)
+            # MoCo starts from random unit vectors; they are flushed after k / batch steps.
+            self.register_buffer("queue", F.normalize(torch.randn(k, config.proj_dim, generator=g), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+        @property
+        def backbone(self):
+            return self.encoder_q.backbone
+
+        @torch.no_grad()
+        def momentum_update(self):
+            # θ_k ← μ θ_k + (1 − μ) θ_q  (SPICE §III-A after Eq. (1)); lerp_ does exactly this.
+            q = [p.detach() for p in self.encoder_q.parameters()]
+            k = list(self.encoder_k.parameters())
+            torch._foreach_lerp_(k, q, 1.0 - config.momentum)
+
+        @torch.no_grad()
+        def enqueue(self, keys):
+            n, size = keys.shape[0], self.queue.shape[0]
+            keys = keys.to(self.queue.dtype)
+            if n >= size:
+                self.queue.copy_(keys[-size:])
+                self.queue_ptr.zero_()
+                return
+            idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % size
+            self.queue[idx] = keys
+            self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    return MoCo()
+
+
+def queue_length(queue_size: int, n_images: int, batch: int) -> int:
+    """N_q capped at the images outside the current batch (N − B), at least one batch: a queue
+    longer than the data set would hold several stale keys of the same image."""
+    return int(min(queue_size, max(n_images - batch, batch)))
+
+
+def info_nce(q, k, queue, temperature: float):
+    """SPICE Eq. (1): −log exp(q·k⁺/τ) / (exp(q·k⁺/τ) + Σ_i exp(q·k_i⁻/τ)), mean over the batch.
+
+    ``q``, ``k``: (B, d) unit vectors; ``queue``: (N_q, d) unit negatives. Computed in float32.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    q = q.float()
+    l_pos = (q * k.float()).sum(1, keepdim=True)  # (B, 1)
+    l_neg = q @ queue.float().T  # (B, N_q)
+    logits = torch.cat([l_pos, l_neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def learning_rate(config: MoCoConfig, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up then cosine decay, per step (CDC appendix B.1)."""
+    base = config.lr * config.batch_size / 256.0
+    total = config.epochs * steps_per_epoch
+    warm = config.resolved_warmup_epochs * steps_per_epoch
+    if step < warm:
+        return base * (step + 1) / warm
+    progress = (step - warm) / max(1.0, total - warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _seed_of(*parts: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# --- distributed helpers ------------------------------------------------------------------------
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _gather(t):
+    import torch
+
+    dist = _dist()
+    if dist is None:
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+# --- resume state ---------------------------------------------------------------------------------
+
+
+def _write_state(out_dir: Path, moco, optimizer, scaler, global_step: int, meta: dict):
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = out_dir / CHECKPOINT_DIR
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tensors = {f"moco.{k}": v.detach().cpu().contiguous() for k, v in moco.state_dict().items()}
+    opt = optimizer.state_dict()
+    state_keys = {}
+    for idx, st in opt["state"].items():
+        names = []
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+                names.append(name)
+        state_keys[str(idx)] = names
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    weights_name = f"state-{global_step:09d}.safetensors"
+    save_file(tensors, str(ckpt / weights_name))
+    doc = dict(meta)
+    doc.update(
+        format=STATE_FORMAT,
+        weights=weights_name,
+        global_step=global_step,
+        optimizer={"param_groups": opt["param_groups"], "state_keys": state_keys},
+        scaler=scaler.state_dict() if scaler is not None else None,
+    )
+    tmp = ckpt / f".{STATE_JSON}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    previous = None
+    if (ckpt / STATE_JSON).is_file():
+        previous = json.loads((ckpt / STATE_JSON).read_text()).get("weights")
+    os.replace(tmp, ckpt / STATE_JSON)  # the commit point: the JSON names the tensors file
+    if previous and previous != weights_name:
+        (ckpt / previous).unlink(missing_ok=True)
+
+
+def read_state(out_dir: str | os.PathLike) -> dict:
+    """The resume state's JSON (plain values) of a pretraining run directory."""
+    from calibclust.errors import CalibclustError
+
+    path = Path(out_dir) / CHECKPOINT_DIR / STATE_JSON
+    if not path.is_file():
+        raise CalibclustError(f"nothing to resume: {path} does not exist")
+    doc = json.loads(path.read_text())
+    if doc.get("format") != STATE_FORMAT:
+        raise CalibclustError(f"{path}: format {doc.get('format')!r}, expected {STATE_FORMAT!r}")
+    return doc
+
+
+def _load_state(out_dir: Path, doc: dict, moco, optimizer, scaler, device):
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out_dir / CHECKPOINT_DIR / doc["weights"]))
+    moco_state = {k[len("moco.") :]: v for k, v in tensors.items() if k.startswith("moco.")}
+    moco.load_state_dict(moco_state, strict=True)
+    opt_state = {}
+    for idx, names in doc["optimizer"]["state_keys"].items():
+        opt_state[int(idx)] = {name: tensors[f"optim.{idx}.{name}"].to(device) for name in names}
+    optimizer.load_state_dict({"state": opt_state, "param_groups": doc["optimizer"]["param_groups"]})
+    if scaler is not None and doc.get("scaler"):
+        scaler.load_state_dict(doc["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def _versions() -> dict:
+    import platform
+
+    import numpy
+    import torch
+
+    from calibclust import __version__
+
+    return {"calibclust": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def pretrain(
+    images,
+    config: MoCoConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    progress: bool = True,
+    data_info: dict | None = None,
+) -> PretrainResult:
+    """Run (or resume) MoCo-v2 on ``images`` (uint8 (N, H, W, 3), array or tensor, already at
+    ``config.input_size``) and write checkpoints to ``out_dir``.
+
+    ``stop_after_epochs`` ends this call after that many epochs in total (checkpoint written),
+    for splitting a run across jobs: a later ``resume=True`` call continues it exactly.
+    Under ``torch.distributed`` every rank calls this with the same images; rank 0 writes files.
+    """
+    import numpy as np
+    import torch
+
+    from calibclust.augment import MoCoAugment
+    from calibclust.errors import CalibclustError, InputError
+    from calibclust.models.weights import save_backbone
+
+    out_dir = Path(out_dir)
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    data = torch.as_tensor(np.ascontiguousarray(images)) if not torch.is_tensor(images) else images
+    if data.dtype != torch.uint8 or data.ndim != 4 or data.shape[-1] != 3:
+        raise InputError(f"images must be uint8 (N, H, W, 3), got {data.dtype} {tuple(data.shape)}")
+    if data.shape[1] != config.input_size or data.shape[2] != config.input_size:
+        raise InputError(f"images are {data.shape[1]}x{data.shape[2]}, config.input_size is {config.input_size}")
+    data = data.cpu()
+    if device.type == "cuda":
+        data = data.pin_memory()
+    n = data.shape[0]
+    batch = min(config.batch_size, n - n % world)
+    if batch < 2 * world:
+        raise InputError(f"{n} images are too few for contrastive pretraining on {world} process(es)")
+    if batch % world:
+        raise InputError(f"batch size {batch} is not divisible by the {world} processes")
+    if batch != config.batch_size and rank == 0:
+        print(f"pretrain: only {n} images; batch size reduced to {batch}", file=sys.stderr)
+    local = batch // world
+    steps_per_epoch = n // batch
+    total_steps = config.epochs * steps_per_epoch
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    moco = _build_modules(config, n, batch).to(device)
+    backbone = moco.backbone
+    encoder_q = moco.encoder_q
+    if dist is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        encoder_q = DistributedDataParallel(moco.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(
+        moco.encoder_q.parameters(), lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
+    )
+    use_amp = bool(config.amp and device.type == "cuda")
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    augment = MoCoAugment(config.augment, config.input_size)
+
+    meta = {
+        "config": config.to_dict(),
+        "n_images": n,
+        "batch_size": batch,
+        "world_size": world,
+        "steps_per_epoch": steps_per_epoch,
+        "data": data_info or {},
+        "versions": _versions(),
+    }
+    history: list[dict] = []
+    global_step = 0
+    if resume:
+        doc = read_state(out_dir)
+        saved = MoCoConfig.from_dict(doc["config"]).to_dict()
+        now = config.to_dict()
+        diff = [k for k in now if now[k] != saved[k] and k not in RESUMABLE_CHANGES]
+        if diff:
+            raise InputError(
+                "--resume with different settings: "
+                + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff)
+            )
+        if doc["n_images"] != n:
+            raise CalibclustError(f"the checkpoint was trained on {doc['n_images']} images, this folder has {n}")
+        digest = (data_info or {}).get("files_digest")
+        if digest and doc.get("data", {}).get("files_digest") not in (None, digest):
+            raise CalibclustError("the folder's file list differs from the one the checkpoint was trained on")
+        if doc["world_size"] != world and rank == 0:
+            print(f"pretrain: resuming a {doc['world_size']}-process run on {world}: not bit-for-bit", file=sys.stderr)
+        _load_state(out_dir, doc, moco, optimizer, scaler, device)
+        global_step = int(doc["global_step"])
+        history = list(doc.get("history", []))
+    elif (out_dir / CHECKPOINT_DIR / STATE_JSON).is_file():  # every rank checks: none may go on alone
+        raise InputError(f"{out_dir} already holds a pretraining run; pass --resume to continue it or choose another --out")
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(meta, indent=2))
+
+    def save(step: int):
+        if rank == 0:
+            _write_state(out_dir, moco, optimizer, scaler, step, dict(meta, history=history))
+            save_backbone(
+                backbone,
+                out_dir,
+                mean=config.augment.mean,
+                std=config.augment.std,
+                source={"kind": "moco-v2", "global_step": step, "epochs_done": step / steps_per_epoch},
+            )
+        if dist is not None:
+            dist.barrier()
+
+    end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    step_losses: list[float] = []
+    first_step = global_step
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=end_epoch * steps_per_epoch, initial=min(global_step, end_epoch * steps_per_epoch), desc="pretrain", unit="step", dynamic_ncols=True)
+    moco.train()
+    interrupted = _Interrupt(single_process=dist is None)
+    try:
+        for epoch in range(global_step // steps_per_epoch, end_epoch):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_of(config.seed, epoch, 0xDA7A)))
+            epoch_losses, t0, start = [], time.perf_counter(), global_step % steps_per_epoch
+            for step in range(start, steps_per_epoch):
+                lr = learning_rate(config, global_step, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = perm[step * batch + rank * local : step * batch + (rank + 1) * local]
+                x = data[idx].to(device, non_blocking=True)
+                gen = torch.Generator().manual_seed(_seed_of(config.seed, epoch, step, rank))
+                views = augment(torch.cat([x, x]), gen)  # both views in one batched call
+                xq, xk = views[:local], views[local:]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    q = torch.nn.functional.normalize(encoder_q(xq).float(), dim=1)
+                    with torch.no_grad():
+                        moco.momentum_update()
+                        if dist is not None:
+                            # Shuffle the key batch across ranks (MoCo's shuffling BN): same
+                            # permutation on every rank, derived from the seed.
+                            xk_all = _gather(xk)
+                            shuffle = torch.randperm(
+                                batch, generator=torch.Generator().manual_seed(_seed_of(config.seed, epoch, step, 0x5EED))
+                            ).to(device)
+                            k_local = moco.encoder_k(xk_all[shuffle.view(world, -1)[rank]]).float()
+                            k_all = _gather(k_local)[torch.argsort(shuffle)]  # back to batch order
+                            k_all = torch.nn.functional.normalize(k_all, dim=1)
+                            k = k_all[rank * local : (rank + 1) * local]
+                        else:
+                            k = torch.nn.functional.normalize(moco.encoder_k(xk).float(), dim=1)
+                            k_all = k
+                loss = info_nce(q, k, moco.queue.clone(), config.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                moco.enqueue(k_all)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise CalibclustError(f"loss became {value} at step {global_step}; lower --lr")
+                step_losses.append(value)
+                epoch_losses.append(value)
+                global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", lr=f"{lr:.3g}")
+                every = config.checkpoint_every_steps
+                if every and global_step % every == 0 and step + 1 < steps_per_epoch:
+                    save(global_step)
+                if interrupted.requested:
+                    # Steps are pure functions of (seed, epoch, step) and the saved state, so a
+                    # state taken between two steps is a valid resume point, even mid-epoch.
+                    save(global_step)
+                    print(f"\npretrain: interrupted; state saved at step {global_step}, continue with --resume", file=sys.stderr)
+                    raise KeyboardInterrupt
+            seconds = time.perf_counter() - t0
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+                    "lr": lr,
+                    "seconds": round(seconds, 3),
+                    "images_per_s": round(2 * batch * len(epoch_losses) / max(seconds, 1e-9), 1),
+                }
+            )
+            save(global_step)
+    finally:
+        interrupted.restore()
+        if bar is not None:
+            bar.close()
+    backbone.eval()
+    backbone.normalization = {"mean": list(config.augment.mean), "std": list(config.augment.std)}
+    return PretrainResult(out_dir, backbone, step_losses, first_step, global_step, history)
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, single_process: bool):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if single_process and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\npretrain: finishing the current step, then saving (Ctrl-C again to abort)", file=sys.stderr)
+
+    def restore(self):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def load_folder_images(folder: str | os.PathLike, size: int, progress: bool = True, chunk: int = 1024):
+    """Decode every image of ``folder`` once into uint8 (N, size, size, 3).
+
+    Returns ``(images, relative_paths, errors)``; unreadable files are skipped and reported.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from calibclust.io.images import list_image_folder, load_images
+
+    listing = list_image_folder(folder)
+    paths = listing.paths
+    parts, errors = [], []
+    iterator = range(0, len(paths), chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="decode", unit="chunk", total=math.ceil(len(paths) / chunk), dynamic_ncols=True)
+    for start in iterator:
+        batch, errs = load_images(paths[start : start + chunk], (size, size))
+        parts.append(batch)
+        errors.extend(errs)
+    images = np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
+    bad = {e.path for e in errors}
+    rel = [p.relative_to(listing.root).as_posix() for p in paths if str(p) not in bad]
+    return images, rel, errors, hashlib.sha256("\n".join(rel).encode()).hexdigest()
+
+
+def pretrain_folder(folder, config: MoCoConfig, out_dir, resume: bool = False, stop_after_epochs=None, progress: bool = True) -> PretrainResult:
+    """Decode ``folder`` once at ``config.input_size`` and run :func:`pretrain` on it."""
+    from calibclust.errors import CalibclustError
+
+    images, rel, errors, digest = load_folder_images(folder, config.input_size, progress=progress and _rank() == 0)
+    if _rank() == 0:
+        for err in errors[:20]:
+            print(f"pretrain: skipped {err.path}: {err.reason}", file=sys.stderr)
+        if len(errors) > 20:
+            print(f"pretrain: ... {len(errors) - 20} more unreadable files", file=sys.stderr)
+    if len(images) == 0:
+        raise CalibclustError(f"no readable images under {folder}")
+    info = {"folder": str(Path(folder).resolve()), "n_failed": len(errors), "files_digest": digest}
+    result = pretrain(images, config, out_dir, resume=resume, stop_after_epochs=stop_after_epochs, progress=progress, data_info=info)
+    result.n_failed = len(errors)
+    return result
+
+
+def _rank() -> int:
+    dist = _dist()
+    return dist.get_rank() if dist else int(os.environ.get("RANK", 0))
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+_EPILOG = """\
+examples:
+  # CPU run with the small backbone (~0.3 M parameters) and a narrower projector; on the
+  # 1,797 sklearn digits 30 epochs lift K-means accuracy from ~0.28 (random init) to ~0.68
+  calibclust pretrain images/ --out runs/moco --backbone small --epochs 30 --batch-size 128 \
+      --lr 0.06 --proj-hidden-dim 512 --proj-dim 128
+  # the paper's setting (ResNet-34, 1000 epochs) on a GPU, images decoded at 32 px
+  calibclust pretrain images/ --out runs/moco34
+  # continue an interrupted run (same settings are read from runs/moco)
+  calibclust pretrain images/ --out runs/moco --resume
+  # two GPUs (or two CPU processes with gloo)
+  torchrun --nproc_per_node 2 -m calibclust pretrain images/ --out runs/moco --backbone resnet18
+
+The output directory receives backbone.safetensors + backbone.json after every epoch (use it
+with 'calibclust embed --backbone runs/moco' or as the backbone of a training method), the
+resume state in checkpoint/, and config.json (settings, versions, seed).
+Images are decoded once into memory at --input-size (N x S x S x 3 bytes).
+"""
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="self-supervised MoCo-v2 pretraining of a backbone on an image folder",
+        description=(
+            "Pretrain a backbone with MoCo-v2 (momentum encoder, queue of negatives, InfoNCE) on "
+            "the images of FOLDER, without labels. Defaults follow CDC appendix B.1 (learning "
+            "rate: MoCo-v2 / SPICE §IV-A)."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", metavar="FOLDER", help="folder of images (sub-folders are searched)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, backbone)")
+    d = MoCoConfig()
+    a = AugmentConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", choices=("small", "resnet18", "resnet34", "resnet50"), help=f"default {d.backbone}")
+    g.add_argument("--stem", choices=("auto", "cifar", "imagenet"), help="ResNet stem (default auto: CIFAR stem <= 64 px)")
+    g.add_argument("--width", type=int, help=f"width of the small backbone (default {d.width})")
+    g.add_argument("--input-size", type=int, help=f"image side in pixels (default {d.input_size})")
+    g.add_argument("--proj-hidden-dim", type=int, help=f"projector hidden width (default {d.proj_hidden_dim})")
+    g.add_argument("--proj-dim", type=int, help=f"projector output dimension (default {d.proj_dim})")
+    g = p.add_argument_group("MoCo")
+    g.add_argument("--momentum", type=float, help=f"key-encoder momentum μ (default {d.momentum})")
+    g.add_argument("--temperature", type=float, help=f"InfoNCE temperature τ (default {d.temperature})")
+    g.add_argument("--queue-size", type=int, help=f"negatives in the queue, capped by the data size (default {d.queue_size})")
+    g.add_argument("--blur", choices=("auto", "on", "off"), help=f"Gaussian blur (default {a.blur}: only above 32 px)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"base learning rate at batch 256, scaled linearly (default {d.lr})")
+    g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (default 5%% of --epochs)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, help=f"default {d.seed}")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--checkpoint-every-steps", type=int, help="also save resume state every N steps")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out (its settings are reused)")
+    g.add_argument("--stop-after-epochs", type=int, metavar="E", help="stop (with a checkpoint) once E epochs are done")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+_CLI_FIELDS = (
+    "backbone", "stem", "width", "input_size", "proj_hidden_dim", "proj_dim", "momentum", "temperature",
+    "queue_size", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "device",
+    "checkpoint_every_steps",
+)
+
+
+def config_from_args(args, base: MoCoConfig | None = None) -> MoCoConfig:
+    """Options given on the command line override ``base`` (defaults, or a run's saved config)."""
+    d = (base or MoCoConfig()).to_dict()
+    for name in _CLI_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            d[name] = value
+    if getattr(args, "no_amp", False):
+        d["amp"] = False
+    if getattr(args, "blur", None):
+        d["augment"]["blur"] = args.blur
+    return MoCoConfig.from_dict(d)
+
+
+def run(args) -> int:
+    import torch
+
+    from calibclust.errors import InputError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise InputError(f"not a folder: {folder}")
+    base = None
+    if args.resume:
+        base = MoCoConfig.from_dict(read_state(args.out)["config"])
+    try:
+        config = config_from_args(args, base)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    started_dist = False
+    if world > 1 and _dist() is None:
+        import torch.distributed as dist
+
+        device = resolve_device(config.device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+        started_dist = True
+    try:
+        result = pretrain_folder(
+            folder, config, args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress
+        )
+    finally:
+        if started_dist:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if _rank() == 0:
+        last = result.history[-1] if result.history else {}
+        print(
+            f"pretrain: {result.global_step} steps done; last epoch loss {last.get('loss', float('nan')):.4f}, "
+            f"{last.get('images_per_s', 0):.0f} images/s; backbone written to {Path(args.out) / 'backbone.safetensors'}"
+        )
+    return EXIT_PARTIAL if result.n_failed else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m calibclust.pretrain ...`` = ``calibclust pretrain ...`` without the other
+    subcommands (what ``torchrun -m calibclust.pretrain`` runs on every rank)."""
+    from calibclust.errors import CalibclustError
+
+    parser = argparse.ArgumentParser(prog="calibclust")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except CalibclustError as exc:
+        print(f"calibclust pretrain: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through torchrun in tests
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""``calibclust train ...`` and ``calibclust predict`` (argparse; imports no torch at module level).
+
+``train`` is a command group: this module adds ``train cdc`` and ``train cdc-ablation``; other
+methods attach their own subcommand to the same group from their own ``register_cli``::
+
+    from calibclust.train.cli import train_subparsers
+
+    def register_cli(subparsers):
+        p = train_subparsers(subparsers).add_parser("spice", help=..., description=...)
+        ...
+
+:func:`train_subparsers` creates the group on first use and returns the same one afterwards,
+whatever order the entry points load in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+# calibclust.models.backbones.BACKBONES, restated so that building the parser imports no torch
+# (tests/test_cdc_digits.py checks the two agree).
+BACKBONES = ("small", "resnet18", "resnet34", "resnet50")
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def train_subparsers(subparsers) -> argparse._SubParsersAction:
+    """The ``calibclust train`` command group's subparsers (created once, shared by methods)."""
+    existing = subparsers.choices.get("train")
+    if existing is not None:
+        return existing._calibclust_train_subparsers
+    parser = subparsers.add_parser(
+        "train",
+        help="train a clustering model on an image folder (cdc, ...)",
+        description="Train a calibrated clustering model on a folder of unlabeled images.",
+        epilog="Run 'calibclust train METHOD --help' for a method's options.",
+        formatter_class=_RAW,
+    )
+    sub = parser.add_subparsers(dest="method", metavar="METHOD")
+    parser._calibclust_train_subparsers = sub
+
+    def _usage(args) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    parser.set_defaults(func=_usage)
+    return sub
+
+
+CDC_DESCRIPTION = """\
+Train Calibrated Deep Clustering (CDC; shared/papers/000) on a folder of images.
+
+A backbone f (random init, or pretrained weights from a backbone checkpoint) gets two MLP heads:
+a clustering head that learns from confident pseudo labels on strongly augmented views, and a
+calibration head that learns the clustering head's average prediction over small groups of
+similar images ("mini-clusters") and so becomes calibrated. The calibration head picks the pseudo
+labels (per cluster, as many as its confidence justifies: Eq. 4) and makes the final prediction.
+Both heads start from K-means prototypes of the backbone features (§3.3).
+
+Ground-truth labels are never used for training or for choosing the model: the saved model is
+the last epoch's. If FOLDER has the ImageFolder layout (FOLDER/<class>/<image>), ACC/NMI/ARI/ECE
+of both heads are reported each epoch; a flat folder trains exactly the same way.
+
+Outputs in --out: model/ (model.safetensors + config.json: what 'calibclust predict' and
+'calibclust export' read), log.jsonl (one JSON record per epoch; epoch 0 = after initialisation),
+run.json (resolved settings, versions, seed), checkpoint/ (for --resume), features.safetensors
+(--freeze-backbone only: cached view features).
+
+Choosing K (--mini-clusters): fewer mini-clusters penalise over-confidence more. The paper uses
+B/K = 2 on easy data (CIFAR-10: B=1000, K=500) and B/K = 25 on hard data (CIFAR-20: K=40);
+--difficulty easy|hard applies that rule when --mini-clusters is not given.
+"""
+
+CDC_EPILOG = """\
+examples:
+  # the paper's settings (B=1000, Adam 5e-5/1e-4, 100 epochs) from a pretrained backbone
+  calibclust train cdc images/ --clusters 10 --backbone-weights pretrain_out/ --out runs/cdc
+
+  # fast CPU run: heads only, on cached features of 8 weak + 8 strong views per image
+  calibclust train cdc images/ --clusters 10 --backbone-weights pretrain_out/ \\
+      --freeze-backbone --epochs 30 --batch-size 500 --sub-batch-size 250 --out runs/cdc-frozen
+
+  # continue an interrupted run (same settings; --epochs may grow)
+  calibclust train cdc images/ --clusters 10 --backbone-weights pretrain_out/ --out runs/cdc --resume
+
+  # ablations of the paper's Tab. 2
+  calibclust train cdc images/ --clusters 10 --select fixed:0.95 --out runs/fixed095
+  calibclust train cdc images/ --clusters 10 --single-head clu --out runs/single
+  calibclust train cdc images/ --clusters 10 --no-stop-grad --out runs/nosg
+  calibclust train cdc images/ --clusters 10 --init random --out runs/noinit
+
+  # then: predictions from the calibration head (or --head clustering for CDC-Clu)
+  calibclust predict images/ --model runs/cdc/model --out preds.csv
+"""
+
+ABLATION_DESCRIPTION = """\
+Reproduce the CDC paper's ablation table (Tab. 2) on a labelled image folder, with one command.
+
+Every row trains on the same frozen backbone features, prototypes and seed: K-means on the
+features, the heads right after random / prototype initialisation, CDC without initialisation,
+fixed-threshold selection (0.99/0.95/0.90/0.80), CDC-Clu and CDC-Cal, single head (Clu; Clu+Cal)
+and the calibration loss without stop-gradient. FOLDER must have the ImageFolder layout
+(FOLDER/<class>/<image>) because the table is an evaluation. Writes ablation.md / ablation.json
+and one run directory per variant under --out, and prints the table.
+"""
+
+ABLATION_EPILOG = """\
+example (sklearn's digits, the small backbone, a few minutes on 2 CPU cores):
+  python -c "from calibclust.datasets import make_digits_folder; make_digits_folder('digits')"
+  calibclust train cdc-ablation digits --clusters 10 --out runs/ablation
+"""
+
+
+def _add_common_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", metavar="FOLDER", help="image folder (flat, or FOLDER/<class>/<image> for reporting)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters C")
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default="small", choices=BACKBONES,
+                   help="architecture when starting from random weights (default: small, ~0.3 M parameters)")
+    g.add_argument("--backbone-weights", metavar="DIR",
+                   help="backbone checkpoint directory (backbone.safetensors + backbone.json), e.g. from "
+                        "'calibclust pretrain'; overrides --backbone")
+    g.add_argument("--image-size", type=int, metavar="PX",
+                   help="images are resized to PX×PX (default: the backbone's input size, else 32)")
+    g.add_argument("--recalibrate-bn", choices=("auto", "yes", "no"), default="auto",
+                   help="re-estimate the backbone's BatchNorm statistics on the images first "
+                        "(auto: only for randomly initialised backbones)")
+    t = p.add_argument_group("training (defaults: paper §4.1 / appendix B)")
+    t.add_argument("--epochs", type=int, default=100, help="epochs (default %(default)s)")
+    t.add_argument("--batch-size", type=int, default=1000, metavar="B", help="batch B (default %(default)s)")
+    t.add_argument("--sub-batch-size", type=int, default=500, metavar="BS", help="sub-batch B_s (default %(default)s)")
+    t.add_argument("--mini-clusters", type=int, metavar="K", help="mini-clusters K per batch for Eq. 1 (default: by --difficulty)")
+    t.add_argument("--difficulty", choices=("easy", "hard"), default="easy",
+                   help="K rule of thumb when --mini-clusters is absent: easy K=B/2, hard K=B/25")
+    t.add_argument("--top-size", type=int, metavar="T", help="|TOP(c)| of Eq. 4 (default ⌊B/C⌋)")
+    t.add_argument("--hidden-dim", type=int, default=512, metavar="H", help="head hidden units H (default %(default)s)")
+    t.add_argument("--lr-backbone", type=float, default=5e-5, help="Adam lr of the backbone (default %(default)s)")
+    t.add_argument("--lr-heads", type=float, default=1e-4, help="Adam lr of the heads (default %(default)s)")
+    t.add_argument("--w-en", type=float, default=1.0, help="weight of the entropy term, Eq. 3 (default %(default)s)")
+    t.add_argument("--orth-steps", type=int, default=2000, help="prototype separation steps at init (default %(default)s)")
+    t.add_argument("--freeze-backbone", action="store_true",
+                   help="train the heads only, on cached features of --views weak and strong views per image")
+    t.add_argument("--views", type=int, default=8, help="cached views per kind in --freeze-backbone mode (default %(default)s)")
+    t.add_argument("--no-flip", action="store_true", help="no horizontal flips in the views (for data where mirroring changes the class, e.g. digits)")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0, help="the one seed of the run (default %(default)s)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_ablation_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("ablations (paper Tab. 2)")
+    a.add_argument("--select", default="cdc", metavar="SPEC",
+                   help="pseudo-label selection: cdc (Eq. 4, default) | fixed:T (global threshold T, Tab. 2-II)")
+    a.add_argument("--single-head", choices=("clu", "clu+cal"),
+                   help="one head only: clu = clustering loss only (Tab. 2-III); clu+cal = both losses on it (Tab. 2-IV)")
+    a.add_argument("--no-stop-grad", action="store_true",
+                   help="let the calibration loss reach the backbone and, via its targets, the clustering head (Tab. 2-V)")
+    a.add_argument("--init", choices=("prototype", "random"), default="prototype",
+                   help="head initialisation: prototype (§3.3, default) | random (Tab. 2-I 'w/o Init')")
+
+
+def register_cli(subparsers) -> None:
+    sub = train_subparsers(subparsers)
+    p = sub.add_parser("cdc", help="Calibrated Deep Clustering (dual head)", description=CDC_DESCRIPTION,
+                       epilog=CDC_EPILOG, formatter_class=_RAW)
+    _add_common_training_args(p)
+    _add_ablation_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=run_cdc)
+
+    a = sub.add_parser("cdc-ablation", help="print our own CDC Tab. 2 on a labelled folder",
+                       description=ABLATION_DESCRIPTION, epilog=ABLATION_EPILOG, formatter_class=_RAW)
+    _add_common_training_args(a)
+    a.set_defaults(func=run_cdc_ablation, epochs=20, batch_size=300, sub_batch_size=150, orth_steps=500, views=4)
+    a.add_argument("--variants", metavar="NAMES", help="comma-separated subset of: cdc,no-init,fixed-0.99,fixed-0.95,"
+                   "fixed-0.90,fixed-0.80,single-clu,single-clu+cal,no-stop-grad (default all)")
+
+
+def register_predict_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="write the predictions table for an image folder (torch)",
+        description=(
+            "Run a trained model (a 'model/' directory written by 'calibclust train') over an image folder "
+            "and write the predictions table that 'calibclust evaluate' reads: path, cluster, cluster_name, "
+            "confidence, error, top-k clusters and probabilities, and one prob_<c> column per cluster. "
+            "Unreadable images get a row with cluster -1 and the reason (exit code 3)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  calibclust predict images/ --model runs/cdc/model --out preds.csv\n"
+            "  calibclust predict images/ --model runs/cdc/model --head clustering --out preds_clu.parquet\n"
+            "  calibclust evaluate preds.csv --truth images/ --out report/"
+        ),
+        formatter_class=_RAW,
+    )
+    p.add_argument("folder", metavar="FOLDER", help="images to predict")
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory (model.safetensors + config.json)")
+    p.add_argument("--out", required=True, metavar="FILE", help="table to write: .csv, .parquet or .jsonl")
+    p.add_argument("--head", help="head to read probabilities from (default: the model's; CDC: calibration; "
+                                  "'clustering' gives CDC-Clu)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--topk", type=int, default=3, help="top-k columns (default 3; 0 for none)")
+    p.add_argument("--no-probs", action="store_true", help="leave out the prob_<c> columns")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_predict)
+
+
+# --- command functions (heavy imports happen here) --------------------------------------------------
+def _config_from_args(args, **overrides):
+    from calibclust.train.cdc import CDCConfig
+    from calibclust.train.views import ViewConfig
+
+    heads = getattr(args, "single_head", None) or "dual"
+    fields = dict(
+        num_clusters=args.clusters, epochs=args.epochs, batch_size=args.batch_size, sub_batch_size=args.sub_batch_size,
+        mini_clusters=args.mini_clusters, difficulty=args.difficulty, top_size=args.top_size, hidden_dim=args.hidden_dim,
+        lr_backbone=args.lr_backbone, lr_heads=args.lr_heads, w_en=args.w_en, orth_steps=args.orth_steps,
+        select=getattr(args, "select", "cdc"), heads=heads, stop_gradient=not getattr(args, "no_stop_grad", False),
+        init=getattr(args, "init", "prototype"), freeze_backbone=args.freeze_backbone, num_views=args.views,
+        recalibrate_bn=args.recalibrate_bn, views=ViewConfig(flip_p=0.0 if args.no_flip else 0.5), seed=args.seed,
+    )
+    fields.update(overrides)
+    return CDCConfig(**fields)
+
+
+def _load_inputs(args):
+    from calibclust.train.cdc import TrainingData, load_backbone_dir
+
+    backbone, info = None, {}
+    if args.backbone_weights:
+        backbone, info = load_backbone_dir(args.backbone_weights)
+    size = args.image_size or (backbone.spec.get("input_size") if backbone is not None else None) or 32
+    data = TrainingData.from_folder(args.folder, size, progress=not args.no_progress)
+    if data.unreadable:
+        print(f"warning: skipped {len(data.unreadable)} unreadable image(s), e.g. {data.unreadable[0][0]}: "
+              f"{data.unreadable[0][1]} (all listed in run.json)", file=sys.stderr)
+    return data, backbone, info
+
+
+def run_cdc(args) -> int:
+    from calibclust.train.cdc import train_cdc
+
+    config = _config_from_args(args)
+    data, backbone, info = _load_inputs(args)
+    print(f"training CDC on {data.num_images} images ({'labelled: metrics reported' if data.labels is not None else 'no labels'}), "
+          f"C={config.num_clusters}, output {args.out}", file=sys.stderr)
+    result = train_cdc(config, data, args.out, backbone, info, args.backbone, resume=args.resume, device=args.device,
+                       progress=not args.no_progress)
+    print(f"model: {result.model_dir}  (mean confidence {result.metadata.train_stats['mean_confidence']:.3f}, "
+          f"cluster sizes {result.metadata.train_stats['cluster_sizes']})")
+    print(f"next: calibclust predict {args.folder} --model {result.model_dir} --out predictions.csv")
+    return EXIT_OK
+
+
+def run_cdc_ablation(args) -> int:
+    from calibclust.train.cdc import ABLATION_VARIANTS, run_ablation
+
+    variants = None
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = sorted(set(variants) - {name for name, _ in ABLATION_VARIANTS})
+        if unknown:
+            from calibclust.errors import InputError
+
+            raise InputError(f"unknown variant(s): {', '.join(unknown)}")
+    config = _config_from_args(args, freeze_backbone=True)
+    data, backbone, info = _load_inputs(args)
+    result = run_ablation(data, config, args.out, backbone, info, args.backbone, device=args.device,
+                          progress=not args.no_progress, variants=variants)
+    print(result.table)
+    print(f"\n(written to {args.out}/ablation.md and ablation.json)")
+    return EXIT_OK
+
+
+def run_predict(args) -> int:
+    from calibclust.predict import predict_folder
+
+    s = predict_folder(args.model, args.folder, args.out, head=args.head, batch_size=args.batch_size, topk=args.topk,
+                       probs=not args.no_probs, device=args.device, progress=not args.no_progress)
+    print(f"wrote {s.rows} rows to {s.out} (head {s.head}; mean confidence {s.mean_confidence:.3f}; "
+          f"cluster sizes {s.cluster_sizes})")
+    if s.errors:
+        print(f"{s.errors} image(s) could not be read (rows with cluster -1 and the reason in 'error')", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK

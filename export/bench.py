@@ -1,0 +1,307 @@
+"""Model-only benchmark: torch eager vs onnxruntime fp32 / int8 vs TensorRT on pre-decoded inputs.
+
+All backends compute the same thing — the contract graph (uint8 NHWC → probs, confidence, label,
+ood_score, embedding); torch eager runs :class:`~calibclust.export.onnx.ContractModule`, the module
+that was exported. Inputs are uint8 batches already in memory (digits at the model's input size),
+so decoding is not measured. For each batch size the backends are timed **alternately**, round by
+round in rotating order, so that load from other processes on a shared machine spreads over all of
+them instead of skewing one. Reported per backend and batch size: images/s (images / total time),
+latency p50/p95 of one call, ratio to torch eager, and achieved GFLOP/s (FLOPs per image counted
+from the ONNX graph: 2·MACs of Conv, Gemm and MatMul).
+
+Entry points: ``calibclust bench model [MODEL]`` (registered by calibclust.export.cli) and its
+alias ``calibclust export bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class BenchRow:
+    backend: str
+    batch: int
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    calls: int
+    ratio_to_torch: float | None = None
+    gflops: float | None = None
+
+
+@dataclass
+class BenchResult:
+    rows: list[BenchRow]
+    flops_per_image: float
+    info: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        head = f"{'backend':<22}{'batch':>6}{'images/s':>11}{'p50 ms':>10}{'p95 ms':>10}{'x torch':>9}{'GFLOP/s':>9}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            ratio = "-" if r.ratio_to_torch is None else f"{r.ratio_to_torch:.2f}"
+            lines.append(
+                f"{r.backend:<22}{r.batch:>6}{r.images_per_s:>11.1f}{r.p50_ms:>10.2f}{r.p95_ms:>10.2f}"
+                f"{ratio:>9}{(r.gflops or 0):>9.1f}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"rows": [asdict(r) for r in self.rows], "flops_per_image": self.flops_per_image, "info": self.info}
+
+
+# --- FLOPs from the ONNX graph -------------------------------------------------------------------
+def count_flops(model_proto) -> tuple[float, list[str]]:
+    """FLOPs for one image (2 × multiply-adds of Conv / Gemm / MatMul), from shape inference at batch 1."""
+    import copy
+
+    import onnx
+    from onnx import shape_inference
+
+    proto = copy.deepcopy(model_proto)
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 1
+    proto = shape_inference.infer_shapes(proto, data_prop=True)
+    shapes = {}
+    for vi in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    for t in proto.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    flops, unknown = 0.0, []
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        out = shapes.get(node.output[0])
+        if node.op_type == "Conv":
+            w = shapes.get(node.input[1])
+            if not out or not w or None in out or None in w:
+                unknown.append(node.name)
+                continue
+            flops += 2.0 * float(np.prod(out)) * float(np.prod(w[1:]))  # per output: Cin/g·kh·kw MACs
+        else:
+            a = shapes.get(node.input[0])
+            if not out or not a or None in out or None in a:
+                unknown.append(node.name)
+                continue
+            transa = next((at.i for at in node.attribute if at.name == "transA"), 0)
+            k = a[-2] if (node.op_type == "Gemm" and transa) else a[-1]
+            flops += 2.0 * float(np.prod(out)) * float(k)
+    return flops, unknown
+
+
+# --- timing --------------------------------------------------------------------------------------
+def _time_alternating(backends: dict[str, Callable[[], object]], calls_per_round: int, rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    names = list(backends)
+    for fn in backends.values():  # warm-up: first-call allocations, oneDNN/MLAS kernel selection
+        fn()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            fn = backends[name]
+            for _ in range(calls_per_round):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_model_bench(
+    model=None,
+    metadata=None,
+    backbone: str = "resnet18",
+    input_size: int = 32,
+    batches=(1, 32, 256),
+    rounds: int = 5,
+    threads: int = 2,
+    head_steps: int = 300,
+    int8: bool = True,
+    tensorrt: bool = True,
+    work_dir: str | None = None,
+    seed: int = 0,
+    log=print,
+) -> BenchResult:
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from calibclust.datasets import digits_images
+    from calibclust.export.onnx import OnnxExportConfig, export_onnx
+    from calibclust.export.parity import ort_session
+
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    if model is None:
+        from calibclust.export.selflabel import fit_heads, thumbnail_kmeans_labels
+        from calibclust.metadata import ModelMetadata
+        from calibclust.models.backbones import build_backbone
+        from calibclust.models.clustering import ClusteringModel
+
+        torch.manual_seed(seed)
+        model = ClusteringModel(build_backbone(backbone, input_size), 10)
+        images, _ = digits_images(input_size)
+        log(f"building the benchmark model: {backbone} (input {input_size}x{input_size}), heads fitted on thumbnail "
+            f"K-means pseudo-labels of digits for {head_steps} steps (backbone weights random)")
+        fit_heads(model, images, thumbnail_kmeans_labels(images, 10, seed), steps=head_steps, seed=seed)
+        metadata = ModelMetadata(num_clusters=10, input_size=(input_size, input_size), mean=(0.5,) * 3, std=(0.25,) * 3,
+                                 backbone=backbone)
+        what = f"{backbone} built here (random backbone, heads on pseudo-labels)"
+    else:
+        images, _ = digits_images(metadata.input_size[0])
+        if metadata.input_size[0] != metadata.input_size[1]:
+            from calibclust.io.images import resize_image
+
+            images = np.stack([np.asarray(resize_image(im, metadata.input_size)) for im in images])
+        what = metadata.backbone or "checkpoint"
+    model = model.eval()
+    tmp = tempfile.TemporaryDirectory() if work_dir is None else None
+    folder = Path(work_dir or tmp.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fp32_path = folder / "bench.onnx"
+        exported = export_onnx(model, metadata, images, fp32_path, OnnxExportConfig(seed=seed), log=log)
+        flops, unknown = count_flops(onnx.load(str(fp32_path)))
+        sessions = {"onnxruntime fp32": ort_session(fp32_path, threads)}
+        info = {
+            "model": what,
+            "threads": threads,
+            "cpu": _cpu_name(),
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "fp32_parity": exported.parity.to_dict(),
+            "flops_unknown_nodes": unknown,
+        }
+        if int8:
+            from calibclust.export.int8 import Int8Config, quantize_int8
+
+            # The bench reports agreement instead of refusing (min_agreement ~ 0); export refuses < 99%.
+            q = quantize_int8(fp32_path, folder / "bench.int8.onnx", images, Int8Config(min_agreement=1e-9, seed=seed),
+                              threads=threads, log=log)
+            sessions["onnxruntime int8"] = ort_session(q.path, threads)
+            info["int8_label_agreement"] = q.agreement.label_agreement
+            info["int8_eval_images"] = q.agreement.n_images
+        module = exported.module
+        runners: dict[str, Callable[[np.ndarray], Callable[[], object]]] = {}
+
+        def torch_runner(batch):
+            x = torch.from_numpy(batch)
+
+            def call():
+                with torch.inference_mode():
+                    return module(x)
+
+            return call
+
+        runners["torch eager"] = torch_runner
+        for name, session in sessions.items():
+            def make(batch, session=session):
+                feed = {session.get_inputs()[0].name: batch}
+                return lambda: session.run(None, feed)
+
+            runners[name] = make
+        if tensorrt:
+            trt_runner = _tensorrt_runner(fp32_path, folder, images, log)
+            if trt_runner is not None:
+                runners["tensorrt fp16 (gpu)"] = trt_runner
+
+        rows: list[BenchRow] = []
+        for batch_size in batches:
+            reps = -(-batch_size // len(images))
+            batch = np.ascontiguousarray(np.tile(images, (reps, 1, 1, 1))[:batch_size])
+            calls = max(1, min(20, 256 // batch_size))  # ~256 images per backend per round
+            times = _time_alternating({n: make(batch) for n, make in runners.items()}, calls, rounds)
+            base = None
+            for name, samples in times.items():
+                samples = np.asarray(samples)
+                ips = batch_size * len(samples) / samples.sum()
+                if name == "torch eager":
+                    base = ips
+                rows.append(BenchRow(name, batch_size, ips, 1e3 * float(np.percentile(samples, 50)),
+                                     1e3 * float(np.percentile(samples, 95)), len(samples), None, flops * ips / 1e9))
+            for row in rows[-len(times):]:
+                row.ratio_to_torch = row.images_per_s / base if base else None
+            log(f"batch {batch_size}: done")
+        info["load_average_before"] = [round(v, 2) for v in load_before]
+        info["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        return BenchResult(rows, flops, info)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _tensorrt_runner(fp32_path: Path, folder: Path, images: np.ndarray, log):
+    """A batch -> callable factory timing a TensorRT FP16 engine on device-resident inputs, or None."""
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    from calibclust.export.tensorrt import TensorRTConfig, TensorRTRunner, build_engine
+
+    result = build_engine(fp32_path, folder / "bench.engine", TensorRTConfig(precision="fp16"), images=images[:512], log=log)
+    runner = TensorRTRunner(result.path.read_bytes())
+
+    def make(batch):
+        x = torch.from_numpy(batch).cuda()
+
+        def call():
+            out = runner.run_device(x)
+            torch.cuda.current_stream().synchronize()
+            return out
+
+        return call
+
+    return make
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+def run_bench_command(args) -> int:
+    model = metadata = None
+    if args.model:
+        from calibclust.models.clustering import load_model
+
+        model, metadata = load_model(args.model)
+    result = run_model_bench(
+        model, metadata, backbone=args.backbone, input_size=args.input_size, batches=args.batches, rounds=args.rounds,
+        threads=args.threads, head_steps=args.head_steps, int8=not args.no_int8, tensorrt=not args.no_tensorrt,
+        work_dir=args.work_dir, seed=args.seed,
+    )
+    info = result.info
+    print()
+    print(f"model: {info['model']}; {result.flops_per_image / 1e9:.3f} GFLOP per image (2 x MACs from the ONNX graph)")
+    print(f"cpu: {info['cpu']}; threads {info['threads']} (torch.set_num_threads, onnxruntime intra_op_num_threads); "
+          f"torch {info['torch']}, onnxruntime {info['onnxruntime']}")
+    print(f"load average before {info['load_average_before']}, after {info['load_average_after']} "
+          f"(other processes share this machine)")
+    if "int8_label_agreement" in info:
+        print(f"int8 label agreement with fp32: {100 * info['int8_label_agreement']:.2f}% on {info['int8_eval_images']} "
+              f"held-out images")
+    print(result.table())
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result.to_dict(), indent=2))
+    return 0

@@ -1,0 +1,245 @@
+"""The folder pipeline end to end: bad inputs, worker kinds, formats, policies, outputs, sort-into."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_fixtures import (  # noqa: E402
+    expected_probs,
+    make_contract_model,
+    run_label_cli,
+    write_bad_images,
+    write_good_images,
+)
+
+from calibclust.errors import InputError  # noqa: E402
+from calibclust.io.images import decode_image, discover_images  # noqa: E402
+from calibclust.io.predictions import read_predictions  # noqa: E402
+from calibclust.serve.pipeline import LabelOptions, label_folder  # noqa: E402
+from calibclust.serve.policy import Policy  # noqa: E402
+from calibclust.serve.resume import ResumeError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_contract_model(tmp_path_factory.mktemp("model") / "model.onnx",
+                               metadata={"cluster_names": ["red", "green", "blue"]})
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("mixed")
+    write_good_images(root / "a", 30, seed=1, subdirs=3)
+    write_good_images(root / "b", 12, seed=2, fmt="jpg")
+    bad = write_bad_images(root / "bad")
+    (root / ".hidden.png").write_bytes(b"ignored: hidden")
+    (root / "notes.txt").write_text("not an image extension: not discovered")
+    return root, bad
+
+
+def test_bad_inputs_folder_cli(model, mixed, tmp_path):
+    """Acceptance: run completes, exit code 3, one error row per bad file with its reason,
+    rows == files found."""
+    root, bad = mixed
+    out = tmp_path / "out"
+    proc = run_label_cli(root, "--model", model, "--out", out, "--max-pixels", 30_000, "--workers", 2,
+                         "--batch-size", 8, "--top-k", 2, "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert "5 file(s) could not be read" in proc.stderr
+    found = [p.relative_to(root).as_posix() for p in discover_images(root)]
+    table = read_predictions(out / "predictions.csv")
+    assert table["path"].tolist() == found and len(found) == 30 + 12 + 5
+    errors = {p: e for p, d, e in zip(table["path"], table["decision"], table["error"]) if d == "error"}
+    assert sorted(errors) == sorted(f"bad/{name}" for name in bad)
+    for name, keyword in bad.items():
+        assert keyword in errors[f"bad/{name}"], (name, errors[f"bad/{name}"])
+    good = table["decision"] != "error"
+    assert (table["error"][good] == "").all() and (table["cluster"][~good] == -1).all()
+    # Every readable row carries the model's prediction on THE decoder's output.
+    decoded = np.stack([decode_image(root / p, size=(16, 16)) for p in table["path"][good]])
+    ref = expected_probs(decoded)
+    np.testing.assert_array_equal(table["cluster"][good], ref.argmax(1))
+    np.testing.assert_allclose(table["confidence"][good], ref.max(1), atol=1e-5)
+    np.testing.assert_allclose(table["top2_prob"][good], np.sort(ref, 1)[:, -2], atol=1e-5)
+    assert set(table["cluster_name"][good]) <= {"red", "green", "blue"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["files"] == len(found) and summary["exit_code"] == 3
+    assert sum(summary["counts"].values()) == len(found) and summary["counts"]["error"] == 5
+    assert sum(c["total"] for c in summary["clusters"]) == len(found) - 5
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") > 10 and "Estimated accuracy vs coverage" in html
+    assert "most confident" in html and "bad/truncated.png" in html
+    assert not (out / ".calibclust-label").exists(), "journal is removed after a finished run"
+
+
+def _run(model, folder, out, **kw) -> Path:
+    kw.setdefault("progress", False)
+    kw.setdefault("max_pixels", 30_000)
+    result = label_folder(LabelOptions(folder=str(folder), model=str(model), out_dir=str(out), **kw))
+    return result.table
+
+
+def test_worker_kinds_and_batches_agree(model, mixed, tmp_path):
+    root, _ = mixed
+    ref = _run(model, root, tmp_path / "proc", workers=2, worker_type="process", batch_size=8, report=False)
+    for name, kw in {"thread": dict(workers=2, worker_type="thread"), "inline": dict(workers=0)}.items():
+        other = _run(model, root, tmp_path / name, batch_size=8, report=False, **kw)
+        assert other.read_bytes() == ref.read_bytes(), name
+    # Another batch size gives the same decisions and clusters (floats may differ in the last bit).
+    a, b = read_predictions(ref), read_predictions(_run(model, root, tmp_path / "bs5", batch_size=5, workers=1, report=False))
+    assert (a["decision"] == b["decision"]).all() and (a["cluster"] == b["cluster"]).all()
+    np.testing.assert_allclose(a["confidence"], b["confidence"], atol=1e-6)
+
+
+def test_formats_hold_the_same_rows(model, mixed, tmp_path):
+    root, _ = mixed
+    tables = {fmt: read_predictions(_run(model, root, tmp_path / fmt, table_format=fmt, write_probs=True,
+                                         report=False, workers=1))
+              for fmt in ("csv", "parquet", "jsonl")}
+    for fmt in ("parquet", "jsonl"):
+        assert set(tables[fmt]) == set(tables["csv"])
+        for col, values in tables["csv"].items():
+            if values.dtype.kind == "f":
+                np.testing.assert_allclose(tables[fmt][col], values, rtol=1e-7, equal_nan=True, err_msg=col)
+            else:
+                assert tables[fmt][col].tolist() == values.tolist(), (fmt, col)
+    probs = np.stack([tables["csv"][f"prob_{c}"] for c in range(3)], 1)
+    ok = tables["csv"]["cluster"] >= 0
+    np.testing.assert_allclose(probs[ok].sum(1), 1.0, atol=1e-5)
+
+
+def test_coverage_and_target_accuracy_policies(model, mixed, tmp_path):
+    root, _ = mixed
+    t = read_predictions(_run(model, root, tmp_path / "cov", policy=Policy("coverage", 0.5), report=False, workers=1))
+    s = json.loads((tmp_path / "cov" / "summary.json").read_text())["thresholds"]
+    in_dist = (t["decision"] == "accepted") | (t["decision"] == "rejected")
+    assert s["n_in_distribution"] == in_dist.sum()
+    assert (t["decision"] == "accepted").sum() == np.ceil(0.5 * in_dist.sum())
+    t2 = read_predictions(_run(model, root, tmp_path / "acc", policy=Policy("target_accuracy", 0.6), report=False, workers=1))
+    s2 = json.loads((tmp_path / "acc" / "summary.json").read_text())["thresholds"]
+    acc = t2["decision"] == "accepted"
+    assert t2["confidence"][acc].mean() == pytest.approx(s2["estimated_accuracy"]) and s2["estimated_accuracy"] >= 0.6
+    assert s2["coverage"] == pytest.approx(acc.sum() / (t2["decision"] != "error").sum())
+
+
+def test_uncalibrated_model_warns_on_target_accuracy(mixed, tmp_path):
+    root, _ = mixed
+    model = make_contract_model(tmp_path / "uncal.onnx", calibrated=False)
+    proc = run_label_cli(root / "a", "--model", model, "--out", tmp_path / "o", "--target-accuracy", "0.6",
+                         "--no-progress", "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    assert "not calibrated" in proc.stderr
+    assert "estimated accuracy of accepted" in proc.stdout
+
+
+def test_existing_results_are_not_clobbered(model, mixed, tmp_path):
+    root, _ = mixed
+    out = tmp_path / "o"
+    _run(model, root / "a", out, report=False)
+    before = (out / "predictions.csv").read_bytes()
+    with pytest.raises(ResumeError, match="already holds results"):
+        _run(model, root / "a", out, report=False)
+    proc = run_label_cli(root / "a", "--model", model, "--out", out, "--no-progress")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (out / "predictions.csv").read_bytes() == before
+    _run(model, root / "a", out, report=False, overwrite=True, policy=Policy("min_confidence", 0.0, float("inf")))
+    assert set(read_predictions(out / "predictions.csv")["decision"]) == {"accepted"}
+    # Overwriting in another format leaves one table, not two from different runs.
+    _run(model, root / "a", out, report=True, overwrite=True, table_format="jsonl")
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "report.html", "summary.json"]
+
+
+def test_sort_into_never_overwrites(model, mixed, tmp_path):
+    root, bad = mixed
+    dest = tmp_path / "sorted"
+    # A file of the user's already sits where one link would go.
+    table = read_predictions(_run(model, root, tmp_path / "probe", report=False, workers=1))
+    first = next(i for i, d in enumerate(table["decision"]) if d == "accepted")
+    victim = dest / table["cluster_name"][first] / table["path"][first]
+    victim.parent.mkdir(parents=True)
+    victim.write_text("user data")
+    _run(model, root, tmp_path / "out", sort_into=str(dest), report=False, workers=1)
+    assert victim.read_text() == "user data"
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())["sort_into"]
+    assert s["created"] == len(table["path"]) - 1 and s["conflicts_left_untouched"] == 1
+    for p, d, name in zip(table["path"], table["decision"], table["cluster_name"]):
+        bucket = {"rejected": "_rejected", "ood": "_ood", "error": "_errors"}.get(d, name)
+        link = dest / bucket / p
+        if link == victim:
+            continue
+        assert link.is_symlink() and Path(os.readlink(link)) == (root / p).resolve(), link
+    assert sorted(x.name for x in (dest / "_errors" / "bad").iterdir()) == sorted(bad)
+    # Running again over the same sort folder: existing links are recognised, nothing duplicated.
+    _run(model, root, tmp_path / "out", sort_into=str(dest), report=False, overwrite=True, workers=1)
+    s2 = json.loads((tmp_path / "out" / "summary.json").read_text())["sort_into"]
+    assert s2["created"] == 0 and s2["already_present"] == len(table["path"]) - 1
+    # --copy makes real files.
+    _run(model, root / "a", tmp_path / "copy", sort_into=str(tmp_path / "copies"), copy=True, report=False)
+    copies = [p for p in (tmp_path / "copies").rglob("*.png")]
+    assert len(copies) == 30 and not any(p.is_symlink() for p in copies)
+    with pytest.raises(InputError, match="inside the labelled folder"):
+        _run(model, root, tmp_path / "x", sort_into=str(root / "sorted"), report=False)
+
+
+def test_empty_folder_and_usage_errors(model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_label_cli(tmp_path / "empty", "--model", model, "--out", tmp_path / "o", "--no-progress")
+    assert proc.returncode == 2 and "no images found" in proc.stderr
+    proc = run_label_cli(tmp_path / "empty", "--model", model, "--out", tmp_path / "o", "--coverage", "1.5")
+    assert proc.returncode == 2 and "expected a number in [0, 1]" in proc.stderr
+    proc = run_label_cli(tmp_path / "empty", "--model", model, "--out", tmp_path / "o", "--coverage", "0.5",
+                         "--target-accuracy", "0.9")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    proc = run_label_cli(tmp_path / "nope", "--model", model, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "not a folder" in proc.stderr
+
+
+def test_label_command_is_registered_and_teaches():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="calibclust.commands")}
+    assert eps["label"] == "calibclust.serve.cli:register_cli"
+    from calibclust.serve.cli import register_cli
+
+    parser = argparse.ArgumentParser(prog="calibclust")
+    register_cli(parser.add_subparsers(dest="command"))
+    text = parser._subparsers._group_actions[0].choices["label"].format_help()
+    for needle in ("--target-accuracy", "--coverage", "--resume", "--sort-into", "--engine", "examples:",
+                   "Exit codes", "accepted", "ood"):
+        assert needle in text, needle
+
+
+def test_standalone_serve_entry_runs_label(model, mixed, tmp_path):
+    """``python -m calibclust.serve label`` (no plugin discovery) behaves like ``calibclust label``."""
+    import subprocess
+
+    root, _ = mixed
+    proc = subprocess.run([sys.executable, "-m", "calibclust.serve", "label", str(root / "a"), "--model", str(model),
+                           "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ref = run_label_cli(root / "a", "--model", model, "--out", tmp_path / "o2", "--no-progress")
+    assert ref.returncode == 0
+    assert (tmp_path / "o" / "predictions.csv").read_bytes() == (tmp_path / "o2" / "predictions.csv").read_bytes()
+
+
+def test_relative_folder_spellings_give_the_same_table(model, mixed, tmp_path):
+    root, _ = mixed
+    ref = run_label_cli(root, "--model", model, "--out", tmp_path / "abs", "--no-progress", "--no-report",
+                        "--max-pixels", 30_000)
+    import subprocess
+
+    for i, folder in enumerate((".", "./", "..", "../../" + root.name)):
+        cwd = root if not folder.startswith("..") else root / "a"
+        proc = subprocess.run([sys.executable, "-m", "calibclust", "label", folder, "--model", str(model), "--out",
+                               str(tmp_path / f"rel{i}"), "--no-progress", "--no-report", "--max-pixels", "30000"],
+                              capture_output=True, text=True, cwd=cwd)
+        assert proc.returncode == ref.returncode == 3, proc.stderr
+        assert (tmp_path / f"rel{i}" / "predictions.csv").read_bytes() == (tmp_path / "abs" / "predictions.csv").read_bytes(), folder

@@ -1,0 +1,167 @@
+"""Kill-and-resume: SIGKILL (and SIGINT) a labelling subprocess at a random point, resume, and get a
+table byte-identical to an uninterrupted run's; changed model/options/folder are refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_fixtures import make_contract_model, run_label_cli, write_bad_images, write_good_images  # noqa: E402
+
+from calibclust.serve.labeler import Labeler  # noqa: E402
+from calibclust.serve.pipeline import LabelOptions, _run_local, fingerprint, label_folder  # noqa: E402
+from calibclust.serve.resume import Journal, ResumeError  # noqa: E402
+
+N_GOOD = 2400
+COMMON = ("--batch-size", "16", "--workers", "1", "--checkpoint-every", "32", "--top-k", "2",
+          "--max-pixels", "30000", "--coverage", "0.7", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    folder = root / "images"
+    write_good_images(folder, N_GOOD, seed=3, subdirs=6)
+    write_bad_images(folder / "zz_bad")
+    model = make_contract_model(root / "model.onnx")
+    ref_out = root / "reference"
+    proc = run_label_cli(folder, "--model", model, "--out", ref_out, *COMMON)
+    assert proc.returncode == 3, proc.stderr
+    return folder, model, ref_out / "predictions.csv", root
+
+
+def _rows_done(out: Path) -> int:
+    parts = out / ".calibclust-label" / "parts"
+    ends = [int(m.group(1)) for name in (os.listdir(parts) if parts.is_dir() else [])
+            if (m := re.match(r"part-\d{12}-(\d{12})\.npz$", name))]
+    return max(ends, default=0)
+
+
+def _start(folder, model, out, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "calibclust", "label", str(folder), "--model", str(model), "--out", str(out),
+         *COMMON, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _interrupt_at(proc, out: Path, rows: int, sig: int, timeout: float = 120) -> bool:
+    """Send ``sig`` once at least ``rows`` results are committed (0 = as soon as the run started).
+    Returns False if the process finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if (out / ".calibclust-label" / "job.json").exists() and _rows_done(out) >= rows:
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+            return True
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("run did not progress")
+
+
+def test_sigkill_at_random_points_then_resume_is_identical(setup, tmp_path):
+    folder, model, reference, _ = setup
+    rng = np.random.default_rng(int(time.time()))
+    out = tmp_path / "out"
+    total = N_GOOD + 5
+    killed_at = []
+    # First kill at a random point of the first run, a second one during the resumed run.
+    for round_ in range(2):
+        target = int(rng.integers(0 if round_ == 0 else _rows_done(out), total - 200))
+        proc = _start(folder, model, out, *(("--resume",) if round_ else ()))
+        if not _interrupt_at(proc, out, target, signal.SIGKILL):
+            pytest.fail(f"run finished before the kill at {target} rows; make the folder bigger")
+        assert proc.returncode == -signal.SIGKILL
+        killed_at.append((target, _rows_done(out)))
+        assert not (out / "predictions.csv").exists()
+    proc = run_label_cli(folder, "--model", model, "--out", out, *COMMON, "--resume")
+    assert proc.returncode == 3, proc.stderr
+    assert (out / "predictions.csv").read_bytes() == reference.read_bytes(), f"killed at {killed_at}"
+    assert not (out / ".calibclust-label").exists()
+    assert len(reference.read_text().splitlines()) == total + 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_keeps_work_and_resume_is_identical(setup, tmp_path, sig):
+    folder, model, reference, _ = setup
+    out = tmp_path / "out"
+    proc = _start(folder, model, out)
+    assert _interrupt_at(proc, out, 300, sig)
+    assert proc.returncode == 130, proc.stderr.read()
+    assert "--resume" in proc.stderr.read()
+    done = _rows_done(out)
+    assert done >= 300
+    # Without --resume the unfinished run is not silently replaced.
+    again = run_label_cli(folder, "--model", model, "--out", out, *COMMON)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    proc = run_label_cli(folder, "--model", model, "--out", out, *COMMON, "--resume")
+    assert proc.returncode == 3, proc.stderr
+    assert (out / "predictions.csv").read_bytes() == reference.read_bytes()
+
+
+def _partial_run(folder, model, out, stop_after: int | None = None, **kw) -> LabelOptions:
+    """Leave a journal as a killed run would: parts written, no outputs."""
+    opts = LabelOptions(folder=str(folder), model=str(model), out_dir=str(out), batch_size=16, workers=0,
+                        top_k=2, max_pixels=30_000, progress=False, checkpoint_every=32, **kw)
+    from calibclust.serve.policy import Policy
+
+    opts.policy = Policy("coverage", 0.7)
+    labeler = Labeler(model, max_pixels=30_000)
+    journal = Journal(out)
+    journal.create(fingerprint(opts, labeler, 16))
+    _run_local(opts, labeler, journal, 16)
+    if stop_after is not None:
+        for start, end, path in journal.parts():
+            if start >= stop_after:
+                path.unlink()
+    return opts
+
+
+def test_killed_during_finalisation_resumes(setup, tmp_path):
+    folder, model, reference, _ = setup
+    out = tmp_path / "out"
+    opts = _partial_run(folder, model, out)  # every part done, outputs not yet written
+    (out / ".predictions.csv.partial-4242").write_text("half a table from a killed writer")
+    opts.resume = True
+    result = label_folder(opts)
+    assert result.exit_code == 3
+    assert (out / "predictions.csv").read_bytes() == reference.read_bytes()
+    assert not list(out.glob(".predictions.csv.partial-*"))
+
+
+def test_resume_refuses_other_options_and_model(setup, tmp_path):
+    folder, model, _, root = setup
+    out = tmp_path / "out"
+    _partial_run(folder, model, out, stop_after=320)
+    other = [a if a != "0.7" else "0.5" for a in COMMON]
+    proc = run_label_cli(folder, "--model", model, "--out", out, *other, "--resume")
+    assert proc.returncode == 2 and "different model or options" in proc.stderr and "policy" in proc.stderr, proc.stderr
+    other_model = make_contract_model(root / "other.onnx", temperature=4.0)
+    proc = run_label_cli(folder, "--model", other_model, "--out", out, *COMMON, "--resume")
+    assert proc.returncode == 2 and "model_sha256" in proc.stderr, proc.stderr
+    proc = run_label_cli(folder, "--model", model, "--out", out, *COMMON[:-1], "--batch-size", "32", "--resume")
+    assert proc.returncode == 2 and "batch_size" in proc.stderr, proc.stderr
+
+
+def test_resume_refuses_a_changed_folder(setup, tmp_path):
+    _, model, _, _ = setup
+    folder = tmp_path / "imgs"
+    write_good_images(folder, 200, seed=5, subdirs=2)
+    out = tmp_path / "out"
+    opts = _partial_run(folder, model, out, stop_after=96)
+    # A new file that sorts before the already-labelled ones.
+    (folder / "d0" / "img_00000.png").rename(folder / "d0" / "aaa_renamed.png")
+    opts.resume = True
+    with pytest.raises(ResumeError, match="folder changed"):
+        label_folder(opts)
