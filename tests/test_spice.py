@@ -2,7 +2,6 @@
 Eq. 8–9 FixMatch loss, and SPICE_s / reliable set / joint training / checkpoint on digits."""
 
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -99,8 +98,8 @@ def digits_features():
     from calibclust.datasets import digits_images
     from calibclust.models.backbones import build_backbone
     from calibclust.models.clustering import ClusteringModel
-    from calibclust.train.spice import embed_all
-    from calibclust.train.views import strong_view, weak_view
+    from calibclust.train.features import compute_feature_cache, recalibrate_batchnorm
+    from calibclust.train.views import ViewConfig
 
     torch.set_num_threads(1)
     images, labels = digits_images(32)
@@ -109,22 +108,10 @@ def digits_features():
     torch.manual_seed(0)
     backbone = build_backbone("small")
     probe = ClusteringModel(backbone, 10, head_names=("clustering",), predict_head="clustering")
-    # A random backbone's BatchNorm running stats are the defaults (0, 1); estimate them on the
-    # data so that eval-mode features are not degenerate (no pretraining module on this branch).
-    for m in probe.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    probe.train()
-    with torch.no_grad():
-        for s in range(0, len(images), 200):
-            probe.embed(probe.preprocess(torch.from_numpy(images[s : s + 200])))
-    plain = embed_all(probe, images)
-    g = torch.Generator().manual_seed(0)
-    x = torch.from_numpy(images)
-    weak = torch.stack([embed_all(probe, weak_view(x, g).numpy()) for _ in range(2)])
-    strong = torch.stack([embed_all(probe, strong_view(x, g).numpy()) for _ in range(2)])
-    cache = SimpleNamespace(plain=plain, weak=weak, strong=strong)
+    # A random backbone's BatchNorm running stats are (0, 1); estimate them on the images (label-free)
+    # and cache 2 weak + 2 strong views with the shared frozen-feature cache (no flips: digits).
+    recalibrate_batchnorm(backbone, probe.preprocess, images)
+    cache = compute_feature_cache(probe.embed, probe.preprocess, images, 2, 0, ViewConfig(flip_p=0.0), progress=False)
     return backbone, images, labels, cache
 
 

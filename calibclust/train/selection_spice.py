@@ -34,18 +34,15 @@ class SelectionWarning(UserWarning):
 
 def knn_indices(embeddings: torch.Tensor, k: int, chunk_size: int = 4096) -> torch.Tensor:
     """(N, k) indices of each row's k nearest other rows by cosine similarity (self excluded),
-    computed in row chunks so that an (N, N) matrix never exists at once."""
+    from the shared chunked miner :func:`calibclust.embed.knn_neighbours` (torch backend, so the
+    result does not depend on whether faiss is installed)."""
+    from calibclust.embed import knn_neighbours
+
     n = embeddings.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"need 1 <= k < N={n} neighbours, got k={k}")
-    z = F.normalize(embeddings.float(), dim=1)
-    out = torch.empty(n, k, dtype=torch.long, device=z.device)
-    for start in range(0, n, chunk_size):
-        sim = z[start : start + chunk_size] @ z.T
-        rows = torch.arange(sim.shape[0], device=z.device)
-        sim[rows, rows + start] = -float("inf")  # a row is not its own neighbour
-        out[start : start + chunk_size] = sim.topk(k, dim=1).indices
-    return out
+    idx, _ = knn_neighbours(embeddings.float(), k, chunk=chunk_size, exclude_self=True, backend="torch", normalize=True)
+    return torch.as_tensor(idx, dtype=torch.long, device=embeddings.device)
 
 
 # --- SPICE prototype pseudo-labelling (Eq. 2–4) ---------------------------------------------------
