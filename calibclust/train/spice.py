@@ -227,7 +227,8 @@ def fixmatch_loss(
     threshold: float,
 ) -> tuple[torch.Tensor, dict]:
     """Eq. 9: CE on reliable samples (weak view α) + consistency CE on every unlabelled sample
-    whose weak-view max probability ≥ η (Eq. 8: y^u = argmax, or ignored), averaged over U."""
+    whose weak-view max probability ≥ η (Eq. 8: y^u = argmax, or ignored), averaged over U.
+    Plain CE on logits here (FixMatch, which §III-C adapts); the double softmax is stage 2's only."""
     sup = F.cross_entropy(logits_labeled, labels) if labels.numel() else logits_labeled.sum() * 0.0
     with torch.no_grad():
         conf, pseudo = torch.softmax(logits_weak_u.detach(), 1).max(1)
