@@ -685,7 +685,12 @@ def register_cli(subparsers) -> None:
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice). On a machine shared with other jobs use 1: "
+        "oversubscribed OpenMP threads can make a step 5-10x slower",
+    )
     g.add_argument("--checkpoint-every-steps", type=int, help="also save resume state every N steps")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (its settings are reused)")
     g.add_argument("--stop-after-epochs", type=int, metavar="E", help="stop (with a checkpoint) once E epochs are done")
