@@ -48,7 +48,7 @@ from calibclust import __version__
 from calibclust.cluster.kmeans import kmeans
 from calibclust.errors import CalibclustError, InputError
 from calibclust.metadata import ModelMetadata
-from calibclust.models.backbones import backbone_from_spec, build_backbone
+from calibclust.models.backbones import build_backbone
 from calibclust.models.clustering import ClusteringModel, MLPHead, save_model
 from calibclust.train.features import (
     FeatureCache,
@@ -224,31 +224,22 @@ class TrainingData:
 
 
 # --- backbones --------------------------------------------------------------------------------------
-def load_backbone_dir(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """A backbone checkpoint directory: ``backbone.safetensors`` + ``backbone.json``.
+def load_backbone_dir(path: str | os.PathLike, arch: str | None = None) -> tuple[nn.Module, dict]:
+    """Pretrained backbone weights → (backbone, info with ``source``, ``spec``, ``mean``, ``std``).
 
-    ``backbone.json`` is the backbone spec (``{"name": ..., "input_size": ..., ...}``) or an object
-    with the spec under ``"spec"`` (optionally ``"mean"`` / ``"std"`` of the pretraining input
-    normalisation, which the clustering model then keeps).
+    ``path`` is anything :func:`calibclust.models.weights.load_backbone` reads: a backbone directory
+    written by ``calibclust pretrain`` (``backbone.safetensors`` + ``backbone.json``), a trained
+    clustering model directory, ``torchvision[:WEIGHTS]`` (with ``arch``), or a third-party MoCo /
+    torchvision checkpoint. The input normalisation the weights were trained with is kept.
     """
-    from safetensors.torch import load_file
+    from calibclust.models.weights import load_backbone
 
-    path = Path(path)
-    weights, config = path / "backbone.safetensors", path / "backbone.json"
-    if not weights.is_file() or not config.is_file():
-        raise InputError(f"{path} is not a backbone checkpoint (needs backbone.safetensors and backbone.json)")
-    info = json.loads(config.read_text())
-    spec = info.get("spec", info) if isinstance(info, dict) else None
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise InputError(f"{config}: no backbone spec (expected a 'name' key or a 'spec' object)")
-    spec = {k: v for k, v in spec.items() if k in ("name", "input_size", "stem", "width")}
-    backbone = backbone_from_spec(spec)
-    state = load_file(str(weights))
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CalibclustError(f"{weights}: weights do not fit backbone {spec} (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    norm = {k: tuple(float(v) for v in info[k]) for k in ("mean", "std") if isinstance(info, dict) and k in info}
-    return backbone, {"source": str(path), "spec": backbone.spec, **norm}
+    backbone = load_backbone(path, arch=arch)
+    norm = getattr(backbone, "normalization", None) or {}
+    info = {"source": os.fspath(path), "spec": dict(backbone.spec), "weights": getattr(backbone, "weights_source", {})}
+    if norm.get("mean") and norm.get("std"):
+        info["mean"], info["std"] = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+    return backbone, info
 
 
 def build_cdc_model(config: CDCConfig, backbone: nn.Module, mean=None, std=None) -> ClusteringModel:

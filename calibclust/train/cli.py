@@ -106,9 +106,15 @@ and one run directory per variant under --out, and prints the table.
 """
 
 ABLATION_EPILOG = """\
-example (sklearn's digits, the small backbone, a few minutes on 2 CPU cores):
+examples (sklearn's digits, the small backbone, minutes on 2 CPU cores):
   python -c "from calibclust.datasets import make_digits_folder; make_digits_folder('digits')"
-  calibclust train cdc-ablation digits --clusters 10 --out runs/ablation
+  # randomly initialised backbone (weak features: expect modest ACC)
+  calibclust train cdc-ablation digits --clusters 10 --no-flip --threads 1 --out runs/ablation-random
+  # a MoCo-v2 backbone pretrained on the same images first (the setting of the paper)
+  calibclust pretrain digits --out runs/moco --backbone small --epochs 30 --batch-size 128 \\
+      --lr 0.06 --proj-hidden-dim 512 --proj-dim 128
+  calibclust train cdc-ablation digits --clusters 10 --no-flip --threads 1 \\
+      --backbone-weights runs/moco --out runs/ablation-moco
 """
 
 
@@ -119,9 +125,10 @@ def _add_common_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default="small", choices=BACKBONES,
                    help="architecture when starting from random weights (default: small, ~0.3 M parameters)")
-    g.add_argument("--backbone-weights", metavar="DIR",
-                   help="backbone checkpoint directory (backbone.safetensors + backbone.json), e.g. from "
-                        "'calibclust pretrain'; overrides --backbone")
+    g.add_argument("--backbone-weights", metavar="PATH",
+                   help="pretrained weights, overriding --backbone: a 'calibclust pretrain' output directory "
+                        "(backbone.safetensors + backbone.json), a trained model directory, a MoCo/torchvision "
+                        "checkpoint file, or torchvision[:WEIGHTS] (architecture from --backbone)")
     g.add_argument("--image-size", type=int, metavar="PX",
                    help="images are resized to PX×PX (default: the backbone's input size, else 32)")
     g.add_argument("--recalibrate-bn", choices=("auto", "yes", "no"), default="auto",
@@ -147,6 +154,8 @@ def _add_common_training_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="the one seed of the run (default %(default)s)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice; 1 is "
+                                                            "faster on a machine whose cores are busy)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -174,7 +183,7 @@ def register_cli(subparsers) -> None:
     a = sub.add_parser("cdc-ablation", help="print our own CDC Tab. 2 on a labelled folder",
                        description=ABLATION_DESCRIPTION, epilog=ABLATION_EPILOG, formatter_class=_RAW)
     _add_common_training_args(a)
-    a.set_defaults(func=run_cdc_ablation, epochs=20, batch_size=300, sub_batch_size=150, orth_steps=500, views=4)
+    a.set_defaults(func=run_cdc_ablation, epochs=30, batch_size=300, sub_batch_size=150, orth_steps=500, views=4)
     a.add_argument("--variants", metavar="NAMES", help="comma-separated subset of: cdc,no-init,fixed-0.99,fixed-0.95,"
                    "fixed-0.90,fixed-0.80,single-clu,single-clu+cal,no-stop-grad (default all)")
 
@@ -206,11 +215,19 @@ def register_predict_cli(subparsers) -> None:
     p.add_argument("--topk", type=int, default=3, help="top-k columns (default 3; 0 for none)")
     p.add_argument("--no-probs", action="store_true", help="leave out the prob_<c> columns")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_predict)
 
 
 # --- command functions (heavy imports happen here) --------------------------------------------------
+def _set_threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _config_from_args(args, **overrides):
     from calibclust.train.cdc import CDCConfig
     from calibclust.train.views import ViewConfig
@@ -233,7 +250,8 @@ def _load_inputs(args):
 
     backbone, info = None, {}
     if args.backbone_weights:
-        backbone, info = load_backbone_dir(args.backbone_weights)
+        arch = args.backbone if args.backbone_weights.startswith("torchvision") else None
+        backbone, info = load_backbone_dir(args.backbone_weights, arch=arch)
     size = args.image_size or (backbone.spec.get("input_size") if backbone is not None else None) or 32
     data = TrainingData.from_folder(args.folder, size, progress=not args.no_progress)
     if data.unreadable:
@@ -245,6 +263,7 @@ def _load_inputs(args):
 def run_cdc(args) -> int:
     from calibclust.train.cdc import train_cdc
 
+    _set_threads(args)
     config = _config_from_args(args)
     data, backbone, info = _load_inputs(args)
     print(f"training CDC on {data.num_images} images ({'labelled: metrics reported' if data.labels is not None else 'no labels'}), "
@@ -268,6 +287,7 @@ def run_cdc_ablation(args) -> int:
             from calibclust.errors import InputError
 
             raise InputError(f"unknown variant(s): {', '.join(unknown)}")
+    _set_threads(args)
     config = _config_from_args(args, freeze_backbone=True)
     data, backbone, info = _load_inputs(args)
     result = run_ablation(data, config, args.out, backbone, info, args.backbone, device=args.device,
@@ -280,6 +300,7 @@ def run_cdc_ablation(args) -> int:
 def run_predict(args) -> int:
     from calibclust.predict import predict_folder
 
+    _set_threads(args)
     s = predict_folder(args.model, args.folder, args.out, head=args.head, batch_size=args.batch_size, topk=args.topk,
                        probs=not args.no_probs, device=args.device, progress=not args.no_progress)
     print(f"wrote {s.rows} rows to {s.out} (head {s.head}; mean confidence {s.mean_confidence:.3f}; "
