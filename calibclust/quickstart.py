@@ -35,6 +35,7 @@ class QuickstartSettings:
 
     pretrain_epochs: int
     cdc_epochs: int
+    cdc_batch_size: int
     cdc_views: int
     orth_steps: int
     n_ood_per_kind: int
@@ -42,11 +43,15 @@ class QuickstartSettings:
 
     @classmethod
     def full(cls) -> "QuickstartSettings":
-        return cls(pretrain_epochs=60, cdc_epochs=30, cdc_views=8, orth_steps=1000, n_ood_per_kind=200, digits_limit=None)
+        return cls(pretrain_epochs=60, cdc_epochs=40, cdc_batch_size=300, cdc_views=8, orth_steps=500,
+                   n_ood_per_kind=200, digits_limit=None)
 
     @classmethod
     def fast(cls) -> "QuickstartSettings":
-        return cls(pretrain_epochs=8, cdc_epochs=8, cdc_views=2, orth_steps=200, n_ood_per_kind=60, digits_limit=None)
+        # CDC settings of tests/test_cdc_digits.py (30 frozen epochs, B = 300): the calibration head
+        # needs those epochs to move off the prototype initialisation's over-confidence.
+        return cls(pretrain_epochs=3, cdc_epochs=30, cdc_batch_size=300, cdc_views=3, orth_steps=200,
+                   n_ood_per_kind=60, digits_limit=None)
 
 
 class QuickstartError(CalibclustError):
@@ -91,7 +96,8 @@ def stage_commands(out: Path, paths: dict[str, Path], settings: QuickstartSettin
                       "--epochs", str(s.pretrain_epochs), "--batch-size", "256", "--seed", str(seed), "--no-progress"]),
         ("train cdc", ["train", "cdc", digits, "--out", str(out / "cdc"), "--clusters", "10",
                        "--backbone-weights", str(out / "pretrain"), "--freeze-backbone", "--no-flip",
-                       "--epochs", str(s.cdc_epochs), "--batch-size", "500", "--sub-batch-size", "250",
+                       "--epochs", str(s.cdc_epochs), "--batch-size", str(s.cdc_batch_size),
+                       "--sub-batch-size", str(s.cdc_batch_size // 2),
                        "--views", str(s.cdc_views), "--orth-steps", str(s.orth_steps), "--seed", str(seed),
                        "--no-progress"]),
         ("export onnx", ["export", "onnx", str(out / "cdc" / "model"), "--images", digits,
