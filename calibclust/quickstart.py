@@ -43,14 +43,14 @@ class QuickstartSettings:
 
     @classmethod
     def full(cls) -> "QuickstartSettings":
-        return cls(pretrain_epochs=60, cdc_epochs=40, cdc_batch_size=300, cdc_views=8, orth_steps=500,
+        return cls(pretrain_epochs=30, cdc_epochs=40, cdc_batch_size=300, cdc_views=8, orth_steps=500,
                    n_ood_per_kind=200, digits_limit=None)
 
     @classmethod
     def fast(cls) -> "QuickstartSettings":
         # CDC settings of tests/test_cdc_digits.py (30 frozen epochs, B = 300): the calibration head
         # needs those epochs to move off the prototype initialisation's over-confidence.
-        return cls(pretrain_epochs=3, cdc_epochs=30, cdc_batch_size=300, cdc_views=3, orth_steps=200,
+        return cls(pretrain_epochs=4, cdc_epochs=30, cdc_batch_size=300, cdc_views=3, orth_steps=200,
                    n_ood_per_kind=60, digits_limit=None)
 
 
@@ -92,8 +92,11 @@ def stage_commands(out: Path, paths: dict[str, Path], settings: QuickstartSettin
     model_dir = out / "model"
     s = settings
     return [
+        # Settings measured to learn quickly on digits (tests/test_pretrain.py): small batches and a
+        # narrow projector; the paper's 4096-wide projector at batch 256 barely moves in a few epochs.
         ("pretrain", ["pretrain", digits, "--out", str(out / "pretrain"), "--backbone", "small",
-                      "--epochs", str(s.pretrain_epochs), "--batch-size", "256", "--seed", str(seed), "--no-progress"]),
+                      "--epochs", str(s.pretrain_epochs), "--batch-size", "64", "--lr", "0.06",
+                      "--proj-hidden-dim", "512", "--proj-dim", "128", "--seed", str(seed), "--no-progress"]),
         ("train cdc", ["train", "cdc", digits, "--out", str(out / "cdc"), "--clusters", "10",
                        "--backbone-weights", str(out / "pretrain"), "--freeze-backbone", "--no-flip",
                        "--epochs", str(s.cdc_epochs), "--batch-size", str(s.cdc_batch_size),
