@@ -31,7 +31,7 @@ DEFAULT_OUT = "quickstart-out"
 
 @dataclass(frozen=True)
 class QuickstartSettings:
-    """Stage sizes. ``full`` targets < 10 min on 2 CPU cores, ``fast`` < 2 min (the test suite's)."""
+    """Stage sizes. ``full`` aims at < 10 min on 2 idle CPU cores, ``fast`` at < 2 min (what CI runs)."""
 
     pretrain_epochs: int
     cdc_epochs: int
@@ -270,8 +270,8 @@ exemplar sidecar), label/ (predictions.csv, summary.json, report.html), eval-*/ 
 report.html), report.html, summary.json, commands.sh (every stage as a command), logs/.
 
 examples:
-  calibclust quickstart                  # about 10 minutes on 2 CPU cores
-  calibclust quickstart --fast --out /tmp/qs   # under 2 minutes, smaller settings
+  calibclust quickstart                  # aimed at ~10 minutes on 2 idle CPU cores
+  calibclust quickstart --fast --out /tmp/qs   # smaller settings (what CI runs)
   calibclust demo                        # then open the model in the browser"""
 
 
@@ -279,7 +279,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("quickstart", help="end-to-end demo on bundled digits: pretrain, train, export, label, evaluate",
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--fast", action="store_true", help="smaller settings (< 2 min); lower quality")
+    p.add_argument("--fast", action="store_true", help="smaller settings (what CI runs); lower quality")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     p.add_argument("--verbose", action="store_true", help="show each stage's own output instead of logging it")
     p.set_defaults(func=lambda args: (run_quickstart(args.out, args.fast, args.seed, args.verbose), 0)[1])
