@@ -62,41 +62,49 @@ class BenchResult:
 
 # --- FLOPs from the ONNX graph -------------------------------------------------------------------
 def count_flops(model_proto) -> tuple[float, list[str]]:
-    """FLOPs for one image (2 × multiply-adds of Conv / Gemm / MatMul), from shape inference at batch 1."""
+    """FLOPs for one image (2 × multiply-adds of Conv / Gemm / MatMul).
+
+    Shapes come from running the graph once in onnxruntime on a batch of one (every intermediate
+    tensor exposed as an output): static shape inference cannot see through the Shape → Concat →
+    Reshape chains the exporters emit before the head.
+    """
     import copy
 
     import onnx
-    from onnx import shape_inference
+    import onnxruntime as ort
 
     proto = copy.deepcopy(model_proto)
-    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
-    dim.ClearField("dim_param")
-    dim.dim_value = 1
-    proto = shape_inference.infer_shapes(proto, data_prop=True)
-    shapes = {}
-    for vi in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    present = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        for name in node.output:
+            if name and name not in present:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                present.add(name)
+    graph_input = proto.graph.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in graph_input.type.tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {graph_input.name: np.zeros([1] + dims[1:], dtype)})
+    shapes = {name: list(v.shape) for name, v in zip(names, values)}
     for t in proto.graph.initializer:
         shapes[t.name] = list(t.dims)
     flops, unknown = 0.0, []
     for node in proto.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
-        out = shapes.get(node.output[0])
+        out, first = shapes.get(node.output[0]), shapes.get(node.input[0])
+        if out is None or first is None:
+            unknown.append(node.name)
+            continue
         if node.op_type == "Conv":
-            w = shapes.get(node.input[1])
-            if not out or not w or None in out or None in w:
-                unknown.append(node.name)
-                continue
+            w = shapes[node.input[1]]
             flops += 2.0 * float(np.prod(out)) * float(np.prod(w[1:]))  # per output: Cin/g·kh·kw MACs
         else:
-            a = shapes.get(node.input[0])
-            if not out or not a or None in out or None in a:
-                unknown.append(node.name)
-                continue
             transa = next((at.i for at in node.attribute if at.name == "transA"), 0)
-            k = a[-2] if (node.op_type == "Gemm" and transa) else a[-1]
+            k = first[-2] if (node.op_type == "Gemm" and transa) else first[-1]
             flops += 2.0 * float(np.prod(out)) * float(k)
     return flops, unknown
 

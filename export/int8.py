@@ -9,7 +9,9 @@ tensors. Pre-processing, the predicting head, softmax and the OOD score (kNN ban
 stay fp32: they cost a fraction of a percent of the FLOPs and are where int8 rounding would move
 labels and OOD scores most.
 
-The quantised model is accepted only when its labels agree with the fp32 model on at least
+If the first attempt misses the bar, a second one keeps the stem Conv and the residual Adds in fp32
+(measured on a CDC model of digits whose calibrated confidences are mostly below 0.5: 98.0% →
+99.1% agreement). The quantised model is accepted only when its labels agree with the fp32 model on at least
 ``min_agreement`` (default 99%, :data:`calibclust.export.parity.INT8_GATE`) of held-out training
 images (images not used for calibration); its OOD threshold is re-fitted on its own scores, since
 int8 embeddings shift the kNN distances.
@@ -45,6 +47,7 @@ class Int8Config:
     calibrate_method: str = "minmax"
     keep_stem_fp32: bool = False  # leave the first Conv in fp32 (first-layer rule of thumb)
     quantize_residual_add: bool = True
+    fallback: bool = True  # below the bar: retry with stem Conv and residual Adds in fp32
     batch_size: int = 64
     seed: int = 0
 
@@ -157,46 +160,61 @@ def quantize_int8(
     cal_images = train_images[np.sort(order[:n_cal])]
     eval_images = train_images[np.sort(order[n_cal : n_cal + config.eval_images])]
 
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[config.calibrate_method]
+    # Attempts: the configured node selection, then (if allowed) the conservative one that keeps
+    # the stem Conv and the residual Adds in fp32 — on calibrated models with many near-tie
+    # predictions (CDC-Cal's mean confidence is often < 0.5) that is what recovers the last labels.
+    attempts = [(config.keep_stem_fp32, config.quantize_residual_add)]
+    if config.fallback and attempts[0] != (True, False):
+        attempts.append((True, False))
+    fp32_session = ort_session(fp32_path, threads)
+    reference = session_outputs(fp32_session, eval_images)
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         # Shape inference + graph optimisation (Conv/BN folding) before inserting Q/DQ pairs.
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         proto = onnx.load(str(pre))
         _name_nodes(proto)
-        nodes = backbone_nodes(proto, config.keep_stem_fp32, config.quantize_residual_add)
         onnx.save(proto, str(pre))
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[config.calibrate_method]
-        raw = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(pre),
-            str(raw),
-            UInt8CalibrationReader(cal_images, batch_size=config.batch_size),
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_quantize=nodes,
-            calibrate_method=method,
-            calibration_providers=["CPUExecutionProvider"],
-        )
-        int8_proto = onnx.load(str(raw))
-
-    fp32_session = ort_session(fp32_path, threads)
-    int8_session = ort_session(int8_proto.SerializeToString(), threads)
-    reference = session_outputs(fp32_session, eval_images)
-    candidate = session_outputs(int8_session, eval_images)
-    report = compare_outputs(reference, candidate, "onnxruntime fp32", "onnxruntime int8")
-    gate = Gate("int8", min_label_agreement=config.min_agreement)
-    try:
-        enforce(report, gate)
-    except ParityError as exc:
-        raise QuantizationError(
-            f"refusing to write {out_path}: {exc}. Try --int8-calibration entropy or more calibration images."
-        ) from None
+        failures = []
+        for attempt, (keep_stem, residual_add) in enumerate(attempts):
+            nodes = backbone_nodes(proto, keep_stem, residual_add)
+            raw = Path(tmp) / f"int8_{attempt}.onnx"
+            quantize_static(
+                str(pre),
+                str(raw),
+                UInt8CalibrationReader(cal_images, batch_size=config.batch_size),
+                quant_format=QuantFormat.QDQ,
+                per_channel=config.per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=nodes,
+                calibrate_method=method,
+                calibration_providers=["CPUExecutionProvider"],
+            )
+            int8_proto = onnx.load(str(raw))
+            int8_session = ort_session(int8_proto.SerializeToString(), threads)
+            candidate = session_outputs(int8_session, eval_images)
+            report = compare_outputs(reference, candidate, "onnxruntime fp32", "onnxruntime int8")
+            selection = f"stem {'fp32' if keep_stem else 'int8'}, residual Add {'int8' if residual_add else 'fp32'}"
+            try:
+                enforce(report, Gate("int8", min_label_agreement=config.min_agreement))
+                break
+            except ParityError as exc:
+                failures.append(f"[{selection}] {exc}")
+                log(f"int8 attempt {attempt + 1} ({selection}): label agreement {100 * report.label_agreement:.2f}% "
+                    f"< {100 * config.min_agreement:.2f}%")
+        else:
+            raise QuantizationError(
+                f"refusing to write {out_path}: " + " | ".join(failures)
+                + ". Try --int8-calibration entropy or more calibration images."
+            )
+    if failures:
+        notes.append(f"first attempt below the bar; used {selection}")
     bench = np.ascontiguousarray(eval_images[: min(256, len(eval_images))])
     speedup = _images_per_second(int8_session, bench) / _images_per_second(fp32_session, bench)
 
@@ -205,7 +223,8 @@ def quantize_int8(
     int8_scores = np.concatenate([candidate["ood_score"], session_outputs(int8_session, cal_images)["ood_score"]])
     ood = replace(metadata.ood, threshold=fit_threshold(int8_scores, metadata.ood.fitted_tpr))
     parity = dict(metadata.parity)
-    parity["int8"] = {**report.to_dict(), "calibration_images": int(n_cal), "speedup_vs_fp32": round(float(speedup), 3), "quantized_nodes": len(nodes)}
+    parity["int8"] = {**report.to_dict(), "calibration_images": int(n_cal), "speedup_vs_fp32": round(float(speedup), 3),
+                      "quantized_nodes": len(nodes), "node_selection": selection}
     metadata = metadata.replace(precision="int8", ood=ood, parity=parity)
     write_model_metadata(int8_proto, metadata)
     onnx.checker.check_model(int8_proto, full_check=True)
