@@ -230,8 +230,6 @@ def test_cli_exports_a_checkpoint(tmp_path, capsys):
     assert main(["export", "onnx", str(ckpt), "--images", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="onnx shape inference stops at a data-dependent Range node of the exported "
-                   "graph, so the Gemm/MatMul nodes after it have no static shape; known gap, see issue 6 note")
 def test_flop_count_from_the_graph_matches_torch_counter(exported):
     from torch.utils.flop_counter import FlopCounterMode
 
