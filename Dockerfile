@@ -19,10 +19,10 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 FROM python:${PYTHON_VERSION}-slim AS serve
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --find-links /wheels "calibclust[serve,demo]" \
+RUN pip install --no-cache-dir --find-links /wheels "calibclust[serve,demo]==0.1.0" \
     && rm -rf /wheels \
     && useradd --create-home --uid 1000 calibclust
-USER calibclust
+USER 1000
 WORKDIR /home/calibclust
 # Mount or copy an exported model to /models/model.onnx (calibclust export onnx ...).
 ENV CALIBCLUST_MODEL=/models/model.onnx
@@ -34,13 +34,15 @@ CMD ["sh", "-c", "calibclust demo --model \"$CALIBCLUST_MODEL\" --host 0.0.0.0 -
 # ---- train: CUDA, torch, onnxruntime-gpu, TensorRT ----
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS train
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DEBIAN_FRONTEND=noninteractive
+# The CUDA base image pins the distribution; its python3 is the one that distribution ships.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --find-links /wheels "calibclust[train,export,serve,gpu]" && rm -rf /wheels
+RUN pip install --no-cache-dir --find-links /wheels "calibclust[train,export,serve,gpu]==0.1.0" && rm -rf /wheels
 WORKDIR /work
 ENTRYPOINT ["calibclust"]
 CMD ["--help"]

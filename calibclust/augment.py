@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 # torch is imported inside the functions: the CLI imports AugmentConfig (via calibclust.pretrain)
 # and must start without loading torch.

@@ -216,14 +216,13 @@ def knn_neighbours(
         index.add(x)
         sims, idx = index.search(x, k + int(exclude_self))
         if exclude_self:
-            # Drop the row itself (usually first; with duplicates it may be elsewhere or absent).
-            keep = idx != np.arange(n)[:, None]
-            out_i = np.empty((n, k), np.int64)
-            out_s = np.empty((n, k), np.float32)
-            for r in range(n):
-                sel = np.flatnonzero(keep[r])[:k]
-                out_i[r], out_s[r] = idx[r, sel], sims[r, sel]
-            return out_i, out_s
+            # Drop the row itself (usually first; among exact duplicates it may be elsewhere or
+            # absent, then the (k+1)-th hit goes instead).
+            is_self = idx == np.arange(n)[:, None]
+            drop = np.where(is_self.any(1), is_self.argmax(1), k)
+            keep = np.ones(idx.shape, bool)
+            keep[np.arange(n), drop] = False
+            idx, sims = idx[keep].reshape(n, k), sims[keep].reshape(n, k)
         return idx.astype(np.int64), sims.astype(np.float32)
 
     dev = torch.device(device) if device is not None else torch.device("cpu")

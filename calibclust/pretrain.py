@@ -28,7 +28,6 @@ from all ranks before they enter the queue. CUDA uses NCCL, CPU uses gloo.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -391,7 +390,6 @@ def pretrain(
         print(f"pretrain: only {n} images; batch size reduced to {batch}", file=sys.stderr)
     local = batch // world
     steps_per_epoch = n // batch
-    total_steps = config.epochs * steps_per_epoch
 
     torch.manual_seed(config.seed)  # same initial weights on every rank
     moco = _build_modules(config, n, batch).to(device)
@@ -687,7 +685,12 @@ def register_cli(subparsers) -> None:
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice). On a machine shared with other jobs use 1: "
+        "oversubscribed OpenMP threads can make a step 5-10x slower",
+    )
     g.add_argument("--checkpoint-every-steps", type=int, help="also save resume state every N steps")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (its settings are reused)")
     g.add_argument("--stop-after-epochs", type=int, metavar="E", help="stop (with a checkpoint) once E epochs are done")

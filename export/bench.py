@@ -154,7 +154,7 @@ def run_model_bench(
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
     if model is None:
-        from calibclust.export.selflabel import fit_heads, thumbnail_kmeans_labels
+        from calibclust.export.selflabel import fit_heads, recalibrate_batchnorm, thumbnail_kmeans_labels
         from calibclust.metadata import ModelMetadata
         from calibclust.models.backbones import build_backbone
         from calibclust.models.clustering import ClusteringModel
@@ -162,12 +162,13 @@ def run_model_bench(
         torch.manual_seed(seed)
         model = ClusteringModel(build_backbone(backbone, input_size), 10)
         images, _ = digits_images(input_size)
-        log(f"building the benchmark model: {backbone} (input {input_size}x{input_size}), heads fitted on thumbnail "
-            f"K-means pseudo-labels of digits for {head_steps} steps (backbone weights random)")
+        log(f"building the benchmark model: {backbone} (input {input_size}x{input_size}), random backbone with BN "
+            f"statistics from 512 digits, heads fitted on thumbnail K-means pseudo-labels for {head_steps} steps")
+        recalibrate_batchnorm(model, images, seed=seed)
         fit_heads(model, images, thumbnail_kmeans_labels(images, 10, seed), steps=head_steps, seed=seed)
         metadata = ModelMetadata(num_clusters=10, input_size=(input_size, input_size), mean=(0.5,) * 3, std=(0.25,) * 3,
                                  backbone=backbone)
-        what = f"{backbone} built here (random backbone, heads on pseudo-labels)"
+        what = f"{backbone} built here (random backbone + data BN statistics, heads on pseudo-labels)"
     else:
         images, _ = digits_images(metadata.input_size[0])
         if metadata.input_size[0] != metadata.input_size[1]:

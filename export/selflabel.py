@@ -7,8 +7,9 @@ reading ground-truth labels, and in about a minute on 2 CPU cores:
 * :func:`thumbnail_kmeans_labels` – K-means (:mod:`calibclust.cluster.kmeans`, k-means++) on
   z-scored 8×8 grey thumbnails; on scikit-learn's digits this is roughly 0.7–0.8 ACC, far above
   K-means on a random network's features (~0.3 measured here);
-* :func:`fit_heads` – train only the heads on cached backbone features with those pseudo-labels
-  (cheap, works for ResNet-18 on CPU);
+* :func:`recalibrate_batchnorm` + :func:`fit_heads` – data-dependent BN statistics for a random
+  backbone, then train only the heads on its cached features with those pseudo-labels (cheap,
+  works for ResNet-18 on CPU);
 * :func:`pseudo_label_digits_model` – train backbone + heads end to end on them with random-shift
   augmentation (DeepCluster-style self-labelling, one round).
 """
@@ -29,6 +30,29 @@ def thumbnail_kmeans_labels(images: np.ndarray, k: int, seed: int = 0) -> torch.
     thumbs = nn.functional.adaptive_avg_pool2d(grey, 8).flatten(1)
     thumbs = (thumbs - thumbs.mean(0)) / thumbs.std(0).clamp_min(1e-6)
     return kmeans(thumbs, k, n_init=5, seed=seed).labels
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, images: np.ndarray, n: int = 512, batch_size: int = 128, seed: int = 0):
+    """Set every BatchNorm2d's running statistics to the exact mean/variance over ``n`` images.
+
+    A randomly initialised network keeps BN's default statistics (mean 0, var 1), so its layers do
+    not standardise the data and its features hardly vary between images: a head must then amplify
+    tiny differences, which also amplifies fp32 rounding (parity) and int8 noise. With data-dependent
+    statistics every layer is standardised and the random features spread out.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = images[np.sort(rng.permutation(len(images))[:n])]
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches seen
+    model.backbone.train()
+    for i in range(0, len(chosen), batch_size):
+        model.embed(model.preprocess(torch.from_numpy(np.ascontiguousarray(chosen[i : i + batch_size]))))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
 
 
 def fit_heads(model, images: np.ndarray, pseudo: torch.Tensor, steps: int = 300, batch_size: int = 256, seed: int = 0):
@@ -90,4 +114,4 @@ def pseudo_label_digits_model(
     return model.eval()
 
 
-__all__ = ["thumbnail_kmeans_labels", "fit_heads", "pseudo_label_digits_model", "logits_and_embeddings"]
+__all__ = ["thumbnail_kmeans_labels", "recalibrate_batchnorm", "fit_heads", "pseudo_label_digits_model", "logits_and_embeddings"]

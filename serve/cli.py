@@ -89,8 +89,9 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (default: TensorRT > CUDA > CPU, whichever onnxruntime offers), cpu, cuda, tensorrt")
     r.add_argument("--batch-size", type=int, metavar="N", help="images per inference batch (default: 256 CPU, 512 GPU)")
     r.add_argument("--workers", type=int, metavar="N", help="decode workers (default: one per CPU core; 0 = none)")
-    r.add_argument("--worker-type", choices=("process", "thread"), default="process",
-                   help="decode in processes (default) or threads (calibclust bench label compares both)")
+    r.add_argument("--worker-type", choices=("thread", "process"), default="thread",
+                   help="decode in threads (default; measured faster on small machines) or processes "
+                        "(may scale better on many cores; calibclust bench label compares both)")
     r.add_argument("--threads", type=int, metavar="N", help="inference threads (default: onnxruntime's, one per core)")
     r.add_argument("--max-pixels", type=int, metavar="N", help="refuse images larger than N pixels (default 100,000,000)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (same options required)")
@@ -185,29 +186,3 @@ def run(args) -> int:
     if c["error"]:
         print(f"{c['error']} file(s) could not be read: see the 'error' column (exit code 3)", file=sys.stderr)
     return result.exit_code
-
-
-def register_bench_cli(subparsers) -> None:
-    """``calibclust bench label``: end-to-end labelling throughput (see calibclust.serve.bench)."""
-    from calibclust.bench import add_bench_target
-
-    def _configure(p):
-        from calibclust.serve.bench import add_bench_arguments
-
-        add_bench_arguments(p)
-
-    def _run(args):
-        from calibclust.serve.bench import run_bench
-
-        return run_bench(args)
-
-    add_bench_target(
-        subparsers,
-        "label",
-        help="end-to-end labelling throughput and peak memory",
-        description="End-to-end images/s of 'calibclust label' on generated JPEG folders, against a plain "
-                    "PyTorch DataLoader + eager loop (when torch is installed) and the model-only "
-                    "onnxruntime ceiling; plus peak RSS for two folder sizes.",
-        configure=_configure,
-        run=_run,
-    )

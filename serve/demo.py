@@ -557,6 +557,15 @@ def _copy_limited(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budg
     return written
 
 
+def anchored_step(low: float, value: float, step: float) -> float:
+    """A slider step close to ``step`` whose grid from ``low`` passes through ``value``, so that
+    dragging back to the model's threshold gives exactly the model's threshold (and with it the
+    decisions of ``calibclust label``), not the nearest multiple of 0.001."""
+    if not (math.isfinite(value) and value > low and step > 0):
+        return step
+    return (value - low) / max(1, round((value - low) / step))
+
+
 def _upscale(image, side: int = PREVIEW_SIDE):
     """Nearest-neighbour upscaling by an integer factor, so small inputs stay crisp in the page."""
     import numpy as np
@@ -784,9 +793,9 @@ def build_app(session: DemoSession):
                    delete_cache=(3600, 3600)) as app:
         gr.Markdown(session.header_markdown(), elem_id="cc-header")
         with gr.Row():
-            conf_slider = gr.Slider(0.0, 1.0, value=conf0, step=0.001, label="Confidence threshold",
+            conf_slider = gr.Slider(0.0, 1.0, value=conf0, step=anchored_step(0.0, conf0, 0.001), label="Confidence threshold",
                                     info="accept when confidence ≥ this", elem_id="cc-conf")
-            ood_slider = gr.Slider(ood_lo, ood_hi, value=ood_init, step=(ood_hi - ood_lo) / 1000,
+            ood_slider = gr.Slider(ood_lo, ood_hi, value=ood_init, step=anchored_step(ood_lo, ood_init, (ood_hi - ood_lo) / 1000),
                                    label=f"OOD threshold ({session.metadata.ood.score} score)",
                                    info="out of distribution when the score is > this", elem_id="cc-ood")
             reset = gr.Button("Model defaults", size="sm", scale=0)

@@ -316,6 +316,17 @@ def test_batch_redecide_rewrites_the_same_csv_and_limits(model, files, tmp_path,
         session.close()
 
 
+def test_slider_grid_passes_through_the_model_thresholds():
+    from calibclust.serve.demo import anchored_step
+
+    for low, value, step in [(0.0, 0.87345, 0.001), (0.0, 0.04510725289583206, 0.002), (-3.0, -1.234567, 0.006)]:
+        got = anchored_step(low, value, step)
+        n = round((value - low) / got)
+        assert abs(low + n * got - value) < 1e-12 and abs(got - step) <= step / 2, (low, value, got)
+    assert anchored_step(0.0, 0.0, 0.001) == 0.001 and anchored_step(0.0, math.inf, 0.001) == 0.001
+    assert anchored_step(0.0, 0.0002, 0.001) == 0.0002  # a threshold below one step is still on the grid
+
+
 def test_prediction_state_round_trip():
     p = Prediction("x.png", 2, 0.75, 0.25, [0.1, 0.15, 0.75])
     assert Prediction.from_state(p.to_state()) == p

@@ -137,3 +137,20 @@ def test_embed_cli_knn_on_digits_finds_same_digit_neighbours(digits, tmp_path):
     labels = np.array([int(f.split("/")[0]) for f in side["files"].read_text().splitlines()])
     agreement = float((labels[idx] == labels[:, None]).mean())
     assert agreement > 0.3, f"5-NN label agreement {agreement:.2f} (chance 0.10)"
+
+
+def test_faiss_backend_agrees_with_torch():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[10] = x[11]  # an exact duplicate: its twin, not itself, must come first
+    fi, fs = knn_neighbours(x, 6, backend="faiss")
+    ti, ts = knn_neighbours(x, 6, chunk=64, backend="torch")
+    assert np.allclose(fs, ts, atol=1e-5)
+    # Same neighbours up to the order of (near-)ties, e.g. the two twins: the similarities of the
+    # rows faiss picked equal the exact top-k similarities.
+    assert np.allclose(np.take_along_axis(x @ x.T, fi, 1), ts, atol=1e-5)
+    assert (fi == ti).mean() > 0.97
+    assert fi[10, 0] == 11 and fi[11, 0] == 10
+    assert not (fi == np.arange(300)[:, None]).any()

@@ -216,6 +216,6 @@ def test_short_moco_beats_random_init_on_digits(digits, tmp_path):
 
 @pytest.mark.slow
 def test_moco_beats_random_init_on_digits_by_a_wide_margin(digits, tmp_path):
-    # 30 epochs x 14 steps (~3 min on one busy core): the loss is well into its decrease.
+    # 30 epochs x 14 steps (3-5 min on one busy core): the loss is well into its decrease.
     random_acc, moco_acc = _pretrain_vs_random(digits, tmp_path, epochs=30, batch_size=128)
     assert moco_acc > random_acc + 0.25, f"K-means ACC on digits: MoCo-v2 (30 epochs) {moco_acc:.3f} vs random init {random_acc:.3f}"

@@ -31,3 +31,15 @@ def test_label_bench_command_tiny(tmp_path):
     assert [r["files"] for r in result["rss"]] == [200, 400] and all(r["main_mb"] > 10 for r in result["rss"])
     # The linked folder really holds that many files (hard links to the generated JPEGs).
     assert sum(1 for _ in (tmp_path / "b" / "linked-400").rglob("*.jpg")) == 400
+
+
+def test_register_bench_label_adds_bench_label():
+    import argparse
+
+    from calibclust.serve.bench import register_bench_label
+
+    parser = argparse.ArgumentParser(prog="calibclust")
+    sub = parser.add_subparsers(dest="command")
+    register_bench_label(sub)
+    args = parser.parse_args(["bench", "label", "--model", "m.onnx", "--n-small", "10", "--skip-torch"])
+    assert args.model == "m.onnx" and args.n_small == 10 and args.skip_torch and callable(args.func)

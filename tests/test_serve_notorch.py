@@ -71,8 +71,8 @@ def test_label_cli_end_to_end_without_torch(blocked_env, tmp_path):
     assert summary["files"] == 45 and summary["counts"]["error"] == 5
     assert (out / "report.html").stat().st_size > 10_000
     assert summary["sort_into"]["created"] == 45
-    # Resume and the process/thread worker paths also run without torch.
-    proc = run_label_cli(folder, "--model", model, "--out", tmp_path / "out2", "--worker-type", "thread",
+    # The process worker path also runs without torch (forked and spawned workers get the blocker too).
+    proc = run_label_cli(folder, "--model", model, "--out", tmp_path / "out2", "--worker-type", "process",
                          "--format", "parquet", "--no-progress", "--no-report", env=blocked_env)
     assert proc.returncode == 3, proc.stderr
 

@@ -217,19 +217,6 @@ def test_label_command_is_registered_and_teaches():
         assert needle in text, needle
 
 
-def test_standalone_serve_entry_runs_label(model, mixed, tmp_path):
-    """``python -m calibclust.serve label`` (no plugin discovery) behaves like ``calibclust label``."""
-    import subprocess
-
-    root, _ = mixed
-    proc = subprocess.run([sys.executable, "-m", "calibclust.serve", "label", str(root / "a"), "--model", str(model),
-                           "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    ref = run_label_cli(root / "a", "--model", model, "--out", tmp_path / "o2", "--no-progress")
-    assert ref.returncode == 0
-    assert (tmp_path / "o" / "predictions.csv").read_bytes() == (tmp_path / "o2" / "predictions.csv").read_bytes()
-
-
 def test_relative_folder_spellings_give_the_same_table(model, mixed, tmp_path):
     root, _ = mixed
     ref = run_label_cli(root, "--model", model, "--out", tmp_path / "abs", "--no-progress", "--no-report",

@@ -139,7 +139,7 @@ def test_engine_repository_uses_tensorrt_plan(tmp_path):
 
 
 def test_cli_triton(onnx_model, tmp_path, capsys):
-    from tests.test_export_onnx import run_cli
+    from calibclust.cli import main as run_cli
 
     assert run_cli(["export", "triton", str(onnx_model), "--repo", str(tmp_path), "--name", "x", "--max-batch", "64"]) == 0
     cfg = parse_pbtxt((tmp_path / "x" / "config.pbtxt").read_text())

@@ -27,34 +27,40 @@ class KMeansResult:
 
 
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    return (x * x).sum(1)
+    # A fused reduction: no (n, d) temporary (an x * x copy page-faults ~n·d·4 bytes per call).
+    return torch.linalg.vector_norm(x, dim=1).square_()
 
 
-def assign(x: torch.Tensor, centers: torch.Tensor, chunk_size: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(
+    x: torch.Tensor, centers: torch.Tensor, chunk_size: int = 16384, x_sq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centre of each row of ``x``: (labels (n,), squared distances (n,)), chunked so that
-    an (n, k) distance matrix never exists at once."""
+    an (n, k) distance matrix never exists at once. ``x_sq`` = squared row norms, if known."""
     c_norm = _sq_norms(centers)
+    if x_sq is None:
+        x_sq = _sq_norms(x)
     labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dists = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
         xb = x[start : start + chunk_size]
-        d = _sq_norms(xb)[:, None] - 2.0 * (xb @ centers.T) + c_norm[None, :]
+        # ||c||² − 2 x·c in one GEMM; ||x||² is constant per row, so it is added after the min.
+        d = torch.addmm(c_norm[None, :], xb, centers.T, beta=1.0, alpha=-2.0)
         best, idx = d.min(1)
         labels[start : start + chunk_size] = idx
-        dists[start : start + chunk_size] = best.clamp_min_(0)
+        dists[start : start + chunk_size] = (best + x_sq[start : start + chunk_size]).clamp_min_(0)
     return labels, dists
 
 
-def _min_sq_dist(x: torch.Tensor, centers: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    return assign(x, centers, chunk_size)[1]
-
-
-def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator, chunk_size: int = 16384) -> torch.Tensor:
+def kmeans_plusplus(
+    x: torch.Tensor, k: int, generator: torch.Generator, chunk_size: int = 16384, x_sq: torch.Tensor | None = None
+) -> torch.Tensor:
     n = x.shape[0]
+    if x_sq is None:
+        x_sq = _sq_norms(x)
     n_trials = 2 + int(math.log(k))
     first = torch.randint(n, (1,), generator=generator, device="cpu").item()
     centers = [x[first]]
-    closest = _min_sq_dist(x, x[first : first + 1], chunk_size)
+    closest = assign(x, x[first : first + 1], chunk_size, x_sq)[1]
     for _ in range(1, k):
         total = closest.sum()
         if total <= 0:  # fewer distinct points than k: any point is as good as another
@@ -63,7 +69,7 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator, chunk_s
             probs = (closest / total).double().cpu()
             candidates = torch.multinomial(probs, n_trials, replacement=True, generator=generator).to(x.device)
         # Potential after adding each candidate; keep the one that lowers it most (greedy k-means++).
-        cand_d = _pairwise_sq(x, x[candidates], chunk_size)  # (n, trials)
+        cand_d = _pairwise_sq(x, x[candidates], chunk_size, x_sq)  # (n, trials)
         new_closest = torch.minimum(closest[:, None], cand_d)
         best = new_closest.sum(0).argmin()
         centers.append(x[candidates[best]])
@@ -71,20 +77,25 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator, chunk_s
     return torch.stack(centers)
 
 
-def _pairwise_sq(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def _pairwise_sq(x: torch.Tensor, y: torch.Tensor, chunk_size: int, x_sq: torch.Tensor | None = None) -> torch.Tensor:
+    if x_sq is None:
+        x_sq = _sq_norms(x)
     out = torch.empty(x.shape[0], y.shape[0], dtype=x.dtype, device=x.device)
     y_norm = _sq_norms(y)
     for start in range(0, x.shape[0], chunk_size):
         xb = x[start : start + chunk_size]
-        out[start : start + chunk_size] = (_sq_norms(xb)[:, None] - 2.0 * xb @ y.T + y_norm[None, :]).clamp_min_(0)
+        block = torch.addmm(y_norm[None, :], xb, y.T, beta=1.0, alpha=-2.0)
+        out[start : start + chunk_size] = block.add_(x_sq[start : start + chunk_size, None]).clamp_min_(0)
     return out
 
 
-def _lloyd(x, centers, max_iter, tol_abs, chunk_size):
+def _lloyd(x, centers, max_iter, tol_abs, chunk_size, x_sq=None):
     k, d = centers.shape
+    if x_sq is None:
+        x_sq = _sq_norms(x)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        labels, dists = assign(x, centers, chunk_size)
+        labels, dists = assign(x, centers, chunk_size, x_sq)
         sums = torch.zeros(k, d, dtype=x.dtype, device=x.device).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
         new_centers = sums / counts.clamp_min(1)[:, None]
@@ -97,7 +108,7 @@ def _lloyd(x, centers, max_iter, tol_abs, chunk_size):
         centers = new_centers
         if shift <= tol_abs:
             break
-    labels, dists = assign(x, centers, chunk_size)
+    labels, dists = assign(x, centers, chunk_size, x_sq)
     return centers, labels, float(dists.sum()), n_iter
 
 
@@ -122,10 +133,11 @@ def kmeans(
         x = x.float()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     tol_abs = tol * float(x.var(0, unbiased=False).mean()) if n > 1 else 0.0
+    x_sq = _sq_norms(x)  # once for all seedings and iterations
     best = None
     for _ in range(n_init):
-        centers = kmeans_plusplus(x, k, generator, chunk_size)
-        centers, labels, inertia, n_iter = _lloyd(x, centers, max_iter, tol_abs, chunk_size)
+        centers = kmeans_plusplus(x, k, generator, chunk_size, x_sq)
+        centers, labels, inertia, n_iter = _lloyd(x, centers, max_iter, tol_abs, chunk_size, x_sq)
         if best is None or inertia < best.inertia:
             best = KMeansResult(centers, labels, inertia, n_iter)
     return best

@@ -1,0 +1,390 @@
+"""SPICE: semantic pseudo-labelling for image clustering (shared/papers/002).
+
+Stage 1 (representation learning) is the backbone the user brings (pretraining issue). Here:
+
+* **Stage 2, SPICE_s** (§III-B, Algorithm 1): frozen backbone, ``n_heads`` MLP clustering heads
+  trained at once on cached features. Per batch of M images: E-step = SPICE prototype
+  pseudo-labelling on the weak view (Eq. 2–4, :class:`~calibclust.train.selection_spice.PrototypeSelection`
+  through the selection seam); M-step = cross-entropy of the strong view with SPICE's double
+  softmax (Eq. 5). The head kept is the one with the **lowest loss over the whole dataset** (M = N,
+  §III-B Remark) — never chosen by ground-truth labels.
+* **Stage 3, SPICE** (§III-C): reliable pseudo-labels by neighbourhood consistency (Eq. 6–7,
+  :class:`~calibclust.train.selection_spice.ReliableSelection`), then FixMatch-style joint training
+  of backbone + head (Eq. 8–9).
+
+The result is a :class:`~calibclust.models.clustering.ClusteringModel` with one head
+``clustering`` (``predict_head="clustering"``), saved with :func:`save_model` and metadata
+``method="spice", probs_head="spice", calibrated=False``, so export/serve treat it like a CDC model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibclust.models.clustering import ClusteringModel, MLPHead
+from calibclust.train import selection_spice  # noqa: F401  (registers the SPICE strategies)
+from calibclust.train.selection import SelectionInputs, build_strategy
+from calibclust.train.selection_spice import PrototypeSelection, ReliableSelection
+from calibclust.train.views import ViewConfig, strong_view, weak_view
+
+
+@dataclass
+class SpiceConfig:
+    """SPICE settings; defaults are the paper's (shared/papers/002 §IV-B) unless noted."""
+
+    num_clusters: int = 10
+    # --- stage 2 (SPICE_s, §III-B) ---
+    n_heads: int = 10  # heads trained at once; best by minimum loss (§III-B Remark)
+    hidden_dim: int = 512  # two-layer head, D → 512 → K (§IV-B)
+    batch_size: int = 1000  # M (§IV-B)
+    score_batch_size: int | None = None  # authors' code: E-step scores a "big batch" (5,000–10,000); None = M
+    top_fraction: float = 1.0  # prototype from top·M/K rows (Eq. 2 = 1.0; authors' code 0.5)
+    overlap: bool = True  # overlap assignment (Eq. 4, Fig. 4; preferred in §IV-F2)
+    head_lr: float = 0.005  # Adam (§IV-B)
+    head_epochs: int = 100  # passes over the data of stage 2
+    # --- stage 3 (SPICE, §III-C) ---
+    num_neighbors: int = 100  # N_s (§IV-B)
+    reliable_threshold: float = 0.95  # λ (Eq. 7, §IV-B)
+    reliable_min_confidence: float | None = None  # authors' code: 0.99
+    reliable_balance: bool = False  # authors' code: subsample each cluster to the smallest
+    reliable_fallback: str = "top"  # empty cluster: top | none | error (see ReliableSelection)
+    joint: bool = True  # run stage 3 at all
+    joint_threshold: float = 0.95  # η (Eq. 8, §IV-B)
+    joint_lr: float = 0.03  # SGD (§IV-B)
+    joint_momentum: float = 0.9  # FixMatch's SGD (Nesterov)
+    joint_weight_decay: float = 5e-4  # §IV-B
+    joint_steps: int = 2000  # cosine schedule length; the paper's run is far longer, reduce on CPU
+    labeled_batch: int = 64  # L per step (FixMatch B)
+    unlabeled_ratio: int = 7  # U = ratio · L (FixMatch μ)
+    # --- shared ---
+    views: int = 4  # cached weak/strong views per image for frozen-feature stage 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_clusters < 2:
+            raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
+        if self.n_heads < 1 or self.batch_size < self.num_clusters:
+            raise ValueError("n_heads must be >= 1 and batch_size >= num_clusters")
+        if not 0 < self.top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if not 0 <= self.reliable_threshold < 1 or not 0 <= self.joint_threshold <= 1:
+            raise ValueError("reliable_threshold must be in [0, 1) and joint_threshold in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- Eq. 5 ------------------------------------------------------------------------------------------
+def double_softmax_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SPICE's clustering loss (Eq. 5): the head's output p = softmax(logits) goes through a second
+    softmax before cross-entropy, CE(y, softmax(p)); this slows learning on low-probability
+    predictions (paper Appendix A). Mean over rows; 0 rows → 0."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(torch.softmax(logits, dim=1), labels)
+
+
+# --- stage 2 ----------------------------------------------------------------------------------------
+def _prototype_strategy(config: SpiceConfig, per_cluster: int) -> PrototypeSelection:
+    return build_strategy(
+        f"spice-prototype:top_fraction={config.top_fraction},overlap={config.overlap}", per_cluster=per_cluster
+    )
+
+
+def estep_mstep_loss(
+    head: nn.Module, score_feats: torch.Tensor, train_feats: torch.Tensor, strategy: PrototypeSelection
+) -> tuple[torch.Tensor, int]:
+    """One E-step (Eq. 2–4 on ``score_feats``, no gradient) + the M-step loss (Eq. 5 on the same
+    rows' ``train_feats``). Returns (loss, number of (row, label) pairs)."""
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        probs = torch.softmax(head(score_feats), 1)
+    head.train(was_training)
+    sel = strategy.select(SelectionInputs(probs, embeddings=score_feats))
+    logits = head(train_feats[sel.indices])
+    return double_softmax_ce(logits, sel.labels), len(sel)
+
+
+@torch.no_grad()
+def head_losses(heads: nn.ModuleList, features: torch.Tensor, config: SpiceConfig) -> torch.Tensor:
+    """Loss of every head over the whole dataset (M = N, §III-B Remark): E-step and M-step on the
+    un-augmented features of all N images, M/K = ⌊N/K⌋. Uses no labels."""
+    n = features.shape[0]
+    strategy = _prototype_strategy(config, max(1, n // config.num_clusters))
+    out = []
+    for head in heads:
+        head.eval()
+        loss, _ = estep_mstep_loss(head, features, features, strategy)
+        out.append(float(loss))
+    return torch.tensor(out)
+
+
+def select_head(losses: torch.Tensor) -> int:
+    """Index of the head with the minimum whole-dataset loss (§III-B Remark; first on ties)."""
+    return int(torch.argmin(losses))
+
+
+@dataclass
+class HeadsResult:
+    heads: nn.ModuleList
+    losses: torch.Tensor  # (n_heads,) whole-dataset loss of each head
+    best: int
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def best_head(self) -> MLPHead:
+        return self.heads[self.best]
+
+
+def _view(bank: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One randomly drawn cached view (V, N, D) per index → (len(idx), D) float."""
+    v = torch.randint(0, bank.shape[0], (idx.numel(),), generator=g)
+    return bank[v, idx].float()
+
+
+def train_heads(
+    plain: torch.Tensor,
+    weak: torch.Tensor,
+    strong: torch.Tensor,
+    config: SpiceConfig,
+    progress: bool = False,
+    log=None,
+) -> HeadsResult:
+    """Stage 2 (Algorithm 1) on cached features: ``plain`` (N, D), ``weak`` / ``strong`` (V, N, D).
+    All ``n_heads`` heads see the same batches and views; each has its own Adam (independent)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(config.seed)
+    n, d = plain.shape
+    k = config.num_clusters
+    heads = nn.ModuleList(MLPHead(d, config.hidden_dim, k) for _ in range(config.n_heads))
+    opts = [torch.optim.Adam(h.parameters(), lr=config.head_lr) for h in heads]
+    g = torch.Generator().manual_seed(config.seed)
+    m = min(config.batch_size, n)
+    score_m = min(config.score_batch_size or m, n)
+    strategy = _prototype_strategy(config, max(1, score_m // k))
+    steps_per_epoch = max(1, n // m)
+    history = []
+    bar = tqdm(total=config.head_epochs * steps_per_epoch, desc="SPICE_s heads", unit="step", disable=not progress)
+    for epoch in range(config.head_epochs):
+        perm = torch.randperm(n, generator=g)
+        total, pairs = torch.zeros(len(heads)), 0
+        for step in range(steps_per_epoch):
+            if score_m > m:  # "big batch" E-step: score score_m rows, train on the selected ones
+                idx = torch.randperm(n, generator=g)[:score_m]
+            else:
+                idx = perm[step * m : (step + 1) * m]
+            zw, zs = _view(weak, idx, g), _view(strong, idx, g)
+            for i, (head, opt) in enumerate(zip(heads, opts)):
+                head.train()
+                loss, npairs = estep_mstep_loss(head, zw, zs, strategy)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total[i] += float(loss.detach())
+            pairs += npairs
+            bar.update(1)
+        rec = {"epoch": epoch + 1, "mean_loss": (total / steps_per_epoch).tolist()}
+        history.append(rec)
+        if log is not None:
+            log(rec)
+    bar.close()
+    losses = head_losses(heads, plain.float(), config)
+    for h in heads:
+        h.eval()
+    return HeadsResult(heads, losses, select_head(losses), history)
+
+
+# --- stage 3 ----------------------------------------------------------------------------------------
+def reliable_selection(probs: torch.Tensor, embeddings: torch.Tensor, config: SpiceConfig) -> tuple:
+    """Reliable pseudo-labels over the whole dataset (Eq. 6–7 + the configured extras).
+    Returns (Selection, the strategy with its ``report``)."""
+    strategy = ReliableSelection(
+        num_neighbors=min(config.num_neighbors, probs.shape[0] - 1),
+        threshold=config.reliable_threshold,
+        min_confidence=config.reliable_min_confidence,
+        balance=config.reliable_balance,
+        fallback=config.reliable_fallback,
+        seed=config.seed,
+    )
+    return strategy.select(SelectionInputs(probs, embeddings=embeddings)), strategy
+
+
+def fixmatch_loss(
+    logits_labeled: torch.Tensor,
+    labels: torch.Tensor,
+    logits_weak_u: torch.Tensor,
+    logits_strong_u: torch.Tensor,
+    threshold: float,
+) -> tuple[torch.Tensor, dict]:
+    """Eq. 9: CE on reliable samples (weak view α) + consistency CE on every unlabelled sample
+    whose weak-view max probability ≥ η (Eq. 8: y^u = argmax, or ignored), averaged over U.
+    Plain CE on logits here (FixMatch, which §III-C adapts); the double softmax is stage 2's only."""
+    sup = F.cross_entropy(logits_labeled, labels) if labels.numel() else logits_labeled.sum() * 0.0
+    with torch.no_grad():
+        conf, pseudo = torch.softmax(logits_weak_u.detach(), 1).max(1)
+        mask = (conf >= threshold).float()  # Eq. 8
+    cons = (F.cross_entropy(logits_strong_u, pseudo, reduction="none") * mask).mean()
+    return sup + cons, {"sup": float(sup.detach()), "cons": float(cons.detach()), "mask": float(mask.mean())}
+
+
+def joint_train(
+    model: ClusteringModel,
+    images: np.ndarray,
+    reliable_idx: torch.Tensor,
+    reliable_labels: torch.Tensor,
+    config: SpiceConfig,
+    view_config: ViewConfig | None = None,
+    progress: bool = False,
+    log=None,
+    device: str = "cpu",
+) -> list[dict]:
+    """Stage 3 joint training of backbone + head (Eq. 8–9), SGD + cosine schedule (§IV-B)."""
+    from tqdm.auto import tqdm
+
+    model.to(device).train()
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=config.joint_lr,
+        momentum=config.joint_momentum,
+        nesterov=True,
+        weight_decay=config.joint_weight_decay,
+    )
+    steps = config.joint_steps
+    # FixMatch's cosine decay: lr · cos(7πk / 16K)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: math.cos(7 * math.pi * s / (16 * max(1, steps))))
+    g = torch.Generator().manual_seed(config.seed + 1)
+    n = len(images)
+    u_size = min(n, config.labeled_batch * config.unlabeled_ratio)
+    history = []
+    bar = tqdm(total=steps, desc="SPICE joint", unit="step", disable=not progress)
+    for step in range(steps):
+        li = torch.randint(0, reliable_idx.numel(), (min(config.labeled_batch, reliable_idx.numel()),), generator=g)
+        ui = torch.randperm(n, generator=g)[:u_size]
+        xl = torch.from_numpy(images[reliable_idx[li].numpy()]).to(device)
+        xu = torch.from_numpy(images[ui.numpy()]).to(device)
+        wl = weak_view(xl, g, view_config)
+        wu, su = weak_view(xu, g, view_config), strong_view(xu, g, view_config)
+        x = model.preprocess(torch.cat([wl, wu, su]))
+        logits = model(x)
+        nl, nu = len(wl), len(wu)
+        loss, parts = fixmatch_loss(
+            logits[:nl], reliable_labels[li].to(device), logits[nl : nl + nu], logits[nl + nu :], config.joint_threshold
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        rec = {"step": step + 1, "loss": float(loss.detach()), **parts}
+        history.append(rec)
+        if log is not None and ((step + 1) % 50 == 0 or step + 1 == steps):
+            log(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mask=f"{parts['mask']:.2f}")
+    bar.close()
+    model.eval()
+    return history
+
+
+# --- features & whole pipeline ----------------------------------------------------------------------
+@torch.no_grad()
+def embed_all(model: ClusteringModel, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """Backbone features (N, D) of un-augmented uint8 images, eval mode."""
+    model.to(device).eval()
+    out = [model.embed(model.preprocess(torch.from_numpy(images[s : s + batch_size]).to(device))).float().cpu()
+           for s in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_probs(model: ClusteringModel, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    model.to(device).eval()
+    out = [torch.softmax(model(model.preprocess(torch.from_numpy(images[s : s + batch_size]).to(device))), 1).cpu()
+           for s in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def view_features(model: ClusteringModel, images: np.ndarray, config: SpiceConfig, view_config=None,
+                  progress: bool = False, device: str = "cpu"):
+    """Frozen-backbone features of the plain images and of ``config.views`` weak/strong views
+    (the CDC helper's :func:`calibclust.train.features.compute_feature_cache`, same layout)."""
+    from calibclust.train.features import compute_feature_cache
+
+    model.to(device).eval()
+    return compute_feature_cache(model.embed, model.preprocess, images, config.views, config.seed,
+                                 view_config, device=device, progress=progress)
+
+
+@dataclass
+class SpiceResult:
+    model: ClusteringModel
+    heads: HeadsResult
+    spice_s_probs: torch.Tensor  # (N, K) best head on frozen features
+    probs: torch.Tensor  # (N, K) final model (after stage 3 if it ran)
+    reliable_indices: torch.Tensor
+    reliable_labels: torch.Tensor
+    reliable_report: dict
+    joint_history: list[dict]
+    seconds: float
+
+
+def train_spice(
+    backbone: nn.Module,
+    images: np.ndarray,
+    config: SpiceConfig,
+    feature_cache=None,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    view_config: ViewConfig | None = None,
+    progress: bool = False,
+    log=None,
+    device: str = "cpu",
+) -> SpiceResult:
+    """Stages 2 and 3 on uint8 images (N, H, W, 3). ``feature_cache`` (plain/weak/strong
+    tensors, e.g. a :class:`calibclust.train.features.FeatureCache`) skips the feature pass."""
+    t0 = time.time()
+    model = ClusteringModel(backbone, config.num_clusters, config.hidden_dim, head_names=("clustering",),
+                            predict_head="clustering", mean=tuple(mean), std=tuple(std))
+    cache = feature_cache or view_features(model, images, config, view_config, progress, device)
+    heads = train_heads(cache.plain.float().cpu(), cache.weak.cpu(), cache.strong.cpu(), config, progress, log)
+    model.heads["clustering"].load_state_dict(heads.best_head.state_dict())
+    plain = cache.plain.float().cpu()
+    with torch.no_grad():
+        spice_s = torch.softmax(heads.best_head.eval()(plain), 1)
+    sel, strategy = reliable_selection(spice_s, plain, config)
+    report = {k: v for k, v in strategy.report.items() if k != "ratios"}
+    history: list[dict] = []
+    probs = spice_s
+    if config.joint and len(sel):
+        history = joint_train(model, images, sel.indices.cpu(), sel.labels.cpu(), config, view_config, progress, log, device)
+        probs = predict_probs(model, images, device=device)
+    return SpiceResult(model.cpu().eval(), heads, spice_s, probs, sel.indices.cpu(), sel.labels.cpu(), report,
+                       history, time.time() - t0)
+
+
+def spice_metadata(model: ClusteringModel, input_size, cluster_names=None, train_stats=None):
+    """Model metadata of a SPICE model: probs from the single head, not calibrated."""
+    from calibclust.metadata import ModelMetadata
+
+    return ModelMetadata(
+        num_clusters=model.num_clusters,
+        input_size=tuple(input_size),
+        mean=tuple(model.mean.flatten().tolist()),
+        std=tuple(model.std.flatten().tolist()),
+        method="spice",
+        cluster_names=list(cluster_names or []),
+        probs_head="spice",
+        calibrated=False,
+        backbone=model.backbone.spec.get("name", "") if hasattr(model.backbone, "spec") else "",
+        embedding_dim=model.feature_dim,
+        train_stats=dict(train_stats or {}),
+    )

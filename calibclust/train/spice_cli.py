@@ -1,0 +1,290 @@
+"""``calibclust train spice`` and ``calibclust train compare`` (argparse; no torch at module level).
+
+Attached to the ``train`` command group of :mod:`calibclust.train.cli` through its documented hook
+:func:`~calibclust.train.cli.train_subparsers` (entry point ``train-spice`` in pyproject).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+# Imported at module level (it imports no torch) so that, if the train group is missing, the
+# entry point fails at load time and `calibclust` reports and skips it instead of crashing.
+from calibclust.train.cli import BACKBONES, train_subparsers
+
+EXIT_OK = 0
+_RAW = argparse.RawDescriptionHelpFormatter
+
+SPICE_DESCRIPTION = """\
+Train SPICE (shared/papers/002) on a folder of images.
+
+Stage 2 (SPICE_s): with the backbone frozen, --heads clustering heads are trained at once on cached
+features of weak and strong views. Each batch of M images: the M/K most confident images of each
+cluster (weak view) define a prototype in feature space; the M/K images nearest to it get that
+cluster as pseudo label (Eq. 2-4, overlap assignment); the head learns them on the strong view
+with SPICE's double-softmax cross-entropy (Eq. 5). The head kept is the one with the lowest loss
+over the whole data set (never chosen with labels).
+Stage 3 (SPICE): images whose predicted cluster is shared by more than --reliable-threshold of
+their --neighbors nearest neighbours are "reliable" (Eq. 6-7); backbone and head are then trained
+FixMatch-style (Eq. 8-9): reliable images on the weak view + confident weak→strong consistency.
+
+The model's probabilities come from its single head and are NOT calibrated (metadata
+calibrated=false). Outputs in --out: model/ (model.safetensors + config.json, read by
+'calibclust predict' / 'calibclust export'), run.json (settings, head losses, reliable-set sizes,
+metrics when FOLDER has class sub-folders).
+"""
+
+SPICE_EPILOG = """\
+examples:
+  # paper settings from a pretrained backbone
+  calibclust train spice images/ --clusters 10 --backbone-weights pretrain_out/ --out runs/spice
+
+  # quick CPU run on sklearn's digits (small backbone, few steps)
+  python -c "from calibclust.datasets import make_digits_folder; make_digits_folder('digits')"
+  calibclust train spice digits --clusters 10 --out runs/spice --head-epochs 40 --batch-size 300 \\
+      --heads 4 --joint-steps 100 --neighbors 20 --no-flip
+"""
+
+COMPARE_DESCRIPTION = """\
+Train K-means, SPICE_s, SPICE and CDC (both heads: CDC-Clu, CDC-Cal) on the same labelled folder
+and backbone, and print one table: method × ACC / NMI / ARI / ECE / AURC (ECE: 15 bins; AURC:
+area under the risk-coverage curve, lower is better; correctness after the Hungarian
+cluster→class mapping). FOLDER must have the ImageFolder layout (FOLDER/<class>/<image>).
+
+K-means runs on the L2-normalised frozen features; its confidence is the Student-t soft
+assignment of DEC, q_k ∝ (1 + ||z - μ_k||²)^-1. CDC runs through its library function
+(calibclust.train.cdc.train_cdc), with a frozen backbone unless --cdc-full. Writes compare.md and
+compare.json into --out.
+"""
+
+COMPARE_EPILOG = """\
+example (sklearn's digits, small backbone, a few minutes on 2 CPU cores):
+  python -c "from calibclust.datasets import make_digits_folder; make_digits_folder('digits')"
+  calibclust train compare digits --clusters 10 --out runs/compare --no-flip
+"""
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", metavar="FOLDER", help="image folder (flat, or FOLDER/<class>/<image> for reporting)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters K")
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default="small", choices=BACKBONES, help="architecture when no --backbone-weights (random init)")
+    g.add_argument("--backbone-weights", metavar="DIR", help="pretrained backbone directory (backbone.safetensors + backbone.json)")
+    g.add_argument("--image-size", type=int, metavar="PX", help="resize images to PX×PX (default: the backbone's, else 32)")
+    g.add_argument("--recalibrate-bn", choices=("auto", "yes", "no"), default="auto",
+                   help="re-estimate BatchNorm statistics on the images (auto: random-init backbones only)")
+    s = p.add_argument_group("SPICE stage 2 (defaults: paper §IV-B)")
+    s.add_argument("--heads", type=int, default=10, help="clustering heads trained at once (default %(default)s)")
+    s.add_argument("--batch-size", type=int, default=1000, metavar="M", help="E-step/M-step batch M (default %(default)s)")
+    s.add_argument("--score-batch-size", type=int, metavar="N", help="score a 'big batch' of N images per E-step (authors' code: 5000-10000)")
+    s.add_argument("--top-fraction", type=float, default=1.0, help="prototype from the top fraction·M/K images (Eq. 2: 1.0; authors' code 0.5)")
+    s.add_argument("--non-overlap", action="store_true", help="non-overlap assignment instead of Eq. 4's overlap (Fig. 4)")
+    s.add_argument("--head-lr", type=float, default=0.005, help="Adam lr of the heads (default %(default)s)")
+    s.add_argument("--head-epochs", type=int, default=100, help="stage-2 epochs (default %(default)s)")
+    s.add_argument("--views", type=int, default=4, help="cached weak and strong views per image (default %(default)s)")
+    j = p.add_argument_group("SPICE stage 3 (defaults: paper §IV-B)")
+    j.add_argument("--neighbors", type=int, default=100, metavar="N_S", help="neighbours for Eq. 6 (default %(default)s)")
+    j.add_argument("--reliable-threshold", type=float, default=0.95, metavar="λ", help="Eq. 7 threshold (default %(default)s)")
+    j.add_argument("--reliable-min-confidence", type=float, metavar="P", help="also require max prob > P (authors' code: 0.99)")
+    j.add_argument("--balance", action="store_true", help="subsample reliable samples of each cluster to the smallest cluster (authors' code)")
+    j.add_argument("--empty-cluster", choices=("top", "none", "error"), default="top",
+                   help="a cluster with no reliable sample: keep its most consistent images (top, default), leave it empty, or stop")
+    j.add_argument("--no-joint", action="store_true", help="stop after stage 2 (SPICE_s)")
+    j.add_argument("--joint-steps", type=int, default=2000, help="joint-training steps (default %(default)s; the paper trains far longer)")
+    j.add_argument("--joint-threshold", type=float, default=0.95, metavar="η", help="Eq. 8 threshold (default %(default)s)")
+    j.add_argument("--joint-lr", type=float, default=0.03, help="SGD lr, cosine schedule (default %(default)s)")
+    j.add_argument("--labeled-batch", type=int, default=64, help="reliable images per step L (default %(default)s)")
+    j.add_argument("--unlabeled-ratio", type=int, default=7, help="U = ratio × L unlabelled images per step (default %(default)s)")
+    r = p.add_argument_group("run")
+    r.add_argument("--no-flip", action="store_true", help="no horizontal flips in the views (digits, text)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register_cli(subparsers) -> None:
+    sub = train_subparsers(subparsers)
+    p = sub.add_parser("spice", help="SPICE: prototype pseudo-labelling heads + reliable joint training",
+                       description=SPICE_DESCRIPTION, epilog=SPICE_EPILOG, formatter_class=_RAW)
+    _add_data_args(p)
+    p.set_defaults(func=run_spice)
+
+    c = sub.add_parser("compare", help="one table: K-means, SPICE_s, SPICE, CDC-Clu, CDC-Cal on one folder",
+                       description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG, formatter_class=_RAW)
+    _add_data_args(c)
+    c.add_argument("--cdc-epochs", type=int, default=20, help="CDC epochs (default %(default)s)")
+    c.add_argument("--cdc-batch-size", type=int, default=300, help="CDC batch B (default %(default)s)")
+    c.add_argument("--cdc-full", action="store_true", help="train CDC's backbone too (default: frozen features)")
+    c.set_defaults(func=run_compare, head_epochs=40, batch_size=300, heads=4, joint_steps=100, neighbors=20)
+
+
+# --- command functions -----------------------------------------------------------------------------
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def spice_config_from_args(args):
+    from calibclust.train.spice import SpiceConfig
+
+    return SpiceConfig(
+        num_clusters=args.clusters, n_heads=args.heads, batch_size=args.batch_size, score_batch_size=args.score_batch_size,
+        top_fraction=args.top_fraction, overlap=not args.non_overlap, head_lr=args.head_lr, head_epochs=args.head_epochs,
+        num_neighbors=args.neighbors, reliable_threshold=args.reliable_threshold,
+        reliable_min_confidence=args.reliable_min_confidence, reliable_balance=args.balance,
+        reliable_fallback=args.empty_cluster, joint=not args.no_joint, joint_threshold=args.joint_threshold,
+        joint_lr=args.joint_lr, joint_steps=args.joint_steps, labeled_batch=args.labeled_batch,
+        unlabeled_ratio=args.unlabeled_ratio, views=args.views, seed=args.seed,
+    )
+
+
+def _prepare(args):
+    """Decoded data, a backbone (pretrained or random, BatchNorm re-estimated per --recalibrate-bn),
+    its normalisation, and the view settings."""
+    import torch
+
+    from calibclust.models.backbones import build_backbone
+    from calibclust.train.cdc import TrainingData, load_backbone_dir
+    from calibclust.train.features import recalibrate_batchnorm
+    from calibclust.train.views import ViewConfig
+
+    torch.manual_seed(args.seed)
+    backbone, info = None, {}
+    if args.backbone_weights:
+        backbone, info = load_backbone_dir(args.backbone_weights)
+    size = args.image_size or (backbone.spec.get("input_size") if backbone is not None else None) or 32
+    data = TrainingData.from_folder(args.folder, size, progress=not args.no_progress)
+    pretrained = backbone is not None
+    if backbone is None:
+        backbone = build_backbone(args.backbone, input_size=size)
+    mean, std = info.get("mean", (0.5, 0.5, 0.5)), info.get("std", (0.25, 0.25, 0.25))
+    if args.recalibrate_bn == "yes" or (args.recalibrate_bn == "auto" and not pretrained):
+        from calibclust.models.clustering import ClusteringModel
+
+        pre = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", mean=mean, std=std).preprocess
+        recalibrate_batchnorm(backbone, pre, data.images)
+    view_config = ViewConfig(flip_p=0.0 if args.no_flip else 0.5)
+    return data, backbone, info, (mean, std), view_config, pretrained
+
+
+def _report(probs, labels):
+    from calibclust.metrics import clustering_report
+
+    conf, pred = probs.max(1)
+    rep = clustering_report(labels, pred.numpy(), conf.numpy())
+    return {"acc": rep.acc, "nmi": rep.nmi, "ari": rep.ari, "ece": rep.calibration.ece, "aurc": rep.rejection.aurc,
+            "mean_confidence": float(conf.mean())}
+
+
+def _spice_run(args, data, backbone, norm, view_config, device):
+    from calibclust.models.clustering import ClusteringModel
+    from calibclust.train.features import compute_feature_cache
+    from calibclust.train.spice import train_spice
+
+    config = spice_config_from_args(args)
+    probe = ClusteringModel(backbone, config.num_clusters, head_names=("clustering",), predict_head="clustering",
+                            mean=norm[0], std=norm[1]).to(device).eval()
+    cache = compute_feature_cache(probe.embed, probe.preprocess, data.images, config.views, config.seed, view_config,
+                                  device=device, progress=not args.no_progress)
+    log = (lambda rec: None) if args.no_progress else (lambda rec: print(json.dumps(rec), file=sys.stderr))
+    result = train_spice(backbone, data.images, config, feature_cache=cache, mean=norm[0], std=norm[1],
+                         view_config=view_config, progress=not args.no_progress, log=log, device=device)
+    return config, cache, result
+
+
+def _save_spice(args, data, config, result, pretrained) -> Path:
+    from calibclust.models.clustering import save_model
+    from calibclust.train.spice import spice_metadata
+
+    conf, pred = result.probs.max(1)
+    stats = {"n_images": data.num_images, "mean_confidence": float(conf.mean()),
+             "cluster_sizes": [int(v) for v in (pred.bincount(minlength=config.num_clusters)).tolist()],
+             "best_head": result.heads.best, "head_losses": result.heads.losses.tolist(),
+             "reliable": result.reliable_report, "pretrained_backbone": pretrained}
+    meta = spice_metadata(result.model, data.image_size, train_stats=stats)
+    return save_model(result.model, Path(args.out) / "model", meta)
+
+
+def run_spice(args) -> int:
+    device = _device(args.device)
+    data, backbone, info, norm, view_config, pretrained = _prepare(args)
+    print(f"training SPICE on {data.num_images} images, K={args.clusters}, output {args.out}", file=sys.stderr)
+    config, _, result = _spice_run(args, data, backbone, norm, view_config, device)
+    model_dir = _save_spice(args, data, config, result, pretrained)
+    run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "backbone": info or {"name": args.backbone},
+           "head_losses": result.heads.losses.tolist(), "best_head": result.heads.best,
+           "reliable": result.reliable_report, "seconds": result.seconds}
+    if data.labels is not None:
+        run["metrics"] = {"spice_s": _report(result.spice_s_probs, data.labels), "spice": _report(result.probs, data.labels)}
+        for name, m in run["metrics"].items():
+            print(f"{name}: ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  ECE {m['ece']:.4f}  AURC {m['aurc']:.4f}")
+    (Path(args.out) / "run.json").write_text(json.dumps(run, indent=2, default=str))
+    print(f"model: {model_dir}  (head {result.heads.best} of {config.n_heads} by minimum loss; "
+          f"{len(result.reliable_indices)} reliable images)")
+    print(f"next: calibclust predict {args.folder} --model {model_dir} --out predictions.csv")
+    return EXIT_OK
+
+
+def kmeans_soft_assignment(z, centers):
+    """DEC's Student-t soft assignment q_ik ∝ (1 + ||z_i − μ_k||²)^-1 (Xie et al. 2016, Eq. 1)."""
+    import torch
+
+    q = 1.0 / (1.0 + torch.cdist(z, centers) ** 2)
+    return q / q.sum(1, keepdim=True)
+
+
+def format_table(rows: list[dict], title: str = "") -> str:
+    head = "| method | ACC | NMI | ARI | ECE | AURC |\n|---|---|---|---|---|---|"
+    lines = [f"| {r['method']} | {r['acc']:.4f} | {r['nmi']:.4f} | {r['ari']:.4f} | {r['ece']:.4f} | {r['aurc']:.4f} |"
+             for r in rows]
+    return (title + "\n\n" if title else "") + "\n".join([head, *lines])
+
+
+def run_compare(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from calibclust.cluster.kmeans import kmeans
+    from calibclust.errors import InputError
+    from calibclust.train.cdc import CDCConfig, embed_images, head_probabilities, train_cdc
+
+    device = _device(args.device)
+    data, backbone, info, norm, view_config, pretrained = _prepare(args)
+    if data.labels is None:
+        raise InputError(f"{args.folder}: compare needs class sub-folders (FOLDER/<class>/<image>) to score methods")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cdc_backbone = copy.deepcopy(backbone)  # SPICE's joint stage trains its backbone in place
+    config, cache, result = _spice_run(args, data, backbone, norm, view_config, device)
+    rows = []
+    z = F.normalize(cache.plain.float(), dim=1)
+    km = kmeans(z, args.clusters, seed=args.seed)
+    rows.append({"method": "K-means", **_report(kmeans_soft_assignment(z, km.centers), data.labels)})
+    rows.append({"method": "SPICE_s", **_report(result.spice_s_probs, data.labels)})
+    if config.joint:
+        rows.append({"method": "SPICE", **_report(result.probs, data.labels)})
+    _save_spice(args, data, config, result, pretrained)
+    cdc_cfg = CDCConfig(num_clusters=args.clusters, epochs=args.cdc_epochs, batch_size=args.cdc_batch_size,
+                        sub_batch_size=max(2, args.cdc_batch_size // 2), freeze_backbone=not args.cdc_full,
+                        num_views=args.views, recalibrate_bn="no", views=view_config, seed=args.seed)
+    cdc = train_cdc(cdc_cfg, data, out / "cdc", cdc_backbone, info, args.backbone, device=device,
+                    progress=not args.no_progress)
+    zc = embed_images(cdc.model, data.images, device=device)
+    for head, name in (("clustering", "CDC-Clu"), ("calibration", "CDC-Cal")):
+        rows.append({"method": name, **_report(head_probabilities(cdc.model, zc, head), data.labels)})
+    title = (f"{data.num_images} images of {args.folder}, K={args.clusters}, backbone "
+             f"{'pretrained ' + str(args.backbone_weights) if pretrained else args.backbone + ' (random init, BN re-estimated)'}"
+             f", seed {args.seed}")
+    table = format_table(rows, title)
+    print(table)
+    (out / "compare.md").write_text(table + "\n")
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "spice_config": config.to_dict(),
+                                                  "cdc_config": cdc_cfg.to_dict()}, indent=2, default=str))
+    print(f"\n(written to {out}/compare.md and compare.json; models in {out}/model and {out}/cdc/model)")
+    return EXIT_OK

@@ -1,0 +1,195 @@
+"""SPICE (shared/papers/002): Eq. 5 double softmax, head selection by minimum loss (§III-B Remark),
+Eq. 8–9 FixMatch loss, and SPICE_s / reliable set / joint training / checkpoint on digits."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibclust.cluster.kmeans import kmeans
+from calibclust.metrics import hungarian_accuracy
+from calibclust.train.selection_spice import SelectionWarning
+from calibclust.train.spice import (
+    SpiceConfig,
+    double_softmax_ce,
+    fixmatch_loss,
+    head_losses,
+    select_head,
+    train_heads,
+    train_spice,
+    spice_metadata,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine's 2 cores are shared; one thread is ~30x faster than two under that load.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_double_softmax_ce_matches_eq5():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]], requires_grad=True)
+    labels = torch.tensor([0, 2])
+    p = torch.softmax(logits, 1)
+    manual = -torch.log(torch.softmax(p, 1)[torch.arange(2), labels]).mean()
+    assert torch.allclose(double_softmax_ce(logits, labels), manual)
+    # Even a perfect one-hot prediction keeps loss log((e + C - 1) / e) > 0 (softmax of p ∈ [0, 1]).
+    sharp = torch.tensor([[100.0, 0.0, 0.0]])
+    assert double_softmax_ce(sharp, torch.tensor([0])).item() == pytest.approx(np.log((np.e + 2) / np.e), abs=1e-5)
+    # Slower learning on low-probability predictions than plain CE (paper Appendix A).
+    low = torch.tensor([[3.0, 0.0, -3.0]], requires_grad=True)
+    g_ds = torch.autograd.grad(double_softmax_ce(low, torch.tensor([2])), low)[0].norm()
+    low2 = low.detach().clone().requires_grad_(True)
+    g_ce = torch.autograd.grad(F.cross_entropy(low2, torch.tensor([2])), low2)[0].norm()
+    assert g_ds < 0.1 * g_ce, (float(g_ds), float(g_ce))
+    assert double_softmax_ce(logits[:0], labels[:0]).item() == 0.0
+
+
+def test_select_head_is_argmin():
+    assert select_head(torch.tensor([2.1, 1.9, 1.95, 1.9])) == 1
+
+
+def _separated(seed=0, k=10, d=32, n=60):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g)
+    y = torch.arange(k).repeat_interleave(n)
+    plain = centers[y] + 0.6 * torch.randn(k * n, d, generator=g)
+    weak = torch.stack([plain + 0.2 * torch.randn(plain.shape, generator=g) for _ in range(2)])
+    strong = torch.stack([plain + 0.4 * torch.randn(plain.shape, generator=g) for _ in range(2)])
+    return plain, weak, strong, y.numpy()
+
+
+def test_heads_learn_separated_clusters_and_min_loss_picks_a_good_head():
+    plain, weak, strong, y = _separated()
+    cfg = SpiceConfig(num_clusters=10, n_heads=3, batch_size=200, head_epochs=50)
+    res = train_heads(plain, weak, strong, cfg)
+    accs = []
+    for h in res.heads:
+        with torch.no_grad():
+            accs.append(hungarian_accuracy(y, h(plain).argmax(1).numpy()).accuracy)
+    assert torch.allclose(res.losses, head_losses(res.heads, plain, cfg))  # whole-dataset loss, M = N
+    assert res.best == int(torch.argmin(res.losses))
+    # The minimum-loss head is the most accurate one (checked here with labels; chosen without).
+    assert accs[res.best] == max(accs), f"accs {accs}, losses {res.losses.tolist()}"
+    assert accs[res.best] >= 0.95, f"best head ACC {accs[res.best]:.3f}"
+
+
+def test_fixmatch_loss_eq8_eq9():
+    lab = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0])
+    weak_u = torch.tensor([[10.0, 0.0], [0.1, 0.0], [0.0, 10.0]])
+    strong_u = torch.tensor([[1.0, 0.0], [0.0, 5.0], [0.0, 1.0]])
+    loss, parts = fixmatch_loss(lab, y, weak_u, strong_u, threshold=0.95)
+    sup = F.cross_entropy(lab, y)
+    ce = F.cross_entropy(strong_u, torch.tensor([0, 0, 1]), reduction="none")
+    cons = (ce[0] + ce[2]) / 3  # row 1 is below η (Eq. 8: y^u = -1), U = 3 in the mean (Eq. 9)
+    assert torch.allclose(loss, sup + cons)
+    assert parts["mask"] == pytest.approx(2 / 3)
+
+
+# --- digits, frozen features -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_features():
+    from calibclust.datasets import digits_images
+    from calibclust.models.backbones import build_backbone
+    from calibclust.models.clustering import ClusteringModel
+    from calibclust.train.features import compute_feature_cache, recalibrate_batchnorm
+    from calibclust.train.views import ViewConfig
+
+    torch.set_num_threads(1)
+    images, labels = digits_images(32)
+    sub = np.random.default_rng(0).permutation(len(images))[:600]
+    images, labels = images[sub], labels[sub]
+    torch.manual_seed(0)
+    backbone = build_backbone("small")
+    probe = ClusteringModel(backbone, 10, head_names=("clustering",), predict_head="clustering")
+    # A random backbone's BatchNorm running stats are (0, 1); estimate them on the images (label-free)
+    # and cache 2 weak + 2 strong views with the shared frozen-feature cache (no flips: digits).
+    recalibrate_batchnorm(backbone, probe.preprocess, images)
+    cache = compute_feature_cache(probe.embed, probe.preprocess, images, 2, 0, ViewConfig(flip_p=0.0), progress=False)
+    return backbone, images, labels, cache
+
+
+# SPICE_s on features of a *random* backbone trails K-means: SPICE labels only the M/K rows nearest
+# each prototype, which assumes the pretrained (MoCo) embedding of §III-A. Stated tolerance:
+SPICE_S_TOLERANCE = 0.30
+
+
+def test_digits_spice_s_vs_kmeans_reliable_set_joint_and_checkpoint(digits_features, tmp_path):
+    from calibclust.models.clustering import load_model, save_model
+
+    backbone, images, labels, cache = digits_features
+    km = kmeans(F.normalize(cache.plain, dim=1), 10, seed=0)
+    km_acc = hungarian_accuracy(labels, km.labels.numpy()).accuracy
+    cfg = SpiceConfig(
+        num_clusters=10, n_heads=3, batch_size=200, head_epochs=40, num_neighbors=20,
+        joint_steps=3, labeled_batch=16, unlabeled_ratio=2, seed=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SelectionWarning)  # an empty-cluster fallback is allowed here
+        res = train_spice(backbone, images, cfg, feature_cache=cache)
+    s_acc = hungarian_accuracy(labels, res.spice_s_probs.argmax(1).numpy()).accuracy
+    msg = f"SPICE_s ACC {s_acc:.3f}, K-means ACC {km_acc:.3f} (same frozen features)"
+    print(msg)
+    assert s_acc >= km_acc - SPICE_S_TOLERANCE, msg
+    assert s_acc > 0.18, msg  # clearly above chance (~0.11-0.13 Hungarian ACC for 10 classes)
+    rel = res.reliable_indices.numpy()
+    assert len(rel) > 0
+    rel_acc = hungarian_accuracy(labels[rel], res.reliable_labels.numpy()).accuracy
+    print(f"reliable set ACC {rel_acc:.3f} (n={len(rel)})")
+    assert rel_acc > s_acc, f"reliable set ACC {rel_acc:.3f} (n={len(rel)}) vs all {s_acc:.3f}; {msg}"
+    assert len(res.joint_history) == 3 and all(np.isfinite(r["loss"]) for r in res.joint_history)
+    # checkpoint through the shared contract
+    meta = spice_metadata(res.model, images.shape[1:3], train_stats={"n_images": len(images)})
+    assert (meta.method, meta.probs_head, meta.calibrated) == ("spice", "spice", False)
+    save_model(res.model, tmp_path / "m", meta)
+    model2, meta2 = load_model(tmp_path / "m")
+    assert model2.head_names == ("clustering",) and model2.predict_head == "clustering"
+    assert meta2.method == "spice" and meta2.calibrated is False
+    x = res.model.preprocess(torch.from_numpy(images[:8]))
+    with torch.no_grad():
+        assert torch.allclose(res.model(x), model2(x), atol=1e-5)
+
+
+
+# --- CLI (needs the CDC helper's train group, features cache and data loading: calibclust.train.cdc) --
+def test_cli_train_spice_writes_a_spice_model(tmp_path, capsys):
+    pytest.importorskip("calibclust.train.cdc", reason="the train group and data loading come with the cdc branch")
+    from calibclust.cli import main
+    from calibclust.datasets import make_digits_folder
+    from calibclust.models.clustering import load_model
+
+    folder = make_digits_folder(tmp_path / "digits", limit=200)
+    out = tmp_path / "run"
+    rc = main(["train", "spice", str(folder), "--out", str(out), "--clusters", "10", "--heads", "2",
+               "--head-epochs", "3", "--batch-size", "100", "--views", "1", "--neighbors", "10",
+               "--joint-steps", "2", "--labeled-batch", "8", "--unlabeled-ratio", "2", "--no-flip", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "spice_s: ACC" in printed and "spice: ACC" in printed
+    model, meta = load_model(out / "model")
+    assert (meta.method, meta.probs_head, meta.calibrated) == ("spice", "spice", False)
+    assert model.head_names == ("clustering",) and meta.num_clusters == 10
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["best_head"] == int(np.argmin(run["head_losses"]))
+    assert set(run["metrics"]) == {"spice_s", "spice"}
+
+
+def test_cli_help_teaches():
+    pytest.importorskip("calibclust.train.cdc", reason="the train group comes with the cdc branch")
+    from calibclust.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    sub = train._calibclust_train_subparsers.choices
+    for name in ("spice", "compare"):
+        text = sub[name].format_help()
+        assert "example" in text and "--clusters" in text, name
+    assert "Eq. 6-7" in sub["spice"].format_help() and "ECE" in sub["compare"].format_help()
