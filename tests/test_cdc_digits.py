@@ -260,6 +260,7 @@ def test_full_finetuning_on_digits(digits, tmp_path):
     msg = (f"init ACC {first['calibration']['acc']:.3f}; after {cfg.epochs} epochs CDC-Cal ACC "
            f"{last['calibration']['acc']:.3f} ECE {last['calibration']['ece']:.3f}, CDC-Clu ACC "
            f"{last['clustering']['acc']:.3f} ECE {last['clustering']['ece']:.3f}")
+    print(msg)
     assert last["calibration"]["ece"] < last["clustering"]["ece"], msg
     assert last["calibration"]["acc"] >= first["calibration"]["acc"] - ACC_TOLERANCE, msg
     assert (tmp_path / "model" / "model.safetensors").is_file()
