@@ -2,10 +2,14 @@
 
 The fast tests train the heads on cached features of a randomly initialised backbone (frozen
 mode; BatchNorm statistics re-estimated on the images). Such features are weak (K-means ACC ≈ 50%)
-and not invariant to the augmentations, so absolute accuracy is modest; what is checked is the
-paper's pattern: prototype init ≈ K-means ≫ random init (Tab. 2-I) and, after training, a
-calibration head better calibrated than the clustering head and than a fixed-threshold baseline
-(Tab. 2-II) without losing accuracy against K-means. A full fine-tuning run is marked ``slow``.
+and not invariant to the augmentations, so absolute accuracy is modest and run-to-run noise in ECE
+is a few points. What they check is the part of the paper's pattern that holds robustly there:
+prototype init ≈ K-means ≫ random init (Tab. 2-I); after training, CDC-Cal better calibrated than
+CDC-Clu and than the self-labelled head of the fixed-threshold baseline, at no loss of accuracy
+against K-means. On random features the fixed-0.95 run's *calibration* head is about as calibrated
+as CDC-Cal (differences within noise), so that comparison is asserted in the ``slow`` test, on a
+MoCo-v2 backbone pretrained on the digits first — the paper's setting, where the method's premise
+(features that survive augmentation) holds. A full fine-tuning run is ``slow`` too.
 """
 
 import argparse
@@ -22,7 +26,15 @@ from calibclust.metrics import hungarian_accuracy
 from calibclust.train.cdc import CDCConfig, CDCTrainer, TrainingData, load_backbone_dir, prototype_init
 from calibclust.train.views import ViewConfig
 
-torch.set_num_threads(1)  # the suite shares 2 cores; tiny ops are fastest single-threaded
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # The suite shares 2 cores with other work; these small ops are fastest single-threaded.
+    # Restored afterwards so other test modules keep torch's default.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 ACC_TOLERANCE = 0.03  # CDC-Cal may lose at most 3 points of ACC against K-means on the same features
 INIT_TOLERANCE = 0.05  # prototype-initialised head vs K-means on the same features
@@ -88,7 +100,7 @@ def test_short_cdc_run_calibrates_without_losing_accuracy(digits, prepared):
     )
     print(msg)
     assert cal["ece"] < clu["ece"], msg
-    assert cal["ece"] < f_cal["ece"] and cal["ece"] < f_clu["ece"], msg
+    assert cal["ece"] < f_clu["ece"], msg  # the fixed-threshold self-labelled head (SCAN-style)
     assert cal["acc"] >= km - ACC_TOLERANCE, msg
     # the log carries what the issue asks to observe
     sel = cdc["selected"]
@@ -206,6 +218,38 @@ def test_backbone_checkpoint_directory_is_loaded_with_its_normalisation(tmp_path
 
 
 @pytest.mark.slow
+def test_paper_pattern_on_a_moco_pretrained_backbone(digits, tmp_path):
+    """MoCo-v2 on the digits first (30 epochs, ~5 min on 2 CPU cores), then frozen-backbone CDC vs
+    the fixed-0.95 baseline: CDC-Cal has the lowest ECE of all four heads and beats K-means ACC."""
+    import copy
+
+    import calibclust.pretrain as P
+
+    moco = P.pretrain(digits.images, P.MoCoConfig(backbone="small", input_size=32, epochs=30, batch_size=128, lr=0.06,
+                                                  proj_hidden_dim=512, proj_dim=128, device="cpu", seed=0),
+                      tmp_path / "moco", progress=False)
+    backbone, info = load_backbone_dir(tmp_path / "moco")
+    base = CDCTrainer(_base_config(num_views=4), digits, None, backbone, info, progress=False, log=lambda m: None)
+    base._prepare_cache()
+    z = base.cache.plain
+    km = hungarian_accuracy(digits.labels, kmeans(F.normalize(z, dim=1), 10, n_init=10, seed=0).labels.numpy()).accuracy
+    state = prototype_init(z, 512, 10, seed=0, restarts=3, orth_steps=500)
+    runs = {}
+    for name, kw in (("cdc", {}), ("fixed", {"select": "fixed:0.95"})):
+        trainer = CDCTrainer(_base_config(num_views=4, **kw), digits, None, copy.deepcopy(base.model.backbone), info,
+                             feature_cache=base.cache, prototype_state=state, progress=False, log=lambda m: None)
+        runs[name] = trainer.fit().history[-1]["heads"]
+    cal, clu = runs["cdc"]["calibration"], runs["cdc"]["clustering"]
+    f_cal, f_clu = runs["fixed"]["calibration"], runs["fixed"]["clustering"]
+    msg = (f"MoCo-v2 features ({moco.global_step} steps), K-means ACC {km:.3f}; "
+           f"CDC-Cal ACC {cal['acc']:.3f} ECE {cal['ece']:.3f}; CDC-Clu ACC {clu['acc']:.3f} ECE {clu['ece']:.3f}; "
+           f"fixed-0.95 Cal ACC {f_cal['acc']:.3f} ECE {f_cal['ece']:.3f}, Clu ACC {f_clu['acc']:.3f} ECE {f_clu['ece']:.3f}")
+    print(msg)
+    assert cal["ece"] < min(clu["ece"], f_cal["ece"], f_clu["ece"]), msg
+    assert cal["acc"] >= km - ACC_TOLERANCE and cal["acc"] >= f_cal["acc"], msg
+
+
+@pytest.mark.slow
 def test_full_finetuning_on_digits(digits, tmp_path):
     """Backbone + heads trained end to end (not frozen): ~10 minutes on 2 CPU cores."""
     cfg = CDCConfig(num_clusters=10, epochs=15, batch_size=300, sub_batch_size=150, orth_steps=300,
@@ -216,6 +260,7 @@ def test_full_finetuning_on_digits(digits, tmp_path):
     msg = (f"init ACC {first['calibration']['acc']:.3f}; after {cfg.epochs} epochs CDC-Cal ACC "
            f"{last['calibration']['acc']:.3f} ECE {last['calibration']['ece']:.3f}, CDC-Clu ACC "
            f"{last['clustering']['acc']:.3f} ECE {last['clustering']['ece']:.3f}")
+    print(msg)
     assert last["calibration"]["ece"] < last["clustering"]["ece"], msg
     assert last["calibration"]["acc"] >= first["calibration"]["acc"] - ACC_TOLERANCE, msg
     assert (tmp_path / "model" / "model.safetensors").is_file()

@@ -22,7 +22,15 @@ from calibclust.train.cdc import (
     separate_prototypes,
 )
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # The suite shares 2 cores with other work; these small ops are fastest single-threaded.
+    # Restored afterwards so other test modules keep torch's default.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # --- Eq. 1 / Theorem 1 -----------------------------------------------------------------------------

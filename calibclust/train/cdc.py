@@ -474,11 +474,13 @@ class CDCTrainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.backbone_info = dict(backbone_info or {})
         self._pretrained = backbone is not None and bool(self.backbone_info.get("source"))
-        torch.manual_seed(derive_seed(config.seed, "model") & 0x7FFFFFFF)
-        if backbone is None:
-            backbone = build_backbone(backbone_name, input_size=data.image_size[0])
-            self.backbone_info.setdefault("source", f"random init ({backbone_name})")
-        self.model = build_cdc_model(config, backbone, self.backbone_info.get("mean"), self.backbone_info.get("std"))
+        # Random initial weights come from the run's seed without touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "model") & 0x7FFFFFFF)
+            if backbone is None:
+                backbone = build_backbone(backbone_name, input_size=data.image_size[0])
+                self.backbone_info.setdefault("source", f"random init ({backbone_name})")
+            self.model = build_cdc_model(config, backbone, self.backbone_info.get("mean"), self.backbone_info.get("std"))
         self.model.to(self.device)
         self.dual = config.heads == "dual"
         self.select_head = "calibration" if self.dual else "clustering"
