@@ -6,8 +6,8 @@ Rows, on generated JPEG folders (default 20,000 at 32×32 and 2,000 at 224×224)
   table; the HTML report is skipped) with process and with thread decode workers;
 * a plain PyTorch ``DataLoader`` (PIL open → torchvision Resize/ToTensor/Normalize, ``num_workers``
   = the same worker count) + eager model loop over the same files — only when torch and the model's
-  checkpoint (``--checkpoint``, the safetensors directory it was exported from) are available; torch
-  is imported inside that function only;
+  checkpoint (``--checkpoint``, the safetensors directory it was exported from) are available; the
+  loop is the core's (``calibclust.baseline``), so this module imports neither torch nor the export layer;
 * the model-only onnxruntime ceiling: the same session on pre-decoded uint8 batches.
 
 Then peak RSS of the labelling process for two folder sizes (default 10,000 and 100,000 files; the
@@ -140,29 +140,25 @@ def make_linked_folder(root: Path, source: Path, n: int) -> Path:
 
 
 def build_model(root: Path, backbone: str = "small", clusters: int = 10) -> tuple[str, str]:
-    """A randomly initialised CDC model (weights do not change the cost), saved as a checkpoint and
-    exported through the export layer; returns (onnx path, checkpoint dir)."""
-    try:
-        import torch
-
-        from calibclust.export.onnx import export_checkpoint
-    except ImportError as exc:
-        from calibclust.errors import InputError
-
-        raise InputError(f"building a benchmark model needs torch and calibclust.export ({exc}); pass --model") from None
+    """A randomly initialised model (weights do not change the cost), saved as a checkpoint by the core
+    and exported by ``calibclust export onnx`` in a subprocess (serve never imports the export layer);
+    returns (onnx path, checkpoint dir)."""
+    from calibclust.baseline import save_random_checkpoint, torch_available
     from calibclust.datasets import make_digits_folder
-    from calibclust.metadata import ModelMetadata
-    from calibclust.models.backbones import build_backbone
-    from calibclust.models.clustering import ClusteringModel, save_model
+    from calibclust.errors import InputError
 
     ckpt, onnx_path = root / f"model-{backbone}", root / f"model-{backbone}.onnx"
-    if not onnx_path.is_file():
-        torch.manual_seed(0)
-        net = ClusteringModel(build_backbone(backbone, 32), clusters).eval()
-        meta = ModelMetadata(num_clusters=clusters, input_size=(32, 32), mean=(0.5,) * 3, std=(0.25,) * 3,
-                             backbone=backbone, embedding_dim=net.feature_dim)
-        save_model(net, ckpt, meta)
-        export_checkpoint(ckpt, make_digits_folder(root / "digits", limit=500), onnx_path)
+    if onnx_path.is_file():
+        return str(onnx_path), str(ckpt)
+    if not torch_available():
+        raise InputError("building a benchmark model needs torch and torchvision (pip install 'calibclust[export]'); "
+                         "or pass --model")
+    save_random_checkpoint(ckpt, backbone, clusters)
+    digits = make_digits_folder(root / "digits", limit=500)
+    cmd = [sys.executable, "-m", "calibclust", "export", "onnx", str(ckpt), "--images", str(digits), "--out", str(onnx_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InputError(f"exporting the benchmark model failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     return str(onnx_path), str(ckpt)
 
 
@@ -191,45 +187,11 @@ def time_label(folder: Path, model: str, args, worker_type: str) -> dict:
 
 
 def time_torch(folder: Path, checkpoint: str, args) -> dict:
-    """A plain PyTorch DataLoader + eager loop, as a user would write it."""
-    import torch
-    from PIL import Image
-    from torchvision import transforms
+    """A plain PyTorch DataLoader + eager loop over the same files (the core's reference loop)."""
+    from calibclust.baseline import dataloader_eager_throughput
 
-    from calibclust.models.clustering import load_model
-
-    model, meta = load_model(checkpoint)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tf = transforms.Compose([
-        transforms.Resize(tuple(meta.input_size)),
-        transforms.ToTensor(),
-        transforms.Normalize(meta.mean, meta.std),
-    ])
     paths = sorted(str(p) for p in folder.rglob("*.jpg"))
-
-    class Files(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(paths)
-
-        def __getitem__(self, i):
-            with Image.open(paths[i]) as img:
-                return tf(img.convert("RGB"))
-
-    loader = torch.utils.data.DataLoader(Files(), batch_size=args.batch_size, num_workers=args.workers)
-    c0, t0 = _cpu_seconds(), time.perf_counter()
-    n = 0
-    with torch.inference_mode():
-        for x in loader:
-            probs = torch.softmax(model(x), dim=1)
-            probs.max(dim=1)
-            n += len(x)
-    seconds = time.perf_counter() - t0
-    del loader  # reap the workers so their CPU time is counted
-    import gc
-
-    gc.collect()
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "cpu_s": _cpu_seconds() - c0}
+    return dataloader_eager_throughput(paths, checkpoint, args.batch_size, args.workers, args.threads, _cpu_seconds)
 
 
 def time_ceiling(folder: Path, model: str, args, min_seconds: float = 5.0) -> dict:
@@ -306,12 +268,9 @@ def run_bench(args) -> int:
     meta = labeler.metadata
     torch_ok = False
     if not args.skip_torch and args.checkpoint:
-        try:
-            import torch  # noqa: F401
+        from calibclust.baseline import torch_available
 
-            torch_ok = True
-        except ImportError:
-            pass
+        torch_ok = torch_available()
     cores = os.cpu_count()
     print(f"model: {args.model} ({meta.method}, {meta.num_clusters} clusters, input {meta.input_size[0]}x"
           f"{meta.input_size[1]}, backend {labeler.backend_name}); batch {args.batch_size}, "
