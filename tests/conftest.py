@@ -59,3 +59,31 @@ def digits_folder(tmp_path_factory):
     from calibclust.datasets import make_digits_folder
 
     return make_digits_folder(tmp_path_factory.mktemp("digits") / "digits", limit=200, seed=0)
+
+
+@pytest.fixture(scope="session")
+def quickstart_out(tmp_path_factory):
+    """A finished ``calibclust quickstart`` output folder: CALIBCLUST_QUICKSTART_OUT when set (CI
+    points it at the README quick start's output), else one ``--fast`` run per test session (about
+    1.5 minutes on 2 idle cores), shared by every test that needs it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("CALIBCLUST_QUICKSTART_OUT"):
+        return Path(os.environ["CALIBCLUST_QUICKSTART_OUT"])
+    out = tmp_path_factory.mktemp("quickstart") / "out"
+    proc = subprocess.run([sys.executable, "-m", "calibclust", "quickstart", "--fast", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_moco_backbone(quickstart_out):
+    """A small backbone pretrained with MoCo-v2 on the 1,797 digits (the quick start's pretrain
+    stage: 15 epochs with --fast, 100 in the full run): the paper's setting for frozen-feature tests."""
+    path = quickstart_out / "pretrain"
+    assert (path / "backbone.safetensors").is_file(), f"no pretrained backbone in {path}"
+    return path

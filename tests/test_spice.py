@@ -94,50 +94,55 @@ def test_fixmatch_loss_eq8_eq9():
 
 # --- digits, frozen features -------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def digits_features():
+def digits_features(digits_moco_backbone):
+    """Frozen features of the 1,797 digits under a MoCo-v2 backbone pretrained on them (SPICE's
+    stage 1, §III-A): the plain images and 4 weak + 4 strong views (the CLI's default; no flips: digits)."""
     from calibclust.datasets import digits_images
-    from calibclust.models.backbones import build_backbone
     from calibclust.models.clustering import ClusteringModel
-    from calibclust.train.features import compute_feature_cache, recalibrate_batchnorm
+    from calibclust.train.cdc import load_backbone_dir
+    from calibclust.train.features import compute_feature_cache
     from calibclust.train.views import ViewConfig
 
     torch.set_num_threads(1)
     images, labels = digits_images(32)
-    sub = np.random.default_rng(0).permutation(len(images))[:600]
-    images, labels = images[sub], labels[sub]
-    torch.manual_seed(0)
-    backbone = build_backbone("small")
-    probe = ClusteringModel(backbone, 10, head_names=("clustering",), predict_head="clustering")
-    # A random backbone's BatchNorm running stats are (0, 1); estimate them on the images (label-free)
-    # and cache 2 weak + 2 strong views with the shared frozen-feature cache (no flips: digits).
-    recalibrate_batchnorm(backbone, probe.preprocess, images)
-    cache = compute_feature_cache(probe.embed, probe.preprocess, images, 2, 0, ViewConfig(flip_p=0.0), progress=False)
-    return backbone, images, labels, cache
+    backbone, info = load_backbone_dir(digits_moco_backbone)
+    probe = ClusteringModel(backbone, 10, head_names=("clustering",), predict_head="clustering",
+                            mean=tuple(info.get("mean", (0.5,) * 3)), std=tuple(info.get("std", (0.25,) * 3))).eval()
+    cache = compute_feature_cache(probe.embed, probe.preprocess, images, 4, 0, ViewConfig(flip_p=0.0), progress=False)
+    return backbone, info, images, labels, cache
 
 
-# SPICE_s on features of a *random* backbone trails K-means: SPICE labels only the M/K rows nearest
-# each prototype, which assumes the pretrained (MoCo) embedding of §III-A. Stated tolerance:
-SPICE_S_TOLERANCE = 0.30
+# On MoCo-v2 features SPICE_s matches or beats K-means (paper Tab. III-IV). Measured on the quick
+# start's backbones (K-means on the plain features, SPICE_s with the settings below):
+#   100 epochs (full run):  K-means 0.702, SPICE_s 0.786-0.845
+#   15 epochs (--fast run): K-means 0.753, SPICE_s 0.685-0.762 over seeds 0-2 and top fractions 1.0/0.5
+# (the short pretraining leaves features less invariant to the views SPICE trains on). On a *random*
+# backbone SPICE_s collapsed to ~0.29 vs K-means 0.61: labelling only the M/K rows nearest each
+# prototype assumes an embedding where neighbours share a class. Stated tolerance, below K-means:
+SPICE_S_TOLERANCE = 0.08
 
 
 def test_digits_spice_s_vs_kmeans_reliable_set_joint_and_checkpoint(digits_features, tmp_path):
     from calibclust.models.clustering import load_model, save_model
 
-    backbone, images, labels, cache = digits_features
-    km = kmeans(F.normalize(cache.plain, dim=1), 10, seed=0)
+    backbone, info, images, labels, cache = digits_features
+    km = kmeans(F.normalize(cache.plain, dim=1), 10, n_init=10, seed=0)
     km_acc = hungarian_accuracy(labels, km.labels.numpy()).accuracy
+    # Stage 2 with the paper's 10 heads and 100 epochs (§IV-B); M = 300 (the paper's 1,000 is more
+    # than half of these 1,797 images). Stage 3: N_s = 20 neighbours (~180 images per class here).
     cfg = SpiceConfig(
-        num_clusters=10, n_heads=3, batch_size=200, head_epochs=40, num_neighbors=20,
-        joint_steps=3, labeled_batch=16, unlabeled_ratio=2, seed=0,
+        num_clusters=10, n_heads=10, batch_size=300, head_epochs=100, num_neighbors=20,
+        joint_steps=3, labeled_batch=16, unlabeled_ratio=2, views=4, seed=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SelectionWarning)  # an empty-cluster fallback is allowed here
-        res = train_spice(backbone, images, cfg, feature_cache=cache)
+        res = train_spice(backbone, images, cfg, feature_cache=cache,
+                          mean=info.get("mean", (0.5,) * 3), std=info.get("std", (0.25,) * 3))
     s_acc = hungarian_accuracy(labels, res.spice_s_probs.argmax(1).numpy()).accuracy
-    msg = f"SPICE_s ACC {s_acc:.3f}, K-means ACC {km_acc:.3f} (same frozen features)"
+    msg = (f"SPICE_s ACC {s_acc:.3f} (head {res.heads.best} of 10 by minimum loss), K-means ACC {km_acc:.3f} "
+           f"on the same frozen MoCo-v2 features; tolerance {SPICE_S_TOLERANCE}")
     print(msg)
     assert s_acc >= km_acc - SPICE_S_TOLERANCE, msg
-    assert s_acc > 0.18, msg  # clearly above chance (~0.11-0.13 Hungarian ACC for 10 classes)
     rel = res.reliable_indices.numpy()
     assert len(rel) > 0
     rel_acc = hungarian_accuracy(labels[rel], res.reliable_labels.numpy()).accuracy
@@ -193,3 +198,27 @@ def test_cli_help_teaches():
         text = sub[name].format_help()
         assert "example" in text and "--clusters" in text, name
     assert "Eq. 6-7" in sub["spice"].format_help() and "ECE" in sub["compare"].format_help()
+
+
+def test_cli_compare_table_on_digits_with_moco_backbone(quickstart_out, digits_moco_backbone, tmp_path, capsys):
+    """`calibclust train compare` (issue 8's one rerunnable command) on the quick start's digits and
+    MoCo-v2 backbone, with shortened schedules: one table with SPICE's ECE next to CDC-Cal's."""
+    import json
+
+    from calibclust.cli import main
+
+    out = tmp_path / "cmp"
+    rc = main(["train", "compare", str(quickstart_out / "data" / "digits"), "--clusters", "10", "--out", str(out),
+               "--backbone-weights", str(digits_moco_backbone), "--heads", "3", "--head-epochs", "20",
+               "--views", "2", "--neighbors", "10", "--joint-steps", "3", "--labeled-batch", "16",
+               "--unlabeled-ratio", "2", "--cdc-epochs", "3", "--no-flip", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert list(rows) == ["K-means", "SPICE_s", "SPICE", "CDC-Clu", "CDC-Cal"]
+    for name, r in rows.items():
+        assert 0.1 < r["acc"] <= 1 and 0 <= r["ece"] <= 1, (name, r)
+    table = (out / "compare.md").read_text()
+    assert "| method | ACC | NMI | ARI | ECE | AURC |" in table and table.strip() in printed
+    # Even this short run keeps SPICE_s near K-means on the pretrained features (full settings: above it).
+    assert rows["SPICE_s"]["acc"] >= rows["K-means"]["acc"] - 0.15, table

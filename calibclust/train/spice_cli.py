@@ -62,9 +62,14 @@ compare.json into --out.
 """
 
 COMPARE_EPILOG = """\
-example (sklearn's digits, small backbone, a few minutes on 2 CPU cores):
+example (sklearn's digits, small backbone; ~3.5 min pretraining + ~1.5 min compare on 2 CPU cores):
   python -c "from calibclust.datasets import make_digits_folder; make_digits_folder('digits')"
-  calibclust train compare digits --clusters 10 --out runs/compare --no-flip
+  calibclust pretrain digits --out runs/moco --epochs 100 --batch-size 64 --lr 0.06 \\
+      --proj-hidden-dim 512 --proj-dim 128
+  calibclust train compare digits --clusters 10 --out runs/compare --no-flip --backbone-weights runs/moco
+
+Without --backbone-weights the backbone is random (BatchNorm statistics re-estimated): SPICE's
+prototype pseudo-labels assume a pretrained embedding and collapse on random features.
 """
 
 
@@ -117,10 +122,10 @@ def register_cli(subparsers) -> None:
     c = sub.add_parser("compare", help="one table: K-means, SPICE_s, SPICE, CDC-Clu, CDC-Cal on one folder",
                        description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG, formatter_class=_RAW)
     _add_data_args(c)
-    c.add_argument("--cdc-epochs", type=int, default=20, help="CDC epochs (default %(default)s)")
+    c.add_argument("--cdc-epochs", type=int, default=40, help="CDC epochs (default %(default)s)")
     c.add_argument("--cdc-batch-size", type=int, default=300, help="CDC batch B (default %(default)s)")
     c.add_argument("--cdc-full", action="store_true", help="train CDC's backbone too (default: frozen features)")
-    c.set_defaults(func=run_compare, head_epochs=40, batch_size=300, heads=4, joint_steps=100, neighbors=20)
+    c.set_defaults(func=run_compare, batch_size=300, joint_steps=100, neighbors=20)
 
 
 # --- command functions -----------------------------------------------------------------------------
@@ -163,6 +168,10 @@ def _prepare(args):
     pretrained = backbone is not None
     if backbone is None:
         backbone = build_backbone(args.backbone, input_size=size)
+        # Measured on digits: SPICE_s 0.29 ACC on random features vs 0.84 on a MoCo-v2 backbone.
+        print("warning: no --backbone-weights: SPICE starts from a randomly initialised backbone; its prototype "
+              "pseudo-labels assume a pretrained embedding and tend to collapse on random features. Pretrain "
+              "first ('calibclust pretrain FOLDER --out DIR') and pass --backbone-weights DIR.", file=sys.stderr)
     mean, std = info.get("mean", (0.5, 0.5, 0.5)), info.get("std", (0.25, 0.25, 0.25))
     if args.recalibrate_bn == "yes" or (args.recalibrate_bn == "auto" and not pretrained):
         from calibclust.models.clustering import ClusteringModel
