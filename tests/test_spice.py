@@ -17,9 +17,9 @@ from calibclust.train.spice import (
     fixmatch_loss,
     head_losses,
     select_head,
+    spice_metadata,
     train_heads,
     train_spice,
-    spice_metadata,
 )
 
 

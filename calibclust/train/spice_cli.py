@@ -256,12 +256,16 @@ def format_table(rows: list[dict], title: str = "") -> str:
 
 
 def run_compare(args) -> int:
-    import torch
     import torch.nn.functional as F
 
     from calibclust.cluster.kmeans import kmeans
     from calibclust.errors import InputError
-    from calibclust.train.cdc import CDCConfig, embed_images, head_probabilities, train_cdc
+    from calibclust.train.cdc import (
+        CDCConfig,
+        embed_images,
+        head_probabilities,
+        train_cdc,
+    )
 
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
