@@ -280,3 +280,84 @@ def test_symlinked_class_folder_is_followed(tmp_path):
     root.mkdir()
     os.symlink(real, root / "linked")
     assert list_image_folder(root).relative_paths() == ["linked/a.png"]
+
+
+# --- the fast JPEG path (simplejpeg) gives Pillow's pixels -------------------------------------------
+def _jpeg_cases(tmp_path: Path) -> dict[str, Path]:
+    import matplotlib.cbook as cbook
+
+    from calibclust.datasets import digits_images
+
+    rng = np.random.default_rng(0)
+    with cbook.get_sample_data("grace_hopper.jpg") as fh:  # a real photo that ships with matplotlib
+        photo = np.asarray(Image.open(fh).convert("RGB"))
+    digit = digits_images(32)[0][7]
+    cases = {
+        "digit-32.jpg": (Image.fromarray(digit), {"quality": 90}),
+        "noise-32.jpg": (Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), {"quality": 75}),
+        "photo-full.jpg": (Image.fromarray(photo), {"quality": 85}),
+        "photo-wide.jpeg": (Image.fromarray(photo).resize((333, 97)), {"quality": 85}),
+        "photo-444.jpg": (Image.fromarray(photo), {"quality": 95, "subsampling": 0}),
+        "photo-progressive.jpg": (Image.fromarray(photo), {"quality": 80, "progressive": True}),
+        "tiny-7.jpg": (Image.fromarray(photo[:7, :7]), {"quality": 90}),
+        "grey.jpg": (Image.fromarray(photo).convert("L"), {"quality": 90}),
+        "cmyk.jpg": (Image.fromarray(photo).convert("CMYK"), {"quality": 90}),
+    }
+    paths = {}
+    for name, (img, kw) in cases.items():
+        paths[name] = tmp_path / name
+        img.save(paths[name], "JPEG", **kw)
+    rotated = Image.fromarray(photo[:200, :120])
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    paths["exif-rotated.jpg"] = tmp_path / "exif-rotated.jpg"
+    rotated.save(paths["exif-rotated.jpg"], "JPEG", exif=exif.tobytes(), quality=90)
+    return paths
+
+
+@pytest.mark.parametrize("size", [None, (32, 32), (224, 224), (60, 40)])
+def test_fast_jpeg_path_is_pixel_identical_to_pillow(tmp_path, monkeypatch, size):
+    import calibclust.io.images as images
+
+    if images._simplejpeg is None:
+        pytest.skip("simplejpeg not installed (optional, extra 'serve')")
+    paths = _jpeg_cases(tmp_path)
+    real, used = images._simplejpeg, []
+
+    class Spy:
+        decode_jpeg_header = staticmethod(real.decode_jpeg_header)
+
+        @staticmethod
+        def decode_jpeg(data, **kw):
+            used.append(kw)
+            return real.decode_jpeg(data, **kw)
+
+    monkeypatch.setattr(images, "_simplejpeg", Spy)
+    fast = {name: decode_image(p, size=size) for name, p in paths.items()}
+    # grey, CMYK and EXIF files go to Pillow; the 7 plain colour JPEGs take the fast path
+    assert len(used) == 7, used
+    if size == (32, 32):
+        assert {"min_height": 75, "min_width": 64} in [{k: v for k, v in kw.items() if k != "colorspace"} for kw in used]
+    fast_bytes = {name: decode_image(p.read_bytes(), size=size) for name, p in paths.items()}
+    monkeypatch.setattr(images, "_simplejpeg", None)
+    for name, p in paths.items():
+        slow = decode_image(p, size=size)
+        assert fast[name].shape == slow.shape and fast[name].dtype == np.uint8, (name, fast[name].shape, slow.shape)
+        diff = int(np.abs(fast[name].astype(int) - slow).max())
+        assert diff == 0, f"{name} at {size}: max pixel difference {diff} between the fast path and Pillow"
+        assert np.array_equal(fast_bytes[name], slow), name
+        assert fast[name].flags.writeable and fast[name].flags.c_contiguous, name
+
+
+def test_fast_jpeg_path_leaves_bad_jpegs_to_pillow(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(good, "JPEG")
+    data = good.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "not-a-jpeg.jpg").write_bytes(b"hello, I am text")
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(tmp_path / "truncated.jpg", size=(32, 32))
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_image(tmp_path / "not-a-jpeg.jpg", size=(32, 32))
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        decode_image(good, size=(32, 32), max_pixels=64 * 64 - 1)
