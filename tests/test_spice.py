@@ -222,3 +222,22 @@ def test_cli_compare_table_on_digits_with_moco_backbone(quickstart_out, digits_m
     assert "| method | ACC | NMI | ARI | ECE | AURC |" in table and table.strip() in printed
     # Even this short run keeps SPICE_s near K-means on the pretrained features (full settings: above it).
     assert rows["SPICE_s"]["acc"] >= rows["K-means"]["acc"] - 0.15, table
+
+    # The SPICE model exports and serves through the same contract as CDC (issue 8, item 4).
+    import subprocess
+    import sys
+
+    digits = quickstart_out / "data" / "digits"
+    run = [sys.executable, "-m", "calibclust"]
+    proc = subprocess.run([*run, "export", "onnx", str(out / "model"), "--images", str(digits),
+                           "--out", str(tmp_path / "spice.onnx")], check=False, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([*run, "label", str(digits), "--model", str(tmp_path / "spice.onnx"), "--out",
+                           str(tmp_path / "label"), "--target-accuracy", "0.9", "--no-progress", "--no-report"],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "label" / "summary.json").read_text())
+    assert summary["model"]["method"] == "spice" and summary["model"]["calibrated"] is False, summary["model"]
+    assert summary["files"] == 1797 and sum(summary["counts"].values()) == 1797, summary["counts"]
+    # no calibration head: --target-accuracy warns that mean confidence may not estimate accuracy
+    assert any("not calibrated" in w for w in summary["thresholds"]["warnings"]), summary["thresholds"]
