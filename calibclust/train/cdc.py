@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -46,10 +45,10 @@ from torch import nn
 
 from calibclust import __version__
 from calibclust.cluster.kmeans import kmeans
-from calibclust.errors import CalibclustError, InputError
+from calibclust.errors import InputError
 from calibclust.metadata import ModelMetadata
 from calibclust.models.backbones import build_backbone
-from calibclust.models.clustering import ClusteringModel, MLPHead, save_model
+from calibclust.models.clustering import ClusteringModel, save_model
 from calibclust.train.features import (
     FeatureCache,
     cache_key,
@@ -62,6 +61,14 @@ from calibclust.train.features import (
     save_feature_cache,
 )
 from calibclust.train.selection import SelectionInputs, build_strategy
+from calibclust.train.state import (
+    check_same_settings,
+    optimizer_tensors,
+    read_state,
+    restore_optimizer,
+    state_paths,
+    write_state,
+)
 from calibclust.train.views import ViewConfig, strong_view, weak_view
 
 HEAD_MODES = ("dual", "clu", "clu+cal")
@@ -414,26 +421,6 @@ def _head_report(probs: torch.Tensor, labels: np.ndarray | None) -> dict:
 
 
 # --- optimizer state <-> safetensors ---------------------------------------------------------------
-def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"opt.{name}.{pid}.{key}"] = t.detach().cpu().contiguous()
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _restore_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    prefix = f"opt.{name}."
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix):
-            pid, _, field_name = key[len(prefix) :].partition(".")
-            state.setdefault(int(pid), {})[field_name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 # --- the trainer ----------------------------------------------------------------------------------
 @dataclass
 class CDCResult:
@@ -701,59 +688,35 @@ class CDCTrainer:
             parts.append(text)
         return " | ".join(parts)
 
-    # .. checkpoints ..............................................................................
-    def _state_paths(self) -> tuple[Path, Path]:
-        d = self.out_dir / "checkpoint"
-        return d / "state.safetensors", d / "state.json"
-
+    # .. checkpoints (calibclust.train.state) ......................................................
     def save_state(self, epoch: int) -> None:
         if self.out_dir is None:
             return
-        from safetensors.torch import save_file
-
-        weights, meta_path = self._state_paths()
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         meta: dict[str, Any] = {"format": STATE_FORMAT, "epoch": epoch, "config": self.config.to_dict(), "optimizers": {}}
         for name, opt in (("clu", self.opt_clu), ("cal", self.opt_cal)):
             if opt is not None:
-                t, m = _optimizer_tensors(name, opt)
+                t, m = optimizer_tensors(name, opt)
                 tensors.update(t)
                 meta["optimizers"][name] = m
         meta["images"] = images_digest(self.data.images)
-        tmp_w, tmp_m = weights.with_name(".state.safetensors.tmp"), meta_path.with_name(".state.json.tmp")
-        save_file(tensors, str(tmp_w))
-        tmp_m.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_w, weights)
-        os.replace(tmp_m, meta_path)
+        write_state(self.out_dir, tensors, meta)
 
     def load_state(self) -> int | None:
         """Restore the last checkpoint; returns its epoch, or None if there is none."""
-        from safetensors.torch import load_file
-
-        weights, meta_path = self._state_paths()
-        if not weights.is_file() or not meta_path.is_file():
+        state = read_state(self.out_dir, STATE_FORMAT)
+        if state is None:
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != STATE_FORMAT:
-            raise CalibclustError(f"{meta_path}: not a CDC training state")
-        saved = dict(meta["config"])
-        current = self.config.to_dict()
-        diff = sorted(k for k in current if k != "epochs" and saved.get(k) != current[k])
-        if diff:
-            raise InputError(
-                "--resume with different settings than the checkpoint in "
-                f"{self.out_dir}: {', '.join(f'{k} ({saved.get(k)!r} → {current[k]!r})' for k in diff)}"
-            )
+        tensors, meta = state
+        check_same_settings(dict(meta["config"]), self.config.to_dict(), self.out_dir, ignore=("epochs",))
         if meta.get("images") != images_digest(self.data.images):
             raise InputError(f"--resume on different images than the checkpoint in {self.out_dir}")
-        tensors = load_file(str(weights), device="cpu")
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state)
         self.model.to(self.device)
         for name, opt in (("clu", self.opt_clu), ("cal", self.opt_cal)):
             if opt is not None:
-                _restore_optimizer(name, opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizers"][name])
+                restore_optimizer(name, opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizers"][name])
         return int(meta["epoch"])
 
     def _write_run_json(self, resumed_from: int | None) -> None:
@@ -798,7 +761,7 @@ class CDCTrainer:
         cfg = self.config
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            existing = self._state_paths()[0].is_file()
+            existing = state_paths(self.out_dir)[0].is_file()
             if existing and not resume:
                 raise InputError(f"{self.out_dir} already holds a training checkpoint; pass --resume to continue it or choose a new --out")
         start_epoch = self.load_state() if resume and self.out_dir is not None else None

@@ -15,6 +15,12 @@ Stage 1 (representation learning) is the backbone the user brings (pretraining i
 The result is a :class:`~calibclust.models.clustering.ClusteringModel` with one head
 ``clustering`` (``predict_head="clustering"``), saved with :func:`save_model` and metadata
 ``method="spice", probs_head="spice", calibrated=False``, so export/serve treat it like a CDC model.
+
+Resume (``out_dir`` + ``resume``): the state in ``OUT/checkpoint/`` (:mod:`calibclust.train.state`)
+is written when stage 2 ends (all heads, their losses, the chosen one) and every
+``checkpoint_every`` joint steps (model, SGD state, schedule, the step generator). Everything else
+(features, SPICE_s probabilities, the reliable set) is recomputed deterministically from those, so
+a resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,10 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibclust.errors import InputError
 from calibclust.models.clustering import ClusteringModel, MLPHead
 from calibclust.train import selection_spice  # noqa: F401  (registers the SPICE strategies)
 from calibclust.train.selection import SelectionInputs, build_strategy
 from calibclust.train.selection_spice import PrototypeSelection, ReliableSelection
+from calibclust.train.state import (
+    check_same_settings,
+    optimizer_tensors,
+    read_state,
+    restore_optimizer,
+    state_paths,
+    write_state,
+)
+
+STATE_FORMAT = "calibclust-spice-state/1"
 from calibclust.train.views import ViewConfig, strong_view, weak_view
 
 
@@ -237,6 +254,17 @@ def fixmatch_loss(
     return sup + cons, {"sup": float(sup.detach()), "cons": float(cons.detach()), "mask": float(mask.mean())}
 
 
+@dataclass
+class JointState:
+    """Where stage 3 stands: restored from a checkpoint, or fresh (step 0)."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    optimizer: tuple[dict, dict] | None = None  # (tensors, meta) of optimizer_tensors
+    scheduler: dict | None = None
+    generator: torch.Tensor | None = None
+
+
 def joint_train(
     model: ClusteringModel,
     images: np.ndarray,
@@ -247,10 +275,17 @@ def joint_train(
     progress: bool = False,
     log=None,
     device: str = "cpu",
+    start: JointState | None = None,
+    checkpoint=None,
+    checkpoint_every: int = 0,
+    stop_after_steps: int | None = None,
 ) -> list[dict]:
-    """Stage 3 joint training of backbone + head (Eq. 8–9), SGD + cosine schedule (§IV-B)."""
+    """Stage 3 joint training of backbone + head (Eq. 8–9), SGD + cosine schedule (§IV-B).
+    ``start`` continues a checkpointed run; ``checkpoint(step, history, opt, sched, generator)`` is
+    called every ``checkpoint_every`` steps and at the end; ``stop_after_steps`` ends the call there."""
     from tqdm.auto import tqdm
 
+    start = start or JointState()
     model.to(device).train()
     opt = torch.optim.SGD(
         model.parameters(),
@@ -263,11 +298,18 @@ def joint_train(
     # FixMatch's cosine decay: lr · cos(7πk / 16K)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: math.cos(7 * math.pi * s / (16 * max(1, steps))))
     g = torch.Generator().manual_seed(config.seed + 1)
+    if start.optimizer is not None:
+        restore_optimizer("joint", opt, {k: v.to(device) for k, v in start.optimizer[0].items()}, start.optimizer[1])
+    if start.scheduler is not None:
+        sched.load_state_dict(start.scheduler)
+    if start.generator is not None:
+        g.set_state(start.generator)
     n = len(images)
     u_size = min(n, config.labeled_batch * config.unlabeled_ratio)
-    history = []
-    bar = tqdm(total=steps, desc="SPICE joint", unit="step", disable=not progress)
-    for step in range(steps):
+    history = list(start.history)
+    end = steps if stop_after_steps is None else min(steps, stop_after_steps)
+    bar = tqdm(total=steps, initial=start.step, desc="SPICE joint", unit="step", disable=not progress)
+    for step in range(start.step, end):
         li = torch.randint(0, reliable_idx.numel(), (min(config.labeled_batch, reliable_idx.numel()),), generator=g)
         ui = torch.randperm(n, generator=g)[:u_size]
         xl = torch.from_numpy(images[reliable_idx[li].numpy()]).to(device)
@@ -290,6 +332,8 @@ def joint_train(
             log(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mask=f"{parts['mask']:.2f}")
+        if checkpoint is not None and (step + 1 == end or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+            checkpoint(step + 1, history, opt, sched, g)
     bar.close()
     model.eval()
     return history
@@ -348,16 +392,43 @@ def train_spice(
     progress: bool = False,
     log=None,
     device: str = "cpu",
-) -> SpiceResult:
+    out_dir=None,
+    resume: bool = False,
+    checkpoint_every: int = 50,
+    stop_after_joint_steps: int | None = None,
+) -> SpiceResult | None:
     """Stages 2 and 3 on uint8 images (N, H, W, 3). ``feature_cache`` (plain/weak/strong
-    tensors, e.g. a :class:`calibclust.train.features.FeatureCache`) skips the feature pass."""
+    tensors, e.g. a :class:`calibclust.train.features.FeatureCache`) skips the feature pass.
+
+    With ``out_dir`` the resume state goes to ``out_dir/checkpoint/`` (see the module docstring);
+    ``resume`` continues from it (same settings and images, else an error); without ``resume`` an
+    existing state is an error. ``stop_after_joint_steps`` ends the call after that many joint steps
+    in total, state written, and returns None (a later ``resume=True`` call finishes the run exactly)."""
+    from calibclust.train.features import images_digest
+
     t0 = time.time()
     model = ClusteringModel(backbone, config.num_clusters, config.hidden_dim, head_names=("clustering",),
                             predict_head="clustering", mean=tuple(mean), std=tuple(std))
+    digest = images_digest(images)
+    state = None
+    if out_dir is not None:
+        if state_paths(out_dir)[0].is_file() and not resume:
+            raise InputError(f"{out_dir} already holds a SPICE training checkpoint; pass --resume to continue it "
+                             "or choose a new --out")
+        state = read_state(out_dir, STATE_FORMAT) if resume else None
+        if resume and state is None and log is not None:
+            log({"resume": f"no checkpoint in {out_dir}; starting from scratch"})
+    if state is not None:
+        check_same_settings(state[1]["config"], config.to_dict(), out_dir)
+        if state[1]["images"] != digest:
+            raise InputError(f"--resume on different images than the checkpoint in {out_dir}")
     cache = feature_cache or view_features(model, images, config, view_config, progress, device)
-    heads = train_heads(cache.plain.float().cpu(), cache.weak.cpu(), cache.strong.cpu(), config, progress, log)
-    model.heads["clustering"].load_state_dict(heads.best_head.state_dict())
     plain = cache.plain.float().cpu()
+    if state is None:
+        heads = train_heads(plain, cache.weak.cpu(), cache.strong.cpu(), config, progress, log)
+    else:
+        heads = _heads_from_state(state, plain.shape[1], config)
+    model.heads["clustering"].load_state_dict(heads.best_head.state_dict())
     with torch.no_grad():
         spice_s = torch.softmax(heads.best_head.eval()(plain), 1)
     sel, strategy = reliable_selection(spice_s, plain, config)
@@ -365,10 +436,51 @@ def train_spice(
     history: list[dict] = []
     probs = spice_s
     if config.joint and len(sel):
-        history = joint_train(model, images, sel.indices.cpu(), sel.labels.cpu(), config, view_config, progress, log, device)
+        start = None
+        if state is not None and state[1]["stage"] == "joint":
+            tensors, meta = state
+            model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+            start = JointState(meta["step"], meta["joint_history"], (tensors, meta["optimizer"]), meta["scheduler"],
+                               tensors["generator"])
+
+        def checkpoint(step, hist, opt, sched, gen):
+            if out_dir is None:
+                return
+            opt_t, opt_m = optimizer_tensors("joint", opt)
+            tensors = {**_heads_tensors(heads), **opt_t, "generator": gen.get_state(),
+                       **{f"model.{k}": v for k, v in model.state_dict().items()}}
+            write_state(out_dir, tensors, {**_heads_meta(heads, config, digest), "stage": "joint", "step": step,
+                                           "joint_history": hist, "optimizer": opt_m, "scheduler": sched.state_dict()})
+
+        if state is None and out_dir is not None:
+            write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, digest), "stage": "heads"})
+        history = joint_train(model, images, sel.indices.cpu(), sel.labels.cpu(), config, view_config, progress, log,
+                              device, start, checkpoint, checkpoint_every, stop_after_joint_steps)
+        if stop_after_joint_steps is not None and len(history) < config.joint_steps:
+            return None
         probs = predict_probs(model, images, device=device)
+    elif state is None and out_dir is not None:
+        write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, digest), "stage": "heads"})
     return SpiceResult(model.cpu().eval(), heads, spice_s, probs, sel.indices.cpu(), sel.labels.cpu(), report,
                        history, time.time() - t0)
+
+
+def _heads_tensors(heads: HeadsResult) -> dict[str, torch.Tensor]:
+    return {f"heads.{k}": v for k, v in heads.heads.state_dict().items()}
+
+
+def _heads_meta(heads: HeadsResult, config: SpiceConfig, digest: str) -> dict:
+    return {"format": STATE_FORMAT, "config": config.to_dict(), "images": digest, "best": heads.best,
+            "losses": heads.losses.tolist(), "heads_history": heads.history}
+
+
+def _heads_from_state(state, dim: int, config: SpiceConfig) -> HeadsResult:
+    tensors, meta = state
+    heads = nn.ModuleList(MLPHead(dim, config.hidden_dim, config.num_clusters) for _ in range(config.n_heads))
+    heads.load_state_dict({k[len("heads.") :]: v for k, v in tensors.items() if k.startswith("heads.")})
+    for h in heads:
+        h.eval()
+    return HeadsResult(heads, torch.tensor(meta["losses"]), int(meta["best"]), list(meta["heads_history"]))
 
 
 def spice_metadata(model: ClusteringModel, input_size, cluster_names=None, train_stats=None):

@@ -117,6 +117,11 @@ def register_cli(subparsers) -> None:
     p = sub.add_parser("spice", help="SPICE: prototype pseudo-labelling heads + reliable joint training",
                        description=SPICE_DESCRIPTION, epilog=SPICE_EPILOG, formatter_class=_RAW)
     _add_data_args(p)
+    ck = p.add_argument_group("checkpoints")
+    ck.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run in --out (same settings and images; ends with the same weights)")
+    ck.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS",
+                    help="joint-training steps between resume checkpoints (default %(default)s; stage 2 is saved when it ends)")
     p.set_defaults(func=run_spice)
 
     c = sub.add_parser("compare", help="one table: K-means, SPICE_s, SPICE, CDC-Clu, CDC-Cal on one folder",
@@ -124,6 +129,8 @@ def register_cli(subparsers) -> None:
     _add_data_args(c)
     c.add_argument("--cdc-epochs", type=int, default=40, help="CDC epochs (default %(default)s)")
     c.add_argument("--cdc-batch-size", type=int, default=300, help="CDC batch B (default %(default)s)")
+    c.add_argument("--cdc-views", type=int, default=8,
+                   help="CDC's cached weak/strong views per image, frozen mode (default %(default)s, as train cdc)")
     c.add_argument("--cdc-full", action="store_true", help="train CDC's backbone too (default: frozen features)")
     c.set_defaults(func=run_compare, batch_size=300, joint_steps=100, neighbors=20)
 
@@ -191,7 +198,7 @@ def _report(probs, labels):
             "mean_confidence": float(conf.mean())}
 
 
-def _spice_run(args, data, backbone, norm, view_config, device):
+def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None):
     from calibclust.models.clustering import ClusteringModel
     from calibclust.train.features import compute_feature_cache
     from calibclust.train.spice import train_spice
@@ -202,8 +209,9 @@ def _spice_run(args, data, backbone, norm, view_config, device):
     cache = compute_feature_cache(probe.embed, probe.preprocess, data.images, config.views, config.seed, view_config,
                                   device=device, progress=not args.no_progress)
     log = (lambda rec: None) if args.no_progress else (lambda rec: print(json.dumps(rec), file=sys.stderr))
+    resume = {} if out_dir is None else {"out_dir": out_dir, "resume": args.resume, "checkpoint_every": args.checkpoint_every}
     result = train_spice(backbone, data.images, config, feature_cache=cache, mean=norm[0], std=norm[1],
-                         view_config=view_config, progress=not args.no_progress, log=log, device=device)
+                         view_config=view_config, progress=not args.no_progress, log=log, device=device, **resume)
     return config, cache, result
 
 
@@ -224,7 +232,7 @@ def run_spice(args) -> int:
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
     print(f"training SPICE on {data.num_images} images, K={args.clusters}, output {args.out}", file=sys.stderr)
-    config, _, result = _spice_run(args, data, backbone, norm, view_config, device)
+    config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out))
     model_dir = _save_spice(args, data, config, result, pretrained)
     run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "backbone": info or {"name": args.backbone},
            "head_losses": result.heads.losses.tolist(), "best_head": result.heads.best,
@@ -285,7 +293,7 @@ def run_compare(args) -> int:
     _save_spice(args, data, config, result, pretrained)
     cdc_cfg = CDCConfig(num_clusters=args.clusters, epochs=args.cdc_epochs, batch_size=args.cdc_batch_size,
                         sub_batch_size=max(2, args.cdc_batch_size // 2), freeze_backbone=not args.cdc_full,
-                        num_views=args.views, recalibrate_bn="no", views=view_config, seed=args.seed)
+                        num_views=args.cdc_views, recalibrate_bn="no", views=view_config, seed=args.seed)
     cdc = train_cdc(cdc_cfg, data, out / "cdc", cdc_backbone, info, args.backbone, device=device,
                     progress=not args.no_progress)
     zc = embed_images(cdc.model, data.images, device=device)
