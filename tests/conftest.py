@@ -87,3 +87,15 @@ def digits_moco_backbone(quickstart_out):
     path = quickstart_out / "pretrain"
     assert (path / "backbone.safetensors").is_file(), f"no pretrained backbone in {path}"
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a module of small-tensor tests (OpenMP barriers on a shared 2-core
+    machine cost more than a second thread gains); the previous count is restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

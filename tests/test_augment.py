@@ -19,13 +19,8 @@ from calibclust.augment import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors on a shared 2-core machine: OpenMP barriers cost more than a second thread gains.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _images(n=6, h=20, w=24, seed=0):

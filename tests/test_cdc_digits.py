@@ -15,7 +15,6 @@ MoCo-v2 backbone pretrained on the digits first — the paper's setting, where t
 import argparse
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,14 +26,8 @@ from calibclust.train.cdc import CDCConfig, CDCTrainer, TrainingData, load_backb
 from calibclust.train.views import ViewConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The suite shares 2 cores with other work; these small ops are fastest single-threaded.
-    # Restored afterwards so other test modules keep torch's default.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 ACC_TOLERANCE = 0.03  # CDC-Cal may lose at most 3 points of ACC against K-means on the same features
 INIT_TOLERANCE = 0.05  # prototype-initialised head vs K-means on the same features

@@ -16,21 +16,14 @@ from calibclust.train.cdc import (
     TrainingData,
     calibration_losses,
     clustering_loss,
-    head_probabilities,
     minicluster_targets,
     prototype_init,
     separate_prototypes,
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The suite shares 2 cores with other work; these small ops are fastest single-threaded.
-    # Restored afterwards so other test modules keep torch's default.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # --- Eq. 1 / Theorem 1 -----------------------------------------------------------------------------

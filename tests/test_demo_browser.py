@@ -8,7 +8,6 @@ Skipped (with the reason) where no ``chromium`` / ``chromium-browser`` is on PAT
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os

@@ -16,13 +16,8 @@ from calibclust.models.backbones import build_backbone  # noqa: E402
 from calibclust.models.weights import load_backbone, save_backbone  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors on a shared 2-core machine: OpenMP barriers cost more than a second thread gains.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,8 @@ from calibclust.predict import predict_folder
 from calibclust.train.cli import register_cli, register_predict_cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The suite shares 2 cores with other work; these small ops are fastest single-threaded.
-    # Restored afterwards so other test modules keep torch's default.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

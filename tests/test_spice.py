@@ -25,13 +25,8 @@ from calibclust.train.spice import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine's 2 cores are shared; one thread is ~30x faster than two under that load.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_double_softmax_ce_matches_eq5():
