@@ -66,7 +66,8 @@ example (sklearn's digits, small backbone; ~3.5 min pretraining + ~1.5 min compa
   python -c "from calibclust.datasets import make_digits_folder; make_digits_folder('digits')"
   calibclust pretrain digits --out runs/moco --epochs 100 --batch-size 64 --lr 0.06 \\
       --proj-hidden-dim 512 --proj-dim 128
-  calibclust train compare digits --clusters 10 --out runs/compare --no-flip --backbone-weights runs/moco
+  calibclust train compare digits --clusters 10 --out runs/compare --no-flip --backbone-weights runs/moco \\
+      --cdc-orth-steps 500
 
 Without --backbone-weights the backbone is random (BatchNorm statistics re-estimated): SPICE's
 prototype pseudo-labels assume a pretrained embedding and collapse on random features.
@@ -131,6 +132,9 @@ def register_cli(subparsers) -> None:
     c.add_argument("--cdc-batch-size", type=int, default=300, help="CDC batch B (default %(default)s)")
     c.add_argument("--cdc-views", type=int, default=8,
                    help="CDC's cached weak/strong views per image, frozen mode (default %(default)s, as train cdc)")
+    c.add_argument("--cdc-orth-steps", type=int, default=2000,
+                   help="CDC's prototype separation steps (default %(default)s, the authors'; the quick start uses 500, "
+                        "which measured 0.815 vs 0.719 ACC on digits)")
     c.add_argument("--cdc-full", action="store_true", help="train CDC's backbone too (default: frozen features)")
     c.set_defaults(func=run_compare, batch_size=300, joint_steps=100, neighbors=20)
 
@@ -293,7 +297,7 @@ def run_compare(args) -> int:
     _save_spice(args, data, config, result, pretrained)
     cdc_cfg = CDCConfig(num_clusters=args.clusters, epochs=args.cdc_epochs, batch_size=args.cdc_batch_size,
                         sub_batch_size=max(2, args.cdc_batch_size // 2), freeze_backbone=not args.cdc_full,
-                        num_views=args.cdc_views, recalibrate_bn="no", views=view_config, seed=args.seed)
+                        num_views=args.cdc_views, orth_steps=args.cdc_orth_steps, recalibrate_bn="no", views=view_config, seed=args.seed)
     cdc = train_cdc(cdc_cfg, data, out / "cdc", cdc_backbone, info, args.backbone, device=device,
                     progress=not args.no_progress)
     zc = embed_images(cdc.model, data.images, device=device)
