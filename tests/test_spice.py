@@ -242,6 +242,24 @@ def test_cli_train_spice_resume(tmp_path, capsys):
     assert (out / "model" / "model.safetensors").read_bytes() == first
 
 
+def test_cli_train_spice_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("calibclust.train.cdc", reason="the train group and data loading come with the cdc branch")
+    import calibclust.train.spice_cli as spice_cli
+    from calibclust.cli import main
+    from calibclust.datasets import make_digits_folder
+
+    def interrupted(*args, out_dir=None, **kw):
+        (out_dir / "checkpoint").mkdir(parents=True)
+        (out_dir / "checkpoint" / "state.json").write_text(json.dumps({"stage": "joint", "step": 150}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spice_cli, "_spice_run", interrupted)
+    folder = make_digits_folder(tmp_path / "digits", limit=30)
+    assert main(["train", "spice", str(folder), "--out", str(tmp_path / "run"), "--clusters", "10", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "joint step 150" in err and "plus --resume" in err, err
+
+
 def test_cli_help_teaches():
     pytest.importorskip("calibclust.train.cdc", reason="the train group comes with the cdc branch")
     from calibclust.cli import build_parser

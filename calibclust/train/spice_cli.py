@@ -232,11 +232,29 @@ def _save_spice(args, data, config, result, pretrained) -> Path:
     return save_model(result.model, Path(args.out) / "model", meta)
 
 
+def _say_how_to_resume(out: Path) -> None:
+    from calibclust.train.state import state_paths
+
+    meta_path = state_paths(out)[1]
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        where = f"joint step {meta['step']}" if meta.get("stage") == "joint" else "the end of stage 2"
+        print(f"\ntrain spice: interrupted; the last checkpoint in {meta_path.parent} is at {where}. "
+              "Continue with the same command plus --resume.", file=sys.stderr)
+    else:
+        print("\ntrain spice: interrupted before the first checkpoint (the end of stage 2); rerun the command.",
+              file=sys.stderr)
+
+
 def run_spice(args) -> int:
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
     print(f"training SPICE on {data.num_images} images, K={args.clusters}, output {args.out}", file=sys.stderr)
-    config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out))
+    try:
+        config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out))
+    except KeyboardInterrupt:
+        _say_how_to_resume(Path(args.out))
+        raise
     model_dir = _save_spice(args, data, config, result, pretrained)
     run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "backbone": info or {"name": args.backbone},
            "head_losses": result.heads.losses.tolist(), "best_head": result.heads.best,
