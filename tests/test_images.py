@@ -300,6 +300,8 @@ def _jpeg_cases(tmp_path: Path) -> dict[str, Path]:
         "photo-444.jpg": (Image.fromarray(photo), {"quality": 95, "subsampling": 0}),
         "photo-progressive.jpg": (Image.fromarray(photo), {"quality": 80, "progressive": True}),
         "tiny-7.jpg": (Image.fromarray(photo[:7, :7]), {"quality": 90}),
+        "noise-56.jpg": (Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)), {"quality": 90}),
+        "photo-100x60.jpg": (Image.fromarray(photo).resize((100, 60)), {"quality": 90}),
         "grey.jpg": (Image.fromarray(photo).convert("L"), {"quality": 90}),
         "cmyk.jpg": (Image.fromarray(photo).convert("CMYK"), {"quality": 90}),
     }
@@ -312,10 +314,17 @@ def _jpeg_cases(tmp_path: Path) -> dict[str, Path]:
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     paths["exif-rotated.jpg"] = tmp_path / "exif-rotated.jpg"
     rotated.save(paths["exif-rotated.jpg"], "JPEG", exif=exif.tobytes(), quality=90)
+    # EXIF behind > 64 KiB of ICC profile, and an orientation given only in XMP (Pillow reads both)
+    paths["late-exif.jpg"] = tmp_path / "late-exif.jpg"
+    rotated.save(paths["late-exif.jpg"], "JPEG", exif=exif.tobytes(), icc_profile=bytes(70_000), quality=90)
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    paths["xmp-rotated.jpg"] = tmp_path / "xmp-rotated.jpg"
+    rotated.save(paths["xmp-rotated.jpg"], "JPEG", xmp=xmp, quality=90)
     return paths
 
 
-@pytest.mark.parametrize("size", [None, (32, 32), (224, 224), (60, 40)])
+@pytest.mark.parametrize("size", [None, (32, 32), (224, 224), (60, 40), (8, 8), (7, 7), (20, 30)])
 def test_fast_jpeg_path_is_pixel_identical_to_pillow(tmp_path, monkeypatch, size):
     import calibclust.io.images as images
 
@@ -334,8 +343,8 @@ def test_fast_jpeg_path_is_pixel_identical_to_pillow(tmp_path, monkeypatch, size
 
     monkeypatch.setattr(images, "_simplejpeg", Spy)
     fast = {name: decode_image(p, size=size) for name, p in paths.items()}
-    # grey, CMYK and EXIF files go to Pillow; the 7 plain colour JPEGs take the fast path
-    assert len(used) == 7, used
+    # tiny, grey, CMYK, EXIF and XMP files go to Pillow; the 8 plain colour JPEGs take the fast path
+    assert len(used) == 8, used
     if size == (32, 32):
         assert {"min_height": 75, "min_width": 64} in [{k: v for k, v in kw.items() if k != "colorspace"} for kw in used]
     fast_bytes = {name: decode_image(p.read_bytes(), size=size) for name, p in paths.items()}

@@ -24,7 +24,6 @@ from calibclust.train.spice import (
     train_spice,
 )
 
-
 # Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -192,6 +191,7 @@ def test_resume_after_a_stop_ends_with_the_same_weights(tmp_path):
     from calibclust.errors import InputError
     from calibclust.models.backbones import build_backbone
     from calibclust.train.spice import train_spice
+    from calibclust.train.views import ViewConfig
 
     images, _ = digits_images(32)
     images = images[:240]
@@ -222,6 +222,12 @@ def test_resume_after_a_stop_ends_with_the_same_weights(tmp_path):
     other = dataclasses.replace(cfg, joint_lr=0.01)
     with pytest.raises(InputError, match="joint_lr"):
         train_spice(fresh_backbone(), images, other, out_dir=tmp_path / "split", resume=True)
+    torch.manual_seed(1)
+    with pytest.raises(InputError, match="different backbone"):
+        train_spice(build_backbone("small"), images, cfg, out_dir=tmp_path / "split", resume=True)
+    with pytest.raises(InputError, match="different views"):
+        train_spice(fresh_backbone(), images, cfg, out_dir=tmp_path / "split", resume=True,
+                    view_config=ViewConfig(flip_p=0.0))
 
 
 def test_cli_train_spice_resume(tmp_path, capsys):

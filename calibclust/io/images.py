@@ -13,7 +13,8 @@ Design choices (documented because training, export calibration and serving must
   Pillow's bilinear filter, which antialiases when shrinking. JPEGs are first decoded at a reduced
   scale (``Image.draft``) when much larger than the target, which is what makes 224-px serving fast.
 * **Fast JPEG path** – when the optional ``simplejpeg`` (libjpeg-turbo) is installed, plain YCbCr
-  JPEGs without EXIF are decoded by it instead of Pillow: the same library underneath and the same
+  JPEGs of at least 16 px without an APP1 segment (EXIF/XMP, which may carry an orientation) are
+  decoded by it instead of Pillow: the same library underneath and the same
   DCT-domain scale as ``Image.draft``, so the pixels are identical (tests/test_images.py), at about a
   quarter of the cost on small files (Pillow parses JPEG headers in Python). Anything else, and any
   file it cannot decode, takes the Pillow path, which names the error.
@@ -168,6 +169,28 @@ def _draft_scale(width: int, height: int, size: tuple[int, int]) -> int:
     return next((s for s in (8, 4, 2) if ratio >= s), 1)
 
 
+def _has_app1_segment(data: bytes) -> bool:
+    """True when the JPEG header holds an APP1 segment (EXIF or XMP: either may carry the orientation
+    Pillow's path applies) before the image data, or cannot be walked; then Pillow decodes it."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return True  # not a marker where one must be: let Pillow judge the file
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: the header is over
+            return False
+        if marker == 0xE1:
+            return True
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return True
+
+
 def _decode_jpeg_fast(source: ImageSource, size: tuple[int, int] | None, max_pixels: int) -> np.ndarray | None:
     """The fast JPEG path, or None when the file is not one it handles exactly like Pillow."""
     if isinstance(source, (bytes, bytearray)):
@@ -180,14 +203,14 @@ def _decode_jpeg_fast(source: ImageSource, size: tuple[int, int] | None, max_pix
             return None
     else:
         return None
-    # EXIF may carry an orientation (Pillow's path applies it); the check may over-match, never under.
-    if data[:2] != b"\xff\xd8" or b"Exif\x00\x00" in data[:65536]:
+    if data[:2] != b"\xff\xd8" or _has_app1_segment(data):
         return None
     try:
         height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
-        if colorspace != "YCbCr" or width * height > max_pixels:
+        # Tiny images: several libjpeg scales give the same output size there; Pillow decides.
+        if colorspace != "YCbCr" or width * height > max_pixels or min(width, height) < 16:
             return None
-        scale = 1 if size is None or min(width, height) < 64 else _draft_scale(width, height, size)
+        scale = 1 if size is None else _draft_scale(width, height, size)
         if scale == 1:
             arr = _simplejpeg.decode_jpeg(data, colorspace="RGB")
         else:

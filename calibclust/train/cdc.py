@@ -63,10 +63,10 @@ from calibclust.train.features import (
 from calibclust.train.selection import SelectionInputs, build_strategy
 from calibclust.train.state import (
     check_same_settings,
+    has_state,
     optimizer_tensors,
     read_state,
     restore_optimizer,
-    state_paths,
     write_state,
 )
 from calibclust.train.views import ViewConfig, strong_view, weak_view
@@ -761,7 +761,7 @@ class CDCTrainer:
         cfg = self.config
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            existing = state_paths(self.out_dir)[0].is_file()
+            existing = has_state(self.out_dir)
             if existing and not resume:
                 raise InputError(f"{self.out_dir} already holds a training checkpoint; pass --resume to continue it or choose a new --out")
         start_epoch = self.load_state() if resume and self.out_dir is not None else None

@@ -26,6 +26,7 @@ a resumed run ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -42,10 +43,10 @@ from calibclust.train.selection import SelectionInputs, build_strategy
 from calibclust.train.selection_spice import PrototypeSelection, ReliableSelection
 from calibclust.train.state import (
     check_same_settings,
+    has_state,
     optimizer_tensors,
     read_state,
     restore_optimizer,
-    state_paths,
     write_state,
 )
 
@@ -404,15 +405,18 @@ def train_spice(
     ``resume`` continues from it (same settings and images, else an error); without ``resume`` an
     existing state is an error. ``stop_after_joint_steps`` ends the call after that many joint steps
     in total, state written, and returns None (a later ``resume=True`` call finishes the run exactly)."""
-    from calibclust.train.features import images_digest
+    from calibclust.train.features import images_digest, module_digest
 
     t0 = time.time()
+    # What a resumed run must share with the checkpoint besides the settings: the same images, the
+    # same backbone as passed in (weights + BatchNorm statistics) and the same views.
+    views = None if view_config is None else json.loads(json.dumps(dataclasses.asdict(view_config)))
+    identity = {"images": images_digest(images), "backbone": module_digest(backbone), "views": views}
     model = ClusteringModel(backbone, config.num_clusters, config.hidden_dim, head_names=("clustering",),
                             predict_head="clustering", mean=tuple(mean), std=tuple(std))
-    digest = images_digest(images)
     state = None
     if out_dir is not None:
-        if state_paths(out_dir)[0].is_file() and not resume:
+        if has_state(out_dir) and not resume:
             raise InputError(f"{out_dir} already holds a SPICE training checkpoint; pass --resume to continue it "
                              "or choose a new --out")
         state = read_state(out_dir, STATE_FORMAT) if resume else None
@@ -420,8 +424,9 @@ def train_spice(
             log({"resume": f"no checkpoint in {out_dir}; starting from scratch"})
     if state is not None:
         check_same_settings(state[1]["config"], config.to_dict(), out_dir)
-        if state[1]["images"] != digest:
-            raise InputError(f"--resume on different images than the checkpoint in {out_dir}")
+        for key, value in identity.items():
+            if state[1].get(key) != value:
+                raise InputError(f"--resume with different {key} than the checkpoint in {out_dir} was trained on")
     cache = feature_cache or view_features(model, images, config, view_config, progress, device)
     plain = cache.plain.float().cpu()
     if state is None:
@@ -449,18 +454,18 @@ def train_spice(
             opt_t, opt_m = optimizer_tensors("joint", opt)
             tensors = {**_heads_tensors(heads), **opt_t, "generator": gen.get_state(),
                        **{f"model.{k}": v for k, v in model.state_dict().items()}}
-            write_state(out_dir, tensors, {**_heads_meta(heads, config, digest), "stage": "joint", "step": step,
+            write_state(out_dir, tensors, {**_heads_meta(heads, config, identity), "stage": "joint", "step": step,
                                            "joint_history": hist, "optimizer": opt_m, "scheduler": sched.state_dict()})
 
         if state is None and out_dir is not None:
-            write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, digest), "stage": "heads"})
+            write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, identity), "stage": "heads"})
         history = joint_train(model, images, sel.indices.cpu(), sel.labels.cpu(), config, view_config, progress, log,
                               device, start, checkpoint, checkpoint_every, stop_after_joint_steps)
         if stop_after_joint_steps is not None and len(history) < config.joint_steps:
             return None
         probs = predict_probs(model, images, device=device)
     elif state is None and out_dir is not None:
-        write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, digest), "stage": "heads"})
+        write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, identity), "stage": "heads"})
     return SpiceResult(model.cpu().eval(), heads, spice_s, probs, sel.indices.cpu(), sel.labels.cpu(), report,
                        history, time.time() - t0)
 
@@ -469,8 +474,8 @@ def _heads_tensors(heads: HeadsResult) -> dict[str, torch.Tensor]:
     return {f"heads.{k}": v for k, v in heads.heads.state_dict().items()}
 
 
-def _heads_meta(heads: HeadsResult, config: SpiceConfig, digest: str) -> dict:
-    return {"format": STATE_FORMAT, "config": config.to_dict(), "images": digest, "best": heads.best,
+def _heads_meta(heads: HeadsResult, config: SpiceConfig, identity: dict) -> dict:
+    return {"format": STATE_FORMAT, "config": config.to_dict(), **identity, "best": heads.best,
             "losses": heads.losses.tolist(), "heads_history": heads.history}
 
 

@@ -233,9 +233,9 @@ def _save_spice(args, data, config, result, pretrained) -> Path:
 
 
 def _say_how_to_resume(out: Path) -> None:
-    from calibclust.train.state import state_paths
+    from calibclust.train.state import state_json
 
-    meta_path = state_paths(out)[1]
+    meta_path = state_json(out)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         where = f"joint step {meta['step']}" if meta.get("stage") == "joint" else "the end of stage 2"
@@ -247,6 +247,15 @@ def _say_how_to_resume(out: Path) -> None:
 
 
 def run_spice(args) -> int:
+    from calibclust.errors import InputError
+    from calibclust.train.state import has_state
+
+    # Before the data and feature passes: refuse early, or say that --resume found nothing.
+    if has_state(args.out) and not args.resume:
+        raise InputError(f"{args.out} already holds a SPICE training checkpoint; pass --resume to continue it "
+                         "or choose a new --out")
+    if args.resume and not has_state(args.out):
+        print(f"train spice: no checkpoint in {args.out}; starting from scratch", file=sys.stderr)
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
     print(f"training SPICE on {data.num_images} images, K={args.clusters}, output {args.out}", file=sys.stderr)

@@ -1,5 +1,9 @@
 """Resume state of a training run: one tensors file (safetensors, never pickle) plus one JSON file in
-``OUT/checkpoint/``, replaced atomically as a pair, and the optimizer (de)serialisation both need.
+``OUT/checkpoint/``, and the optimizer (de)serialisation both need.
+
+Atomic as a pair: each save writes a new, uniquely named tensors file, then replaces ``state.json``
+(which names it) — the commit point — then deletes the previous tensors file. A run killed at any
+moment leaves a JSON that names complete tensors from the same save.
 
 Used by CDC (``calibclust.train.cdc``) and SPICE (``calibclust.train.spice``): a run killed at any
 point resumes from its last complete state with ``--resume``.
@@ -16,38 +20,51 @@ import torch
 
 from calibclust.errors import CalibclustError, InputError
 
-STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+STATE_JSON = "state.json"
+LEGACY_TENSORS = "state.safetensors"  # CDC states written before the tensors file was named per save
 
 
-def state_paths(out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    d = Path(out_dir) / "checkpoint"
-    return d / STATE_TENSORS, d / STATE_JSON
+def state_json(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "checkpoint" / STATE_JSON
+
+
+def has_state(out_dir: str | os.PathLike) -> bool:
+    return state_json(out_dir).is_file()
 
 
 def write_state(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write both files under temporary names, then rename them into place (tensors first: a state
-    JSON is only ever next to tensors at least as new as itself)."""
+    import uuid
+
     from safetensors.torch import save_file
 
-    weights, meta_path = state_paths(out_dir)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp_w, tmp_m = weights.with_name(f".{STATE_TENSORS}.tmp"), meta_path.with_name(f".{STATE_JSON}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_w))
-    tmp_m.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_w, weights)
-    os.replace(tmp_m, meta_path)
+    meta_path = state_json(out_dir)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    name = f"state-{uuid.uuid4().hex[:12]}.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(meta_path.parent / name))
+    previous = json.loads(meta_path.read_text()).get("tensors", LEGACY_TENSORS) if meta_path.is_file() else None
+    tmp = meta_path.with_name(f".{STATE_JSON}.tmp")
+    tmp.write_text(json.dumps({**meta, "tensors": name}, indent=1))
+    os.replace(tmp, meta_path)  # the commit point
+    if previous and previous != name:
+        (meta_path.parent / previous).unlink(missing_ok=True)
+    for stale in meta_path.parent.glob("state-*.safetensors"):  # left by a save killed before its commit
+        if stale.name != name:
+            stale.unlink(missing_ok=True)
 
 
 def read_state(out_dir: str | os.PathLike, state_format: str) -> tuple[dict[str, torch.Tensor], dict] | None:
     """(tensors, meta) of the run's state, None when it has none; a state of another kind is an error."""
     from safetensors.torch import load_file
 
-    weights, meta_path = state_paths(out_dir)
-    if not weights.is_file() or not meta_path.is_file():
+    meta_path = state_json(out_dir)
+    if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != state_format:
         raise CalibclustError(f"{meta_path}: format {meta.get('format')!r}, expected {state_format!r}")
+    weights = meta_path.parent / meta.get("tensors", LEGACY_TENSORS)
+    if not weights.is_file():
+        raise CalibclustError(f"{meta_path} names {weights.name}, which is missing: the checkpoint is incomplete")
     return load_file(str(weights), device="cpu"), meta
 
 
