@@ -17,7 +17,7 @@ function of the seed and the saved state; ``--resume`` reloads weights, key enco
 optimizer buffers and the global RNG states and continues bit-for-bit (on the same device type and
 thread count). Checkpoints: ``backbone.safetensors`` + ``backbone.json`` (the inference artefact,
 :func:`calibclust.models.weights.save_backbone`) and ``checkpoint/`` (resume state: one
-safetensors file of tensors + a JSON of plain values), written every epoch.
+safetensors file of tensors + a JSON of plain values, :mod:`calibclust.train.state`), written every epoch.
 
 Multi-GPU / multi-process: launch with ``torchrun --nproc_per_node N -m calibclust pretrain ...``.
 The query encoder is wrapped in DistributedDataParallel; keys are computed on a batch shuffled
@@ -39,9 +39,7 @@ from pathlib import Path
 from calibclust.augment import AugmentConfig
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
-STATE_FORMAT = "calibclust-pretrain-state/1"
-CHECKPOINT_DIR = "checkpoint"
-STATE_JSON = "state.json"
+STATE_FORMAT = "calibclust-pretrain-state/2"  # /2: written by calibclust.train.state
 # Config fields that may change between a run and its resumption (they do not alter the math).
 RESUMABLE_CHANGES = ("checkpoint_every_steps",)
 
@@ -248,68 +246,42 @@ def _gather(t):
 
 def _write_state(out_dir: Path, moco, optimizer, scaler, global_step: int, meta: dict):
     import torch
-    from safetensors.torch import save_file
 
-    ckpt = out_dir / CHECKPOINT_DIR
-    ckpt.mkdir(parents=True, exist_ok=True)
-    tensors = {f"moco.{k}": v.detach().cpu().contiguous() for k, v in moco.state_dict().items()}
-    opt = optimizer.state_dict()
-    state_keys = {}
-    for idx, st in opt["state"].items():
-        names = []
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
-                names.append(name)
-        state_keys[str(idx)] = names
+    from calibclust.train.state import optimizer_tensors, write_state
+
+    tensors = {f"moco.{k}": v for k, v in moco.state_dict().items()}
+    opt_tensors, opt_meta = optimizer_tensors("moco", optimizer)
+    tensors.update(opt_tensors)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    weights_name = f"state-{global_step:09d}.safetensors"
-    save_file(tensors, str(ckpt / weights_name))
-    doc = dict(meta)
-    doc.update(
-        format=STATE_FORMAT,
-        weights=weights_name,
-        global_step=global_step,
-        optimizer={"param_groups": opt["param_groups"], "state_keys": state_keys},
-        scaler=scaler.state_dict() if scaler is not None else None,
-    )
-    tmp = ckpt / f".{STATE_JSON}.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    previous = None
-    if (ckpt / STATE_JSON).is_file():
-        previous = json.loads((ckpt / STATE_JSON).read_text()).get("weights")
-    os.replace(tmp, ckpt / STATE_JSON)  # the commit point: the JSON names the tensors file
-    if previous and previous != weights_name:
-        (ckpt / previous).unlink(missing_ok=True)
+    write_state(out_dir, tensors, dict(meta, format=STATE_FORMAT, global_step=global_step, optimizer=opt_meta,
+                                       scaler=scaler.state_dict() if scaler is not None else None))
 
 
 def read_state(out_dir: str | os.PathLike) -> dict:
     """The resume state's JSON (plain values) of a pretraining run directory."""
     from calibclust.errors import CalibclustError
+    from calibclust.train.state import read_state_meta, state_json
 
-    path = Path(out_dir) / CHECKPOINT_DIR / STATE_JSON
-    if not path.is_file():
-        raise CalibclustError(f"nothing to resume: {path} does not exist")
-    doc = json.loads(path.read_text())
-    if doc.get("format") != STATE_FORMAT:
-        raise CalibclustError(f"{path}: format {doc.get('format')!r}, expected {STATE_FORMAT!r}")
+    doc = read_state_meta(out_dir, STATE_FORMAT)
+    if doc is None:
+        raise CalibclustError(f"nothing to resume: {state_json(out_dir)} does not exist")
     return doc
 
 
-def _load_state(out_dir: Path, doc: dict, moco, optimizer, scaler, device):
+def _load_state(out_dir: Path, moco, optimizer, scaler, device):
     import torch
-    from safetensors.torch import load_file
 
-    tensors = load_file(str(out_dir / CHECKPOINT_DIR / doc["weights"]))
+    from calibclust.train.state import read_state as read_tensors_and_meta
+    from calibclust.train.state import restore_optimizer
+
+    tensors, doc = read_tensors_and_meta(out_dir, STATE_FORMAT)
     moco_state = {k[len("moco.") :]: v for k, v in tensors.items() if k.startswith("moco.")}
     moco.load_state_dict(moco_state, strict=True)
-    opt_state = {}
-    for idx, names in doc["optimizer"]["state_keys"].items():
-        opt_state[int(idx)] = {name: tensors[f"optim.{idx}.{name}"].to(device) for name in names}
-    optimizer.load_state_dict({"state": opt_state, "param_groups": doc["optimizer"]["param_groups"]})
+    restore_optimizer("moco", optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")},
+                      doc["optimizer"])
     if scaler is not None and doc.get("scaler"):
         scaler.load_state_dict(doc["scaler"])
     torch.set_rng_state(tensors["rng.cpu"])
@@ -416,6 +388,8 @@ def pretrain(
         "data": data_info or {},
         "versions": _versions(),
     }
+    from calibclust.train.state import has_state
+
     history: list[dict] = []
     global_step = 0
     if resume:
@@ -435,10 +409,10 @@ def pretrain(
             raise CalibclustError("the folder's file list differs from the one the checkpoint was trained on")
         if doc["world_size"] != world and rank == 0:
             print(f"pretrain: resuming a {doc['world_size']}-process run on {world}: not bit-for-bit", file=sys.stderr)
-        _load_state(out_dir, doc, moco, optimizer, scaler, device)
+        _load_state(out_dir, moco, optimizer, scaler, device)
         global_step = int(doc["global_step"])
         history = list(doc.get("history", []))
-    elif (out_dir / CHECKPOINT_DIR / STATE_JSON).is_file():  # every rank checks: none may go on alone
+    elif has_state(out_dir):  # every rank checks: none may go on alone
         raise InputError(f"{out_dir} already holds a pretraining run; pass --resume to continue it or choose another --out")
 
     if rank == 0:

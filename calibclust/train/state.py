@@ -5,8 +5,9 @@ Atomic as a pair: each save writes a new, uniquely named tensors file, then repl
 (which names it) — the commit point — then deletes the previous tensors file. A run killed at any
 moment leaves a JSON that names complete tensors from the same save.
 
-Used by CDC (``calibclust.train.cdc``) and SPICE (``calibclust.train.spice``): a run killed at any
-point resumes from its last complete state with ``--resume``.
+Used by MoCo-v2 pretraining (``calibclust.pretrain``), CDC (``calibclust.train.cdc``) and SPICE
+(``calibclust.train.spice``): a run killed at any point resumes from its last complete state with
+``--resume``.
 """
 
 from __future__ import annotations
@@ -52,19 +53,28 @@ def write_state(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], me
             stale.unlink(missing_ok=True)
 
 
-def read_state(out_dir: str | os.PathLike, state_format: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(tensors, meta) of the run's state, None when it has none; a state of another kind is an error."""
-    from safetensors.torch import load_file
-
+def read_state_meta(out_dir: str | os.PathLike, state_format: str) -> dict | None:
+    """The state's JSON (plain values; cheap, no tensors), None when the run has no state; a state
+    of another kind is an error."""
     meta_path = state_json(out_dir)
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != state_format:
         raise CalibclustError(f"{meta_path}: format {meta.get('format')!r}, expected {state_format!r}")
-    weights = meta_path.parent / meta.get("tensors", LEGACY_TENSORS)
+    return meta
+
+
+def read_state(out_dir: str | os.PathLike, state_format: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, meta) of the run's state, None when it has none; a state of another kind is an error."""
+    from safetensors.torch import load_file
+
+    meta = read_state_meta(out_dir, state_format)
+    if meta is None:
+        return None
+    weights = state_json(out_dir).parent / meta.get("tensors", LEGACY_TENSORS)
     if not weights.is_file():
-        raise CalibclustError(f"{meta_path} names {weights.name}, which is missing: the checkpoint is incomplete")
+        raise CalibclustError(f"{state_json(out_dir)} names {weights.name}, which is missing: the checkpoint is incomplete")
     return load_file(str(weights), device="cpu"), meta
 
 
