@@ -431,6 +431,8 @@ def train_spice(
     plain = cache.plain.float().cpu()
     if state is None:
         heads = train_heads(plain, cache.weak.cpu(), cache.strong.cpu(), config, progress, log)
+        if out_dir is not None:
+            write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, identity), "stage": "heads"})
     else:
         heads = _heads_from_state(state, plain.shape[1], config)
     model.heads["clustering"].load_state_dict(heads.best_head.state_dict())
@@ -449,23 +451,18 @@ def train_spice(
                                tensors["generator"])
 
         def checkpoint(step, hist, opt, sched, gen):
-            if out_dir is None:
-                return
             opt_t, opt_m = optimizer_tensors("joint", opt)
             tensors = {**_heads_tensors(heads), **opt_t, "generator": gen.get_state(),
                        **{f"model.{k}": v for k, v in model.state_dict().items()}}
             write_state(out_dir, tensors, {**_heads_meta(heads, config, identity), "stage": "joint", "step": step,
                                            "joint_history": hist, "optimizer": opt_m, "scheduler": sched.state_dict()})
 
-        if state is None and out_dir is not None:
-            write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, identity), "stage": "heads"})
         history = joint_train(model, images, sel.indices.cpu(), sel.labels.cpu(), config, view_config, progress, log,
-                              device, start, checkpoint, checkpoint_every, stop_after_joint_steps)
+                              device, start, checkpoint if out_dir is not None else None, checkpoint_every,
+                              stop_after_joint_steps)
         if stop_after_joint_steps is not None and len(history) < config.joint_steps:
             return None
         probs = predict_probs(model, images, device=device)
-    elif state is None and out_dir is not None:
-        write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, identity), "stage": "heads"})
     return SpiceResult(model.cpu().eval(), heads, spice_s, probs, sel.indices.cpu(), sel.labels.cpu(), report,
                        history, time.time() - t0)
 
