@@ -191,25 +191,27 @@ def _has_app1_segment(data: bytes) -> bool:
     return True
 
 
-def _decode_jpeg_fast(source: ImageSource, size: tuple[int, int] | None, max_pixels: int) -> np.ndarray | None:
-    """The fast JPEG path, or None when the file is not one it handles exactly like Pillow."""
+def _decode_jpeg_fast(
+    source: ImageSource, size: tuple[int, int] | None, max_pixels: int
+) -> tuple[np.ndarray | None, bytes | None]:
+    """(the fast path's array, or None when the file is not one it handles exactly like Pillow;
+    the bytes it read from a path, or None) — Pillow then decodes those bytes, not the file again."""
+    data = read = None
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)) and os.path.splitext(os.fspath(source))[1].lower() in JPEG_EXTENSIONS:
         try:
             with open(source, "rb") as f:
-                data = f.read()
+                data = read = f.read()
         except OSError:
-            return None
-    else:
-        return None
-    if data[:2] != b"\xff\xd8" or _has_app1_segment(data):
-        return None
+            return None, None
+    if data is None or data[:2] != b"\xff\xd8" or _has_app1_segment(data):
+        return None, read
     try:
         height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
         # Tiny images: several libjpeg scales give the same output size there; Pillow decides.
         if colorspace != "YCbCr" or width * height > max_pixels or min(width, height) < 16:
-            return None
+            return None, read
         scale = 1 if size is None else _draft_scale(width, height, size)
         if scale == 1:
             arr = _simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -218,12 +220,12 @@ def _decode_jpeg_fast(source: ImageSource, size: tuple[int, int] | None, max_pix
             want = (-(-height // scale), -(-width // scale))
             arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=want[0], min_width=want[1])
             if arr.shape[:2] != want:
-                return None
+                return None, read
     except Exception:  # truncated, corrupt, unsupported: Pillow decides and names the reason
-        return None
+        return None, read
     if size is not None and arr.shape[:2] != tuple(size):
         arr = np.array(resize_image(arr, size), dtype=np.uint8)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), read
 
 
 def decode_image(
@@ -235,8 +237,9 @@ def decode_image(
 
     Raises :class:`ImageDecodeError` for anything that is not a readable image within ``max_pixels``.
     """
+    read = None
     if _simplejpeg is not None:
-        fast = _decode_jpeg_fast(source, size, max_pixels)
+        fast, read = _decode_jpeg_fast(source, size, max_pixels)
         if fast is not None:
             return fast
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
@@ -247,7 +250,10 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img, name = _open(source)
+            if read is None:
+                img, name = _open(source)
+            else:  # the fast path already read the file; errors still name the path
+                img = Image.open(io.BytesIO(read))
             with img:
                 width, height = img.size
                 if width * height > max_pixels:
