@@ -9,19 +9,13 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def qs(quickstart_out) -> Path:
-    return quickstart_out
-
-
-def test_summary_has_both_heads_and_ood_figures(qs):
-    summary = json.loads((qs / "summary.json").read_text())
+def test_summary_has_both_heads_and_ood_figures(quickstart_out):
+    summary = json.loads((quickstart_out / "summary.json").read_text())
     for head in ("cdc_clu", "cdc_cal"):
         assert 0.0 <= summary[head]["ece"] <= 1.0 and 0.1 <= summary[head]["acc"] <= 1.0, summary
     label = summary["label"]
@@ -38,11 +32,11 @@ TARGET_TOLERANCE = 0.05  # "within a few points" (issue 3)
 
 
 @pytest.mark.parametrize("target", [0.9, 0.95])
-def test_target_accuracy_is_met_on_the_quick_start_cdc_model(qs, tmp_path, target):
+def test_target_accuracy_is_met_on_the_quick_start_cdc_model(quickstart_out, tmp_path, target):
     """Issue 3: ``label --target-accuracy A`` accepts the largest set whose mean calibrated confidence
     is >= A, using no labels; measured with the known labels (clusters mapped to classes by the
     Hungarian matching over all digits), the accepted set's accuracy lands within a few points of A."""
-    digits, model = qs / "data" / "digits", qs / "model" / "model.onnx"
+    digits, model = quickstart_out / "data" / "digits", quickstart_out / "model" / "model.onnx"
     run = [sys.executable, "-m", "calibclust"]
     proc = subprocess.run([*run, "label", str(digits), "--model", str(model), "--out", str(tmp_path / "label"),
                            "--target-accuracy", str(target), "--no-progress", "--no-report"],
@@ -64,21 +58,21 @@ def test_target_accuracy_is_met_on_the_quick_start_cdc_model(qs, tmp_path, targe
     assert 0.05 < coverage < 1.0, msg  # the policy did select: neither everything nor (almost) nothing
 
 
-def test_report_embeds_reliability_diagram_and_thumbnails(qs):
-    html = (qs / "report.html").read_text()
+def test_report_embeds_reliability_diagram_and_thumbnails(quickstart_out):
+    html = (quickstart_out / "report.html").read_text()
     assert 'alt="reliability diagram"' in html
     assert html.count('alt="cluster ') >= 10 * 5, "expected thumbnails for the clusters"
     assert "src=\"data:image/png;base64," in html and "http://" not in html.split("<body", 1)[-1]
 
 
 @pytest.mark.browser
-def test_report_screenshot_in_chromium(qs, tmp_path):
+def test_report_screenshot_in_chromium(quickstart_out, tmp_path):
     from PIL import Image
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     shot = tmp_path / "report.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1100,2200", (qs / "report.html").resolve().as_uri()],
+                    "--window-size=1100,2200", (quickstart_out / "report.html").resolve().as_uri()],
                    check=True, capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     # The reliability diagram's blue accuracy bars (matplotlib's default blue, #0072B2-ish) are on the page.
