@@ -1,8 +1,9 @@
 """Inference backends: run a contract model on a uint8 NHWC batch. Torch-free.
 
-Built in: onnxruntime with the CPU, CUDA or TensorRT execution provider. ``auto`` picks the best
-provider this onnxruntime build offers (TensorRT > CUDA > CPU); an explicit choice that cannot be
-honoured is an error, never a silent fall-back to CPU.
+Built in: onnxruntime with the CPU, CUDA or TensorRT execution provider. ``auto`` starts the best
+provider that actually runs here (TensorRT > CUDA > CPU): onnxruntime-gpu lists TensorRT (and CUDA)
+whether or not their libraries are installed, so a provider that does not start is passed over with
+a note. An explicit choice that cannot be honoured is an error, never a silent fall-back to CPU.
 
 Native TensorRT engines (``.engine``/``.plan`` files) are not run by this package: they need a
 TensorRT + CUDA runtime we cannot exercise here. Instead there is a hook — any installed package
@@ -14,7 +15,10 @@ attribute (e.g. ``(".engine", ".plan")``) so that ``auto`` picks it for such fil
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -43,6 +47,10 @@ class BackendError(CalibclustError):
     pass
 
 
+class ProviderUnavailable(BackendError):
+    """onnxruntime offers the execution provider but could not start it (its libraries are missing)."""
+
+
 class Backend(Protocol):
     name: str  # e.g. "cpu", "cuda", "tensorrt", or a plugin's name
     default_batch_size: int
@@ -57,6 +65,16 @@ def _ort():
     except ImportError as exc:  # pragma: no cover - serve extra always installs it
         raise MissingDependencyError("onnxruntime", "serve", "running models") from exc
     return onnxruntime
+
+
+@functools.cache
+def _preload_gpu_libraries() -> None:
+    """Load CUDA / cuDNN from the nvidia-* pip packages (onnxruntime-gpu >= 1.21 does this only when
+    asked; torch would on import, but serve never imports torch). Its notes go to stderr."""
+    preload = getattr(_ort(), "preload_dlls", None)
+    if preload is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            preload()
 
 
 def available_providers() -> list[str]:
@@ -140,6 +158,8 @@ class OrtBackend:
         if not options.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = self._providers(name, options)
+        if name != "cpu":
+            _preload_gpu_libraries()
         try:
             self.session = ort.InferenceSession(self.model_path, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for a bad file
@@ -147,7 +167,7 @@ class OrtBackend:
         active = self.session.get_providers()
         if active[0] != _PROVIDERS[name]:
             # onnxruntime silently falls back to CPU when CUDA/TensorRT libraries are missing.
-            raise BackendError(
+            raise ProviderUnavailable(
                 f"backend {name!r} requested but onnxruntime started {active[0]} "
                 f"(CUDA/TensorRT libraries missing or incompatible?)"
             )
@@ -187,12 +207,22 @@ class OrtBackend:
 
 
 def create_backend(
-    model_path: str | os.PathLike, backend: str = "auto", options: OrtOptions | None = None
+    model_path: str | os.PathLike, backend: str = "auto", options: OrtOptions | None = None, log=None
 ) -> Backend:
-    """Resolve ``backend`` and start it on ``model_path``."""
+    """Resolve ``backend`` and start it on ``model_path``. With ``auto``, a built-in provider that
+    onnxruntime lists but cannot start is reported through ``log`` and the next one is tried."""
     name = resolve_backend(backend, model_path)
     if name in _PROVIDERS:
-        return OrtBackend(model_path, name, options)
+        if backend != "auto":
+            return OrtBackend(model_path, name, options)
+        candidates = [n for n in available_backends() if n in _PROVIDERS]
+        for candidate in candidates[candidates.index(name):]:
+            try:
+                return OrtBackend(model_path, candidate, options)
+            except ProviderUnavailable as exc:
+                if log is not None:
+                    log(f"backend auto: {candidate} not usable here, trying the next ({exc})")
+        raise BackendError(f"backend auto: none of {', '.join(candidates)} started for {model_path}")
     factory: Callable[..., Backend] = plugin_backends()[name].load()
     options = options or OrtOptions()
     instance = factory(model_path, threads=options.threads, max_batch_size=options.max_batch_size)

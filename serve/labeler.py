@@ -11,6 +11,7 @@ from its metadata (ARCHITECTURE.md, "The model contract"); nothing is restated h
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -47,7 +48,8 @@ class Labeler:
         if not self.model_path.is_file():
             raise InputError(f"model file not found: {self.model_path}")
         self.backend: Backend = create_backend(
-            self.model_path, backend, OrtOptions(threads=threads, max_batch_size=max_batch_size, allow_spinning=allow_spinning)
+            self.model_path, backend, OrtOptions(threads=threads, max_batch_size=max_batch_size, allow_spinning=allow_spinning),
+            log=lambda message: print(f"calibclust: {message}", file=sys.stderr),
         )
         # A plugin backend (native engine) carries the metadata from its sidecar.
         # onnxruntime backends hand over their session, so the file is parsed only once.
