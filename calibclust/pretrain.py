@@ -305,13 +305,26 @@ def _versions() -> dict:
 
 
 def resolve_device(name: str):
+    """``auto`` → this process's GPU if torch sees one, else the CPU. A bare ``cuda`` gets an index
+    too (the process's LOCAL_RANK under torchrun, else 0): ``torch.cuda.set_device`` and DDP's
+    ``device_ids`` refuse an index-less CUDA device. An unusable name is an InputError, not a
+    torch traceback."""
     import torch
 
+    from calibclust.errors import InputError
+
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: torch.cuda.is_available() is False on this machine")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 def pretrain(

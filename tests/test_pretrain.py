@@ -214,3 +214,24 @@ def test_moco_beats_random_init_on_digits_by_a_wide_margin(digits, tmp_path):
     # 30 epochs x 14 steps (3-5 min on one busy core): the loss is well into its decrease.
     random_acc, moco_acc = _pretrain_vs_random(digits, tmp_path, epochs=30, batch_size=128)
     assert moco_acc > random_acc + 0.25, f"K-means ACC on digits: MoCo-v2 (30 epochs) {moco_acc:.3f} vs random init {random_acc:.3f}"
+
+
+def test_resolve_device_gives_cuda_an_index_and_refuses_clearly(monkeypatch):
+    """A bare ``--device cuda`` crashed in torch.cuda.set_device on an H100 machine (it wants an
+    index); unknown names and CUDA without a GPU are InputErrors, not torch tracebacks."""
+    from calibclust.errors import InputError
+    from calibclust.pretrain import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="--device 'foo'"):
+        resolve_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="is False on this machine"):
+            resolve_device("cuda")
+        assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
