@@ -127,12 +127,41 @@ def convert_to_fp16(model_proto):
             node.name = f"{node.op_type}_{i}"
     keep = fp16_region(proto)
     converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep, disable_shape_infer=False)
+    _drop_duplicate_casts(converted.graph)
     _restore_fp32_initializers(converted.graph, model_proto.graph)
     _toposort(converted.graph)  # the converter appends its Cast nodes at the end
     # Its value_info keeps some pre-conversion element types; it is optional, so drop it and let
     # shape inference (onnx.checker, TensorRT's parser) derive the types again.
     del converted.graph.value_info[:]
     return converted
+
+
+def _drop_duplicate_casts(graph) -> None:
+    """onnxruntime < 1.32's converter adds one ``<x>_cast_to_fp32`` Cast per fp32 consumer of an
+    fp16 tensor ``x``, all with the same output name, which breaks SSA (onnx.checker refuses it;
+    seen on an H100 machine with onnxruntime-gpu 1.31.1). The copies are identical: keep the first."""
+    seen: dict[str, tuple] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Cast" and len(node.output) == 1:
+            key = (tuple(node.input), tuple((a.name, a.i) for a in node.attribute))
+            if node.output[0] in seen:
+                if seen[node.output[0]] != key:
+                    raise TensorRTError(f"two different Cast nodes write {node.output[0]!r}")
+                continue
+            seen[node.output[0]] = key
+        kept.append(node)
+    if len(kept) < len(graph.node):
+        # Rebuilt by position: RepeatedField.remove() drops the first *equal* node, i.e. the original.
+        _replace_nodes(graph, kept)
+
+
+def _replace_nodes(graph, nodes) -> None:
+    copies = [type(n)() for n in nodes]
+    for new, old in zip(copies, nodes):
+        new.CopyFrom(old)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _restore_fp32_initializers(graph, original) -> None:
@@ -181,11 +210,7 @@ def _toposort(graph) -> None:
         if not progressed:
             raise TensorRTError(f"graph has a cycle or dangling inputs at {rest[0].name!r}")
         pending = rest
-    nodes = [type(n)() for n in ordered]
-    for new, old in zip(nodes, ordered):
-        new.CopyFrom(old)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _replace_nodes(graph, ordered)
 
 
 def _has_qdq(model_proto) -> bool:

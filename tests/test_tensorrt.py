@@ -132,3 +132,28 @@ def test_engine_from_other_gpu_or_version_is_refused(exported, tmp_path):
     sidecar_path.write_text(json.dumps(doc))
     with pytest.raises(MetadataError, match="built with TensorRT 0.0.1"):
         load_engine(out)
+
+
+def test_duplicate_casts_from_older_converters_are_merged():
+    """onnxruntime < 1.32's float16 converter writes one Cast per fp32 consumer, all with the same
+    output name (onnx.checker: not SSA; seen with onnxruntime-gpu 1.31.1 on an H100)."""
+    from onnx import TensorProto, helper
+
+    from calibclust.export.tensorrt import TensorRTError, _drop_duplicate_casts
+
+    cast = lambda: helper.make_node("Cast", ["h"], ["h_cast_to_fp32"], to=TensorProto.FLOAT)  # noqa: E731
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["h"]), cast(), helper.make_node("Relu", ["h_cast_to_fp32"], ["a"]),
+         cast(), helper.make_node("Neg", ["h_cast_to_fp32"], ["b"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(onnx.checker.ValidationError, match="single static assignment"):
+        onnx.checker.check_model(model, full_check=True)
+    _drop_duplicate_casts(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Identity", "Cast", "Relu", "Neg"]
+    model.graph.node.append(helper.make_node("Cast", ["x"], ["h_cast_to_fp32"], to=TensorProto.FLOAT))
+    with pytest.raises(TensorRTError, match="two different Cast nodes"):
+        _drop_duplicate_casts(model.graph)
