@@ -3,7 +3,11 @@
 All backends compute the same thing — the contract graph (uint8 NHWC → probs, confidence, label,
 ood_score, embedding); torch eager runs :class:`~calibclust.export.onnx.ContractModule`, the module
 that was exported. Inputs are uint8 batches already in memory (digits at the model's input size),
-so decoding is not measured. For each batch size the backends are timed **alternately**, round by
+so decoding is not measured. With a CUDA GPU (``--devices cpu,cuda``) the GPU rows take inputs
+already on the device and leave outputs there (torch tensors; onnxruntime's CUDA provider through
+IO binding; TensorRT on device buffers), so host↔device copies are not measured either: torch
+eager fp32 and fp16 autocast, onnxruntime CUDA, TensorRT FP16. Each row's ratio is to torch eager
+fp32 *on the same device*. For each batch size the backends are timed **alternately**, round by
 round in rotating order, so that load from other processes on a shared machine spreads over all of
 them instead of skewing one. Reported per backend and batch size: images/s (images / total time),
 latency p50/p95 of one call, ratio to torch eager, and achieved GFLOP/s (FLOPs per image counted
@@ -31,6 +35,7 @@ import numpy as np
 class BenchRow:
     backend: str
     batch: int
+    device: str
     images_per_s: float
     p50_ms: float
     p95_ms: float
@@ -46,12 +51,13 @@ class BenchResult:
     info: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        head = f"{'backend':<22}{'batch':>6}{'images/s':>11}{'p50 ms':>10}{'p95 ms':>10}{'x torch':>9}{'GFLOP/s':>9}"
+        head = (f"{'backend':<24}{'device':<7}{'batch':>6}{'images/s':>11}{'p50 ms':>10}{'p95 ms':>10}"
+                f"{'x torch':>9}{'GFLOP/s':>9}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             ratio = "-" if r.ratio_to_torch is None else f"{r.ratio_to_torch:.2f}"
             lines.append(
-                f"{r.backend:<22}{r.batch:>6}{r.images_per_s:>11.1f}{r.p50_ms:>10.2f}{r.p95_ms:>10.2f}"
+                f"{r.backend:<24}{r.device:<7}{r.batch:>6}{r.images_per_s:>11.1f}{r.p50_ms:>10.2f}{r.p95_ms:>10.2f}"
                 f"{ratio:>9}{(r.gflops or 0):>9.1f}"
             )
         return "\n".join(lines)
@@ -110,8 +116,8 @@ def count_flops(model_proto) -> tuple[float, list[str]]:
 
 
 # --- timing --------------------------------------------------------------------------------------
-def _time_alternating(backends: dict[str, Callable[[], object]], calls_per_round: int, rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in backends}
+def _time_alternating(backends: dict, calls_per_round: int, rounds: int) -> dict:
+    times: dict = {name: [] for name in backends}
     names = list(backends)
     for fn in backends.values():  # warm-up: first-call allocations, oneDNN/MLAS kernel selection
         fn()
@@ -147,6 +153,7 @@ def run_model_bench(
     head_steps: int = 300,
     int8: bool = True,
     tensorrt: bool = True,
+    devices: tuple[str, ...] | None = None,
     work_dir: str | None = None,
     seed: int = 0,
     log=print,
@@ -160,6 +167,7 @@ def run_model_bench(
     from calibclust.export.parity import ort_session
 
     torch.set_num_threads(threads)
+    devices = resolve_devices(devices)
     load_before = os.getloadavg()
     if model is None:
         from calibclust.export.selflabel import fit_heads, recalibrate_batchnorm, thumbnail_kmeans_labels
@@ -202,7 +210,7 @@ def run_model_bench(
             "fp32_parity": exported.parity.to_dict(),
             "flops_unknown_nodes": unknown,
         }
-        if int8:
+        if int8 and "cpu" in devices:
             from calibclust.export.int8 import Int8Config, quantize_int8
 
             # The bench reports agreement instead of refusing (min_agreement ~ 0); export refuses < 99%.
@@ -212,45 +220,47 @@ def run_model_bench(
             info["int8_label_agreement"] = q.agreement.label_agreement
             info["int8_eval_images"] = q.agreement.n_images
         module = exported.module
-        runners: dict[str, Callable[[np.ndarray], Callable[[], object]]] = {}
+        runners: dict[tuple[str, str], Callable[[np.ndarray], Callable[[], object]]] = {}  # (backend, device)
+        if "cpu" in devices:
+            def torch_runner(batch):
+                x = torch.from_numpy(batch)
 
-        def torch_runner(batch):
-            x = torch.from_numpy(batch)
+                def call():
+                    with torch.inference_mode():
+                        return module(x)
 
-            def call():
-                with torch.inference_mode():
-                    return module(x)
+                return call
 
-            return call
+            runners["torch eager", "cpu"] = torch_runner
+            for name, session in sessions.items():
+                def make(batch, session=session):
+                    feed = {session.get_inputs()[0].name: batch}
+                    return lambda: session.run(None, feed)
 
-        runners["torch eager"] = torch_runner
-        for name, session in sessions.items():
-            def make(batch, session=session):
-                feed = {session.get_inputs()[0].name: batch}
-                return lambda: session.run(None, feed)
-
-            runners[name] = make
-        if tensorrt:
+                runners[name, "cpu"] = make
+        if "cuda" in devices:
+            runners.update({(name, "cuda"): make for name, make in _cuda_runners(module, fp32_path, info, log).items()})
+        if tensorrt and "cuda" in devices:
             trt_runner = _tensorrt_runner(fp32_path, folder, images, log)
             if trt_runner is not None:
-                runners["tensorrt fp16 (gpu)"] = trt_runner
+                runners["tensorrt fp16", "cuda"] = trt_runner
 
         rows: list[BenchRow] = []
         for batch_size in batches:
             reps = -(-batch_size // len(images))
             batch = np.ascontiguousarray(np.tile(images, (reps, 1, 1, 1))[:batch_size])
             calls = max(1, min(20, 256 // batch_size))  # ~256 images per backend per round
-            times = _time_alternating({n: make(batch) for n, make in runners.items()}, calls, rounds)
-            base = None
-            for name, samples in times.items():
+            times = _time_alternating({key: make(batch) for key, make in runners.items()}, calls, rounds)
+            new_rows = []
+            for (name, device), samples in times.items():
                 samples = np.asarray(samples)
                 ips = batch_size * len(samples) / samples.sum()
-                if name == "torch eager":
-                    base = ips
-                rows.append(BenchRow(name, batch_size, ips, 1e3 * float(np.percentile(samples, 50)),
-                                     1e3 * float(np.percentile(samples, 95)), len(samples), None, flops * ips / 1e9))
-            for row in rows[-len(times):]:
-                row.ratio_to_torch = row.images_per_s / base if base else None
+                new_rows.append(BenchRow(name, batch_size, device, ips, 1e3 * float(np.percentile(samples, 50)),
+                                         1e3 * float(np.percentile(samples, 95)), len(samples), None, flops * ips / 1e9))
+            base = {r.device: r.images_per_s for r in new_rows if r.backend == "torch eager"}
+            for row in new_rows:
+                row.ratio_to_torch = row.images_per_s / base[row.device] if row.device in base else None
+            rows += new_rows
             log(f"batch {batch_size}: done")
         info["load_average_before"] = [round(v, 2) for v in load_before]
         info["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
@@ -259,6 +269,78 @@ def run_model_bench(
         if tmp is not None:
             tmp.cleanup()
 
+
+
+def resolve_devices(devices) -> tuple[str, ...]:
+    """``None`` → cpu, plus cuda when torch sees a GPU; an explicit ``cuda`` without one is an error."""
+    import torch
+
+    from calibclust.errors import InputError
+
+    if devices is None:
+        return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    devices = tuple(dict.fromkeys(devices))
+    unknown = [d for d in devices if d not in ("cpu", "cuda")]
+    if unknown or not devices:
+        raise InputError(f"--devices takes cpu and/or cuda, got {','.join(devices) or 'nothing'}")
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise InputError("--devices cuda: torch.cuda.is_available() is False on this machine")
+    return devices
+
+
+def _cuda_runners(module, fp32_path: Path, info: dict, log) -> dict[str, Callable[[np.ndarray], Callable[[], object]]]:
+    """batch -> callable factories for the GPU rows; inputs are copied to the GPU once per batch
+    size and outputs stay there, so each call times the model alone (synchronised at the end)."""
+    import copy
+
+    import onnxruntime as ort
+    import torch
+
+    gpu_module = copy.deepcopy(module).cuda().eval()
+    # cuDNN picks its fastest kernels per shape, as TensorRT does at build time: a fair baseline.
+    torch.backends.cudnn.benchmark = True
+    info["gpu"] = torch.cuda.get_device_name(0)
+    info["cuda"] = torch.version.cuda
+
+    def torch_cuda(batch, fp16=False):
+        x = torch.from_numpy(batch).cuda()
+
+        def call():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+                out = gpu_module(x)
+            torch.cuda.synchronize()
+            return out
+
+        return call
+
+    factories = {"torch eager": torch_cuda, "torch fp16 autocast": lambda batch: torch_cuda(batch, fp16=True)}
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        log("onnxruntime cuda: skipped, this onnxruntime build has no CUDA provider (pip install onnxruntime-gpu)")
+        return factories
+    from calibclust.export.parity import ort_session
+
+    session = ort_session(fp32_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        log(f"onnxruntime cuda: skipped, onnxruntime started {session.get_providers()[0]} (CUDA libraries missing?)")
+        return factories
+    input_name = session.get_inputs()[0].name
+    output_names = [o.name for o in session.get_outputs()]
+
+    def ort_cuda(batch):
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))
+        for name in output_names:
+            binding.bind_output(name, "cuda")
+
+        def call():
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            return binding
+
+        return call
+
+    factories["onnxruntime cuda"] = ort_cuda
+    return factories
 
 def _tensorrt_runner(fp32_path: Path, folder: Path, images: np.ndarray, log):
     """A batch -> callable factory timing a TensorRT FP16 engine on device-resident inputs, or None."""
@@ -298,13 +380,16 @@ def run_bench_command(args) -> int:
     result = run_model_bench(
         model, metadata, backbone=args.backbone, input_size=args.input_size, batches=args.batches, rounds=args.rounds,
         threads=args.threads, head_steps=args.head_steps, int8=not args.no_int8, tensorrt=not args.no_tensorrt,
-        work_dir=args.work_dir, seed=args.seed,
+        devices=args.devices, work_dir=args.work_dir, seed=args.seed,
     )
     info = result.info
     print()
     print(f"model: {info['model']}; {result.flops_per_image / 1e9:.3f} GFLOP per image (2 x MACs from the ONNX graph)")
     print(f"cpu: {info['cpu']}; threads {info['threads']} (torch.set_num_threads, onnxruntime intra_op_num_threads); "
           f"torch {info['torch']}, onnxruntime {info['onnxruntime']}")
+    if "gpu" in info:
+        print(f"gpu: {info['gpu']}; CUDA {info['cuda']}; GPU rows take inputs already on the GPU and leave the outputs "
+              f"there; 'x torch' is the ratio to torch eager fp32 on the same device")
     print(f"load average before {info['load_average_before']}, after {info['load_average_after']} "
           f"(other processes share this machine)")
     if "int8_label_agreement" in info:

@@ -44,10 +44,14 @@ EPILOG_BENCH = """examples:
   calibclust export bench                              # ResNet-18 CIFAR stem, 32x32, digits
   calibclust export bench runs/cdc --batches 1,32,256 --rounds 7
   calibclust export bench --backbone small --threads 2
+  calibclust bench model runs/cdc/model --devices cuda --batches 1,32,256   # GPU rows only
 
 Measures images/s and latency p50/p95 on pre-decoded uint8 batches for torch eager, onnxruntime fp32,
 onnxruntime int8 and TensorRT (when available), alternating between them round by round so that
 machine load hits all of them alike; prints one table with ratios to torch eager and GFLOP/s.
+With a CUDA GPU it adds torch eager (fp32 and fp16 autocast), onnxruntime's CUDA provider
+(onnxruntime-gpu) and TensorRT FP16 rows, timed on inputs already on the GPU; their ratio is to
+torch eager on the GPU.
 """
 
 EPILOG_OOD = """examples:
@@ -69,6 +73,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _device_list(text: str) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices or any(d not in ("cpu", "cuda") for d in devices):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cpu,cuda, got {text!r}")
+    return devices
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="checkpoint directory (default: build one, see --backbone)")
     parser.add_argument("--backbone", default="resnet18", help="backbone of the built model (default resnet18, CIFAR stem)")
@@ -79,6 +90,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-steps", type=int, default=300, help="steps fitting the built model's heads on pseudo-labels")
     parser.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
     parser.add_argument("--no-tensorrt", action="store_true", help="skip TensorRT even when available")
+    parser.add_argument("--devices", type=_device_list, default=None,
+                        help="cpu, cuda or cpu,cuda (default: cpu, plus cuda when torch sees a GPU)")
     parser.add_argument("--work-dir", help="where the exported models go (default: a temporary folder)")
     parser.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     parser.add_argument("--seed", type=int, default=0)

@@ -248,10 +248,42 @@ def test_bench_model_command_registers_and_runs(capsys):
     from calibclust.export.cli import run_bench
 
     args = build_parser().parse_args(["bench", "model", "--backbone", "small", "--batches", "1,8", "--rounds", "1", "--head-steps", "5",
-                              "--no-int8", "--no-tensorrt"])
-    assert args.model is None and args.batches == [1, 8] and args.func is run_bench
+                              "--no-int8", "--no-tensorrt", "--devices", "cpu"])
+    assert args.model is None and args.batches == [1, 8] and args.func is run_bench and args.devices == ("cpu",)
     assert args.func(args) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("torch eager", "onnxruntime fp32"))]
     assert len(rows) == 4, out
     assert all(float(r[-2]) > 0 for r in rows) and "GFLOP per image" in out
+
+
+def test_bench_devices_are_checked():
+    from calibclust.errors import InputError
+    from calibclust.export.bench import resolve_devices
+
+    assert resolve_devices(("cpu", "cpu")) == ("cpu",)
+    assert resolve_devices(None) == (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    with pytest.raises(InputError, match="--devices takes cpu and/or cuda"):
+        resolve_devices(("tpu",))
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="torch.cuda.is_available.. is False"):
+            resolve_devices(("cuda",))
+
+
+@pytest.mark.gpu
+def test_bench_gpu_rows(capsys):
+    """GPU rows: torch eager fp32 (the ratio base, 1.00), fp16 autocast and, with onnxruntime-gpu,
+    onnxruntime's CUDA provider; every row ran and has a throughput."""
+    from calibclust.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "model", "--backbone", "small", "--batches", "1,64", "--rounds", "2",
+                                      "--head-steps", "5", "--no-int8", "--no-tensorrt", "--devices", "cuda"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    # backend words, then: device, batch, images/s, p50, p95, x torch, GFLOP/s
+    rows = [r for r in (line.split() for line in out.splitlines()) if len(r) >= 9 and r[-7] == "cuda"]
+    backends = {" ".join(r[:-7]) for r in rows}
+    assert {"torch eager", "torch fp16 autocast"} <= backends, out
+    base = [float(r[-2]) for r in rows if " ".join(r[:-7]) == "torch eager"]
+    assert base == [1.0, 1.0], out
+    assert all(float(r[-5]) > 0 for r in rows), out
