@@ -90,9 +90,13 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def img_tag(data_uri: str, alt: str, width: int | None = None, css_class: str | None = None) -> str:
-    """``<img>`` with alt text (screen readers, and what tests look for) and an optional width."""
+def img_tag(data_uri: str, alt: str, width: int | None = None, css_class: str | None = None,
+            title: str | None = None) -> str:
+    """``<img>`` with alt text (screen readers, and what tests look for), an optional width and an
+    optional title (shown on hover)."""
     attrs = [f'src="{data_uri}"', f'alt="{escape(alt)}"']
+    if title:
+        attrs.append(f'title="{escape(title)}"')
     if width:
         attrs.append(f'width="{int(width)}"')
     if css_class:
@@ -304,6 +308,9 @@ def aligned_confusion(
     return matrix[:, order], [int(c) for c in classes], [int(clusters[j]) for j in order]
 
 
+HORIZONTAL_BARS_FROM = 8
+
+
 def plot_cluster_counts(
     names: Sequence[str],
     counts: Mapping[str, Sequence[int]] | Sequence[int],
@@ -311,20 +318,37 @@ def plot_cluster_counts(
     ylabel: str = "images",
 ) -> "Figure":
     """Bar chart of images per cluster; ``counts`` may map series names to counts, which are stacked
-    (e.g. ``{"correct": ..., "wrong": ...}`` or ``{"accepted": ..., "rejected": ...}``)."""
+    (e.g. ``{"correct": ..., "wrong": ...}`` or ``{"accepted": ..., "rejected": ...}``). Past
+    :data:`HORIZONTAL_BARS_FROM` clusters the bars lie horizontally, one readable name per row
+    (vertical bars' names overlap into one string from about ten clusters on)."""
     series = dict(counts) if isinstance(counts, Mapping) else {"images": counts}
     colors = [COLOR_GOOD, COLOR_BAD, "#009E73", "#E69F00", "#CC79A7", COLOR_NEUTRAL]
-    fig = new_figure(min(14.0, max(5.0, 0.35 * len(names) + 3.0)), 3.8)
+    horizontal = len(names) > HORIZONTAL_BARS_FROM
+    if horizontal:
+        fig = new_figure(7.0, max(3.0, 0.22 * len(names) + 1.2))
+    else:
+        fig = new_figure(min(14.0, max(5.0, 0.35 * len(names) + 3.0)), 3.8)
     ax = fig.subplots()
     x = np.arange(len(names))
     bottom = np.zeros(len(names))
     for i, (label, values) in enumerate(series.items()):
         values = np.asarray(values, float)
-        ax.bar(x, values, bottom=bottom, color=colors[i % len(colors)], label=label, edgecolor="white")
+        style = dict(color=colors[i % len(colors)], label=label, edgecolor="white")
+        if horizontal:
+            ax.barh(x, values, left=bottom, **style)
+        else:
+            ax.bar(x, values, bottom=bottom, **style)
         bottom += values
-    ax.set_xticks(x, [str(n) for n in names], rotation=90 if len(names) > 12 else 0, fontsize=8)
-    ax.set_xlabel("cluster")
-    ax.set_ylabel(ylabel)
+    labels = [str(n) if len(str(n)) <= 24 else str(n)[:23] + "…" for n in names]
+    if horizontal:
+        ax.set_yticks(x, labels, fontsize=8)
+        ax.invert_yaxis()  # cluster 0 on top, in reading order
+        ax.set_ylabel("cluster")
+        ax.set_xlabel(ylabel)
+    else:
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_xlabel("cluster")
+        ax.set_ylabel(ylabel)
     ax.set_title(title)
     if len(series) > 1:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
@@ -339,16 +363,21 @@ def thumbnail_grid(
     captions: Sequence[str] | None = None,
     size: int = 64,
     alt: str = "thumbnail",
+    titles: Sequence[str] | None = None,
 ) -> str:
     """HTML grid of uint8 images (each ``(H, W, 3)``), each embedded as its own PNG and shown at
-    ``size`` px wide with pixelated upscaling (small training images stay crisp)."""
-    if captions is not None and len(captions) != len(images):
-        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    ``size`` px wide with pixelated upscaling (small training images stay crisp). ``titles`` (e.g.
+    file names) go into each image's ``title`` (shown on hover) and ``alt``."""
+    for what, values in (("captions", captions), ("titles", titles)):
+        if values is not None and len(values) != len(images):
+            raise ValueError(f"{len(values)} {what} for {len(images)} images")
     cells = []
     for i, image in enumerate(images):
         caption = captions[i] if captions is not None else None
-        tag = img_tag(png_data_uri(array_to_png(image)), alt if caption is None else f"{alt}: {caption}",
-                      width=size, css_class="thumb")
+        title = titles[i] if titles is not None else None
+        text = " ".join(part for part in (f"{alt}:", title, f"({caption})" if caption and title else caption) if part)
+        tag = img_tag(png_data_uri(array_to_png(image)), text if (caption or title) else alt,
+                      width=size, css_class="thumb", title=title)
         cap = f"<figcaption>{escape(caption)}</figcaption>" if caption is not None else ""
         cells.append(f"<figure>{tag}{cap}</figure>")
     return '<div class="thumbs">' + "".join(cells) + "</div>"
@@ -402,8 +431,8 @@ class HTMLReport:
         cap = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
         self._parts.append(f'<figure class="plot">{tag}{cap}</figure>')
 
-    def add_thumbnails(self, images, captions=None, size: int = 64, alt: str = "thumbnail") -> None:
-        self._parts.append(thumbnail_grid(images, captions, size, alt))
+    def add_thumbnails(self, images, captions=None, size: int = 64, alt: str = "thumbnail", titles=None) -> None:
+        self._parts.append(thumbnail_grid(images, captions, size, alt, titles))
 
     def add_html(self, fragment: str) -> None:
         """Append trusted, already-escaped HTML."""
