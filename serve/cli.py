@@ -83,10 +83,12 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                    help="also build DIR/<cluster>/, DIR/_rejected/, DIR/_ood/, DIR/_errors/ of symlinks "
                         "(never overwrites an existing file)")
     o.add_argument("--copy", action="store_true", help="with --sort-into: copy files instead of symlinking")
-    o.add_argument("--no-report", action="store_true", help="skip report.html")
+    o.add_argument("--no-report", action="store_true",
+                   help="skip report.html (accepted images per cluster, set-aside images with reasons, histograms)")
     r = p.add_argument_group("running")
     r.add_argument("--backend", default="auto", metavar="NAME",
-                   help="auto (default: TensorRT > CUDA > CPU, whichever onnxruntime offers), cpu, cuda, tensorrt")
+                   help="auto (default: the first of TensorRT > CUDA > CPU that starts here; one that onnxruntime "
+                        "lists but cannot start is passed over with a note), cpu, cuda, tensorrt")
     r.add_argument("--batch-size", type=int, metavar="N", help="images per inference batch (default: 256 CPU, 512 GPU)")
     r.add_argument("--workers", type=int, metavar="N", help="decode workers (default: one per CPU core; 0 = none)")
     r.add_argument("--worker-type", choices=("thread", "process"), default="thread",

@@ -37,7 +37,7 @@ from calibclust.errors import CalibclustError, InputError
 from calibclust.io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, discover_images
 from calibclust.io.predictions import FORMATS, PredictionsWriter
 from calibclust.serve.labeler import Labeler, topk_columns
-from calibclust.serve.policy import Policy, Thresholds, accuracy_coverage_curve, decide, fit_thresholds
+from calibclust.serve.policy import Policy, Thresholds, accuracy_coverage_curve, decide, fit_thresholds, ood_threshold_for
 from calibclust.serve.resume import Journal, PartBuffer, ResumeError, atomic_write_text, file_sha256
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
@@ -69,7 +69,7 @@ class LabelOptions:
     sort_into: str | None = None  # (table) build DIR/<cluster>/, DIR/_rejected/, ...
     copy: bool = False  # (table) copy instead of symlink
     report: bool = True
-    thumbnails: int = 8  # per cluster, most and least confident
+    thumbnails: int = 8  # report: per gallery (a cluster's most / least confident accepted, OOD, rejected)
     progress: bool = True
     checkpoint_every: int = 4096  # commit results to the journal every N images (or 5 s); not (table)
     engine: str = "local"  # local | ray
@@ -307,6 +307,7 @@ def _label_folder(opts: LabelOptions, journal: Journal, executor: Executor | Non
             )
         journal.create(fp)
     _remove_stale_temporaries(out_dir)
+    thumbnails = _thumbnail_cache(opts, labeler)
     t0 = time.monotonic()
     if opts.engine == "ray":
         from calibclust.serve.ray_engine import run_ray
@@ -317,12 +318,26 @@ def _label_folder(opts: LabelOptions, journal: Journal, executor: Executor | Non
         parts = run_ray(opts, labeler, batch_size)
         processed = None
     else:
-        processed = _run_local(opts, labeler, journal, batch_size, executor)
+        processed = _run_local(opts, labeler, journal, batch_size, executor, thumbnails)
         parts = journal.iter_parts
     seconds = time.monotonic() - t0
-    result = finalise(opts, labeler, parts, fp, seconds, processed)
+    result = finalise(opts, labeler, parts, fp, seconds, processed, thumbnails)
     journal.remove()
     return result
+
+
+def _thumbnail_cache(opts: LabelOptions, labeler: Labeler):
+    """The report's thumbnails, captured while labelling (None: no report, or the Ray engine, whose
+    decoded images never reach this process)."""
+    if not (opts.report and opts.thumbnails) or opts.engine != "local":
+        return None
+    from calibclust.serve.report import ThumbnailCache
+
+    meta = labeler.metadata
+    known = None  # a coverage / target-accuracy threshold is fitted after the pass
+    if opts.policy.kind == "min_confidence":
+        known = meta.confidence_threshold if opts.policy.value is None else float(opts.policy.value)
+    return ThumbnailCache(opts.thumbnails, ood_threshold_for(opts.policy, meta.ood.threshold), known)
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
@@ -345,10 +360,12 @@ def _verify_prefix(stream: Iterator[str], journal: Journal) -> None:
 
 
 def _run_local(
-    opts: LabelOptions, labeler: Labeler, journal: Journal, batch_size: int, executor: Executor | None = None
+    opts: LabelOptions, labeler: Labeler, journal: Journal, batch_size: int, executor: Executor | None = None,
+    thumbnails=None,
 ) -> int:
     """Predict every file not yet in the journal; returns how many this call processed.
-    ``executor``: the decode pool (None: a spawned one is made and shut down here)."""
+    ``executor``: the decode pool (None: a spawned one is made and shut down here);
+    ``thumbnails``: a :class:`~calibclust.serve.report.ThumbnailCache` offered each decoded batch."""
     done = journal.rows_done()
     stream = iter_relative_paths(opts.folder)
     _verify_prefix(stream, journal)
@@ -377,6 +394,8 @@ def _run_local(
         rel, future = item
         ok, batch, errors = future.result()
         outputs = labeler.predict(batch, wanted) if len(ok) else {}
+        if thumbnails is not None and len(ok):
+            thumbnails.offer([rel[i] for i in ok], batch, outputs)
         buffer.add(build_rows(rel, ok, outputs, errors, labeler.num_clusters, keep_probs))
         processed += len(rel)
         if count["total"] is not None and bar.total is None:
@@ -415,7 +434,7 @@ def _run_local(
 # --- finalisation ----------------------------------------------------------------------------------
 def finalise(
     opts: LabelOptions, labeler: Labeler, parts: Callable[..., Iterator[dict[str, np.ndarray]]],
-    fp: dict[str, Any], seconds: float, processed: int | None,
+    fp: dict[str, Any], seconds: float, processed: int | None, thumbnails=None,
 ) -> LabelResult:
     """Two streaming passes over the parts (``parts(columns)`` yields them in discovery order each time
     it is called): fit the policy on all scores, then write the outputs."""
@@ -511,8 +530,10 @@ def finalise(
         from calibclust.serve.report import write_report
 
         curve = accuracy_coverage_curve(confidence[readable & ~np.isnan(confidence)])
-        write_report(Path(opts.out_dir) / "report.html", summary, confidence, ood_score, readable,
-                     collector, curve, folder=opts.folder, input_size=meta.input_size)
+        decoded_again = write_report(Path(opts.out_dir) / "report.html", summary, confidence, ood_score, readable,
+                                     collector, curve, folder=opts.folder, input_size=meta.input_size,
+                                     thumbnails=thumbnails.lookup() if thumbnails is not None else None)
+        summary["report"] = {"thumbnails_decoded_again": decoded_again}
     atomic_write_text(Path(opts.out_dir) / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     # An --overwrite in another format must not leave the previous run's table beside this one.
     for other in OUTPUT_FILES:

@@ -1,13 +1,23 @@
 """``report.html`` of a labelling run: one self-contained file (figures and thumbnails embedded).
 
-Shows cluster sizes by decision, confidence and OOD-score histograms with the thresholds used,
-the label-free estimated-accuracy-vs-coverage curve with the run's operating point, and for each
-cluster thumbnails of its most and least confident images. Built with the shared torch-free
-helpers of :mod:`calibclust.report` (HTMLReport, figures on an Agg canvas, thumbnail grids).
+Shows the decisions (a summary, the policy in words), cluster sizes by decision, confidence and
+OOD-score histograms with the thresholds used, the label-free estimated-accuracy-vs-coverage curve
+with the run's operating point, per cluster a gallery of its **accepted** images (most and least
+confident), and a "Set aside" section: the OOD images (highest score first), the rejected ones
+(lowest confidence first) and the unreadable files with their reasons — what a person should look
+at by hand. Every thumbnail names its file (``title``, shown on hover, and ``alt``).
+
+Thumbnails are what the model saw (the decoded input at the model's size) and are captured during
+the labelling pass by :class:`ThumbnailCache`, so the report does not decode the folder a second
+time; only images the cache missed (a resumed run's earlier part, the Ray engine, a threshold that
+moved past a confidence bin's candidates) are decoded again, and the summary counts them.
+Built with the shared torch-free helpers of :mod:`calibclust.report`.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import os
 from pathlib import Path
@@ -18,19 +28,116 @@ import numpy as np
 from calibclust.io.images import ImageDecodeError, decode_image
 
 DECISION_CODES = {"accepted": 0, "rejected": 1, "ood": 2, "error": 3}
+THUMBNAIL_BOX = 96  # px; larger model inputs are scaled down (aspect kept) before they are kept
+CONFIDENCE_BINS = 20  # candidates for "least confident accepted" when the threshold is fitted later
+
+
+def shrink(image: np.ndarray, box: int = THUMBNAIL_BOX) -> np.ndarray:
+    """A copy of ``image`` that fits ``box`` (aspect kept; a copy, so that a view does not keep a
+    whole decoded batch alive)."""
+    if max(image.shape[:2]) <= box:
+        return np.array(image)
+    from PIL import Image
+
+    img = Image.fromarray(image)
+    img.thumbnail((box, box))
+    return np.asarray(img)
+
+
+class ThumbnailCache:
+    """Thumbnails kept during the labelling pass for the images the report may show (bounded).
+
+    The decisions are only known after the pass (a coverage or target-accuracy threshold is fitted
+    on all confidences), so the cache keeps, from the in-distribution images (OOD threshold known
+    up front): per cluster the ``n`` most confident, and the ``n`` least confident at or above the
+    confidence threshold — or, when that threshold is fitted later, per confidence bin of width
+    1/:data:`CONFIDENCE_BINS`; over the run the ``n`` least confident (rejected candidates); and the
+    ``n`` highest OOD scores among flagged images. At most ``n·(2 + C·(1 + bins))`` thumbnails.
+    """
+
+    def __init__(self, n: int, ood_threshold: float | None, confidence_threshold: float | None = None,
+                 box: int = THUMBNAIL_BOX):
+        self.n, self.box = int(n), int(box)
+        self.ood_threshold, self.confidence_threshold = ood_threshold, confidence_threshold
+        self._heaps: dict[tuple, list] = {}  # key -> min-heap of (priority, seq, path, thumbnail)
+        self._seq = itertools.count()
+
+    def _keys(self, cluster: int, confidence: float, ood_score: float) -> list[tuple[tuple, float]]:
+        """(heap, priority) pairs this image competes in; a heap keeps its n largest priorities."""
+        if self.ood_threshold is not None and ood_score > self.ood_threshold:
+            return [(("ood",), ood_score)]
+        t = self.confidence_threshold
+        keys = [(("top", cluster), confidence)]
+        if t is None:
+            b = min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))
+            keys += [(("low", cluster, b), -confidence), (("rejected",), -confidence)]
+        elif confidence >= t:
+            keys.append((("low", cluster), -confidence))
+        else:
+            keys.append((("rejected",), -confidence))
+        return keys
+
+    def offer(self, paths: Sequence[str], images: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """One predicted batch: ``paths[i]`` was decoded to ``images[i]`` with these ``outputs``."""
+        if not self.n:
+            return
+        for i, path in enumerate(paths):
+            confidence = float(outputs["confidence"][i])
+            if not math.isfinite(confidence):
+                continue
+            thumb = None
+            for key, priority in self._keys(int(outputs["label"][i]), confidence, float(outputs["ood_score"][i])):
+                heap = self._heaps.setdefault(key, [])
+                if len(heap) >= self.n and priority <= heap[0][0]:
+                    continue
+                if thumb is None:
+                    thumb = self._shrink(images[i])
+                entry = (priority, next(self._seq), path, thumb)
+                if len(heap) < self.n:
+                    heapq.heappush(heap, entry)
+                else:
+                    heapq.heapreplace(heap, entry)
+
+    def _shrink(self, image: np.ndarray) -> np.ndarray:
+        return shrink(image, self.box)
+
+    def lookup(self) -> dict[str, np.ndarray]:
+        return {path: thumb for heap in self._heaps.values() for _, _, path, thumb in heap}
+
+    def __len__(self) -> int:
+        return len(self.lookup())
+
+
+class _Extremes:
+    """The n largest and n smallest (value, path) pairs seen, merged batch by batch."""
+
+    def __init__(self, n: int):
+        self.n, self.high, self.low = n, [], []
+
+    def add(self, values: np.ndarray, paths: np.ndarray) -> None:
+        if not self.n or len(values) == 0:
+            return
+        order = np.argsort(values, kind="stable")
+        low = [(float(values[i]), str(paths[i])) for i in order[: self.n]]
+        high = [(float(values[i]), str(paths[i])) for i in order[::-1][: self.n]]
+        self.low = sorted(self.low + low, key=lambda t: t[0])[: self.n]
+        self.high = sorted(self.high + high, key=lambda t: -t[0])[: self.n]
 
 
 class ReportCollector:
-    """Streaming per-cluster counts and thumbnail candidates (bounded memory)."""
+    """Streaming per-cluster counts and, from the final decisions, the images each section shows:
+    per cluster the most and least confident *accepted* images; over the run the highest-scoring
+    OOD images and the least confident rejected ones (bounded memory)."""
 
     def __init__(self, cluster_names: Sequence[str], thumbnails: int = 8):
         self.names = list(cluster_names)
         self.n_thumbs = int(thumbnails)
         self.counts = np.zeros((len(self.names), 4), np.int64)  # cluster × decision (no error column use)
+        self.accepted_confidence = np.zeros(len(self.names))  # sum, for the mean
         self.decision_counts = dict.fromkeys(DECISION_CODES, 0)
-        # Per cluster: (confidence, path) candidates for most / least confident, trimmed per part.
-        self._most: list[list[tuple[float, str]]] = [[] for _ in self.names]
-        self._least: list[list[tuple[float, str]]] = [[] for _ in self.names]
+        self._accepted = [_Extremes(self.n_thumbs) for _ in self.names]
+        self._ood = _Extremes(self.n_thumbs)
+        self._rejected = _Extremes(self.n_thumbs)
 
     def add(self, part: dict[str, np.ndarray], decision: np.ndarray) -> None:
         cluster, conf, paths = part["cluster"], part["confidence"], part["path"]
@@ -39,50 +146,78 @@ class ReportCollector:
         ok = cluster >= 0
         codes = np.array([DECISION_CODES[d] for d in decision[ok]], np.int64)
         np.add.at(self.counts, (cluster[ok], codes), 1)
-        if not self.n_thumbs:
-            return
-        for c in np.unique(cluster[ok]):
-            idx = np.flatnonzero(cluster == c)
-            order = idx[np.argsort(-conf[idx], kind="stable")]
-            top = [(float(conf[i]), str(paths[i])) for i in order[: self.n_thumbs]]
-            bottom = [(float(conf[i]), str(paths[i])) for i in order[::-1][: self.n_thumbs]]
-            self._most[c] = sorted(self._most[c] + top, key=lambda t: -t[0])[: self.n_thumbs]
-            self._least[c] = sorted(self._least[c] + bottom, key=lambda t: t[0])[: self.n_thumbs]
+        accepted = decision == "accepted"
+        np.add.at(self.accepted_confidence, cluster[accepted], conf[accepted].astype(np.float64))
+        for c in np.unique(cluster[accepted]):
+            idx = np.flatnonzero(accepted & (cluster == c))
+            self._accepted[c].add(conf[idx], paths[idx])
+        ood = np.flatnonzero(decision == "ood")
+        self._ood.add(part["ood_score"][ood], paths[ood])
+        rejected = np.flatnonzero(decision == "rejected")
+        self._rejected.add(conf[rejected], paths[rejected])
 
     def cluster_summary(self) -> list[dict[str, Any]]:
-        return [
-            {
+        rows = []
+        for c, name in enumerate(self.names):
+            accepted = int(self.counts[c, 0])
+            rows.append({
                 "cluster": c,
                 "name": name,
-                "accepted": int(self.counts[c, 0]),
+                "accepted": accepted,
                 "rejected": int(self.counts[c, 1]),
                 "ood": int(self.counts[c, 2]),
                 "total": int(self.counts[c].sum()),
-            }
-            for c, name in enumerate(self.names)
-        ]
+                "mean_accepted_confidence": float(self.accepted_confidence[c] / accepted) if accepted else None,
+            })
+        return rows
 
-    def thumbnails(self, c: int) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
-        return self._most[c], self._least[c]
+    def accepted_gallery(self, c: int) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
+        """(most confident accepted, least confident accepted) of cluster ``c``, as (confidence, path)."""
+        return self._accepted[c].high, self._accepted[c].low
+
+    def set_aside(self) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
+        """(OOD images by highest OOD score, rejected images by lowest confidence)."""
+        return self._ood.high, self._rejected.low
 
 
 # --- the report --------------------------------------------------------------------------------------
-def _thumbnail(path: Path, box: int = 96) -> np.ndarray:
-    """The image scaled to fit ``box`` (aspect kept); a grey square if it cannot be read any more."""
-    from PIL import Image
+class _Thumbnails:
+    """Thumbnails for the report: from the labelling pass's cache, else decoded (once) at the
+    model's input size, i.e. the same pixels the model saw."""
 
-    try:
-        img = Image.fromarray(decode_image(path, max_pixels=50_000_000))
-    except (ImageDecodeError, OSError):
-        return np.full((box, box, 3), 200, np.uint8)
-    img.thumbnail((box, box))
-    return np.asarray(img)
+    def __init__(self, cache: dict[str, np.ndarray], folder: str | os.PathLike, input_size: Sequence[int]):
+        self.cache, self.folder, self.size = cache, Path(folder), tuple(input_size)
+        self.decoded_again = 0
+
+    def __call__(self, path: str) -> np.ndarray:
+        if path in self.cache:
+            return self.cache[path]
+        self.decoded_again += 1
+        try:
+            image = shrink(decode_image(self.folder / path, size=self.size, max_pixels=50_000_000))
+        except (ImageDecodeError, OSError):
+            image = np.full((min(self.size[0], THUMBNAIL_BOX), min(self.size[1], THUMBNAIL_BOX), 3), 200, np.uint8)
+        self.cache[path] = image  # gone or changed since it was labelled: a grey square
+        return image
 
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def policy_in_words(th: dict[str, Any]) -> str:
+    """The confidence policy as a person would say it, e.g. "target accuracy 0.95 → threshold 0.83"."""
+    t = th["confidence_threshold"]
+    threshold = "nothing accepted" if t is None or not math.isfinite(t) else f"threshold {t:.2f}"
+    if th["policy"] == "min_confidence":
+        if th["policy_value"] is None:
+            return f"confidence ≥ {t:.2f} (model default)"
+        return f"confidence ≥ {th['policy_value']:.2f} (--min-confidence)"
+    if th["policy"] == "coverage":
+        return f"coverage {th['policy_value']:.2f} → {threshold}"
+    return f"target accuracy {th['policy_value']:.2f} → {threshold}"
 
 
 def write_report(
@@ -95,7 +230,10 @@ def write_report(
     curve: dict[str, np.ndarray],
     folder: str | os.PathLike,
     input_size: Sequence[int] = (32, 32),
-) -> Path:
+    thumbnails: dict[str, np.ndarray] | None = None,
+) -> int:
+    """Write ``path``; ``thumbnails`` maps relative paths to images captured while labelling
+    (:meth:`ThumbnailCache.lookup`). Returns how many shown images had to be decoded again."""
     from calibclust.report import HTMLReport, new_figure, plot_cluster_counts, plot_score_histograms
 
     th = summary["thresholds"]
@@ -103,6 +241,7 @@ def write_report(
     conf = np.asarray(confidence, np.float64)[readable]
     ood = np.asarray(ood_score, np.float64)[readable]
     model = summary["model"]
+    thumb = _Thumbnails(dict(thumbnails or {}), folder, input_size)
     report = HTMLReport(
         f"calibclust label: {summary['folder']}",
         f"{summary['files']:,} files · model {model['path']} ({model['method']}, {model['num_clusters']} clusters, "
@@ -118,7 +257,7 @@ def write_report(
             ("rejected (confidence below threshold)", counts["rejected"]),
             ("out of distribution", counts["ood"]),
             ("unreadable", counts["error"]),
-            ("policy", f"{th['policy']} {_fmt(th['policy_value'])}"),
+            ("policy", policy_in_words(th)),
             ("confidence threshold (accept ≥)", _fmt(th["confidence_threshold"], 4)),
             ("OOD threshold (flag >)", _fmt(th["ood_threshold"], 4)),
             ("coverage of readable images", _fmt(th["coverage"])),
@@ -168,22 +307,41 @@ def write_report(
         report.add_figure(fig, alt="estimated accuracy vs coverage",
                           caption="Needs no labels: the estimate is only as good as the model's calibration.")
 
-    report.add_heading("Clusters: most and least confident images")
-    for c, row in enumerate(rows):
-        most, least = collector.thumbnails(c)
-        if not most:
-            continue
-        report.add_heading(f"{row['name']} — {row['total']:,} images, {row['accepted']:,} accepted", level=3)
-        report.add_paragraph("most confident")
-        report.add_thumbnails([_thumbnail(Path(folder) / p) for _, p in most],
-                              [f"{v:.3f}" for v, _ in most], size=72, alt=f"{row['name']} most confident")
-        report.add_paragraph("least confident")
-        report.add_thumbnails([_thumbnail(Path(folder) / p) for _, p in least],
-                              [f"{v:.3f}" for v, _ in least], size=72, alt=f"{row['name']} least confident")
+    def gallery(items: list[tuple[float, str]], caption: str, alt: str) -> None:
+        report.add_thumbnails([thumb(p) for _, p in items], [caption.format(v) for v, _ in items], size=72,
+                              alt=alt, titles=[p for _, p in items])
 
+    report.add_heading("Clusters: accepted images")
+    report.add_paragraph("Only images the run accepted; what it set aside is in the next section. "
+                         "Hover over a thumbnail for its file.", css_class="meta")
+    for c, row in enumerate(rows):
+        most, least = collector.accepted_gallery(c)
+        share = f"{row['accepted'] / row['total']:.0%}" if row["total"] else "–"
+        mean = _fmt(row["mean_accepted_confidence"])
+        report.add_heading(f"{row['name']} — {row['total']:,} images, {row['accepted']:,} accepted ({share}), "
+                           f"mean confidence of the accepted {mean}", level=3)
+        if not most:
+            report.add_paragraph("no accepted images")
+            continue
+        report.add_paragraph("most confident accepted")
+        gallery(most, "{:.3f}", f"{row['name']} most confident accepted")
+        report.add_paragraph("least confident accepted")
+        gallery(least, "{:.3f}", f"{row['name']} least confident accepted")
+
+    ood_items, rejected_items = collector.set_aside()
+    report.add_heading(f"Set aside: {counts['ood']:,} out of distribution, {counts['rejected']:,} rejected, "
+                       f"{counts['error']:,} unreadable")
+    report.add_paragraph("The images to look at by hand.", css_class="meta")
+    if ood_items:
+        report.add_heading(f"Out of distribution ({counts['ood']:,}), highest OOD score first", level=3)
+        gallery(ood_items, "ood {:.3f}", "out of distribution")
+    if rejected_items:
+        report.add_heading(f"Rejected ({counts['rejected']:,}), lowest confidence first", level=3)
+        gallery(rejected_items, "conf {:.3f}", "rejected")
     errors = summary.get("errors_first_100") or []
     if errors:
-        report.add_heading(f"Unreadable files ({counts['error']:,})")
+        report.add_heading(f"Unreadable ({counts['error']:,})", level=3)
         report.add_table([(e["path"], e["error"]) for e in errors[:20]], header=("file", "reason"),
                          caption=f"first {min(20, len(errors))}; every one is in the table's error column")
-    return report.write(path)
+    report.write(path)
+    return thumb.decoded_again

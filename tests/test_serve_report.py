@@ -1,0 +1,136 @@
+"""``calibclust label``'s report.html: accepted-only cluster galleries, the Set-aside section,
+thumbnails captured during labelling, the policy in words, and cluster plots readable at 10 and 50
+clusters. Runs on the quick start's model and its mixed folder (real digits + letters, photo
+patches and noise) plus unreadable files."""
+
+from __future__ import annotations
+
+import html as htmllib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_fixtures import run_label_cli, write_bad_images  # noqa: E402
+
+from calibclust.io.images import discover_images  # noqa: E402
+from calibclust.io.predictions import read_predictions  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mixed(quickstart_out, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The quick start's labelling folder (1,797 digits + _ood/ letters, photos, noise), copied, plus
+    five unreadable files."""
+    root = tmp_path_factory.mktemp("report") / "mixed"
+    source = quickstart_out / "data" / "label-me"
+    for path in discover_images(source):
+        target = root / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return root, write_bad_images(root / "bad")
+
+
+def _section(html: str, start: str, end: str | None) -> str:
+    body = html.split(start, 1)[1]
+    return body.split(end, 1)[0] if end else body
+
+
+def _titles(fragment: str) -> list[str]:
+    return [htmllib.unescape(t) for t in re.findall(r'<img [^>]*title="([^"]*)"', fragment)]
+
+
+def _label(quickstart_out, folder: Path, out: Path, *extra):
+    proc = run_label_cli(folder, "--model", quickstart_out / "model" / "model.onnx", "--out", out, "--no-progress",
+                         "--max-pixels", 30_000, *extra, timeout=300)  # refuses the fixture's 200x200 "bomb"
+    assert proc.returncode == 3, proc.stderr[-2000:]  # 3: finished, some files unreadable
+    table = read_predictions(out / "predictions.csv")
+    decision = dict(zip(table["path"].tolist(), table["decision"].tolist()))
+    return (out / "report.html").read_text(), decision, table, json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("policy", [(), ("--target-accuracy", "0.95")], ids=["model-default", "target-accuracy"])
+def test_galleries_show_only_accepted_images_and_set_aside_shows_the_rest(quickstart_out, mixed, tmp_path, policy):
+    root, bad = mixed
+    html, decision, table, summary = _label(quickstart_out, root, tmp_path / "out", *policy)
+    counts = summary["counts"]
+    assert counts["ood"] > 50 and counts["rejected"] > 10 and counts["error"] == len(bad), counts
+
+    galleries = _section(html, "<h2>Clusters: accepted images</h2>", "<h2>Set aside")
+    shown = _titles(galleries)
+    assert len(shown) >= 10 * 8, f"only {len(shown)} thumbnails in the cluster galleries"
+    wrong = {p: decision[p] for p in shown if decision[p] != "accepted"}
+    assert not wrong, f"{len(wrong)} of {len(shown)} gallery images were not accepted: {list(wrong.items())[:5]}"
+    assert all(f'alt="{name}' in galleries for name in ("cluster_0 most confident accepted: ",
+                                                        "cluster_0 least confident accepted: "))
+
+    aside = _section(html, "<h2>Set aside", None)
+    ood_part = _section(aside, "Out of distribution (", "<h3>Rejected")
+    ood_shown = _titles(ood_part)
+    assert len(ood_shown) == 8 and all(decision[p] == "ood" for p in ood_shown), ood_shown
+    score = dict(zip(table["path"].tolist(), table["ood_score"].tolist()))
+    top_ood = sorted((p for p in decision if decision[p] == "ood"), key=lambda p: -score[p])[:8]
+    assert [score[p] for p in ood_shown] == [score[p] for p in top_ood], "highest OOD score first"
+    rejected_shown = _titles(_section(aside, "<h3>Rejected (", "<h3>Unreadable"))
+    assert len(rejected_shown) == 8 and all(decision[p] == "rejected" for p in rejected_shown), rejected_shown
+    errors = _section(aside, "<h3>Unreadable (", None)
+    for name, reason in bad.items():
+        assert f"bad/{name}" in errors and reason in errors, (name, reason)
+
+    words = "confidence ≥ 0.50 (model default)" if not policy else "target accuracy 0.95 → threshold 0."
+    assert words in html, re.findall(r"<td>policy</td><td[^>]*>([^<]*)", html)
+    # Thumbnails come from the labelling pass: with the threshold known up front nothing is decoded
+    # again; a fitted one (target accuracy) may miss a few of the least confident accepted.
+    again = summary["report"]["thumbnails_decoded_again"]
+    limit = 0 if not policy else 10 * 8
+    assert again <= limit, f"{again} thumbnails decoded a second time (limit {limit})"
+    print(f"policy {policy or 'default'}: {len(shown)} gallery thumbnails, {again} decoded again")
+
+
+def _tick_labels_overlap(fig) -> int:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    return sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+@pytest.mark.parametrize("k", [3, 10, 50])
+def test_cluster_plot_labels_never_overlap(k):
+    from calibclust.report import plot_cluster_counts
+
+    rng = np.random.default_rng(k)
+    names = [f"cluster_{c}" for c in range(k)]
+    fig = plot_cluster_counts(names, {d: rng.integers(0, 200, k) for d in ("accepted", "rejected", "ood")})
+    assert _tick_labels_overlap(fig) == 0, f"tick labels overlap at {k} clusters"
+
+
+@pytest.mark.browser
+def test_report_with_10_and_50_clusters_in_chromium(tmp_path):
+    """The cluster-size figure at 10 and 50 clusters, rendered by headless Chromium: horizontal bars
+    (past 8 clusters), one blue bar per cluster visible in the screenshot."""
+    from PIL import Image
+
+    from calibclust.report import HTMLReport, plot_cluster_counts
+
+    for k in (10, 50):
+        report = HTMLReport(f"{k} clusters")
+        counts = {"accepted": np.full(k, 100), "rejected": np.full(k, 20), "ood": np.full(k, 10)}
+        report.add_figure(plot_cluster_counts([f"cluster_{c}" for c in range(k)], counts), alt="cluster sizes")
+        page = report.write(tmp_path / f"r{k}.html")
+        shot = tmp_path / f"r{k}.png"
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--screenshot={shot}", "--window-size=1100,2000", page.resolve().as_uri()],
+                       check=True, capture_output=True, timeout=120)
+        pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        blue = np.abs(pixels - np.array([0, 114, 178])).sum(axis=2) < 40  # the "accepted" bars
+        rows = np.flatnonzero(blue.sum(axis=1) > 30)
+        runs = 1 + int((np.diff(rows) > 1).sum()) if rows.size else 0  # separate bars, top to bottom
+        assert runs == k, f"{k} clusters: {runs} horizontal blue bars visible in the screenshot"
