@@ -37,7 +37,16 @@ from calibclust.errors import CalibclustError, InputError
 from calibclust.io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, discover_images
 from calibclust.io.predictions import FORMATS, PredictionsWriter
 from calibclust.serve.labeler import Labeler, topk_columns
-from calibclust.serve.policy import Policy, Thresholds, accuracy_coverage_curve, decide, fit_thresholds, ood_threshold_for
+from calibclust.serve.policy import (
+    Policy,
+    Thresholds,
+    accuracy_coverage_curve,
+    coverage_threshold,
+    decide,
+    fit_thresholds,
+    ood_threshold_for,
+    target_accuracy_threshold,
+)
 from calibclust.serve.resume import Journal, PartBuffer, ResumeError, atomic_write_text, file_sha256
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
@@ -334,10 +343,13 @@ def _thumbnail_cache(opts: LabelOptions, labeler: Labeler):
     from calibclust.serve.report import ThumbnailCache
 
     meta = labeler.metadata
-    known = None  # a coverage / target-accuracy threshold is fitted after the pass
+    ood = ood_threshold_for(opts.policy, meta.ood.threshold)
+    value = opts.policy.value
     if opts.policy.kind == "min_confidence":
-        known = meta.confidence_threshold if opts.policy.value is None else float(opts.policy.value)
-    return ThumbnailCache(opts.thumbnails, ood_threshold_for(opts.policy, meta.ood.threshold), known)
+        return ThumbnailCache(opts.thumbnails, ood, meta.confidence_threshold if value is None else float(value))
+    # Fitted after the pass on all confidences: the cache follows the policy's own estimate.
+    fitted = coverage_threshold if opts.policy.kind == "coverage" else target_accuracy_threshold
+    return ThumbnailCache(opts.thumbnails, ood, estimate=lambda sample: fitted(sample, float(value)))
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
