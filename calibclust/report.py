@@ -309,6 +309,7 @@ def aligned_confusion(
 
 
 HORIZONTAL_BARS_FROM = 8
+MAX_NAMED_BARS = 120
 
 
 def plot_cluster_counts(
@@ -324,8 +325,10 @@ def plot_cluster_counts(
     series = dict(counts) if isinstance(counts, Mapping) else {"images": counts}
     colors = [COLOR_GOOD, COLOR_BAD, "#009E73", "#E69F00", "#CC79A7", COLOR_NEUTRAL]
     horizontal = len(names) > HORIZONTAL_BARS_FROM
+    # Past MAX_NAMED_BARS rows only every k-th cluster is named, and the figure stops growing.
+    name_every = -(-len(names) // MAX_NAMED_BARS)
     if horizontal:
-        fig = new_figure(7.0, max(3.0, 0.22 * len(names) + 1.2))
+        fig = new_figure(7.0, max(3.0, 0.22 * min(len(names), MAX_NAMED_BARS) + 1.2))
     else:
         fig = new_figure(min(14.0, max(5.0, 0.35 * len(names) + 3.0)), 3.8)
     ax = fig.subplots()
@@ -341,7 +344,7 @@ def plot_cluster_counts(
         bottom += values
     labels = [str(n) if len(str(n)) <= 24 else str(n)[:23] + "…" for n in names]
     if horizontal:
-        ax.set_yticks(x, labels, fontsize=8)
+        ax.set_yticks(x[::name_every], labels[::name_every], fontsize=8)
         ax.invert_yaxis()  # cluster 0 on top, in reading order
         ax.set_ylabel("cluster")
         ax.set_xlabel(ylabel)

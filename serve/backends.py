@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -67,14 +68,25 @@ def _ort():
     return onnxruntime
 
 
+# onnxruntime prints GPU set-up notes ("EP Error ... Falling back") to stdout, where `label` prints
+# its results: they are sent to stderr. redirect_stdout swaps sys.stdout for the whole process, so
+# one lock keeps two threads (the demo server) from restoring each other's stream.
+_GPU_SETUP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _gpu_setup_notes_to_stderr():
+    with _GPU_SETUP_LOCK, contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 @functools.cache
 def _preload_gpu_libraries() -> None:
     """Load CUDA / cuDNN from the nvidia-* pip packages (onnxruntime-gpu >= 1.21 does this only when
-    asked; torch would on import, but serve never imports torch). Its notes go to stderr."""
+    asked; torch would on import, but serve never imports torch). Called under the lock above."""
     preload = getattr(_ort(), "preload_dlls", None)
     if preload is not None:
-        with contextlib.redirect_stdout(sys.stderr):
-            preload()
+        preload()
 
 
 def available_providers() -> list[str]:
@@ -158,10 +170,13 @@ class OrtBackend:
         if not options.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = self._providers(name, options)
-        if name != "cpu":
-            _preload_gpu_libraries()
         try:
-            self.session = ort.InferenceSession(self.model_path, sess_options=so, providers=providers)
+            if name == "cpu":
+                self.session = ort.InferenceSession(self.model_path, sess_options=so, providers=providers)
+            else:
+                with _gpu_setup_notes_to_stderr():
+                    _preload_gpu_libraries()
+                    self.session = ort.InferenceSession(self.model_path, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for a bad file
             raise BackendError(f"{model_path}: onnxruntime cannot load this model: {exc}") from None
         active = self.session.get_providers()

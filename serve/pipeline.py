@@ -544,7 +544,8 @@ def finalise(
         curve = accuracy_coverage_curve(confidence[readable & ~np.isnan(confidence)])
         decoded_again = write_report(Path(opts.out_dir) / "report.html", summary, confidence, ood_score, readable,
                                      collector, curve, folder=opts.folder, input_size=meta.input_size,
-                                     thumbnails=thumbnails.lookup() if thumbnails is not None else None)
+                                     thumbnails=thumbnails.lookup() if thumbnails is not None else None,
+                                     max_pixels=opts.max_pixels)
         summary["report"] = {"thumbnails_decoded_again": decoded_again}
     atomic_write_text(Path(opts.out_dir) / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     # An --overwrite in another format must not leave the previous run's table beside this one.

@@ -25,29 +25,30 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from calibclust.io.images import ImageDecodeError, decode_image
+from calibclust.io.images import DEFAULT_MAX_PIXELS, decode_image
 
 DECISION_CODES = {"accepted": 0, "rejected": 1, "ood": 2, "error": 3}
-THUMBNAIL_BOX = 96  # px; larger model inputs are scaled down (aspect kept) before they are kept
-CONFIDENCE_BINS = 20  # candidates for "least confident accepted" when the threshold is fitted later
+THUMBNAIL_BOX = 72  # px, the size the report shows; larger model inputs are reduced (aspect kept)
 SAMPLE_SIZE = 4096  # confidences sampled for the running estimate of a fitted threshold
-# Candidates kept this far below the running estimate. Measured on the quick start's mixed folder
-# (class-ordered, so the estimate moves) at --target-accuracy 0.95, images decoded again out of 176
-# shown: margin 0 -> 9, 0.01 -> 12, 0.02 -> 13, 0.05 -> 32; without the running estimate, 49.
+# Candidates around the running estimate of a fitted threshold. Measured on the quick start's mixed
+# folder (class-ordered, so the estimate moves) at --target-accuracy 0.95, images the report had to
+# decode again out of 176 shown: 3 / 4 / 5 / 6 slots -> 13 / 5 / 0 / 0 (margin 0); margin 0.01 /
+# 0.02 / 0.05 -> more, not fewer (12 / 13 / 32, with 3 slots and a per-bin fallback since removed
+# for memory); no running estimate at all -> 49.
 ESTIMATE_MARGIN = 0.0
-ESTIMATE_SLOTS = 3  # x n candidates per cluster around the running estimate
+ESTIMATE_SLOTS = 5  # x n candidates per cluster from the running estimate up
 
 
 def shrink(image: np.ndarray, box: int = THUMBNAIL_BOX) -> np.ndarray:
-    """A copy of ``image`` that fits ``box`` (aspect kept; a copy, so that a view does not keep a
-    whole decoded batch alive)."""
-    if max(image.shape[:2]) <= box:
+    """A copy of ``image`` that fits ``box``: reduced by a whole factor (box filter, aspect kept; a
+    tenth of the cost of an antialiased resize, and the report shows thumbnails pixelated anyway).
+    Always a copy, so that a view does not keep a whole decoded batch alive."""
+    factor = -(-max(image.shape[:2]) // box)
+    if factor <= 1:
         return np.array(image)
     from PIL import Image
 
-    img = Image.fromarray(image)
-    img.thumbnail((box, box))
-    return np.asarray(img)
+    return np.asarray(Image.fromarray(image).reduce(factor))
 
 
 class ThumbnailCache:
@@ -60,10 +61,11 @@ class ThumbnailCache:
 
     A coverage or target-accuracy threshold is fitted on all confidences after the pass. Then
     ``estimate`` (the policy's own threshold function) is applied to a uniform sample of the
-    confidences seen so far, candidates are routed by that running estimate (kept within
-    :data:`ESTIMATE_MARGIN` of it, ``ESTIMATE_SLOTS``·n per cluster), and per confidence bin of width
-    1/:data:`CONFIDENCE_BINS` the ``n`` least confident are kept as well, for a folder whose
-    estimate moves late. Memory: at most ``n·(2 + C·(2 + slots + bins))`` thumbnails.
+    confidences seen so far and candidates are routed by that running estimate (kept from
+    :data:`ESTIMATE_MARGIN` below it, ``ESTIMATE_SLOTS``·n per cluster); an image the estimate
+    misrouted early is decoded again by the report, and counted. Memory: at most
+    ``n·(2 + C·(1 + slots))`` thumbnails of at most :data:`THUMBNAIL_BOX` px; only images still
+    kept at the end of a batch are shrunk.
     """
 
     def __init__(self, n: int, ood_threshold: float | None, confidence_threshold: float | None = None,
@@ -88,8 +90,7 @@ class ThumbnailCache:
             return [(("ood",), ood_score)]
         keys = [(("top", cluster), confidence)]
         if self.confidence_threshold is None:
-            b = min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))
-            keys += [(("low", cluster, b), -confidence), (("rejected",), -confidence)]
+            keys.append((("rejected",), -confidence))
             if self._running is not None and confidence >= self._running - ESTIMATE_MARGIN:
                 keys.append((("near", cluster), -confidence))
         elif confidence >= self.confidence_threshold:
@@ -103,14 +104,14 @@ class ThumbnailCache:
     def _update_estimate(self, confidence: np.ndarray) -> None:
         """Algorithm R over the batch's in-distribution confidences, then a new estimate; candidates
         that fell out of the margin make room."""
-        for value in confidence:
-            if self._seen < SAMPLE_SIZE:
-                self._sample[self._seen] = value
-            else:
-                j = int(self._rng.integers(0, self._seen + 1))
-                if j < SAMPLE_SIZE:
-                    self._sample[j] = value
-            self._seen += 1
+        fill = min(len(confidence), max(0, SAMPLE_SIZE - self._seen))
+        self._sample[self._seen : self._seen + fill] = confidence[:fill]
+        rest = confidence[fill:]
+        if len(rest):  # item number m (0-based) replaces a random slot with probability SIZE/(m+1)
+            slots = self._rng.integers(0, np.arange(self._seen + fill, self._seen + len(confidence)) + 1)
+            keep = slots < SAMPLE_SIZE
+            self._sample[slots[keep]] = rest[keep]
+        self._seen += len(confidence)
         estimate = float(self._estimate(self._sample[: min(self._seen, SAMPLE_SIZE)]))
         self._running = estimate if math.isfinite(estimate) else None
         for key, heap in self._heaps.items():
@@ -131,25 +132,32 @@ class ThumbnailCache:
                 in_dist &= ~(ood_score > self.ood_threshold)
             if in_dist.any():
                 self._update_estimate(confidence[in_dist])
+        touched = set()
         for i, path in enumerate(paths):
             if not math.isfinite(confidence[i]):
                 continue
-            thumb = None
             for key, priority in self._keys(int(outputs["label"][i]), float(confidence[i]), float(ood_score[i])):
                 heap = self._heaps.setdefault(key, [])
                 full = len(heap) >= self._capacity(key)
                 if full and priority <= heap[0][0]:
                     continue
-                if thumb is None:
-                    thumb = self._shrink(images[i])
-                entry = (priority, -next(self._seq), path, thumb)  # on ties the later image goes first
+                # -seq: of two equal priorities the later image is the smaller entry, evicted
+                # first, so the earlier one stays (as in ReportCollector). The thumbnail is the
+                # batch index until the batch is done.
+                entry = (priority, -next(self._seq), path, i)
                 if full:
                     heapq.heapreplace(heap, entry)
                 else:
                     heapq.heappush(heap, entry)
-
-    def _shrink(self, image: np.ndarray) -> np.ndarray:
-        return shrink(image, self.box)
+                touched.add(key)
+        shrunk: dict[int, np.ndarray] = {}
+        for key in touched:
+            heap = self._heaps[key]
+            for j, (priority, seq, path, thumb) in enumerate(heap):
+                if isinstance(thumb, int):  # same (priority, seq): the heap order is unchanged
+                    if thumb not in shrunk:
+                        shrunk[thumb] = shrink(images[thumb], self.box)
+                    heap[j] = (priority, seq, path, shrunk[thumb])
 
     def lookup(self) -> dict[str, np.ndarray]:
         return {path: thumb for heap in self._heaps.values() for _, _, path, thumb in heap}
@@ -165,6 +173,8 @@ class _Extremes:
         self.n, self.high, self.low = n, [], []
 
     def add(self, values: np.ndarray, paths: np.ndarray) -> None:
+        finite = np.isfinite(values)  # a NaN confidence (decided "rejected") has no place in an order
+        values, paths = values[finite], paths[finite]
         if not self.n or len(values) == 0:
             return
         # Ties go to the earlier image on both ends, as in ThumbnailCache (which keeps the first of
@@ -236,8 +246,9 @@ class _Thumbnails:
     """Thumbnails for the report: from the labelling pass's cache, else decoded (once) at the
     model's input size, i.e. the same pixels the model saw."""
 
-    def __init__(self, cache: dict[str, np.ndarray], folder: str | os.PathLike, input_size: Sequence[int]):
-        self.cache, self.folder, self.size = cache, Path(folder), tuple(input_size)
+    def __init__(self, cache: dict[str, np.ndarray], folder: str | os.PathLike, input_size: Sequence[int],
+                 max_pixels: int):
+        self.cache, self.folder, self.size, self.max_pixels = cache, Path(folder), tuple(input_size), max_pixels
         self.decoded_again = 0
 
     def __call__(self, path: str) -> np.ndarray:
@@ -245,10 +256,10 @@ class _Thumbnails:
             return self.cache[path]
         self.decoded_again += 1
         try:
-            image = shrink(decode_image(self.folder / path, size=self.size, max_pixels=50_000_000))
-        except (ImageDecodeError, OSError):
+            image = shrink(decode_image(self.folder / path, size=self.size, max_pixels=self.max_pixels))
+        except Exception:  # gone or changed since it was labelled (or a decoder bug): a grey square
             image = np.full((min(self.size[0], THUMBNAIL_BOX), min(self.size[1], THUMBNAIL_BOX), 3), 200, np.uint8)
-        self.cache[path] = image  # gone or changed since it was labelled: a grey square
+        self.cache[path] = image
         return image
 
 
@@ -282,6 +293,7 @@ def write_report(
     folder: str | os.PathLike,
     input_size: Sequence[int] = (32, 32),
     thumbnails: dict[str, np.ndarray] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> int:
     """Write ``path``; ``thumbnails`` maps relative paths to images captured while labelling
     (:meth:`ThumbnailCache.lookup`). Returns how many shown images had to be decoded again."""
@@ -292,7 +304,7 @@ def write_report(
     conf = np.asarray(confidence, np.float64)[readable]
     ood = np.asarray(ood_score, np.float64)[readable]
     model = summary["model"]
-    thumb = _Thumbnails(dict(thumbnails or {}), folder, input_size)
+    thumb = _Thumbnails(dict(thumbnails or {}), folder, input_size, max_pixels)
     report = HTMLReport(
         f"calibclust label: {summary['folder']}",
         f"{summary['files']:,} files · model {model['path']} ({model['method']}, {model['num_clusters']} clusters, "
@@ -372,7 +384,8 @@ def write_report(
         report.add_heading(f"{row['name']} — {row['total']:,} images, {row['accepted']:,} accepted ({share}), "
                            f"mean confidence of the accepted {mean}", level=3)
         if not most:
-            report.add_paragraph("no accepted images")
+            if not row["accepted"]:
+                report.add_paragraph("no accepted images")
             continue
         report.add_paragraph("most confident accepted")
         gallery(most, "{:.3f}", f"{row['name']} most confident accepted")

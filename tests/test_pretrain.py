@@ -222,6 +222,7 @@ def test_resolve_device_gives_cuda_an_index_and_refuses_clearly(monkeypatch):
     from calibclust.errors import InputError
     from calibclust.pretrain import resolve_device
 
+    monkeypatch.delenv("LOCAL_RANK", raising=False)  # as under torchrun it may be set
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(InputError, match="--device 'foo'"):
         resolve_device("foo")
