@@ -34,7 +34,7 @@ import numpy as np
 
 from calibclust import __version__
 from calibclust.errors import CalibclustError, InputError
-from calibclust.io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, discover_images
+from calibclust.io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, iter_image_files
 from calibclust.io.predictions import FORMATS, PredictionsWriter
 from calibclust.serve.labeler import Labeler, topk_columns
 from calibclust.serve.policy import (
@@ -188,35 +188,38 @@ class _Inline:
 
 
 # --- discovery -------------------------------------------------------------------------------------
-def iter_relative_paths(folder: str | os.PathLike) -> Iterator[str]:
-    """Discovery order of :func:`discover_images`, as POSIX paths relative to ``folder`` (string
-    slicing rather than ``Path.relative_to``: this runs once per file on the inference thread)."""
-    root = Path(folder).absolute()  # "." would otherwise yield children without the "./" prefix
-    prefix = len(str(root).rstrip(os.sep)) + 1
-    for path in discover_images(root):
-        rel = str(path)[prefix:]
+class SkipLog:
+    """Paths discovery passed over (loops, FIFOs, devices, unlistable folders): each printed once to
+    stderr as it is met, the first 100 kept for summary.json, all counted."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.count, self.first = quiet, 0, []
+
+    def __call__(self, path: str, reason: str) -> None:
+        self.count += 1
+        if len(self.first) < 100:
+            self.first.append({"path": path, "reason": reason})
+        if not self.quiet:
+            print(f"calibclust label: skipped {path}: {reason}", file=sys.stderr)
+
+
+def iter_relative_paths(folder: str | os.PathLike, on_skip=None) -> Iterator[str]:
+    """Discovery order of :func:`~calibclust.io.images.iter_image_files`, as POSIX paths relative to
+    ``folder`` (string slicing rather than ``Path.relative_to``: this runs once per file on the
+    inference thread); passed-over paths go to ``on_skip`` (default: a :class:`SkipLog` on stderr)."""
+    root = str(Path(folder).absolute()).rstrip(os.sep)  # "." would otherwise yield no "./" prefix
+    if not os.path.isdir(root):
+        raise InputError(f"not a folder: {folder}")
+    prefix = len(root) + 1
+    for path in iter_image_files(root, on_skip=on_skip or SkipLog()):
+        rel = path[prefix:]
         yield rel if os.sep == "/" else rel.replace(os.sep, "/")
 
 
 def _count_images(folder: str, box: dict) -> None:
-    """Background count for the progress bar's total/ETA: the same rules as discover_images (hidden
-    names skipped, image extensions, symlinked folders followed) without sorting or Path objects."""
-    from calibclust.io.images import IMAGE_EXTENSIONS
-
-    try:
-        n, stack = 0, [folder]
-        while stack:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    if entry.name.startswith("."):
-                        continue
-                    if entry.is_dir(follow_symlinks=True):
-                        stack.append(entry.path)
-                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                        n += 1
-        box["total"] = n
-    except OSError:  # the count only feeds the progress bar
-        pass
+    """Background count for the progress bar's total/ETA: the same walk as discovery, unsorted and
+    silent (discovery itself reports what it passes over)."""
+    box["total"] = sum(1 for _ in iter_image_files(folder, on_skip=SkipLog(quiet=True), ordered=False))
 
 
 def build_rows(
@@ -317,6 +320,7 @@ def _label_folder(opts: LabelOptions, journal: Journal, executor: Executor | Non
         journal.create(fp)
     _remove_stale_temporaries(out_dir)
     thumbnails = _thumbnail_cache(opts, labeler)
+    skips = SkipLog() if opts.engine == "local" else None  # the Ray engine reports on stderr only
     t0 = time.monotonic()
     if opts.engine == "ray":
         from calibclust.serve.ray_engine import run_ray
@@ -327,10 +331,10 @@ def _label_folder(opts: LabelOptions, journal: Journal, executor: Executor | Non
         parts = run_ray(opts, labeler, batch_size)
         processed = None
     else:
-        processed = _run_local(opts, labeler, journal, batch_size, executor, thumbnails)
+        processed = _run_local(opts, labeler, journal, batch_size, executor, thumbnails, skips)
         parts = journal.iter_parts
     seconds = time.monotonic() - t0
-    result = finalise(opts, labeler, parts, fp, seconds, processed, thumbnails)
+    result = finalise(opts, labeler, parts, fp, seconds, processed, thumbnails, skips)
     journal.remove()
     return result
 
@@ -373,13 +377,14 @@ def _verify_prefix(stream: Iterator[str], journal: Journal) -> None:
 
 def _run_local(
     opts: LabelOptions, labeler: Labeler, journal: Journal, batch_size: int, executor: Executor | None = None,
-    thumbnails=None,
+    thumbnails=None, skips: SkipLog | None = None,
 ) -> int:
     """Predict every file not yet in the journal; returns how many this call processed.
     ``executor``: the decode pool (None: a spawned one is made and shut down here);
-    ``thumbnails``: a :class:`~calibclust.serve.report.ThumbnailCache` offered each decoded batch."""
+    ``thumbnails``: a :class:`~calibclust.serve.report.ThumbnailCache` offered each decoded batch;
+    ``skips``: where discovery reports the paths it passes over."""
     done = journal.rows_done()
-    stream = iter_relative_paths(opts.folder)
+    stream = iter_relative_paths(opts.folder, skips)
     _verify_prefix(stream, journal)
     workers = (os.cpu_count() or 1) if opts.workers is None else opts.workers
     prefetch = max(2, 2 * workers)
@@ -446,7 +451,7 @@ def _run_local(
 # --- finalisation ----------------------------------------------------------------------------------
 def finalise(
     opts: LabelOptions, labeler: Labeler, parts: Callable[..., Iterator[dict[str, np.ndarray]]],
-    fp: dict[str, Any], seconds: float, processed: int | None, thumbnails=None,
+    fp: dict[str, Any], seconds: float, processed: int | None, thumbnails=None, skips: SkipLog | None = None,
 ) -> LabelResult:
     """Two streaming passes over the parts (``parts(columns)`` yields them in discovery order each time
     it is called): fit the policy on all scores, then write the outputs."""
@@ -530,6 +535,7 @@ def finalise(
         "clusters": collector.cluster_summary(),
         "thresholds": thresholds.to_dict(),
         "errors_first_100": errors_sample[:100],
+        "skipped": None if skips is None else {"count": skips.count, "first_100": skips.first},
         "engine": opts.engine,
         "seconds": round(seconds, 3),
         "files_this_call": processed,

@@ -370,3 +370,27 @@ def test_fast_jpeg_path_leaves_bad_jpegs_to_pillow(tmp_path):
         decode_image(tmp_path / "not-a-jpeg.jpg", size=(32, 32))
     with pytest.raises(ImageDecodeError, match="exceeds the limit"):
         decode_image(good, size=(32, 32), max_pixels=64 * 64 - 1)
+
+
+def test_discovery_reports_unlistable_and_vanished_folders_and_goes_on(tmp_path, monkeypatch):
+    """A folder that cannot be listed (no permission, removed mid-run) is reported, never fatal;
+    root can list anything, so the refusal is simulated at os.scandir."""
+    from calibclust.io import images as images_module
+
+    for name in ("a", "locked", "z"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name / "x.png")
+    real = os.scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(images_module.os, "scandir", scandir)
+    skipped = []
+    found = list(images_module.iter_image_files(tmp_path, on_skip=lambda p, r: skipped.append((os.path.basename(p), r))))
+    assert [os.path.relpath(p, tmp_path) for p in found] == ["a/x.png", "z/x.png"]
+    assert skipped == [("locked", "cannot list this folder (Permission denied)")]
+    with pytest.warns(images_module.SkippedPathWarning, match="locked: cannot list"):
+        assert len(list(images_module.discover_images(tmp_path))) == 2

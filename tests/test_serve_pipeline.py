@@ -230,3 +230,43 @@ def test_relative_folder_spellings_give_the_same_table(model, mixed, tmp_path):
                               capture_output=True, text=True, cwd=cwd)
         assert proc.returncode == ref.returncode == 3, proc.stderr
         assert (tmp_path / f"rel{i}" / "predictions.csv").read_bytes() == (tmp_path / "abs" / "predictions.csv").read_bytes(), folder
+
+
+def hostile_folder(root: Path) -> Path:
+    """Five images plus what ordinary folders contain: a link back up the tree, a second link to a
+    folder, a FIFO and a link to /dev/zero with image names, a broken link, an unlistable folder."""
+    write_good_images(root / "sub", 5)
+    os.symlink("..", root / "sub" / "loop")
+    os.symlink("sub", root / "zz-again")
+    os.mkfifo(root / "pipe.png")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    os.symlink("missing.png", root / "dangling.png")
+    write_good_images(root / "locked", 1)
+    (root / "locked").chmod(0)
+    return root
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_hostile_folder_is_labelled_without_hang_loss_or_traceback(model, tmp_path):
+    """Discovery yields each regular file once and reports the rest (issue: a link loop crashed the
+    walk after ~40 duplicate rows, a FIFO hung the run, /dev/zero was read whole)."""
+    root = hostile_folder(tmp_path / "hostile")
+    try:
+        out = tmp_path / "out"
+        proc = run_label_cli(root, "--model", model, "--out", out, "--no-progress", timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        table = read_predictions(out / "predictions.csv")
+        listable = ["locked/img_00000.png"] if os.geteuid() == 0 else []  # root lists any folder
+        assert table["path"].tolist() == listable + [f"sub/img_{i:05d}.png" for i in range(5)], table["path"]
+        assert (table["decision"] != "error").all()
+        skipped = json.loads((out / "summary.json").read_text())["skipped"]
+        reasons = {Path(s["path"]).name: s["reason"] for s in skipped["first_100"]}
+        assert "FIFO" in reasons["pipe.png"] and "device" in reasons["zero.jpg"], reasons
+        assert "broken symbolic link" in reasons["dangling.png"] and "already walked" in reasons["loop"], reasons
+        assert "already walked" in reasons["zz-again"], reasons
+        if not listable:
+            assert "cannot list" in reasons["locked"], reasons
+        assert skipped["count"] == len(reasons) and f"skipped {root}" in proc.stderr
+    finally:
+        (root / "locked").chmod(0o755)

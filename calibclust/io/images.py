@@ -64,36 +64,96 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def discover_images(
-    root: str | os.PathLike, recursive: bool = True, extensions: Iterable[str] = IMAGE_EXTENSIONS
-) -> Iterator[Path]:
-    """Yield image files under ``root`` in a deterministic order, streaming.
+class SkippedPathWarning(UserWarning):
+    """discover_images passed over a path (not a regular file, a folder it cannot list, a loop)."""
 
-    Files are matched by extension (case-insensitive); hidden files and directories are skipped.
+
+def _not_regular(path: str) -> str:
+    """Why an image-named entry that is not a regular file is not read."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"broken symbolic link ({exc.strerror or exc})" if os.path.islink(path) else f"cannot stat ({exc})"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a file: reading it could block forever"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a file (e.g. a link to /dev/zero)"
+    return "not a regular file"
+
+
+def iter_image_files(
+    root: str | os.PathLike,
+    recursive: bool = True,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    on_skip=None,
+    ordered: bool = True,
+) -> Iterator[str]:
+    """Paths (``str``) of the regular image files under ``root``: each once, in a deterministic order
+    (``ordered``: entries sorted by name, folder by folder).
+
+    Files are matched by extension (case-insensitive); hidden files and folders are skipped.
+    Symlinked folders are followed once each (by device and inode), so a link back up the tree is
+    a loop reported once, not an endless walk. FIFOs, sockets, devices and broken links with an
+    image name are not opened (a FIFO would block the reader forever), and a folder that cannot be
+    listed (no permission, vanished mid-run) is passed over: each is reported as
+    ``on_skip(path, reason)`` (default: a :class:`SkippedPathWarning`), never raised.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"not a folder: {root}")
     exts = {e.lower() for e in extensions}
+    if on_skip is None:
+        def on_skip(path, reason):
+            warnings.warn(f"skipped {path}: {reason}", SkippedPathWarning, stacklevel=3)
+    visited: set[tuple[int, int]] = set()
 
-    def walk(directory: Path) -> Iterator[Path]:
+    def walk(directory: str) -> Iterator[str]:
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except PermissionError:
+            info = os.stat(directory)
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            on_skip(directory, f"cannot list this folder ({exc.strerror or exc})")
             return
+        key = (info.st_dev, info.st_ino)
+        if key in visited:
+            on_skip(directory, "folder already walked (a symbolic link loop, or a second link to it)")
+            return
+        visited.add(key)
+        if ordered:
+            entries.sort(key=lambda e: e.name)
         subdirs = []
         for entry in entries:
             if _is_hidden(entry.name):
                 continue
-            if entry.is_dir(follow_symlinks=True):
-                subdirs.append(entry)
-            elif os.path.splitext(entry.name)[1].lower() in exts:
-                yield Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    subdirs.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in exts:
+                    if entry.is_file(follow_symlinks=True):
+                        yield entry.path
+                    else:
+                        on_skip(entry.path, _not_regular(entry.path))
+            except OSError as exc:  # e.g. a link loop on the entry itself
+                on_skip(entry.path, f"cannot stat ({exc.strerror or exc})")
         if recursive:
-            for entry in subdirs:
-                yield from walk(Path(entry.path))
+            for sub in subdirs:
+                yield from walk(sub)
 
-    yield from walk(root)
+    yield from walk(os.fspath(root))
+
+
+def discover_images(
+    root: str | os.PathLike, recursive: bool = True, extensions: Iterable[str] = IMAGE_EXTENSIONS, on_skip=None
+) -> Iterator[Path]:
+    """Yield image files under ``root`` in a deterministic order, streaming (:func:`iter_image_files`
+    as ``Path`` objects)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"not a folder: {root}")
+    for path in iter_image_files(root, recursive, extensions, on_skip):
+        yield Path(path)
 
 
 @dataclass(frozen=True)
