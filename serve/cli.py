@@ -81,7 +81,8 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--probs", action="store_true", help="add prob_<c> columns (every cluster's probability)")
     o.add_argument("--sort-into", metavar="DIR",
                    help="also build DIR/<cluster>/, DIR/_rejected/, DIR/_ood/, DIR/_errors/ of symlinks "
-                        "(never overwrites an existing file)")
+                        "(never overwrites an existing file; DIR must be outside FOLDER; clusters whose names "
+                        "give the same folder name get _<cluster id> appended)")
     o.add_argument("--copy", action="store_true", help="with --sort-into: copy files instead of symlinking")
     o.add_argument("--no-report", action="store_true",
                    help="skip report.html (accepted images per cluster, set-aside images with reasons, histograms)")

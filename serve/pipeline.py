@@ -109,6 +109,10 @@ class LabelOptions:
             raise InputError(f"not a folder: {self.folder}")
         if not Path(self.model).is_file():
             raise InputError(f"model file not found: {self.model}")
+        if self.sort_into:
+            from calibclust.serve.sort import check_destination
+
+            check_destination(self.sort_into, self.folder)  # before hours of inference, not after
 
 
 @dataclass
@@ -488,7 +492,10 @@ def finalise(
     if opts.sort_into:
         from calibclust.serve.sort import FolderSorter
 
-        sorter = FolderSorter(opts.sort_into, opts.folder, copy=opts.copy)
+        sorter = FolderSorter(opts.sort_into, opts.folder, names, copy=opts.copy)
+        for name, bucket in sorter.renamed.items():
+            print(f"calibclust label: --sort-into: cluster {name!r} goes to {bucket}/ (its plain folder name "
+                  f"is taken by another cluster)", file=sys.stderr)
     table = opts.table_path()
     errors_sample = []
     with PredictionsWriter(table, columns) as writer:
@@ -512,7 +519,7 @@ def finalise(
             writer.write_rows(rows)
             collector.add(part, decision)
             if sorter is not None:
-                sorter.add(rows["path"], decision, rows["cluster_name"])
+                sorter.add(rows["path"], decision, part["cluster"])
             if len(errors_sample) < 100:
                 errors_sample += [{"path": p, "error": e} for p, e in zip(rows["path"], rows["error"]) if e][:100]
     counts = dict(collector.decision_counts)

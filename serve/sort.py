@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 SPECIAL = {"rejected": "_rejected", "ood": "_ood", "error": "_errors"}
 
@@ -32,21 +32,48 @@ def safe_dir_name(name: str) -> str:
     return cleaned
 
 
+def check_destination(dest: str | os.PathLike, source_root: str | os.PathLike) -> None:
+    """Refuse a sort folder inside the labelled folder (its links would be labelled next time);
+    checked before any inference."""
+    dest, root = Path(dest).resolve(), Path(source_root).resolve()
+    if dest == root or root in dest.parents:
+        from calibclust.errors import InputError
+
+        raise InputError(f"--sort-into {dest} is inside the labelled folder; choose a folder outside it")
+
+
+def bucket_names(cluster_names: Sequence[str]) -> list[str]:
+    """One folder name per cluster, unique even where names differ only in characters a folder name
+    cannot hold or in case (``a/b`` and ``a_b``, ``A`` and ``a``, ``_ood`` and ``cluster_ood``): the
+    first keeps the plain name, a later one gets ``_<cluster id>`` appended."""
+    taken = {name.casefold() for name in SPECIAL.values()}
+    buckets = []
+    for c, name in enumerate(cluster_names):
+        base = candidate = safe_dir_name(name)
+        suffix = 0
+        while candidate.casefold() in taken:
+            suffix += 1
+            candidate = f"{base}_{c}" if suffix == 1 else f"{base}_{c}_{suffix}"
+        taken.add(candidate.casefold())
+        buckets.append(candidate)
+    return buckets
+
+
 class FolderSorter:
-    def __init__(self, dest: str | os.PathLike, source_root: str | os.PathLike, copy: bool = False):
+    def __init__(self, dest: str | os.PathLike, source_root: str | os.PathLike, cluster_names: Sequence[str],
+                 copy: bool = False):
+        check_destination(dest, source_root)
         self.dest = Path(dest)
         self.source_root = Path(source_root).resolve()
         self.copy = copy
-        if self.dest.resolve() == self.source_root or self.source_root in self.dest.resolve().parents:
-            from calibclust.errors import InputError
-
-            raise InputError(f"--sort-into {dest} is inside the labelled folder; choose a folder outside it")
+        self.buckets = bucket_names(cluster_names)
+        self.renamed = {name: bucket for name, bucket in zip(cluster_names, self.buckets) if bucket != safe_dir_name(name)}
         self.created = self.existing = 0
         self.conflicts: list[str] = []
 
-    def add(self, rel_paths: Iterable[str], decisions: Iterable[str], cluster_names: Iterable[str]) -> None:
-        for rel, decision, name in zip(rel_paths, decisions, cluster_names):
-            bucket = SPECIAL.get(decision) or safe_dir_name(name)
+    def add(self, rel_paths: Iterable[str], decisions: Iterable[str], clusters: Iterable[int]) -> None:
+        for rel, decision, cluster in zip(rel_paths, decisions, clusters):
+            bucket = SPECIAL.get(decision) or self.buckets[int(cluster)]
             self._place(self.source_root / rel, self.dest / bucket / rel)
 
     def _place(self, src: Path, dst: Path) -> None:
@@ -83,4 +110,5 @@ class FolderSorter:
             "already_present": self.existing,
             "conflicts_left_untouched": len(self.conflicts),
             "conflicts_first_20": self.conflicts[:20],
+            "cluster_folders": self.buckets,
         }

@@ -187,6 +187,24 @@ def test_sort_into_never_overwrites(model, mixed, tmp_path):
     assert len(copies) == 30 and not any(p.is_symlink() for p in copies)
     with pytest.raises(InputError, match="inside the labelled folder"):
         _run(model, root, tmp_path / "x", sort_into=str(root / "sorted"), report=False)
+    assert not (tmp_path / "x").exists(), "refused before any inference: no output, no journal"
+
+
+def test_sort_into_gives_every_cluster_its_own_folder(tmp_path):
+    from calibclust.serve.sort import bucket_names
+
+    assert bucket_names(["a/b", "a_b", "_ood", "cluster_ood", "A", "a", ".x"]) == [
+        "a_b", "a_b_1", "cluster_ood", "cluster_ood_3", "A", "a_5", "x"]
+    names = ["a/b", "a_b", "_ood"]
+    model = make_contract_model(tmp_path / "m.onnx", metadata={"cluster_names": names, "confidence_threshold": 0.0})
+    write_good_images(tmp_path / "in", 60, seed=3)
+    _run(model, tmp_path / "in", tmp_path / "out", sort_into=str(tmp_path / "sorted"), report=False,
+         policy=Policy(ood_threshold=float("inf")))
+    table = read_predictions(tmp_path / "out" / "predictions.csv")
+    expected = {n: b for n, b in zip(names, ["a_b", "a_b_1", "cluster_ood"])}
+    for path, name in zip(table["path"], table["cluster_name"]):
+        assert (tmp_path / "sorted" / expected[name] / path).is_symlink(), (path, name)
+    assert len(set(table["cluster_name"])) >= 2, "the test needs images in at least two clusters"
 
 
 def test_empty_folder_and_usage_errors(model, tmp_path):
