@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from calibclust.errors import CalibclustError
 
 SCHEMA_VERSION = 1
+MAX_METADATA_CHARS = 4 << 20  # exemplar thumbnails live in a sidecar; real metadata is a few kB
 ONNX_METADATA_KEY = "calibclust"
 OUTPUT_NAMES = ("probs", "confidence", "label", "ood_score", "embedding")
 METHODS = ("cdc", "spice", "kmeans")
@@ -69,12 +71,17 @@ class ModelMetadata:
 
         if not self.calibclust_version:
             self.calibclust_version = __version__
-        self.input_size = tuple(int(v) for v in self.input_size)
-        self.mean = tuple(float(v) for v in self.mean)
-        self.std = tuple(float(v) for v in self.std)
+        try:
+            self.input_size = tuple(int(v) for v in self.input_size)
+            self.mean = tuple(float(v) for v in self.mean)
+            self.std = tuple(float(v) for v in self.std)
+        except (TypeError, ValueError) as exc:
+            raise MetadataError(f"invalid model metadata: input_size, mean and std must be lists of numbers ({exc})") from None
         if isinstance(self.ood, dict):
             self.ood = _build(OODSpec, self.ood, "ood")
-        if not self.cluster_names:
+        elif not isinstance(self.ood, OODSpec):
+            raise MetadataError(f"invalid model metadata: ood must be an object, got {self.ood!r}")
+        if not self.cluster_names and isinstance(self.num_clusters, int):
             self.cluster_names = [f"cluster_{i}" for i in range(self.num_clusters)]
         self.validate()
 
@@ -84,8 +91,11 @@ class ModelMetadata:
             problems.append(
                 f"schema_version is {self.schema_version}, this calibclust reads version {SCHEMA_VERSION}"
             )
-        if self.num_clusters < 1:
-            problems.append(f"num_clusters must be >= 1, got {self.num_clusters}")
+        if not isinstance(self.num_clusters, int) or isinstance(self.num_clusters, bool) or self.num_clusters < 1:
+            problems.append(f"num_clusters must be an integer >= 1, got {self.num_clusters!r}")
+            raise MetadataError("invalid model metadata: " + "; ".join(problems))
+        if not isinstance(self.cluster_names, list) or not all(isinstance(n, str) for n in self.cluster_names):
+            raise MetadataError("invalid model metadata: cluster_names must be a list of strings")
         if len(self.cluster_names) != self.num_clusters:
             problems.append(
                 f"{len(self.cluster_names)} cluster names for {self.num_clusters} clusters"
@@ -100,8 +110,9 @@ class ModelMetadata:
             problems.append(f"method must be one of {METHODS}, got {self.method!r}")
         if self.probs_head not in PROBS_HEADS:
             problems.append(f"probs_head must be one of {PROBS_HEADS}, got {self.probs_head!r}")
-        if not 0.0 <= self.confidence_threshold <= 1.0:
-            problems.append(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+        _check_number(problems, "confidence_threshold", self.confidence_threshold, 0.0, 1.0)
+        # NaN would turn OOD rejection off without a word (every comparison with it is False).
+        _check_number(problems, "ood.threshold", self.ood.threshold, allow_none=True)
         if problems:
             raise MetadataError("invalid model metadata: " + "; ".join(problems))
 
@@ -129,14 +140,29 @@ class ModelMetadata:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelMetadata":
+        if len(text) > MAX_METADATA_CHARS:
+            raise MetadataError(f"model metadata is {len(text):,} characters; at most {MAX_METADATA_CHARS:,} are read")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise MetadataError(f"model metadata is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise MetadataError("model metadata is nested too deeply to be read") from None
         return cls.from_dict(data)
 
     def replace(self, **changes) -> "ModelMetadata":
         return dataclasses.replace(self, **changes)
+
+
+def _check_number(problems: list[str], name: str, value, low: float = -math.inf, high: float = math.inf,
+                  allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.append(f"{name} must be a number, got {value!r}")
+    elif not math.isfinite(value) or not low <= value <= high:
+        bounds = "" if (low, high) == (-math.inf, math.inf) else f" in [{low:g}, {high:g}]"
+        problems.append(f"{name} must be a finite number{bounds}, got {value!r}")
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -149,6 +149,52 @@ def test_garbage_and_unknown_keys_are_refused(tmp_path):
         read_model_metadata(_save(model, tmp_path, "b.onnx"))
 
 
+def _with_raw_metadata(tmp_path, name: str, value: str):
+    model = _graph()
+    entry = model.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, value
+    return _save(model, tmp_path, name)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"ood": {"threshold": float("nan")}}, r"ood.threshold must be a finite number, got nan"),
+        ({"ood": {"threshold": float("inf")}}, r"ood.threshold must be a finite number, got inf"),
+        ({"ood": {"threshold": "0.3"}}, r"ood.threshold must be a number, got '0.3'"),
+        ({"confidence_threshold": float("nan")}, r"confidence_threshold must be a finite number in \[0, 1\]"),
+        ({"confidence_threshold": "high"}, "confidence_threshold must be a number, got 'high'"),
+        ({"confidence_threshold": True}, "confidence_threshold must be a number, got True"),
+        ({"cluster_names": "abcd"}, "cluster_names must be a list of strings"),
+        ({"cluster_names": [1, 2, 3, 4]}, "cluster_names must be a list of strings"),
+        ({"cluster_names": ["a", "b"]}, "2 cluster names for 4 clusters"),
+        ({"num_clusters": "4"}, "num_clusters must be an integer >= 1, got '4'"),
+        ({"input_size": ["a", 8]}, "input_size, mean and std must be lists of numbers"),
+        ({"ood": 3}, "ood must be an object, got 3"),
+    ],
+)
+def test_metadata_values_are_checked_naming_the_field(tmp_path, change, message):
+    """A NaN OOD threshold used to load and silently turn OOD flags off; wrong types gave tracebacks."""
+    doc = _metadata().to_dict()
+    for key, value in change.items():
+        if isinstance(value, dict):
+            doc[key].update(value)
+        else:
+            doc[key] = value
+    with pytest.raises(MetadataError, match=message):
+        read_model_metadata(_with_raw_metadata(tmp_path, "m.onnx", json.dumps(doc)))
+
+
+def test_oversized_and_deeply_nested_metadata_are_refused(tmp_path):
+    doc = _metadata().to_dict()
+    doc["train_stats"] = {"x": "y" * (5 << 20)}
+    with pytest.raises(MetadataError, match="characters; at most"):
+        read_model_metadata(_with_raw_metadata(tmp_path, "big.onnx", json.dumps(doc)))
+    nested = '{"train_stats": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(MetadataError, match="nested too deeply"):
+        read_model_metadata(_with_raw_metadata(tmp_path, "deep.onnx", nested))
+
+
 @pytest.mark.parametrize(
     "graph_kwargs, meta_changes, message",
     [
