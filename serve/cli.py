@@ -62,6 +62,8 @@ def _ood(text: str) -> float:
 
 
 def add_label_arguments(p: argparse.ArgumentParser) -> None:
+    from calibclust.io.images import DEFAULT_MAX_BYTES
+
     p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively; hidden files skipped)")
     p.add_argument("--model", required=True, metavar="MODEL", help="exported model (.onnx from 'calibclust export onnx')")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
@@ -97,6 +99,8 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                         "(may scale better on many cores; calibclust bench label compares both)")
     r.add_argument("--threads", type=int, metavar="N", help="inference threads (default: onnxruntime's, one per core)")
     r.add_argument("--max-pixels", type=int, metavar="N", help="refuse images larger than N pixels (default 100,000,000)")
+    r.add_argument("--max-file-mb", type=float, metavar="MB", default=DEFAULT_MAX_BYTES / 2**20,
+                   help="refuse files larger than MB MiB before reading them (an 'error' row; default %(default)g)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (same options required)")
     r.add_argument("--checkpoint-every", type=int, default=4096, metavar="N",
                    help="save finished results for --resume every N images or 5 s, whichever first (default 4096)")
@@ -120,7 +124,7 @@ def register_cli(subparsers) -> None:
 
 
 def options_from_args(args):
-    from calibclust.io.images import DEFAULT_MAX_PIXELS
+    from calibclust.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
     from calibclust.serve.pipeline import LabelOptions
     from calibclust.serve.policy import Policy
 
@@ -141,6 +145,7 @@ def options_from_args(args):
         write_probs=args.probs,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        max_file_mb=args.max_file_mb,
         workers=args.workers,
         worker_type=args.worker_type,
         threads=args.threads,

@@ -16,6 +16,7 @@ stream through the journal on disk (:mod:`calibclust.serve.resume`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import numpy as np
 
 from calibclust import __version__
 from calibclust.errors import CalibclustError, InputError
-from calibclust.io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, iter_image_files
+from calibclust.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, iter_image_files
 from calibclust.io.predictions import FORMATS, PredictionsWriter
 from calibclust.serve.labeler import Labeler, topk_columns
 from calibclust.serve.policy import (
@@ -69,6 +70,7 @@ class LabelOptions:
     write_probs: bool = False  # (table) add prob_<c> for every cluster
     batch_size: int | None = None  # (table: batch boundaries) None = backend's default
     max_pixels: int = DEFAULT_MAX_PIXELS  # (table) decompression-bomb guard
+    max_file_mb: float = DEFAULT_MAX_BYTES / 2**20  # (table) files larger than this are not read
     workers: int | None = None  # decode workers; None = one per CPU core; 0 = decode inline
     worker_type: str = "thread"  # thread | process (see the module docstring)
     threads: int | None = None  # inference threads (onnxruntime intra-op); None = its default
@@ -97,6 +99,8 @@ class LabelOptions:
             raise InputError(f"--engine must be local or ray, got {self.engine!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError("--batch-size must be >= 1")
+        if not self.max_file_mb > 0:
+            raise InputError(f"--max-file-mb must be > 0, got {self.max_file_mb}")
         if self.checkpoint_every < 1:
             raise InputError("--checkpoint-every must be >= 1")
         if self.top_k < 0:
@@ -130,13 +134,13 @@ def _ignore_sigint() -> None:
 
 
 def decode_batch(
-    paths: list[str], size: tuple[int, int], max_pixels: int
+    paths: list[str], size: tuple[int, int], max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Decode a batch with THE decoder: (indices of readable files, their uint8 stack, errors)."""
     ok, arrays, errors = [], [], []
     for i, path in enumerate(paths):
         try:
-            arrays.append(decode_image(path, size=size, max_pixels=max_pixels))
+            arrays.append(decode_image(path, size=size, max_pixels=max_pixels, max_bytes=max_bytes))
             ok.append(i)
         except ImageDecodeError as err:
             errors.append((i, err.reason))
@@ -270,6 +274,7 @@ def fingerprint(opts: LabelOptions, labeler: Labeler, batch_size: int) -> dict[s
         "write_probs": opts.write_probs,
         "batch_size": batch_size,
         "max_pixels": opts.max_pixels,
+        "max_file_mb": opts.max_file_mb,
         "sort_into": str(Path(opts.sort_into).resolve()) if opts.sort_into else None,
         "copy": opts.copy,
         "engine": opts.engine,
@@ -395,6 +400,9 @@ def _run_local(
     keep_probs = bool(opts.top_k or opts.write_probs)
     wanted = ("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score")
     size = labeler.input_size
+    # A partial of a module-level function: process workers must be able to pickle it.
+    decode = functools.partial(decode_batch, size=size, max_pixels=opts.max_pixels,
+                               max_bytes=int(opts.max_file_mb * 2**20))
     root = str(Path(opts.folder).absolute()).rstrip(os.sep) + os.sep
     buffer = PartBuffer(journal, done, max_rows=max(1, opts.checkpoint_every))
     count = {"total": None}
@@ -429,12 +437,12 @@ def _run_local(
         for rel in stream:
             chunk.append(rel)
             if len(chunk) == batch_size:
-                pending.append((chunk, executor.submit(decode_batch, [root + r for r in chunk], size, opts.max_pixels)))
+                pending.append((chunk, executor.submit(decode, [root + r for r in chunk])))
                 chunk = []
                 while len(pending) > prefetch:
                     handle(pending.popleft())
         if chunk:
-            pending.append((chunk, executor.submit(decode_batch, [root + r for r in chunk], size, opts.max_pixels)))
+            pending.append((chunk, executor.submit(decode, [root + r for r in chunk])))
         while pending:
             handle(pending.popleft())
         buffer.flush()

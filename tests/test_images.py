@@ -394,3 +394,27 @@ def test_discovery_reports_unlistable_and_vanished_folders_and_goes_on(tmp_path,
     assert skipped == [("locked", "cannot list this folder (Permission denied)")]
     with pytest.warns(images_module.SkippedPathWarning, match="locked: cannot list"):
         assert len(list(images_module.discover_images(tmp_path))) == 2
+
+
+def test_size_guard_comes_before_any_read(tmp_path, monkeypatch):
+    """A file over max_bytes, a FIFO and a device are refused from os.stat alone (the JPEG fast path
+    used to read a link to /dev/zero whole: MemoryError; a FIFO blocked forever)."""
+    import builtins
+
+    from calibclust.io.images import ImageDecodeError, decode_image
+
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(big, quality=95)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    with pytest.raises(ImageDecodeError, match=r"MiB, over the limit of 0.0009766 MiB \(--max-file-mb\)"):
+        decode_image(big, max_bytes=2**20 // 1024)
+    for path in (fifo, tmp_path / "zero.jpg"):
+        with pytest.raises(ImageDecodeError, match="not a regular file"):
+            decode_image(path)
+    assert opened == [], f"files were opened before the guard refused them: {opened}"
+    assert decode_image(big, max_bytes=1 << 20).shape == (64, 64, 3)

@@ -288,3 +288,17 @@ def test_hostile_folder_is_labelled_without_hang_loss_or_traceback(model, tmp_pa
         assert skipped["count"] == len(reasons) and f"skipped {root}" in proc.stderr
     finally:
         (root / "locked").chmod(0o755)
+
+
+def test_max_file_mb_refuses_large_files_with_an_error_row(model, tmp_path):
+    from PIL import Image
+
+    write_good_images(tmp_path / "in", 3)
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "in" / "zz_big.png")  # ~200 kB of incompressible pixels
+    proc = run_label_cli(tmp_path / "in", "--model", model, "--out", tmp_path / "out", "--no-progress",
+                         "--max-file-mb", "0.05")
+    assert proc.returncode == 3, proc.stderr
+    table = read_predictions(tmp_path / "out" / "predictions.csv")
+    assert table["decision"][-1] == "error" and (table["decision"][:3] != "error").all(), table["decision"]
+    assert "over the limit of 0.05 MiB (--max-file-mb)" in table["error"][-1], table["error"][-1]

@@ -46,6 +46,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 # Same order of magnitude as Pillow's own guard (~89 Mpx); a 10k x 10k photo is 100 Mpx.
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = 512 << 20  # a file is checked against this before a byte of it is read
 BACKGROUND_RGB = (255, 255, 255)
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
@@ -288,15 +289,39 @@ def _decode_jpeg_fast(
     return np.ascontiguousarray(arr), read
 
 
+def _check_file(path: str | os.PathLike, max_bytes: int) -> None:
+    """Before any read: a regular file of at most ``max_bytes`` (the JPEG fast path reads a file
+    whole; a huge file, or a link to /dev/zero, would exhaust memory, a FIFO block forever)."""
+    import stat
+
+    name = os.fspath(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageDecodeError(name, "file not found") from None
+    except OSError as exc:
+        raise ImageDecodeError(name, f"cannot stat ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageDecodeError(name, "not a regular file (a FIFO, socket or device is never read)")
+    if info.st_size > max_bytes:
+        raise ImageDecodeError(
+            name, f"file is {info.st_size / 2**20:,.4g} MiB, over the limit of {max_bytes / 2**20:,.4g} MiB (--max-file-mb)"
+        )
+
+
 def decode_image(
     source: ImageSource,
     size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> np.ndarray:
     """Decode one image to an ``(H, W, 3)`` uint8 RGB array, optionally resized to ``size=(H, W)``.
 
-    Raises :class:`ImageDecodeError` for anything that is not a readable image within ``max_pixels``.
+    Raises :class:`ImageDecodeError` for anything that is not a readable image within ``max_pixels``,
+    and, for a path, for anything but a regular file of at most ``max_bytes`` (checked before reading).
     """
+    if isinstance(source, (str, os.PathLike)):
+        _check_file(source, max_bytes)
     read = None
     if _simplejpeg is not None:
         fast, read = _decode_jpeg_fast(source, size, max_pixels)
