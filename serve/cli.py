@@ -86,6 +86,10 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                         "(never overwrites an existing file; DIR must be outside FOLDER; clusters whose names "
                         "give the same folder name get _<cluster id> appended)")
     o.add_argument("--copy", action="store_true", help="with --sort-into: copy files instead of symlinking")
+    o.add_argument("--no-csv-escape", action="store_true",
+                   help="write CSV cells that begin with = + - @ as they are (by default they get a leading ' so "
+                        "spreadsheets show them as text instead of running them as formulas; calibclust's own "
+                        "readers remove it)")
     o.add_argument("--no-report", action="store_true",
                    help="skip report.html (accepted images per cluster, set-aside images with reasons, histograms)")
     r = p.add_argument_group("running")
@@ -146,6 +150,7 @@ def options_from_args(args):
         batch_size=args.batch_size,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         max_file_mb=args.max_file_mb,
+        csv_escape=not args.no_csv_escape,
         workers=args.workers,
         worker_type=args.worker_type,
         threads=args.threads,

@@ -68,6 +68,7 @@ class LabelOptions:
     table_format: str = "csv"  # (table) csv | parquet | jsonl
     top_k: int = 0  # (table) add top<k>_cluster / top<k>_prob columns
     write_probs: bool = False  # (table) add prob_<c> for every cluster
+    csv_escape: bool = True  # CSV: ' before cells a spreadsheet would run as formulas (read back without)
     batch_size: int | None = None  # (table: batch boundaries) None = backend's default
     max_pixels: int = DEFAULT_MAX_PIXELS  # (table) decompression-bomb guard
     max_file_mb: float = DEFAULT_MAX_BYTES / 2**20  # (table) files larger than this are not read
@@ -506,7 +507,7 @@ def finalise(
                   f"is taken by another cluster)", file=sys.stderr)
     table = opts.table_path()
     errors_sample = []
-    with PredictionsWriter(table, columns) as writer:
+    with PredictionsWriter(table, columns, escape_formulas=opts.csv_escape) as writer:
         for part in parts_again():
             ok = part["cluster"] >= 0
             decision = decide(part["confidence"], part["ood_score"], ok, thresholds)

@@ -171,3 +171,28 @@ def test_none_means_missing_in_numeric_columns(tmp_path, fmt):
     assert table["cluster"].tolist() == [2, -1]
     assert table["confidence"][0] == 0.5 and np.isnan(table["confidence"][1])
     assert np.isnan(table["ood_score"]).all()
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_escaped_and_read_back(tmp_path):
+    """Names beginning with = + - @ (or ') get a leading ' in the CSV only; every reader of ours
+    restores them; with escape_formulas=False they are written as they are."""
+    import csv
+
+    from calibclust.io.predictions import PredictionsWriter, read_predictions
+
+    names = ["=HYPERLINK(\"http://x\")", "+1", "-2.png", "@SUM(A1)", "'quoted", "plain.png", "a=b", "\tx"]
+    rows = {"path": names, "cluster": list(range(len(names))), "confidence": [0.5] * len(names),
+            "cluster_name": ["=evil"] * len(names)}
+    with PredictionsWriter(tmp_path / "p.csv", list(rows)) as writer:
+        writer.write_rows(rows)
+    with open(tmp_path / "p.csv", newline="") as fh:
+        cells = list(csv.DictReader(fh))
+    assert [c["path"] for c in cells] == ["'" + n if n[0] in "=+-@'\t" else n for n in names]
+    assert {c["cluster_name"] for c in cells} == {"'=evil"}
+    assert cells[0]["cluster"] == "0", "numeric columns are never prefixed"
+    back = read_predictions(tmp_path / "p.csv")
+    assert back["path"].tolist() == names and set(back["cluster_name"]) == {"=evil"}
+    with PredictionsWriter(tmp_path / "raw.csv", list(rows), escape_formulas=False) as writer:
+        writer.write_rows(rows)
+    with open(tmp_path / "raw.csv", newline="") as fh:
+        assert [c["path"] for c in csv.DictReader(fh)] == names

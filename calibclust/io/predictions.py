@@ -19,6 +19,14 @@ Columns (in this order; only ``path``, ``cluster`` and ``confidence`` are requir
 Formats: CSV (default), Parquet (needs pyarrow) and JSON Lines, chosen by file suffix.
 Writers stream row batches to a temporary file and move it into place on ``close()``, so a
 reader never sees a half-written table.
+
+CSV and spreadsheets: a text cell beginning with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+return is run as a formula when the file is opened in Excel, LibreOffice or Google Sheets (OWASP,
+"CSV injection"); a file or cluster name is attacker-chosen text. So the CSV writer prefixes such
+cells (and cells beginning with ``'``, to stay reversible) with ``'``, which spreadsheets show as
+text, and :func:`read_predictions` removes the prefix again. ``escape_formulas=False`` (``label
+--no-csv-escape``) writes cells as they are. Parquet and JSON Lines are not spreadsheets' inputs and
+are written as they are.
 """
 
 from __future__ import annotations
@@ -41,6 +49,16 @@ DECISIONS = ("accepted", "rejected", "ood", "error")
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INT_COLUMN = re.compile(r"^(cluster|top\d+_cluster)$")
 _FLOAT_COLUMN = re.compile(r"^(confidence|ood_score|top\d+_prob|prob_\d+)$")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def escape_csv_cell(text: str) -> str:
+    """``'`` before a cell a spreadsheet would run as a formula (see the module docstring)."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def unescape_csv_cell(text: str) -> str:
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_STARTS) else text
 
 
 class PredictionsFormatError(CalibclustError):
@@ -82,8 +100,9 @@ class PredictionsWriter:
     """Streaming writer; use as a context manager. ``write_rows`` takes a mapping of equal-length
     columns (lists or numpy arrays). The file appears atomically at ``path`` on close."""
 
-    def __init__(self, path: str | os.PathLike, columns: Sequence[str]):
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str], escape_formulas: bool = True):
         self.path = Path(path)
+        self.escape_formulas = escape_formulas
         self.format = table_format(self.path)
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
@@ -120,6 +139,9 @@ class PredictionsWriter:
             table = self._pa.table(dict(zip(self.columns, cols)), schema=self._schema)
             self._parquet_writer.write_table(table)
         elif self.format == "csv":
+            if self.escape_formulas:
+                cols = [[escape_csv_cell(v) for v in col] if _column_kind(c) == "str" else col
+                        for c, col in zip(self.columns, cols)]
             self._csv.writerows(zip(*cols))
         else:
             for values in zip(*cols):
@@ -194,6 +216,9 @@ def read_predictions(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raise PredictionsFormatError(f"{path}: empty file")
             rows = list(reader)
         raw = {name: [r[i] if i < len(r) else "" for r in rows] for i, name in enumerate(header)}
+        for name in raw:
+            if _column_kind(name) == "str":
+                raw[name] = [unescape_csv_cell(v) for v in raw[name]]
     else:
         records = []
         with open(path, encoding="utf-8") as fh:
