@@ -48,10 +48,11 @@ from calibclust.serve.policy import (
     ood_threshold_for,
     target_accuracy_threshold,
 )
-from calibclust.serve.resume import Journal, PartBuffer, ResumeError, atomic_write_text, file_sha256
+from calibclust.serve.resume import Journal, PartBuffer, ResumeError, RunLock, atomic_write_text, file_sha256
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
 TABLE_STEM = "predictions"
+PREFETCH_BYTES = 1 << 30  # decoded batches waiting for inference, at most (but always 2 batches)
 OUTPUT_FILES = ("summary.json", "report.html") + tuple(f"{TABLE_STEM}{s}" for s in (".csv", ".parquet", ".jsonl"))
 
 
@@ -153,6 +154,14 @@ def decode_batch(
 
 def _noop() -> None:
     return None
+
+
+def prefetch_batches(workers: int, batch_size: int, input_size: tuple[int, int]) -> int:
+    """Decoded batches in flight: two per worker keeps the workers busy, but on a many-core machine
+    with large inputs that is gigabytes of pixels, so the count is also bounded by PREFETCH_BYTES
+    (never below 2: one being predicted, one being decoded)."""
+    batch_bytes = max(1, batch_size * input_size[0] * input_size[1] * 3)
+    return max(2, min(2 * workers, PREFETCH_BYTES // batch_bytes))
 
 
 def _worker_count(opts: "LabelOptions") -> int:
@@ -295,14 +304,15 @@ def label_folder(opts: LabelOptions) -> LabelResult:
         raise ResumeError(
             f"{out_dir} holds an unfinished run. Pass --resume to finish it, or --overwrite to start over."
         )
-    executor = None
-    if opts.engine == "local":
-        executor = make_executor(_worker_count(opts), opts.worker_type, fork=True)
-    try:
-        return _label_folder(opts, journal, executor)
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+    with RunLock(out_dir):
+        executor = None
+        if opts.engine == "local":
+            executor = make_executor(_worker_count(opts), opts.worker_type, fork=True)
+        try:
+            return _label_folder(opts, journal, executor)
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _label_folder(opts: LabelOptions, journal: Journal, executor: Executor | None) -> LabelResult:
@@ -397,7 +407,7 @@ def _run_local(
     stream = iter_relative_paths(opts.folder, skips)
     _verify_prefix(stream, journal)
     workers = (os.cpu_count() or 1) if opts.workers is None else opts.workers
-    prefetch = max(2, 2 * workers)
+    prefetch = prefetch_batches(workers, batch_size, labeler.input_size)
     keep_probs = bool(opts.top_k or opts.write_probs)
     wanted = ("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score")
     size = labeler.input_size

@@ -63,6 +63,48 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write_bytes(path, text.encode("utf-8"))
 
 
+class RunLock:
+    """One ``label`` run per output folder: an exclusive ``flock`` on ``OUT/.calibclust-label.lock``,
+    held for the run and released by the OS even if the process is killed. Where ``fcntl`` does not
+    exist (Windows) there is no lock."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir) / f"{JOURNAL_DIR}.lock"
+        self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            self._fh = None
+            raise ResumeError(
+                f"{self.path.parent} is in use by another 'calibclust label' run ({holder}); "
+                f"wait for it or choose another --out"
+            ) from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()}")
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            # Unlinked while still held, so the folder is left clean; a run that opened the file in
+            # the instant before could then lock the old inode: a window of microseconds, accepted.
+            self.path.unlink(missing_ok=True)
+            self._fh.close()  # closing releases the flock
+            self._fh = None
+
+
 class Journal:
     def __init__(self, out_dir: str | os.PathLike):
         self.root = Path(out_dir) / JOURNAL_DIR
@@ -126,6 +168,8 @@ class Journal:
         tmp = self.parts_dir / f".{path.name}.tmp"
         with open(tmp, "wb") as fh:
             np.savez(fh, **columns)
+            fh.flush()
+            os.fsync(fh.fileno())  # a power loss must not leave a committed name over torn bytes
         os.replace(tmp, path)
         return path
 

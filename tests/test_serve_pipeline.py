@@ -302,3 +302,12 @@ def test_max_file_mb_refuses_large_files_with_an_error_row(model, tmp_path):
     table = read_predictions(tmp_path / "out" / "predictions.csv")
     assert table["decision"][-1] == "error" and (table["decision"][:3] != "error").all(), table["decision"]
     assert "over the limit of 0.05 MiB (--max-file-mb)" in table["error"][-1], table["error"][-1]
+
+
+def test_prefetch_is_bounded_by_bytes_not_only_by_workers():
+    from calibclust.serve.pipeline import PREFETCH_BYTES, prefetch_batches
+
+    assert prefetch_batches(2, 256, (32, 32)) == 4  # small inputs: two batches per worker
+    big = prefetch_batches(128, 512, (224, 224))  # 77 MB a batch: 256 batches would be 20 GB
+    assert big == PREFETCH_BYTES // (512 * 224 * 224 * 3) == 13
+    assert prefetch_batches(64, 4096, (1024, 1024)) == 2

@@ -165,3 +165,16 @@ def test_resume_refuses_a_changed_folder(setup, tmp_path):
     opts.resume = True
     with pytest.raises(ResumeError, match="folder changed"):
         label_folder(opts)
+
+
+def test_two_runs_cannot_share_one_out_folder(tmp_path):
+    """While one run holds OUT, a second is refused naming the holder; the lock goes with the run."""
+    from calibclust.serve.resume import ResumeError, RunLock
+
+    with RunLock(tmp_path / "out"):
+        with pytest.raises(ResumeError, match=rf"in use by another 'calibclust label' run \(pid {os.getpid()}\)"):
+            with RunLock(tmp_path / "out"):
+                pass
+    with RunLock(tmp_path / "out"):  # released: the next run goes ahead
+        pass
+    assert list((tmp_path / "out").iterdir()) == [], "no lock file is left behind"
