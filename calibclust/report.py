@@ -456,6 +456,7 @@ class HTMLReport:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        tmp.write_text(self.render(), encoding="utf-8")
+        # A file name that is not UTF-8 (lone surrogates) becomes a character reference, not an error.
+        tmp.write_text(self.render(), encoding="utf-8", errors="xmlcharrefreplace")
         os.replace(tmp, path)
         return path

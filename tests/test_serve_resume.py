@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_fixtures import make_contract_model, run_label_cli, write_bad_images, write_good_images  # noqa: E402
 
+from calibclust.io.predictions import read_predictions  # noqa: E402
 from calibclust.serve.labeler import Labeler  # noqa: E402
 from calibclust.serve.pipeline import LabelOptions, _run_local, fingerprint, label_folder  # noqa: E402
 from calibclust.serve.resume import Journal, ResumeError  # noqa: E402
@@ -178,3 +179,37 @@ def test_two_runs_cannot_share_one_out_folder(tmp_path):
     with RunLock(tmp_path / "out"):  # released: the next run goes ahead
         pass
     assert list((tmp_path / "out").iterdir()) == [], "no lock file is left behind"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_non_utf8_names_survive_every_format_and_a_killed_run(setup, tmp_path, fmt):
+    """File names that are not UTF-8 (Latin-1 bytes): every image was inferred, then writing the CSV
+    or Parquet table raised UnicodeEncodeError, and --resume repeated it. Now each format keeps the
+    name losslessly, read_predictions returns the same str os.listdir gives, and a run killed
+    mid-way and resumed writes the same table."""
+    _, model, _, _ = setup
+    folder = tmp_path / "latin1"
+    paths = write_good_images(folder, 400, seed=5, subdirs=2)
+    for i, path in enumerate(paths[::40]):  # every 40th file gets a Latin-1 name, some with a backslash
+        raw = os.fsencode(path.parent) + b"/caf\xe9" + (b"\\x" if i % 2 else b"") + str(i).encode() + b".png"
+        os.rename(os.fsencode(path), raw)
+    names = sorted(os.path.join(d, f) for d in os.listdir(folder) for f in os.listdir(folder / d))
+    assert any("\udce9" in n for n in names)
+    ref = tmp_path / "ref"
+    proc = run_label_cli(folder, "--model", model, "--out", ref, "--format", fmt, "--no-progress", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    table = ref / f"predictions.{fmt}"
+    assert sorted(read_predictions(table)["path"].tolist()) == names
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "calibclust", "label", str(folder), "--model", str(model), "--out", str(out), "--format",
+         fmt, "--no-progress", "--workers", "1", "--batch-size", "16", "--checkpoint-every", "16"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if _interrupt_at(proc, out, 150, signal.SIGKILL):
+        assert proc.returncode == -signal.SIGKILL
+    resumed = run_label_cli(folder, "--model", model, "--out", out, "--format", fmt, "--no-progress", "--workers", "1",
+                            "--batch-size", "16", "--checkpoint-every", "16", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_predictions(out / f"predictions.{fmt}")["path"].tolist() == read_predictions(table)["path"].tolist()
+    if fmt == "csv":
+        assert b"caf\xe9" in (out / "predictions.csv").read_bytes(), "the CSV cell holds the name's own bytes"

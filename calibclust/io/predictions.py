@@ -27,6 +27,14 @@ cells (and cells beginning with ``'``, to stay reversible) with ``'``, which spr
 text, and :func:`read_predictions` removes the prefix again. ``escape_formulas=False`` (``label
 --no-csv-escape``) writes cells as they are. Parquet and JSON Lines are not spreadsheets' inputs and
 are written as they are.
+
+File names that are not valid UTF-8 (bytes from an old Latin-1 archive, say) arrive from the file
+system as ``str`` with lone surrogates (Python's ``surrogateescape``). They are kept losslessly:
+CSV is written and read with ``errors="surrogateescape"`` (the cell holds the name's original
+bytes), JSON Lines escapes them (``"\\udce9"``), and Parquet, whose strings must be UTF-8, stores
+such a name as ``\\xNN`` for each undecodable byte with any backslash doubled, flagged by the
+column's field metadata ``calibclust.escaped: backslash`` (only names that hold a backslash or an
+undecodable byte change). :func:`read_predictions` returns the same ``str`` in every format.
 """
 
 from __future__ import annotations
@@ -50,6 +58,31 @@ FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "js
 _INT_COLUMN = re.compile(r"^(cluster|top\d+_cluster)$")
 _FLOAT_COLUMN = re.compile(r"^(confidence|ood_score|top\d+_prob|prob_\d+)$")
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+_PARQUET_ESCAPE_KEY, _PARQUET_ESCAPE = b"calibclust.escaped", b"backslash"
+
+
+def _escape_parquet(text: str) -> str:
+    """Valid UTF-8 for a name with undecodable bytes (lone surrogates): each such byte as backslash-x-NN,
+    each backslash doubled; other names unchanged."""
+    if "\\" not in text and not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _unescape_parquet(text: str) -> str:
+    if "\\" not in text:
+        return text
+    return re.sub(r"\\(\\|x[0-9a-f]{2})", lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)), text)
 
 
 def escape_csv_cell(text: str) -> str:
@@ -113,7 +146,7 @@ class PredictionsWriter:
         self.rows_written = 0
         self._parquet_writer = None
         if self.format == "csv":
-            self._fh = open(self._tmp, "w", newline="", encoding="utf-8")
+            self._fh = open(self._tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
             self._csv = csv.writer(self._fh)
             self._csv.writerow(self.columns)
         elif self.format == "jsonl":
@@ -124,7 +157,11 @@ class PredictionsWriter:
             import pyarrow.parquet as pq
 
             types = {"int": self._pa.int64(), "float": self._pa.float64(), "str": self._pa.string()}
-            self._schema = self._pa.schema([(c, types[_column_kind(c)]) for c in self.columns])
+            self._schema = self._pa.schema([
+                self._pa.field(c, types[_column_kind(c)],
+                               metadata={_PARQUET_ESCAPE_KEY: _PARQUET_ESCAPE} if _column_kind(c) == "str" else None)
+                for c in self.columns
+            ])
             self._parquet_writer = pq.ParquetWriter(self._tmp, self._schema)
 
     def write_rows(self, rows: Mapping[str, Any]) -> None:
@@ -136,6 +173,8 @@ class PredictionsWriter:
             return
         cols = [self._normalise(c, rows.get(c), n) for c in self.columns]
         if self.format == "parquet":
+            cols = [[_escape_parquet(v) for v in col] if _column_kind(c) == "str" else col
+                    for c, col in zip(self.columns, cols)]
             table = self._pa.table(dict(zip(self.columns, cols)), schema=self._schema)
             self._parquet_writer.write_table(table)
         elif self.format == "csv":
@@ -207,9 +246,13 @@ def read_predictions(path: str | os.PathLike) -> dict[str, np.ndarray]:
         require("pyarrow", "serve", "Parquet tables")
         import pyarrow.parquet as pq
 
-        raw = {k: list(v) for k, v in pq.read_table(path).to_pydict().items()}
+        table = pq.read_table(path)
+        raw = {k: list(v) for k, v in table.to_pydict().items()}
+        for field in table.schema:  # names stored in the escaped form (see the module docstring)
+            if (field.metadata or {}).get(_PARQUET_ESCAPE_KEY) == _PARQUET_ESCAPE:
+                raw[field.name] = [v if v is None else _unescape_parquet(v) for v in raw[field.name]]
     elif fmt == "csv":
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if header is None:
