@@ -311,3 +311,66 @@ def test_prefetch_is_bounded_by_bytes_not_only_by_workers():
     big = prefetch_batches(128, 512, (224, 224))  # 77 MB a batch: 256 batches would be 20 GB
     assert big == PREFETCH_BYTES // (512 * 224 * 224 * 3) == 13
     assert prefetch_batches(64, 4096, (1024, 1024)) == 2
+
+
+def mutated_corpus(root: Path, per_format: int = 80, seed: int = 0) -> int:
+    """Byte-mutated copies of valid JPEG, PNG, WebP and TIFF files: flipped bytes, truncations,
+    inserted garbage, swapped headers. Returns how many files were written."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    base[10:30, 10:30] = (200, 40, 40)
+    written = 0
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("TIFF", "tif")):
+        buf = io.BytesIO()
+        Image.fromarray(base).save(buf, format=fmt)
+        good = bytearray(buf.getvalue())
+        (root / fmt.lower()).mkdir(parents=True, exist_ok=True)
+        for i in range(per_format):
+            data = bytearray(good)
+            kind = i % 4
+            if kind == 0:  # flip a few random bytes
+                for j in rng.integers(0, len(data), int(rng.integers(1, 20))):
+                    data[j] = int(rng.integers(0, 256))
+            elif kind == 1:  # truncate
+                data = data[: int(rng.integers(1, len(data)))]
+            elif kind == 2:  # insert garbage
+                at = int(rng.integers(0, len(data)))
+                data[at:at] = rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
+            else:  # corrupt the header region
+                for j in range(min(32, len(data))):
+                    if rng.random() < 0.3:
+                        data[j] = int(rng.integers(0, 256))
+            (root / fmt.lower() / f"m{i:03d}.{ext}").write_bytes(bytes(data))
+            written += 1
+    return written
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_hostile_corpus_one_row_per_regular_file_no_traceback(model, tmp_path):
+    """Every hostile case together, plus 320 byte-mutated JPEG / PNG / WebP / TIFF files and a
+    non-UTF-8 name: the run finishes (timeout), exits 3, one row per regular file, no traceback."""
+    root = hostile_folder(tmp_path / "corpus")
+    try:
+        n_mutated = mutated_corpus(root / "mutated")
+        write_bad_images(root / "bad")
+        with open(os.fsencode(root) + b"/caf\xe9.png", "wb") as fh:  # a name that is not UTF-8
+            fh.write((root / "sub" / "img_00000.png").read_bytes())
+        proc = run_label_cli(root, "--model", model, "--out", tmp_path / "out", "--no-progress", "--max-pixels", 30_000,
+                             "--workers", 2, timeout=300)
+        assert proc.returncode == 3, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        table = read_predictions(tmp_path / "out" / "predictions.csv")
+        listable = 1 if os.geteuid() == 0 else 0
+        expected = n_mutated + 5 + 5 + 1 + listable  # mutated, bad, sub/, the Latin-1 copy, locked/
+        paths = table["path"].tolist()
+        assert len(paths) == expected and len(set(paths)) == expected, (len(paths), len(set(paths)), expected)
+        errors = table["error"][table["decision"] == "error"]
+        assert all(e for e in errors), "every error row says why"
+        print(f"{len(paths)} rows: {int((table['decision'] == 'error').sum())} errors, "
+              f"{int((table['decision'] != 'error').sum())} labelled")
+    finally:
+        (root / "locked").chmod(0o755)
