@@ -24,7 +24,8 @@ RUN pip install --no-cache-dir --find-links /wheels "calibclust[serve,demo]==0.1
     && useradd --create-home --uid 1000 calibclust
 USER 1000
 WORKDIR /home/calibclust
-# Mount or copy an exported model to /models/model.onnx (calibclust export onnx ...).
+# Mount or copy an exported model to /models/model.onnx (calibclust export onnx ...), and pass a
+# login: docker run -e CALIBCLUST_DEMO_AUTH=user:password (the demo refuses 0.0.0.0 without one).
 ENV CALIBCLUST_MODEL=/models/model.onnx
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import zipfile
@@ -56,6 +57,10 @@ TOP_K = 5  # probabilities shown in the gr.Label
 BATCH_TOP_K = 3  # top-k columns of the batch CSV
 PREVIEW_SIDE = 224  # the model's input is shown upscaled (nearest) to about this size
 MAX_NAME_LENGTH = 100
+DEFAULT_BATCH_PIXELS = 200_000_000  # per batch request, summed from image headers before decoding
+MAX_SAVES = 20  # named model copies one server run writes, at most
+MAX_SAVED_BYTES = 2 << 30  # and their total size
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 OVERVIEW_COLUMNS = 10  # cluster tiles per row in the exemplars overview
 BATCH_COLUMNS = ["path", "decision", "cluster", "cluster_name", "confidence", "ood_score", "error"]
 
@@ -74,15 +79,18 @@ Start a local web app (Gradio) to try an exported calibclust model:
 
 Without --model the demo opens the quick start's model, %s
 (relative to the current folder). The server listens on 127.0.0.1 (this machine only) unless --host says otherwise; --share asks
-Gradio for a temporary public link (needs internet access).
-""" % DEFAULT_QUICKSTART_MODEL.as_posix()
+Gradio for a temporary public link (needs internet access). Reachable from other machines, it needs a
+login (--auth USER:PASSWORD or --auth-file FILE, Gradio's own auth) or an explicit --insecure-no-auth;
+a batch request may hold --max-batch-pixels (read from image headers before decoding), and one server
+run saves at most %d named models (%d GB).
+""" % (DEFAULT_QUICKSTART_MODEL.as_posix(), MAX_SAVES, MAX_SAVED_BYTES >> 30)
 
 EPILOG = """\
 examples:
   calibclust quickstart && calibclust demo          # the quick start's model
   calibclust demo --model model.onnx                # http://127.0.0.1:7860
   calibclust demo --model model.onnx --examples photos/ --port 8080
-  calibclust demo --model model.onnx --host 0.0.0.0 --max-upload-mb 5   # reachable from the network
+  calibclust demo --model model.onnx --host 0.0.0.0 --auth-file login.txt --max-upload-mb 5   # on the network
   calibclust exemplars model.onnx train_images/     # add the exemplars gallery, then demo the new file
 """
 
@@ -102,6 +110,14 @@ class DemoConfig:
     backend: str = "auto"
     concurrency: int = DEFAULT_CONCURRENCY
     work_dir: str | os.PathLike | None = None  # temporary files (default: a fresh temp folder)
+    auth: tuple[str, str] | None = None  # Gradio's login (user, password); required when exposed
+    insecure_no_auth: bool = False  # exposed without a login, knowingly
+    max_batch_pixels: int = DEFAULT_BATCH_PIXELS
+
+    @property
+    def exposed(self) -> bool:
+        """Reachable from other machines: a non-loopback address or a public share link."""
+        return self.share or not (self.host in LOOPBACK or self.host.startswith("127."))
 
     @property
     def max_upload_bytes(self) -> int:
@@ -176,6 +192,7 @@ class DemoSession:
         self.work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="calibclust-demo-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._saves, self._saved_bytes = 0, 0  # named model copies written by this server run
         try:
             self.example_paths = self._prepare_examples()
         except BaseException:
@@ -319,6 +336,7 @@ class DemoSession:
 
         paths, shown, notes = [], [], []
         budget = self.config.max_upload_bytes * ZIP_EXPANSION
+        pixels = 0  # decoding cost of the request, from image headers: a small zip can hold huge images
         for f in files:
             f = Path(f)
             try:
@@ -329,6 +347,7 @@ class DemoSession:
             if not zipfile.is_zipfile(f):
                 if len(paths) >= MAX_BATCH_FILES:
                     raise DemoError(f"more than {MAX_BATCH_FILES} images in one batch; use 'calibclust label' for folders")
+                pixels = self._count_pixels(f, f.name, pixels)
                 paths.append(str(f))
                 shown.append(f.name)
                 continue
@@ -348,6 +367,7 @@ class DemoSession:
                             raise DemoError(f"more than {MAX_BATCH_FILES} images in one batch; use 'calibclust label' for folders")
                         target = dest / f"z{len(paths):05d}{ext}"
                         budget -= _copy_limited(zf, info, target, budget)
+                        pixels = self._count_pixels(target, f"{f.name}/{inner}", pixels)
                         paths.append(str(target))
                         shown.append(f"{f.name}/{inner}")
                     if skipped:
@@ -355,6 +375,22 @@ class DemoSession:
             except zipfile.BadZipFile as exc:
                 notes.append(f"{f.name}: not a readable zip ({exc})")
         return paths, shown, notes
+
+    def _count_pixels(self, path: Path, shown: str, total: int) -> int:
+        """Add one image's pixel count, read from its header (no decoding), to the request's total;
+        a DemoError once the request's budget is spent. Unreadable headers count 0 (they fail later)."""
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except Exception:
+            return total
+        total += width * height
+        if total > self.config.max_batch_pixels:
+            raise DemoError(f"this batch holds more than {self.config.max_batch_pixels:,} pixels (at {shown}); "
+                            f"send fewer or smaller images, or use 'calibclust label' for folders")
+        return total
 
     def label_batch(self, files: Sequence[str | os.PathLike] | None, confidence_threshold=None, ood_threshold=None):
         """Label uploads with the Labeler (same columns as ``calibclust label``). Returns
@@ -439,17 +475,24 @@ class DemoSession:
         names = self.parse_names(rows)
         filename = (filename or "").strip() or self.suggested_filename()
         if "/" in filename or "\\" in filename or filename.startswith(".") or filename in ("", ".onnx"):
-            raise DemoError(f"{filename!r}: give a plain file name (no folders); it is saved in {self.save_dir}")
+            raise DemoError(f"{filename!r}: give a plain file name (no folders); it is saved in the save folder")
         if not filename.lower().endswith(".onnx"):
             filename += ".onnx"
         dst = self.save_dir / filename
         if dst.resolve() == self.model_path.resolve():
             raise DemoError("that is the model being served; the original is never modified, choose a new name")
         with self._lock:  # two users saving the same name at once: one wins, one gets a message
+            # Every save is a full model copy: an exposed server must not fill its disk on request.
+            if self._saves >= MAX_SAVES or self._saved_bytes >= MAX_SAVED_BYTES:
+                raise DemoError(f"this server has saved {self._saves} named models "
+                                f"({self._saved_bytes / 2**20:,.0f} MB), its limit; restart it to save more")
             try:
-                return save_model_copy(self.model_path, dst, self.metadata.replace(cluster_names=names))
+                path = save_model_copy(self.model_path, dst, self.metadata.replace(cluster_names=names))
             except CalibclustError as exc:
-                raise DemoError(str(exc)) from None
+                raise DemoError(str(exc).replace(str(self.save_dir) + os.sep, "")) from None
+            self._saves += 1
+            self._saved_bytes += path.stat().st_size
+            return path
 
     # --- exemplars and examples -------------------------------------------------------------
     def cluster_label(self, c: int) -> str:
@@ -678,7 +721,8 @@ def build_app(session: DemoSession):
                 return fallback(str(exc))
             except Exception as exc:  # noqa: BLE001 - the page must get a message, the log the details
                 log.exception("demo handler %s failed", fn.__name__)
-                return fallback(f"internal error ({type(exc).__name__}: {exc})")
+                # The type only: an exception's text can hold server paths; the log has it all.
+                return fallback(f"internal error ({type(exc).__name__}); the server log has the details")
 
         wrapper.__name__ = fn.__name__
         return wrapper
@@ -770,6 +814,8 @@ def build_app(session: DemoSession):
     def on_save(table, filename):
         path = session.save_names(table_rows(table), filename)
         names = session.parse_names(table_rows(table))
+        if session.config.exposed:  # a visitor from another machine learns no server folder
+            path = path.name
         return (f"Saved **{path}** with cluster names {', '.join(names)}. The original "
                 f"`{session.model_path.name}` is unchanged. Serve the named model with:\n\n"
                 f"`calibclust demo --model {path}`"), session.suggested_filename()
@@ -923,9 +969,53 @@ class RunningDemo:
             self.session.close()
 
 
+def check_exposure(config: DemoConfig) -> None:
+    """A server reachable from other machines needs a login; without one only by an explicit
+    ``--insecure-no-auth``, which is said loudly."""
+    from calibclust.errors import InputError
+
+    if not config.exposed or config.auth:
+        return
+    where = "a public share link" if config.share else f"{config.host} (reachable from other machines)"
+    if not config.insecure_no_auth:
+        raise InputError(f"the demo would listen on {where} with no login: anyone could label images and save "
+                         f"models on this machine. Pass --auth USER:PASSWORD (or --auth-file FILE), or "
+                         f"--insecure-no-auth if that is really meant")
+    print(f"calibclust demo: WARNING: listening on {where} WITHOUT A LOGIN (--insecure-no-auth)",
+          file=sys.stderr, flush=True)
+
+
+AUTH_ENV = "CALIBCLUST_DEMO_AUTH"
+
+
+def parse_auth(text: str | None, file: str | None) -> tuple[str, str] | None:
+    """``USER:PASSWORD`` from ``--auth``, from the first line of ``--auth-file`` (kept out of the
+    shell history and process list), or else from the environment variable ``CALIBCLUST_DEMO_AUTH``
+    (e.g. ``docker run -e``)."""
+    from calibclust.errors import InputError
+
+    if text and file:
+        raise InputError("--auth and --auth-file exclude each other")
+    if not text and not file:
+        text = os.environ.get(AUTH_ENV)
+    if file:
+        try:
+            lines = Path(file).read_text().splitlines()
+        except OSError as exc:
+            raise InputError(f"--auth-file {file}: {exc.strerror or exc}") from None
+        text = lines[0].strip() if lines else ""
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise InputError("--auth takes USER:PASSWORD (both non-empty)")
+    return user, password
+
+
 def launch(config: DemoConfig, block: bool = True, quiet: bool = False) -> RunningDemo:
     """Build and start the app. ``block=False`` returns once the server listens (tests, notebooks)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    check_exposure(config)
     session = DemoSession(config)
     try:
         app = build_app(session)
@@ -941,6 +1031,7 @@ def launch(config: DemoConfig, block: bool = True, quiet: bool = False) -> Runni
             footer_links=["api"],
             css=CSS,
             allowed_paths=[str(session.work_dir)],
+            auth=config.auth,  # Gradio's own login page and API check
         )
     except BaseException:
         session.close()
@@ -971,6 +1062,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", metavar="NAME", help="auto (default), cpu, cuda, tensorrt")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                    help=f"requests processed at once; the rest wait in Gradio's queue (default {DEFAULT_CONCURRENCY})")
+    g = p.add_argument_group("exposed use (--host beyond this machine, or --share)")
+    g.add_argument("--auth", metavar="USER:PASSWORD",
+                   help=f"a login (Gradio's own auth); required when exposed (default: ${AUTH_ENV} if set)")
+    g.add_argument("--auth-file", metavar="FILE", help="the same, read from the first line of FILE")
+    g.add_argument("--insecure-no-auth", action="store_true", help="serve beyond this machine without a login")
+    g.add_argument("--max-batch-pixels", type=int, default=DEFAULT_BATCH_PIXELS, metavar="N",
+                   help=f"pixels per batch request, read from image headers before decoding (default {DEFAULT_BATCH_PIXELS:,})")
 
 
 def register_cli(subparsers) -> None:
@@ -1007,6 +1105,9 @@ def config_from_args(args) -> DemoConfig:
         save_dir=args.save_dir,
         backend=args.backend,
         concurrency=args.concurrency,
+        auth=parse_auth(args.auth, args.auth_file),
+        insecure_no_auth=args.insecure_no_auth,
+        max_batch_pixels=args.max_batch_pixels,
     )
 
 
@@ -1027,8 +1128,9 @@ def run(args) -> int:
         print(f"calibclust demo: loading {config.model} ...", flush=True)
         running = launch(config, block=False, quiet=True)
         print(f"calibclust demo: open {running.url} in a browser (Ctrl-C to stop)", flush=True)
-        if config.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"calibclust demo: listening on {config.host}, reachable from other machines", flush=True)
+        if config.exposed:
+            login = "with a login" if config.auth else "WITHOUT a login"
+            print(f"calibclust demo: listening on {config.host}, reachable from other machines, {login}", flush=True)
         running.app.block_thread()  # returns after Ctrl-C, having closed the server
     except KeyboardInterrupt:  # Ctrl-C is how a server is stopped, at any moment: not an error
         pass

@@ -401,3 +401,89 @@ def test_cli_serves_until_stopped_and_never_imports_torch(model, tmp_path):
     assert "torch" not in imported and "torchvision" not in imported
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# --------------------------------------------------------------------------- exposed use
+def test_exposed_server_needs_a_login_or_an_explicit_waiver(model, tmp_path, capsys):
+    from calibclust.errors import InputError
+
+    for config in (DemoConfig(model=model, host="0.0.0.0"), DemoConfig(model=model, share=True)):
+        assert config.exposed
+        with pytest.raises(InputError, match="with no login"):
+            demo_mod.check_exposure(config)
+    demo_mod.check_exposure(DemoConfig(model=model, host="0.0.0.0", insecure_no_auth=True))
+    assert "WITHOUT A LOGIN" in capsys.readouterr().err
+    demo_mod.check_exposure(DemoConfig(model=model, host="0.0.0.0", auth=("u", "p")))
+    assert not DemoConfig(model=model, host="127.0.0.2").exposed
+    secret = tmp_path / "auth"
+    secret.write_text("ann:s3cret:with:colons\n")
+    assert demo_mod.parse_auth(None, str(secret)) == ("ann", "s3cret:with:colons")
+    assert demo_mod.parse_auth(None, None) is None
+    for bad in ("nocolon", ":p", "u:"):
+        with pytest.raises(InputError, match="USER:PASSWORD"):
+            demo_mod.parse_auth(bad, None)
+
+
+def test_login_is_enforced_by_gradio(model, tmp_path):
+    config = DemoConfig(model=model, port=free_port(), auth=("ann", "s3cret"), save_dir=tmp_path)
+    running = demo_mod.launch(config, block=False, quiet=True)
+    try:
+        with pytest.raises(Exception):  # gradio_client refuses to connect without credentials
+            gradio_client.Client(running.url, verbose=False, download_files=False)
+        with pytest.raises(Exception):
+            gradio_client.Client(running.url, auth=("ann", "wrong"), verbose=False, download_files=False)
+        client = gradio_client.Client(running.url, auth=("ann", "s3cret"), verbose=False, download_files=False)
+        try:
+            rows = {"headers": ["cluster", "name"], "data": [[0, "r"], [1, "g"], [2, "b"]]}
+            message, _ = client.predict(rows, "logged-in.onnx", api_name="/save_names")
+            assert (tmp_path / "logged-in.onnx").is_file(), message
+        finally:
+            client.close()
+    finally:
+        running.close()
+
+
+def test_batch_pixel_budget_is_read_from_headers_before_decoding(model, files, tmp_path, monkeypatch):
+    """A small zip can hold huge images: the request's pixels are summed from the headers and the
+    batch refused before any decoding (the decoder must not be called)."""
+    session = demo_mod.DemoSession(DemoConfig(model=model, max_batch_pixels=100_000, work_dir=tmp_path / "w"))
+    try:
+        archive = tmp_path / "many.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            for i in range(5):  # 5 x 90,000 px, from a few kB of zip
+                zf.write(files["big.png"], f"big{i}.png")
+        monkeypatch.setattr(session.labeler, "decode", lambda *a, **k: pytest.fail("decoded before the budget check"))
+        (tmp_path / "dest").mkdir()
+        with pytest.raises(demo_mod.DemoError, match="more than 100,000 pixels .at many.zip/big1.png"):
+            session.gather_batch([archive], tmp_path / "dest")
+    finally:
+        session.close()
+
+
+def test_saves_are_capped_and_messages_name_no_server_folder(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_mod, "MAX_SAVES", 2)
+    session = demo_mod.DemoSession(DemoConfig(model=model, host="0.0.0.0", auth=("u", "p"), save_dir=tmp_path / "s",
+                                              work_dir=tmp_path / "w"))
+    try:
+        (tmp_path / "s").mkdir()
+        rows = [[0, "a"], [1, "b"], [2, "c"]]
+        for name in ("one.onnx", "two.onnx"):
+            session.save_names(rows, name)
+        with pytest.raises(demo_mod.DemoError, match="saved 2 named models") as err:
+            session.save_names(rows, "three.onnx")
+        assert not (tmp_path / "s" / "three.onnx").exists()
+        messages = [str(err.value)]
+        for name in ("one.onnx", "../x.onnx"):  # exists / has a folder: refusals
+            monkeypatch.setattr(demo_mod, "MAX_SAVES", 10)
+            with pytest.raises(demo_mod.DemoError) as err:
+                session.save_names(rows, name)
+            messages.append(str(err.value))
+        assert not any(str(tmp_path) in m for m in messages), messages
+    finally:
+        session.close()
+
+
+def test_login_from_the_environment_for_containers(monkeypatch):
+    monkeypatch.setenv("CALIBCLUST_DEMO_AUTH", "ann:pw")
+    assert demo_mod.parse_auth(None, None) == ("ann", "pw")
+    assert demo_mod.parse_auth("bob:x", None) == ("bob", "x"), "a flag wins over the environment"
