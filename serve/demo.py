@@ -27,6 +27,7 @@ and onnxruntime are imported when the app is built.
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import logging
 import math
@@ -425,14 +426,26 @@ class DemoSession:
                                       np.asarray(table["ood_score"], np.float64), readable, th))
         return out
 
-    def write_csv(self, table: dict[str, list], path: str | os.PathLike | None = None) -> Path:
+    def write_csv(self, table: dict[str, list], path: str | os.PathLike | None = None, owner: str | None = None) -> Path:
         """The predictions table as CSV, with THE writer (:mod:`calibclust.io.predictions`);
-        ``path`` rewrites an earlier one (atomically) instead of starting a new file."""
+        ``path`` rewrites an earlier one (atomically) instead of starting a new file. A new file goes
+        into the folder of the browser session ``owner``, removed by :meth:`end_session`."""
         from calibclust.io.predictions import write_predictions
 
         if path is None:
-            path = Path(tempfile.mkdtemp(prefix="csv-", dir=self.work_dir)) / "predictions.csv"
+            folder = self.session_dir(owner)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix="csv-", dir=folder)) / "predictions.csv"
         return write_predictions(path, table)
+
+    def session_dir(self, owner: str | None) -> Path:
+        """Temporary files of one browser session (Gradio's session hash; made safe as a name)."""
+        name = "".join(ch for ch in (owner or "") if ch.isalnum())[:64] or "anonymous"
+        return self.work_dir / "sessions" / name
+
+    def end_session(self, owner: str | None) -> None:
+        """A visitor closed the page: their batch tables go (the server keeps nobody's files)."""
+        shutil.rmtree(self.session_dir(owner), ignore_errors=True)
 
     # --- names ------------------------------------------------------------------------------
     def parse_names(self, rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -714,6 +727,7 @@ def build_app(session: DemoSession):
     def safe(fn, fallback):
         """Run a handler; turn any failure into a message in the page (never a traceback)."""
 
+        @functools.wraps(fn)  # Gradio reads the handler's signature (gr.Request, gr.SelectData) through it
         def wrapper(*args):
             try:
                 return fn(*args)
@@ -724,7 +738,6 @@ def build_app(session: DemoSession):
                 # The type only: an exception's text can hold server paths; the log has it all.
                 return fallback(f"internal error ({type(exc).__name__}); the server log has the details")
 
-        wrapper.__name__ = fn.__name__
         return wrapper
 
     # --- handlers: single image ------------------------------------------------------------
@@ -747,12 +760,12 @@ def build_app(session: DemoSession):
         return badge_html(None), "", {}, None, {}, None
 
     # --- handlers: batch --------------------------------------------------------------------
-    def on_batch(files, conf_t, ood_t):
+    def on_batch(files, conf_t, ood_t, request):
         if isinstance(files, (str, os.PathLike)):
             files = [files]
         table, _, notes = session.label_batch(files, conf_t, ood_t)
         headers, rows = batch_view(table)
-        csv = session.write_csv(table)
+        csv = session.write_csv(table, owner=getattr(request, "session_hash", None))
         return (batch_summary(table, notes), {"headers": headers, "data": rows}, str(csv),
                 {"table": table, "notes": notes, "csv": str(csv)})
 
@@ -809,6 +822,7 @@ def build_app(session: DemoSession):
     # Event data is recognised by its annotation, resolved against the function's globals, where
     # the lazily imported gradio is not: give the class itself.
     on_overview_select.__annotations__ = {"evt": gr.SelectData}
+    on_batch.__annotations__ = {"request": gr.Request}  # Gradio passes the request (its session hash)
     on_example_select.__annotations__ = {"evt": gr.SelectData}
 
     def on_save(table, filename):
@@ -936,6 +950,12 @@ def build_app(session: DemoSession):
 
         batch_btn.click(safe(on_batch, batch_fallback), [batch_files, conf_slider, ood_slider],
                         [batch_msg, batch_table, batch_csv, batch_state], api_name="label_batch")
+
+        def on_unload(request):
+            session.end_session(getattr(request, "session_hash", None))
+
+        on_unload.__annotations__ = {"request": gr.Request}
+        app.unload(on_unload)  # the page was closed: that visitor's batch tables are deleted
 
         cluster_dd.change(safe(on_select_cluster, lambda m: ([], gr.update())), [cluster_dd, names_table],
                           [cluster_gallery, name_box], api_visibility="undocumented")

@@ -222,6 +222,15 @@ def test_batch_tab_files_and_zip_give_the_labelers_table(client, server, files, 
     assert list(csv["cluster"]) == ref["cluster"] and list(csv["top1_cluster"]) == ref["top1_cluster"]
     assert "unreadable image" in csv["error"][1]
     assert table["headers"][:2] == ["path", "decision"] and len(table["data"]) == 4
+    # The server's table lives in this browser session's folder, which goes when the page is closed
+    # (Gradio's copy for the download is in its cache, cleared hourly: delete_cache).
+    own = server.session.session_dir(client.session_hash)
+    kept = list(own.rglob("predictions.csv"))
+    assert len(kept) == 1 and read_predictions(kept[0])["path"].tolist() == list(csv["path"]), kept
+    server.session.end_session(client.session_hash)
+    assert not own.exists()
+    assert any(str(dep.get("trigger", "")).startswith("unload") or "unload" in str(dep.get("targets", ""))
+               for dep in server.app.config["dependencies"]), "end_session runs when a page is closed"
 
 
 # --------------------------------------------------------------------------- the session, no server
