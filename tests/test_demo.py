@@ -8,6 +8,7 @@ of distribution, and a blue-green mix with confidence ≈ 0.46 is rejected.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -452,44 +453,44 @@ def test_login_is_enforced_by_gradio(model, tmp_path):
         running.close()
 
 
-def test_batch_pixel_budget_is_read_from_headers_before_decoding(model, files, tmp_path, monkeypatch):
-    """A small zip can hold huge images: the request's pixels are summed from the headers and the
-    batch refused before any decoding (the decoder must not be called)."""
-    session = demo_mod.DemoSession(DemoConfig(model=model, max_batch_pixels=100_000, work_dir=tmp_path / "w"))
+@dataclasses.dataclass
+class ExposedConfig(DemoConfig):
+    """Behaves as a server reachable from other machines, while the test binds loopback only."""
+
+    exposed = True
+
+
+def test_exposed_server_through_gradio_client(model, files, tmp_path, monkeypatch):
+    """Through the real server with a login: the batch pixel budget (summed from headers, no decode),
+    the cap on saved models, and no server folder in any message."""
+    monkeypatch.setattr(demo_mod, "MAX_SAVES", 2)
+    config = ExposedConfig(model=model, port=free_port(), auth=("ann", "pw"), save_dir=tmp_path / "saved",
+                           max_batch_pixels=100_000, work_dir=tmp_path / "work")
+    (tmp_path / "saved").mkdir()
+    running = demo_mod.launch(config, block=False, quiet=True)
+    client = gradio_client.Client(running.url, auth=("ann", "pw"), verbose=False, download_files=False)
+    messages = []
     try:
         archive = tmp_path / "many.zip"
         with zipfile.ZipFile(archive, "w") as zf:
-            for i in range(5):  # 5 x 90,000 px, from a few kB of zip
+            for i in range(5):  # 5 x 90,000 px from a few kB of zip
                 zf.write(files["big.png"], f"big{i}.png")
-        monkeypatch.setattr(session.labeler, "decode", lambda *a, **k: pytest.fail("decoded before the budget check"))
-        (tmp_path / "dest").mkdir()
-        with pytest.raises(demo_mod.DemoError, match="more than 100,000 pixels .at many.zip/big1.png"):
-            session.gather_batch([archive], tmp_path / "dest")
+        monkeypatch.setattr(running.session.labeler, "decode", lambda *a, **k: pytest.fail("decoded before the budget"))
+        summary, table, _ = client.predict([gradio_client.handle_file(str(archive))], 0.5, 0.6, api_name="/label_batch")
+        assert "more than 100,000 pixels (at many.zip/big1.png)" in summary and not table["data"], summary
+        messages.append(summary)
+        rows = {"headers": ["cluster", "name"], "data": [[0, "r"], [1, "g"], [2, "b"]]}
+        for name in ("one.onnx", "one.onnx", "../up.onnx", "two.onnx", "three.onnx"):
+            message, _ = client.predict(rows, name, api_name="/save_names")
+            messages.append(message)
+        assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["one.onnx", "two.onnx"]
+        assert messages[1].startswith("Saved **one.onnx**") and "already exists" in messages[2], messages
+        assert "no folders" in messages[3] and "saved 2 named models" in messages[5], messages
+        leaked = [m for m in messages if str(tmp_path) in m or "/tmp/" in m]
+        assert not leaked, leaked
     finally:
-        session.close()
-
-
-def test_saves_are_capped_and_messages_name_no_server_folder(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_mod, "MAX_SAVES", 2)
-    session = demo_mod.DemoSession(DemoConfig(model=model, host="0.0.0.0", auth=("u", "p"), save_dir=tmp_path / "s",
-                                              work_dir=tmp_path / "w"))
-    try:
-        (tmp_path / "s").mkdir()
-        rows = [[0, "a"], [1, "b"], [2, "c"]]
-        for name in ("one.onnx", "two.onnx"):
-            session.save_names(rows, name)
-        with pytest.raises(demo_mod.DemoError, match="saved 2 named models") as err:
-            session.save_names(rows, "three.onnx")
-        assert not (tmp_path / "s" / "three.onnx").exists()
-        messages = [str(err.value)]
-        for name in ("one.onnx", "../x.onnx"):  # exists / has a folder: refusals
-            monkeypatch.setattr(demo_mod, "MAX_SAVES", 10)
-            with pytest.raises(demo_mod.DemoError) as err:
-                session.save_names(rows, name)
-            messages.append(str(err.value))
-        assert not any(str(tmp_path) in m for m in messages), messages
-    finally:
-        session.close()
+        client.close()
+        running.close()
 
 
 def test_login_from_the_environment_for_containers(monkeypatch):

@@ -374,3 +374,51 @@ def test_hostile_corpus_one_row_per_regular_file_no_traceback(model, tmp_path):
               f"{int((table['decision'] != 'error').sum())} labelled")
     finally:
         (root / "locked").chmod(0o755)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_hostile_corpus_kill_and_resume_gives_the_same_table(model, tmp_path, fmt):
+    """The hostile corpus (with a Latin-1 name and a spreadsheet-formula name) killed with SIGKILL at
+    a random point and resumed: the same table as an uninterrupted run, in every format."""
+    import signal
+    import subprocess
+    import time
+
+    root = hostile_folder(tmp_path / "corpus")
+    try:
+        mutated_corpus(root / "mutated", per_format=40)
+        write_good_images(root / "many", 300, seed=7, subdirs=3)
+        for raw in (b"/caf\xe9.png", b"/=cmd()+1.png"):
+            with open(os.fsencode(root) + raw, "wb") as fh:
+                fh.write((root / "sub" / "img_00000.png").read_bytes())
+        common = ["--model", str(model), "--format", fmt, "--no-progress", "--workers", "1", "--batch-size", "8",
+                  "--checkpoint-every", "8", "--max-pixels", "30000"]
+        ref = run_label_cli(root, "--out", tmp_path / "ref", *common, timeout=300)
+        assert ref.returncode == 3 and "Traceback" not in ref.stderr, ref.stderr[-2000:]
+        out = tmp_path / "out"
+        proc = subprocess.Popen([sys.executable, "-m", "calibclust", "label", str(root), "--out", str(out), *common],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_at = int(np.random.default_rng(int(time.time())).integers(8, 300))
+        parts = out / ".calibclust-label" / "parts"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = max((int(n.split("-")[2][:12]) for n in os.listdir(parts) if n.endswith(".npz")), default=0) \
+                if parts.is_dir() else 0
+            if done >= kill_at:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at {kill_at} rows"
+        resumed = run_label_cli(root, "--out", out, *common, "--resume", timeout=300)
+        assert resumed.returncode == 3 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
+        got, want = read_predictions(out / f"predictions.{fmt}"), read_predictions(tmp_path / "ref" / f"predictions.{fmt}")
+        assert got["path"].tolist() == want["path"].tolist(), f"killed at {kill_at}"
+        assert "=cmd()+1.png" in want["path"].tolist() and any("\udce9" in p for p in want["path"].tolist())
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name}, killed at {kill_at}")
+        if fmt == "csv":
+            assert b"'=cmd()+1.png" in (out / "predictions.csv").read_bytes(), "formula names are escaped"
+    finally:
+        (root / "locked").chmod(0o755)
