@@ -61,7 +61,6 @@ MAX_NAME_LENGTH = 100
 DEFAULT_BATCH_PIXELS = 200_000_000  # per batch request, summed from image headers before decoding
 MAX_SAVES = 20  # named model copies one server run writes, at most
 MAX_SAVED_BYTES = 2 << 30  # and their total size
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 OVERVIEW_COLUMNS = 10  # cluster tiles per row in the exemplars overview
 BATCH_COLUMNS = ["path", "decision", "cluster", "cluster_name", "confidence", "ood_score", "error"]
 
@@ -118,7 +117,16 @@ class DemoConfig:
     @property
     def exposed(self) -> bool:
         """Reachable from other machines: a non-loopback address or a public share link."""
-        return self.share or not (self.host in LOOPBACK or self.host.startswith("127."))
+        if self.share:
+            return True
+        if self.host == "localhost":
+            return False
+        import ipaddress
+
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback  # 127.0.0.0/8, ::1
+        except ValueError:  # a host name (e.g. 127.example.org): treated as reachable
+            return True
 
     @property
     def max_upload_bytes(self) -> int:

@@ -101,8 +101,8 @@ class LabelOptions:
             raise InputError(f"--engine must be local or ray, got {self.engine!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError("--batch-size must be >= 1")
-        if not self.max_file_mb > 0:
-            raise InputError(f"--max-file-mb must be > 0, got {self.max_file_mb}")
+        if not (math.isfinite(self.max_file_mb) and self.max_file_mb > 0):
+            raise InputError(f"--max-file-mb must be a number > 0, got {self.max_file_mb}")
         if self.checkpoint_every < 1:
             raise InputError("--checkpoint-every must be >= 1")
         if self.top_k < 0:
@@ -237,7 +237,10 @@ def iter_relative_paths(folder: str | os.PathLike, on_skip=None) -> Iterator[str
 def _count_images(folder: str, box: dict) -> None:
     """Background count for the progress bar's total/ETA: the same walk as discovery, unsorted and
     silent (discovery itself reports what it passes over)."""
-    box["total"] = sum(1 for _ in iter_image_files(folder, on_skip=SkipLog(quiet=True), ordered=False))
+    try:
+        box["total"] = sum(1 for _ in iter_image_files(folder, on_skip=SkipLog(quiet=True), ordered=False))
+    except Exception:  # the count only feeds the progress bar; discovery itself reports problems
+        pass
 
 
 def build_rows(
@@ -273,7 +276,7 @@ def build_rows(
 
 # --- the run ----------------------------------------------------------------------------------------
 def fingerprint(opts: LabelOptions, labeler: Labeler, batch_size: int) -> dict[str, Any]:
-    return {
+    fp = {
         "calibclust_version": __version__,
         "model_sha256": file_sha256(opts.model),
         "folder": str(Path(opts.folder).resolve()),
@@ -284,11 +287,13 @@ def fingerprint(opts: LabelOptions, labeler: Labeler, batch_size: int) -> dict[s
         "write_probs": opts.write_probs,
         "batch_size": batch_size,
         "max_pixels": opts.max_pixels,
-        "max_file_mb": opts.max_file_mb,
         "sort_into": str(Path(opts.sort_into).resolve()) if opts.sort_into else None,
         "copy": opts.copy,
         "engine": opts.engine,
     }
+    if opts.max_file_mb != DEFAULT_MAX_BYTES / 2**20:  # only when set: older journals still resume
+        fp["max_file_mb"] = opts.max_file_mb
+    return fp
 
 
 def _existing_outputs(out_dir: Path) -> list[str]:

@@ -27,24 +27,27 @@ from typing import Callable, Iterator
 import numpy as np
 
 from calibclust.errors import require
+from calibclust.io.images import DEFAULT_MAX_BYTES
 from calibclust.serve.pipeline import build_rows, decode_batch, iter_relative_paths
 
 
 class LabelActor:
     """One model session per actor; called on dict-of-numpy batches with ``index`` and ``path``."""
 
-    def __init__(self, model: str, folder: str, backend: str, max_pixels: int, threads: int | None, keep_probs: bool):
+    def __init__(self, model: str, folder: str, backend: str, max_pixels: int, threads: int | None, keep_probs: bool,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
         from calibclust.serve.labeler import Labeler
 
         self.labeler = Labeler(model, backend, threads=threads, max_pixels=max_pixels)
         self.folder = Path(folder)
         self.keep_probs = keep_probs
+        self.max_bytes = max_bytes
         self.wanted = ("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rel = [str(p) for p in batch["path"]]
         ok, images, errors = decode_batch([str(self.folder / r) for r in rel], self.labeler.input_size,
-                                          self.labeler.max_pixels)
+                                          self.labeler.max_pixels, self.max_bytes)
         outputs = self.labeler.predict(images, self.wanted) if len(ok) else {}
         rows = build_rows(rel, ok, outputs, errors, self.labeler.num_clusters, self.keep_probs)
         result = {"index": np.asarray(batch["index"], np.int64)}
@@ -94,7 +97,7 @@ def run_ray(opts, labeler, batch_size: int) -> Callable[[], Iterator[dict[str, n
         fn_constructor_kwargs=dict(
             model=str(Path(opts.model).resolve()), folder=str(Path(opts.folder).resolve()),
             backend=labeler.backend_name, max_pixels=opts.max_pixels, threads=opts.threads or 1,
-            keep_probs=keep_probs,
+            keep_probs=keep_probs, max_bytes=int(opts.max_file_mb * 2**20),
         ),
         batch_size=batch_size,
         batch_format="numpy",

@@ -12,8 +12,8 @@ numbers.
 changes the table); ``--resume`` with a different fingerprint is refused. The final outputs are
 assembled from the parts only when every file has been predicted, then the journal is removed.
 
-Parts are not fsync'ed: they survive the process being killed (the kernel keeps the data), which is
-what resuming needs; after a power loss the worst case is a part that must be recomputed.
+Parts are fsync'ed before their commit rename, so neither a killed process nor a power loss leaves
+a committed part name over torn bytes; at worst the last part is recomputed.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -64,45 +65,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 class RunLock:
-    """One ``label`` run per output folder: an exclusive ``flock`` on ``OUT/.calibclust-label.lock``,
-    held for the run and released by the OS even if the process is killed. Where ``fcntl`` does not
-    exist (Windows) there is no lock."""
+    """One ``label`` run per output folder: an exclusive ``flock`` on the folder itself, held for the
+    run and released by the OS even if the process is killed. Nothing is created for it, so nothing
+    is left behind or unlinked (a lock *file* that is unlinked at the end lets two later runs lock
+    two different inodes). Where locks are unavailable (Windows, some network file systems, a
+    folder that cannot be opened) the run goes on without one, with a warning."""
 
     def __init__(self, out_dir: str | os.PathLike):
-        self.path = Path(out_dir) / f"{JOURNAL_DIR}.lock"
-        self._fh = None
+        self.out_dir = Path(out_dir)
+        self._fd = None
 
     def __enter__(self) -> "RunLock":
         try:
             import fcntl
         except ImportError:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+")
         try:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.out_dir, os.O_RDONLY)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
-            self._fh = None
+            os.close(self._fd)
+            self._fd = None
             raise ResumeError(
-                f"{self.path.parent} is in use by another 'calibclust label' run ({holder}); "
-                f"wait for it or choose another --out"
+                f"{self.out_dir} is in use by another 'calibclust label' run; wait for it or choose another --out"
             ) from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"pid {os.getpid()}")
-        self._fh.flush()
+        except OSError as exc:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            print(f"calibclust label: warning: cannot lock {self.out_dir} ({exc.strerror or exc}); "
+                  f"make sure no other run writes there", file=sys.stderr)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fh is not None:
-            # Unlinked while still held, so the folder is left clean; a run that opened the file in
-            # the instant before could then lock the old inode: a window of microseconds, accepted.
-            self.path.unlink(missing_ok=True)
-            self._fh.close()  # closing releases the flock
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
 
 
 class Journal:

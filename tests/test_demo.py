@@ -424,7 +424,9 @@ def test_exposed_server_needs_a_login_or_an_explicit_waiver(model, tmp_path, cap
     demo_mod.check_exposure(DemoConfig(model=model, host="0.0.0.0", insecure_no_auth=True))
     assert "WITHOUT A LOGIN" in capsys.readouterr().err
     demo_mod.check_exposure(DemoConfig(model=model, host="0.0.0.0", auth=("u", "p")))
-    assert not DemoConfig(model=model, host="127.0.0.2").exposed
+    for local in ("127.0.0.2", "::1", "localhost"):
+        assert not DemoConfig(model=model, host=local).exposed, local
+    assert DemoConfig(model=model, host="127.example.org").exposed, "a host name is not loopback"
     secret = tmp_path / "auth"
     secret.write_text("ann:s3cret:with:colons\n")
     assert demo_mod.parse_auth(None, str(secret)) == ("ann", "s3cret:with:colons")

@@ -396,25 +396,43 @@ def test_discovery_reports_unlistable_and_vanished_folders_and_goes_on(tmp_path,
         assert len(list(images_module.discover_images(tmp_path))) == 2
 
 
-def test_size_guard_comes_before_any_read(tmp_path, monkeypatch):
-    """A file over max_bytes, a FIFO and a device are refused from os.stat alone (the JPEG fast path
-    used to read a link to /dev/zero whole: MemoryError; a FIFO blocked forever)."""
-    import builtins
-
+def test_size_guard_comes_before_any_read(tmp_path):
+    """A file over max_bytes, a FIFO and a device are refused from the open file's fstat, without
+    blocking and without reading (the JPEG fast path used to read a link to /dev/zero whole:
+    MemoryError; a FIFO blocked forever). The check is on the open file, so a file swapped for a
+    FIFO between discovery and decoding is refused the same way."""
     from calibclust.io.images import ImageDecodeError, decode_image
 
     big = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(big, quality=95)
     fifo = tmp_path / "pipe.png"
-    os.mkfifo(fifo)
+    os.mkfifo(fifo)  # no writer: a blocking open or read would hang this test
     (tmp_path / "zero.jpg").symlink_to("/dev/zero")
-    opened = []
-    real_open = builtins.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
     with pytest.raises(ImageDecodeError, match=r"MiB, over the limit of 0.0009766 MiB \(--max-file-mb\)"):
         decode_image(big, max_bytes=2**20 // 1024)
     for path in (fifo, tmp_path / "zero.jpg"):
         with pytest.raises(ImageDecodeError, match="not a regular file"):
             decode_image(path)
-    assert opened == [], f"files were opened before the guard refused them: {opened}"
     assert decode_image(big, max_bytes=1 << 20).shape == (64, 64, 3)
+    assert decode_image(big, size=(16, 16)).shape == (16, 16, 3)
+
+
+def test_discovery_walks_very_deep_trees_in_order(tmp_path, monkeypatch):
+    """1,200 nested folders (recursion stopped at ~1,000 before): every image found, depth first,
+    a folder's own files before its sub-folders'. Built with relative paths (chdir), as the
+    absolute ones approach PATH_MAX."""
+    from calibclust.io.images import iter_image_files
+
+    monkeypatch.chdir(tmp_path)
+    folder = "d"
+    for depth in range(1, 1201):  # os.makedirs is itself recursive: one level at a time
+        os.mkdir(folder)
+        if depth in (1, 1200):
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder + "/x.png")
+        folder += "/d"
+    (tmp_path / "a.png").write_bytes((tmp_path / "d" / "x.png").read_bytes())
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "y.png").write_bytes((tmp_path / "d" / "x.png").read_bytes())
+    found = [p[2:] for p in iter_image_files(".")]  # "./a.png" -> "a.png"
+    assert found[:2] == ["a.png", "d/x.png"] and found[-1] == "e/y.png" and len(found) == 4, [f[:20] for f in found]
+    assert found[2].count("/") == 1200

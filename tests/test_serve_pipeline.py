@@ -403,8 +403,10 @@ def test_hostile_corpus_kill_and_resume_gives_the_same_table(model, tmp_path, fm
         parts = out / ".calibclust-label" / "parts"
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            done = max((int(n.split("-")[2][:12]) for n in os.listdir(parts) if n.endswith(".npz")), default=0) \
-                if parts.is_dir() else 0
+            try:
+                done = max((int(n.split("-")[2][:12]) for n in os.listdir(parts) if n.endswith(".npz")), default=0)
+            except FileNotFoundError:  # not created yet, or removed by a run that just finished
+                done = 0
             if done >= kill_at:
                 proc.send_signal(signal.SIGKILL)
                 break

@@ -109,18 +109,22 @@ def iter_image_files(
             warnings.warn(f"skipped {path}: {reason}", SkippedPathWarning, stacklevel=3)
     visited: set[tuple[int, int]] = set()
 
-    def walk(directory: str) -> Iterator[str]:
+    # Depth first with an explicit stack (a folder's files, then its sub-folders in name order):
+    # recursion would end in RecursionError on a tree ~1,000 folders deep.
+    stack = [os.fspath(root)]
+    while stack:
+        directory = stack.pop()
         try:
             info = os.stat(directory)
             with os.scandir(directory) as listing:
                 entries = list(listing)
         except OSError as exc:
             on_skip(directory, f"cannot list this folder ({exc.strerror or exc})")
-            return
+            continue
         key = (info.st_dev, info.st_ino)
         if key in visited:
             on_skip(directory, "folder already walked (a symbolic link loop, or a second link to it)")
-            return
+            continue
         visited.add(key)
         if ordered:
             entries.sort(key=lambda e: e.name)
@@ -139,10 +143,7 @@ def iter_image_files(
             except OSError as exc:  # e.g. a link loop on the entry itself
                 on_skip(entry.path, f"cannot stat ({exc.strerror or exc})")
         if recursive:
-            for sub in subdirs:
-                yield from walk(sub)
-
-    yield from walk(os.fspath(root))
+            stack.extend(reversed(subdirs))
 
 
 def discover_images(
@@ -289,24 +290,38 @@ def _decode_jpeg_fast(
     return np.ascontiguousarray(arr), read
 
 
-def _check_file(path: str | os.PathLike, max_bytes: int) -> None:
-    """Before any read: a regular file of at most ``max_bytes`` (the JPEG fast path reads a file
-    whole; a huge file, or a link to /dev/zero, would exhaust memory, a FIFO block forever)."""
+def _read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, checked on the open file itself (so a
+    file swapped for a FIFO or a bigger one after discovery cannot slip past): a FIFO is opened
+    without blocking and refused, a device refused, and never more than ``max_bytes + 1`` bytes read."""
     import stat
 
     name = os.fspath(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
-        info = os.stat(path)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise ImageDecodeError(name, "file not found") from None
     except OSError as exc:
-        raise ImageDecodeError(name, f"cannot stat ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ImageDecodeError(name, "not a regular file (a FIFO, socket or device is never read)")
-    if info.st_size > max_bytes:
-        raise ImageDecodeError(
-            name, f"file is {info.st_size / 2**20:,.4g} MiB, over the limit of {max_bytes / 2**20:,.4g} MiB (--max-file-mb)"
-        )
+        raise ImageDecodeError(name, f"cannot open ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError(name, "not a regular file (a FIFO, socket or device is never read)")
+        if info.st_size > max_bytes:
+            raise ImageDecodeError(name, f"file is {info.st_size / 2**20:,.4g} MiB, over the limit of "
+                                         f"{max_bytes / 2**20:,.4g} MiB (--max-file-mb)")
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:  # it grew since fstat
+                raise ImageDecodeError(name, f"file is over the limit of {max_bytes / 2**20:,.4g} MiB (--max-file-mb)")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ImageDecodeError(name, f"unreadable file ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
 def decode_image(
@@ -320,14 +335,15 @@ def decode_image(
     Raises :class:`ImageDecodeError` for anything that is not a readable image within ``max_pixels``,
     and, for a path, for anything but a regular file of at most ``max_bytes`` (checked before reading).
     """
-    if isinstance(source, (str, os.PathLike)):
-        _check_file(source, max_bytes)
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
     read = None
+    if isinstance(source, (str, os.PathLike)):
+        # Read once, checked on the open file; both decoders below work on these bytes.
+        read = _read_file(source, max_bytes)
     if _simplejpeg is not None:
-        fast, read = _decode_jpeg_fast(source, size, max_pixels)
+        fast, _ = _decode_jpeg_fast(read if read is not None else source, size, max_pixels)
         if fast is not None:
             return fast
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
     if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         # Pillow refuses images above 2x its own limit before we can look; a caller that asks
         # for a larger limit gets it (monotone, so concurrent callers never lower each other's).
@@ -337,7 +353,7 @@ def decode_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if read is None:
                 img, name = _open(source)
-            else:  # the fast path already read the file; errors still name the path
+            else:  # the bytes read once above; errors still name the path
                 img = Image.open(io.BytesIO(read))
             with img:
                 width, height = img.size

@@ -26,7 +26,9 @@ return is run as a formula when the file is opened in Excel, LibreOffice or Goog
 cells (and cells beginning with ``'``, to stay reversible) with ``'``, which spreadsheets show as
 text, and :func:`read_predictions` removes the prefix again. ``escape_formulas=False`` (``label
 --no-csv-escape``) writes cells as they are. Parquet and JSON Lines are not spreadsheets' inputs and
-are written as they are.
+are written as they are. The reader cannot tell an escaped table from a raw one: a CSV written raw
+(or by another tool) whose cell really begins with ``'=`` ``'+`` ``'-`` ``'@`` or ``''`` loses that
+first ``'`` when read here.
 
 File names that are not valid UTF-8 (bytes from an old Latin-1 archive, say) arrive from the file
 system as ``str`` with lone surrogates (Python's ``surrogateescape``). They are kept losslessly:
