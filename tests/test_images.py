@@ -433,6 +433,23 @@ def test_discovery_walks_very_deep_trees_in_order(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes((tmp_path / "d" / "x.png").read_bytes())
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "y.png").write_bytes((tmp_path / "d" / "x.png").read_bytes())
-    found = [p[2:] for p in iter_image_files(".")]  # "./a.png" -> "a.png"
-    assert found[:2] == ["a.png", "d/x.png"] and found[-1] == "e/y.png" and len(found) == 4, [f[:20] for f in found]
-    assert found[2].count("/") == 1200
+    try:
+        found = [p[2:] for p in iter_image_files(".")]  # "./a.png" -> "a.png"
+        assert found[:2] == ["a.png", "d/x.png"] and found[-1] == "e/y.png" and len(found) == 4, [f[:20] for f in found]
+        assert found[2].count("/") == 1200
+    finally:
+        remove_deep_tree("d")
+
+
+def remove_deep_tree(folder: str) -> None:
+    """Bottom-up removal: shutil.rmtree, and pytest's own cleanup of old tmp folders, recurse once
+    per level and fail on a tree this deep, which would fail every later pytest run's exit."""
+    deepest = folder
+    while os.path.isdir(deepest + "/d"):
+        deepest += "/d"
+    while deepest:
+        for name in os.listdir(deepest):
+            if not os.path.isdir(os.path.join(deepest, name)):
+                os.unlink(os.path.join(deepest, name))
+        os.rmdir(deepest)
+        deepest = deepest.rpartition("/")[0]
