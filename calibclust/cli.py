@@ -4,7 +4,7 @@ Subcommands register themselves through the ``calibclust.commands`` entry-point 
 entry point names a ``register_cli(subparsers)`` function in a module that imports nothing
 heavy at module level, so ``calibclust --help`` never loads torch, onnx, tensorrt or gradio.
 
-Exit codes (ARCHITECTURE.md): 0 ok, 1 failure, 2 bad usage, 3 finished with some inputs failed.
+Exit codes (EXIT_* below): 0 ok, 1 failure, 2 bad usage, 3 finished with some inputs failed.
 """
 
 from __future__ import annotations

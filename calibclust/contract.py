@@ -1,4 +1,4 @@
-"""Read and check the model contract (ARCHITECTURE.md, "The model contract"). Torch-free.
+"""Read and check the model contract (described below; README.md, "Layers"). Torch-free.
 
 An exported model is one ONNX file that takes raw ``uint8`` images ``(N, H, W, 3)`` and returns
 ``probs`` (N, C), ``confidence`` (N,), ``label`` (N,) int64, ``ood_score`` (N,) and optionally

@@ -2,7 +2,7 @@
 
 Unsupervised clusters have no names; a person names them by looking at typical members. The
 exemplars travel with an exported model as one ``.npz`` file next to it, named (relative to the
-model file) by the model metadata's ``exemplars`` field (ARCHITECTURE.md, "The model contract").
+model file) by the model metadata's ``exemplars`` field (the model contract: calibclust/contract.py).
 Whoever has scores for a folder of images — training (any typicality score), the quick start,
 ``calibclust exemplars`` (the model's calibrated confidence) — builds it with the same functions.
 

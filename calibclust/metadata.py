@@ -2,8 +2,8 @@
 
 It travels in three places and is the same document in each:
 * ``config.json`` beside a checkpoint's ``model.safetensors`` (key ``"metadata"``),
-* the ONNX file's ``metadata_props`` under the key :data:`ONNX_METADATA_KEY` (ARCHITECTURE.md,
-  "The model contract"),
+* the ONNX file's ``metadata_props`` under the key :data:`ONNX_METADATA_KEY` (the model contract:
+  calibclust/contract.py),
 * the JSON sidecar of a TensorRT engine.
 
 Torch-free: serving reads it without the training stack. Unknown keys are rejected, so a typo or a

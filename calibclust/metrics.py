@@ -2,7 +2,7 @@
 
 This is the one metrics module: training logs, ``calibclust evaluate``, the quick start and the
 benchmarks all call it. Each function's docstring gives the formula and its source. Scores use
-the convention of the CDC paper (shared/papers/000, §4.1): *confidence* is the max calibrated
+the convention of the CDC paper ("Towards Calibrated Deep Clustering Network", §4.1): *confidence* is the max calibrated
 probability (higher = more trustworthy), an *OOD score* is higher for more out-of-distribution.
 """
 

@@ -1,7 +1,7 @@
 """Self-supervised backbone pretraining with MoCo-v2, and the ``calibclust pretrain`` command.
 
-MoCo-v2 (Chen et al. 2020b) as used by SPICE (shared/papers/002 §III-A, Eq. (1), §IV-A) and CDC
-(shared/papers/000 §3.3, appendix B.1):
+MoCo-v2 (Chen et al. 2020b) as used by SPICE ("SPICE: Semantic Pseudo-Labeling for Image Clustering" §III-A, Eq. (1), §IV-A) and CDC
+("Towards Calibrated Deep Clustering Network" §3.3, appendix B.1):
 
 * query encoder f_q = projector ∘ backbone, trained; key encoder f_k, its momentum average
   θ_k ← μ θ_k + (1 − μ) θ_q (SPICE §III-A, text after Eq. (1));

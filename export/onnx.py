@@ -1,6 +1,6 @@
 """Export a :class:`~calibclust.models.clustering.ClusteringModel` to the ONNX model contract.
 
-One graph (ARCHITECTURE.md, "The model contract")::
+One graph (the model contract: calibclust/contract.py)::
 
     images uint8 (N, H, W, 3)
       → transpose to NCHW, cast to float, /255, (x − mean) / std          (ClusteringModel.preprocess)

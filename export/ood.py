@@ -4,7 +4,7 @@ Four post-hoc scores, each an ``nn.Module`` mapping ``(logits (N, C), embedding 
 to ``score (N,)`` so that the ONNX exporter traces it together with the model:
 
 * ``msp`` – 1 − max softmax probability (Hendrycks & Gimpel, ICLR 2017, the baseline; the CDC paper
-  uses the calibrated confidence for OOD detection, shared/papers/000 appendix C.5).
+  uses the calibrated confidence for OOD detection, "Towards Calibrated Deep Clustering Network" appendix C.5).
 * ``energy`` – −T·logsumexp(logits / T), T = 1 (Liu et al., NeurIPS 2020, Eq. 2 negated so that
   higher = OOD as everywhere here).
 * ``prototype`` – 1 − max_c cos(z, μ_c): cosine distance of the embedding to the nearest cluster

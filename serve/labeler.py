@@ -5,7 +5,7 @@
     >>> table = lab.label(["a.jpg", "b.png"])            # columns of the predictions table
 
 Everything the model needs to know about itself (input size, cluster names, thresholds) is read
-from its metadata (ARCHITECTURE.md, "The model contract"); nothing is restated here.
+from its metadata (the model contract: calibclust/contract.py); nothing is restated here.
 """
 
 from __future__ import annotations

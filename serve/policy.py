@@ -16,7 +16,7 @@ images of the run (readable and not flagged OOD):
 * ``coverage F`` – accept the most confident fraction F: t = the ⌈F·n⌉-th largest confidence;
 * ``target_accuracy A`` – label-free risk control: accept the largest set {confidence ≥ t} whose
   mean confidence is ≥ A. For a calibrated model, P(correct | confidence = c) ≈ c, so the mean
-  confidence of a set estimates its accuracy (CDC, shared/papers/000 §1 and §4.1: a calibrated
+  confidence of a set estimates its accuracy (CDC, "Towards Calibrated Deep Clustering Network" §1 and §4.1: a calibrated
   confidence is what makes selective prediction meaningful); that estimate and the coverage are
   reported. It is only an estimate: on a model whose metadata says it is not calibrated the figure
   means little and a warning says so.

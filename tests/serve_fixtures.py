@@ -1,6 +1,6 @@
 """Contract-conforming ONNX models built with ``onnx.helper`` (no torch), and image folders for serve tests.
 
-The model follows ARCHITECTURE.md's contract: input ``images`` uint8 [N, H, W, 3] (dynamic N) →
+The model follows the model contract (calibclust/contract.py): input ``images`` uint8 [N, H, W, 3] (dynamic N) →
 Cast → /255 → (x − mean)/std → a tiny fixed "model" → Softmax → ``probs``, ``confidence``
 (ReduceMax), ``label`` (ArgMax, int64), ``ood_score`` and ``embedding``; the
 :class:`~calibclust.metadata.ModelMetadata` JSON sits in ``metadata_props`` under "calibclust".

@@ -1,5 +1,5 @@
 """CDC's equations on hand-made tensors, and the trainer's gradient routing, empty selections and
-resume on tiny synthetic data (shared/papers/000 §3.1–3.3)."""
+resume on tiny synthetic data ("Towards Calibrated Deep Clustering Network" §3.1–3.3)."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""SPICE prototype / reliable selection (shared/papers/002 Eq. 2–4, 6–7, Fig. 4) and SPC agreement."""
+"""SPICE prototype / reliable selection ("SPICE: Semantic Pseudo-Labeling for Image Clustering" Eq. 2–4, 6–7, Fig. 4) and SPC agreement."""
 
 import math
 import warnings

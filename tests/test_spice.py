@@ -1,4 +1,4 @@
-"""SPICE (shared/papers/002): Eq. 5 double softmax, head selection by minimum loss (§III-B Remark),
+"""SPICE ("SPICE: Semantic Pseudo-Labeling for Image Clustering"): Eq. 5 double softmax, head selection by minimum loss (§III-B Remark),
 Eq. 8–9 FixMatch loss, and SPICE_s / reliable set / joint training / checkpoint on digits."""
 
 import dataclasses

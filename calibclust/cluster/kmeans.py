@@ -1,6 +1,6 @@
 """K-means in torch: runs on the tensors' device, chunked distances, deterministic under a seed.
 
-CDC runs it on the whole training set for the prototype initialisation (shared/papers/000 §3.3,
+CDC runs it on the whole training set for the prototype initialisation ("Towards Calibrated Deep Clustering Network" §3.3,
 Eq. 6) and on every batch for the mini-clusters of the calibration target (Eq. 1); the CDC
 authors use k-means++ seeding and a PyTorch implementation for speed (appendix B, "running time").
 

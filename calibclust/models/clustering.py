@@ -1,7 +1,7 @@
 """The clustering model every method trains, exports and evaluates through one small surface.
 
 ``ClusteringModel`` = backbone f(θ) + named MLP heads g(θ_head). CDC has a ``clustering`` and a
-``calibration`` head and predicts with the calibration one (shared/papers/000 §3.4, "Final
+``calibration`` head and predicts with the calibration one ("Towards Calibrated Deep Clustering Network" §3.4, "Final
 Prediction"); SPICE keeps one ``clustering`` head. Training engine, export and evaluation only use:
 
 * ``preprocess(uint8 NHWC)`` → normalised float NCHW (the exact ops the ONNX graph fuses),

@@ -1,4 +1,4 @@
-"""Calibrated Deep Clustering (CDC; shared/papers/000, §3.1–3.4, Algorithm 1, appendix B.1).
+"""Calibrated Deep Clustering (CDC; "Towards Calibrated Deep Clustering Network", §3.1–3.4, Algorithm 1, appendix B.1).
 
 Model: backbone f + clustering head g_clu + calibration head g_cal, both MLPs D → H → BN → ReLU → C
 (:class:`calibclust.models.clustering.ClusteringModel`); the calibration head makes the final

@@ -49,7 +49,7 @@ def train_subparsers(subparsers) -> argparse._SubParsersAction:
 
 
 CDC_DESCRIPTION = """\
-Train Calibrated Deep Clustering (CDC; shared/papers/000) on a folder of images.
+Train Calibrated Deep Clustering (CDC; "Towards Calibrated Deep Clustering Network") on a folder of images.
 
 A backbone f (random init, or pretrained weights from a backbone checkpoint) gets two MLP heads:
 a clustering head that learns from confident pseudo labels on strongly augmented views, and a

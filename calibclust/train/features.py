@@ -2,7 +2,7 @@
 computed once and cached on disk — what frozen-backbone training (``--freeze-backbone``) runs on.
 
 With the backbone frozen, CDC's heads only ever see f(x), f(𝒲(x)) and f(𝒜(x)) (Algorithm 1 of
-shared/papers/000), so precomputing ``views`` augmented copies of each image and drawing one of
+"Towards Calibrated Deep Clustering Network"), so precomputing ``views`` augmented copies of each image and drawing one of
 them per sample and step turns an epoch into a few small matrix products. The cache is a single
 safetensors file (``plain`` (N, D) float32, ``weak`` / ``strong`` (V, N, D)) whose metadata records
 what it was computed from (backbone weights digest, image digest, number of views, seed, view

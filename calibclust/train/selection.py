@@ -10,7 +10,7 @@ their own strategies on the same seam without touching the loops.
 
 Shipped here:
 
-* ``cdc`` — CDC's calibrated per-class selection (shared/papers/000 §3.2, Eq. 4),
+* ``cdc`` — CDC's calibrated per-class selection ("Towards Calibrated Deep Clustering Network" §3.2, Eq. 4),
 * ``fixed`` — a global confidence threshold (SCAN / DCCM style; CDC Tab. 2-II baseline).
 
 No strategy ever sees ground-truth labels.
@@ -102,7 +102,7 @@ class SelectionStrategy(Protocol):
 
 @dataclass
 class CalibratedPerClass:
-    """CDC's dynamic per-class selection (shared/papers/000 §3.2, Eq. 4).
+    """CDC's dynamic per-class selection ("Towards Calibrated Deep Clustering Network" §3.2, Eq. 4).
 
     For every cluster c: TOP(c) = the ``top_size`` rows with the largest p[:, c];
     M(c) = ⌊Σ_{i∈TOP(c)} max_j p_ij⌋; keep the first M(c) rows of TOP(c). The pseudo label of

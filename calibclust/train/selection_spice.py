@@ -1,6 +1,6 @@
 """SPICE and SPC pseudo-label selection, registered on the seam of :mod:`calibclust.train.selection`.
 
-* ``spice-prototype`` — SPICE's prototype pseudo-labelling (shared/papers/002 §III-B, Eq. 2–4,
+* ``spice-prototype`` — SPICE's prototype pseudo-labelling ("SPICE: Semantic Pseudo-Labeling for Image Clustering" §III-B, Eq. 2–4,
   Fig. 4): top-T confident rows per cluster on the weak view → prototypes in embedding space →
   the M/K rows nearest (cosine) to each prototype get that cluster's label. With the *overlap*
   assignment (the paper's choice, §IV-F2) one row may carry several labels, so the returned
@@ -9,7 +9,7 @@
   predicted label is shared by more than λ of their N_s nearest neighbours; optional authors'-code
   extras (max-probability > 0.99, per-cluster subsampling to the smallest cluster) and a fallback
   for clusters that keep nothing.
-* ``agreement`` — SPC's ensemble agreement (shared/papers/003 §3): rows whose label is the same in
+* ``agreement`` — SPC's ensemble agreement ("Selective Pseudo-Label Clustering" §3): rows whose label is the same in
   every ensemble member after Hungarian alignment to a reference member.
 
 Importing this module registers the three strategies (``calibclust.train.spice`` imports it).
@@ -48,7 +48,7 @@ def knn_indices(embeddings: torch.Tensor, k: int, chunk_size: int = 4096) -> tor
 # --- SPICE prototype pseudo-labelling (Eq. 2–4) ---------------------------------------------------
 @dataclass
 class PrototypeSelection:
-    """SPICE's E-step (shared/papers/002 §III-B, Algorithm 1).
+    """SPICE's E-step ("SPICE: Semantic Pseudo-Labeling for Image Clustering" §III-B, Algorithm 1).
 
     ``per_cluster`` = M/K rows labelled per cluster (None → ⌊N/C⌋ of the batch at hand).
     ``top_fraction``: the prototype of cluster k averages the ``top_fraction``·M/K rows with the
@@ -123,7 +123,7 @@ class PrototypeSelection:
 # --- SPICE reliable pseudo-labelling (Eq. 6–7) ----------------------------------------------------
 @dataclass
 class ReliableSelection:
-    """SPICE's reliable pseudo-labels (shared/papers/002 §III-C; defaults §IV-B).
+    """SPICE's reliable pseudo-labels ("SPICE: Semantic Pseudo-Labeling for Image Clustering" §III-C; defaults §IV-B).
 
     y_j^s = argmax p_j; r_j = fraction of the N_s nearest neighbours (cosine, in embedding space)
     with the same label (Eq. 6); keep r_j > λ (Eq. 7).
@@ -242,7 +242,7 @@ class ReliableSelection:
 # --- SPC ensemble agreement ----------------------------------------------------------------------
 def align_labels(reference: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Relabel ``labels`` so they match ``reference`` as well as possible (Hungarian algorithm on
-    the C×C co-occurrence counts; shared/papers/003 §3, the "direct" consensus method)."""
+    the C×C co-occurrence counts; "Selective Pseudo-Label Clustering" §3, the "direct" consensus method)."""
     from scipy.optimize import linear_sum_assignment
 
     counts = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -255,7 +255,7 @@ def align_labels(reference: np.ndarray, labels: np.ndarray, num_classes: int) ->
 
 @dataclass
 class EnsembleAgreement:
-    """SPC's selection (shared/papers/003 §3): a row is selected if every ensemble member gives
+    """SPC's selection ("Selective Pseudo-Label Clustering" §3): a row is selected if every ensemble member gives
     it the same cluster after aligning each member's argmax labels to member ``reference`` by the
     Hungarian algorithm; its pseudo label is that (reference-numbered) cluster.
     Needs ``inputs.ensemble_probs`` (M, N, C)."""

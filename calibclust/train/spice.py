@@ -1,4 +1,4 @@
-"""SPICE: semantic pseudo-labelling for image clustering (shared/papers/002).
+"""SPICE ("SPICE: Semantic Pseudo-Labeling for Image Clustering").
 
 Stage 1 (representation learning) is the backbone the user brings (pretraining issue). Here:
 
@@ -56,7 +56,7 @@ from calibclust.train.views import ViewConfig, strong_view, weak_view
 
 @dataclass
 class SpiceConfig:
-    """SPICE settings; defaults are the paper's (shared/papers/002 §IV-B) unless noted."""
+    """SPICE settings; defaults are the paper's ("SPICE: Semantic Pseudo-Labeling for Image Clustering" §IV-B) unless noted."""
 
     num_clusters: int = 10
     # --- stage 2 (SPICE_s, §III-B) ---

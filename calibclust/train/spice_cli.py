@@ -20,7 +20,7 @@ EXIT_OK = 0
 _RAW = argparse.RawDescriptionHelpFormatter
 
 SPICE_DESCRIPTION = """\
-Train SPICE (shared/papers/002) on a folder of images.
+Train SPICE ("SPICE: Semantic Pseudo-Labeling for Image Clustering") on a folder of images.
 
 Stage 2 (SPICE_s): with the backbone frozen, --heads clustering heads are trained at once on cached
 features of weak and strong views. Each batch of M images: the M/K most confident images of each

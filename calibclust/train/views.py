@@ -1,6 +1,6 @@
 """Batched weak and strong views for self-labelling, as tensor ops over a whole batch.
 
-CDC uses the weak/strong augmentations of SCAN (shared/papers/000 §3, "Notation"; appendix B.1,
+CDC uses the weak/strong augmentations of SCAN ("Towards Calibrated Deep Clustering Network" §3, "Notation"; appendix B.1,
 "Augmentation Strategy"): the calibration head's confidence on the **weak** view picks the pseudo
 labels, the clustering head learns them on the **strong** view (Eq. 5), and the calibration loss
 sees the un-augmented image.
