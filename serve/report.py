@@ -80,6 +80,7 @@ class ThumbnailCache:
         self._sample = np.empty(SAMPLE_SIZE)  # uniform reservoir of in-distribution confidences
         self._seen = 0
         self._rng = np.random.default_rng(seed)
+        self._running: float | None = None  # the running estimate of a fitted threshold
 
     def _capacity(self, key: tuple) -> int:
         return self.n * ESTIMATE_SLOTS if key[0] == "near" else self.n
@@ -98,8 +99,6 @@ class ThumbnailCache:
         else:
             keys.append((("rejected",), -confidence))
         return keys
-
-    _running: float | None = None  # the running threshold estimate (fitted-threshold policies)
 
     def _update_estimate(self, confidence: np.ndarray) -> None:
         """Algorithm R over the batch's in-distribution confidences, then a new estimate; candidates

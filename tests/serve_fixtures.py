@@ -16,6 +16,9 @@ first (random fixed weights): the same contract, with enough compute to make ben
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -236,3 +239,29 @@ def run_label_cli(*args: str, env: dict | None = None, timeout: float = 120):
         [sys.executable, "-m", "calibclust", "label", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=full_env,
     )
+
+
+def rows_done(out: Path) -> int:
+    """Rows committed to the journal of a labelling run writing to ``out``."""
+    try:
+        names = os.listdir(out / ".calibclust-label" / "parts")
+    except FileNotFoundError:  # not created yet, or removed by a run that just finished
+        return 0
+    ends = [int(m.group(1)) for name in names if (m := re.match(r"part-\d{12}-(\d{12})\.npz$", name))]
+    return max(ends, default=0)
+
+
+def interrupt_at(proc, out: Path, rows: int, sig: int, timeout: float = 120) -> bool:
+    """Send ``sig`` once at least ``rows`` results are committed (0 = as soon as the run started).
+    Returns False if the process finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if (out / ".calibclust-label" / "job.json").exists() and rows_done(out) >= rows:
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+            return True
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("run did not progress")

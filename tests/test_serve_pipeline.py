@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_fixtures import (  # noqa: E402
+    interrupt_at,
     expected_probs,
     make_contract_model,
     run_label_cli,
@@ -400,19 +401,8 @@ def test_hostile_corpus_kill_and_resume_gives_the_same_table(model, tmp_path, fm
         proc = subprocess.Popen([sys.executable, "-m", "calibclust", "label", str(root), "--out", str(out), *common],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_at = int(np.random.default_rng(int(time.time())).integers(8, 300))
-        parts = out / ".calibclust-label" / "parts"
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                done = max((int(n.split("-")[2][:12]) for n in os.listdir(parts) if n.endswith(".npz")), default=0)
-            except FileNotFoundError:  # not created yet, or removed by a run that just finished
-                done = 0
-            if done >= kill_at:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at {kill_at} rows"
+        assert interrupt_at(proc, out, kill_at, signal.SIGKILL), f"the run ended before the kill at {kill_at} rows"
+        assert proc.returncode == -signal.SIGKILL
         resumed = run_label_cli(root, "--out", out, *common, "--resume", timeout=300)
         assert resumed.returncode == 3 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
         got, want = read_predictions(out / f"predictions.{fmt}"), read_predictions(tmp_path / "ref" / f"predictions.{fmt}")

@@ -4,7 +4,6 @@ table byte-identical to an uninterrupted run's; changed model/options/folder are
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,7 +14,14 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_fixtures import make_contract_model, run_label_cli, write_bad_images, write_good_images  # noqa: E402
+from serve_fixtures import (  # noqa: E402
+    interrupt_at,
+    make_contract_model,
+    rows_done,
+    run_label_cli,
+    write_bad_images,
+    write_good_images,
+)
 
 from calibclust.io.predictions import read_predictions  # noqa: E402
 from calibclust.serve.labeler import Labeler  # noqa: E402
@@ -40,35 +46,12 @@ def setup(tmp_path_factory):
     return folder, model, ref_out / "predictions.csv", root
 
 
-def _rows_done(out: Path) -> int:
-    parts = out / ".calibclust-label" / "parts"
-    ends = [int(m.group(1)) for name in (os.listdir(parts) if parts.is_dir() else [])
-            if (m := re.match(r"part-\d{12}-(\d{12})\.npz$", name))]
-    return max(ends, default=0)
-
-
 def _start(folder, model, out, *extra) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "calibclust", "label", str(folder), "--model", str(model), "--out", str(out),
          *COMMON, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-
-
-def _interrupt_at(proc, out: Path, rows: int, sig: int, timeout: float = 120) -> bool:
-    """Send ``sig`` once at least ``rows`` results are committed (0 = as soon as the run started).
-    Returns False if the process finished first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if (out / ".calibclust-label" / "job.json").exists() and _rows_done(out) >= rows:
-            proc.send_signal(sig)
-            proc.wait(timeout=60)
-            return True
-        time.sleep(0.005)
-    proc.kill()
-    raise AssertionError("run did not progress")
 
 
 def test_sigkill_at_random_points_then_resume_is_identical(setup, tmp_path):
@@ -79,12 +62,12 @@ def test_sigkill_at_random_points_then_resume_is_identical(setup, tmp_path):
     killed_at = []
     # First kill at a random point of the first run, a second one during the resumed run.
     for round_ in range(2):
-        target = int(rng.integers(0 if round_ == 0 else _rows_done(out), total - 200))
+        target = int(rng.integers(0 if round_ == 0 else rows_done(out), total - 200))
         proc = _start(folder, model, out, *(("--resume",) if round_ else ()))
-        if not _interrupt_at(proc, out, target, signal.SIGKILL):
+        if not interrupt_at(proc, out, target, signal.SIGKILL):
             pytest.fail(f"run finished before the kill at {target} rows; make the folder bigger")
         assert proc.returncode == -signal.SIGKILL
-        killed_at.append((target, _rows_done(out)))
+        killed_at.append((target, rows_done(out)))
         assert not (out / "predictions.csv").exists()
     proc = run_label_cli(folder, "--model", model, "--out", out, *COMMON, "--resume")
     assert proc.returncode == 3, proc.stderr
@@ -98,10 +81,10 @@ def test_sigint_keeps_work_and_resume_is_identical(setup, tmp_path, sig):
     folder, model, reference, _ = setup
     out = tmp_path / "out"
     proc = _start(folder, model, out)
-    assert _interrupt_at(proc, out, 300, sig)
+    assert interrupt_at(proc, out, 300, sig)
     assert proc.returncode == 130, proc.stderr.read()
     assert "--resume" in proc.stderr.read()
-    done = _rows_done(out)
+    done = rows_done(out)
     assert done >= 300
     # Without --resume the unfinished run is not silently replaced.
     again = run_label_cli(folder, "--model", model, "--out", out, *COMMON)
@@ -207,7 +190,7 @@ def test_non_utf8_names_survive_every_format_and_a_killed_run(setup, tmp_path, f
          fmt, "--no-progress", "--workers", "1", "--batch-size", "16", "--checkpoint-every", "16"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kill_at = int(np.random.default_rng(int(time.time())).integers(0, 300))
-    assert _interrupt_at(proc, out, kill_at, signal.SIGKILL), f"the run ended before the kill at {kill_at} rows"
+    assert interrupt_at(proc, out, kill_at, signal.SIGKILL), f"the run ended before the kill at {kill_at} rows"
     assert proc.returncode == -signal.SIGKILL
     resumed = run_label_cli(folder, "--model", model, "--out", out, "--format", fmt, "--no-progress", "--workers", "1",
                             "--batch-size", "16", "--checkpoint-every", "16", "--resume")
