@@ -1,9 +1,11 @@
-"""Self-contained HTML reports: figures and thumbnails embedded as base64 PNG, no external files.
+"""Self-contained HTML reports: charts embedded as SVG, figures and thumbnails as PNG, no external files.
 
-Used by ``calibclust evaluate`` and meant for every other report (``calibclust label``'s
-``report.html``, the quick start): torch-free, numpy + matplotlib + Pillow only.
+Used by ``calibclust evaluate``, ``calibclust label``'s ``report.html`` and the quick start:
+torch-free, numpy + Pillow (+ matplotlib for two figures) only.
 
-Figures are drawn on ``matplotlib.figure.Figure`` objects attached to an explicit Agg canvas
+Bar charts, histograms and curves are :mod:`calibclust.charts` SVG (no matplotlib import, which
+alone costs ``label`` more than half a second). The reliability diagram and the confusion-matrix
+heat map are drawn on ``matplotlib.figure.Figure`` objects attached to an explicit Agg canvas
 (``FigureCanvasAgg``) instead of going through ``pyplot``: that is the Agg backend without
 touching matplotlib's global backend or pyplot's figure registry, so it works on headless
 servers, in threads, and inside a user's notebook without changing their backend.
@@ -27,15 +29,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from calibclust.charts import COLOR_BAD, COLOR_GOOD, COLOR_NEUTRAL, PALETTE, Chart, SVGFigure, text_width
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from calibclust.metrics import CalibrationResult, RiskCoverage
 
-# Colour-blind-safe pair (Okabe & Ito) for the "good / bad" split used in several plots.
-COLOR_GOOD = "#0072B2"
-COLOR_BAD = "#D55E00"
-COLOR_NEUTRAL = "#555555"
 DEFAULT_DPI = 100
 
 
@@ -189,12 +189,10 @@ def plot_score_histograms(
     threshold: float | None = None,
     threshold_label: str = "threshold",
     colors: Sequence[str] | None = None,
-) -> "Figure":
+) -> SVGFigure:
     """Overlaid histograms of one score for several groups (e.g. correct vs wrong, in- vs out-of-
     distribution), with an optional vertical threshold line."""
-    fig = new_figure(6.0, 3.8)
-    ax = fig.subplots()
-    colors = list(colors or [COLOR_GOOD, COLOR_BAD, "#009E73", "#CC79A7", "#E69F00"])
+    colors = list(colors or PALETTE)
     finite = [np.asarray(v, float)[np.isfinite(np.asarray(v, float))] for v in groups.values()]
     if value_range is None:
         everything = np.concatenate(finite) if finite else np.zeros(0)
@@ -202,20 +200,22 @@ def plot_score_histograms(
         if value_range[0] == value_range[1]:
             value_range = (value_range[0] - 0.5, value_range[1] + 0.5)
     edges = np.linspace(value_range[0], value_range[1], bins + 1)
-    for i, (name, values) in enumerate(zip(groups, finite)):
+    counts = [np.histogram(np.clip(v, edges[0], edges[-1]), bins=edges)[0] for v in finite]
+    top = max((int(c.max()) for c in counts if c.size), default=0)
+    chart = Chart(title, xlabel, "images", xlim=value_range, ylim=(0, max(1.0, top * 1.08)))
+    for i, (name, values, count) in enumerate(zip(groups, finite, counts)):
         color = colors[i % len(colors)]
-        ax.hist(values, bins=edges, color=color, alpha=0.45, label=f"{name} (n={values.size:,})")
-        ax.hist(values, bins=edges, color=color, histtype="step", lw=1.5)
+        for left, right, n in zip(edges[:-1], edges[1:], count):
+            if n:
+                chart.rect(left, right, 0, n, color, opacity=0.45)
+        chart.line(edges, np.r_[count, count[-1]], color, width=1.5, step=True)
+        chart.legend(f"{name} (n={values.size:,})", color)
     if threshold is not None and np.isfinite(threshold):
-        ax.axvline(threshold, color="black", ls="--", lw=1, label=f"{threshold_label} = {threshold:.3g}")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("images")
-    ax.legend(fontsize=8)
-    return fig
+        chart.vline(threshold, label=f"{threshold_label} = {threshold:.3g}")
+    return chart.render()
 
 
-def plot_confidence_histograms(confidence, correct, bins: int = 20, threshold: float | None = None) -> "Figure":
+def plot_confidence_histograms(confidence, correct, bins: int = 20, threshold: float | None = None) -> SVGFigure:
     """Confidence of correct vs wrong predictions: a calibrated model puts its errors at low confidence."""
     confidence = np.asarray(confidence, float)
     correct = np.asarray(correct, bool)
@@ -229,28 +229,22 @@ def plot_confidence_histograms(confidence, correct, bins: int = 20, threshold: f
     )
 
 
-def plot_risk_coverage(curve: "RiskCoverage", title: str | None = None) -> "Figure":
+def plot_risk_coverage(curve: "RiskCoverage", title: str | None = None) -> SVGFigure:
     """Risk–coverage curve (Geifman & El-Yaniv, 2017; CDC paper Fig. 3) with its AURC, and the
     oracle curve that rejects all errors first (the best any confidence ordering could do)."""
-    fig = new_figure(6.0, 3.8)
-    ax = fig.subplots()
     coverage = np.r_[0.0, np.asarray(curve.coverage, float)]
     risk = np.asarray(curve.risk, float)
+    top = max(0.05, float(np.nanmax(risk)) * 1.1) if risk.size and np.isfinite(risk).any() else 1.0
+    chart = Chart(title or "Risk–coverage curve", "coverage (share of images accepted, most confident first)",
+                  "risk (error rate of accepted)", xlim=(0, 1), ylim=(0, top))
     if risk.size:
-        ax.step(coverage, np.r_[risk[0], risk], where="pre", color=COLOR_GOOD, lw=1.8,
-                label=f"model (AURC = {curve.aurc:.4f})")
-        total_risk = risk[-1]
-        grid = np.linspace(1e-6, 1.0, 400)
-        oracle = np.maximum(0.0, grid - (1.0 - total_risk)) / grid
-        ax.plot(grid, oracle, ":", color=COLOR_NEUTRAL, label="oracle (errors rejected first)")
-        ax.axhline(total_risk, color=COLOR_BAD, ls="--", lw=1, label=f"no rejection (risk = {total_risk:.3f})")
-        ax.set_ylim(0, max(0.05, float(np.nanmax(risk)) * 1.1))
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("coverage (share of images accepted, most confident first)")
-    ax.set_ylabel("risk (error rate of accepted)")
-    ax.set_title(title or "Risk–coverage curve")
-    ax.legend(fontsize=8)
-    return fig
+        chart.line(coverage, np.r_[risk[0], risk], COLOR_GOOD, step=True, label=f"model (AURC = {curve.aurc:.4f})")
+        total_risk = float(risk[-1])
+        grid = np.linspace(1e-6, 1.0, 200)
+        chart.line(grid, np.maximum(0.0, grid - (1.0 - total_risk)) / grid, COLOR_NEUTRAL, style="dot",
+                   label="oracle (errors rejected first)")
+        chart.hline(total_risk, COLOR_BAD, label=f"no rejection (risk = {total_risk:.3f})")
+    return chart.render()
 
 
 def plot_confusion_matrix(
@@ -310,6 +304,8 @@ def aligned_confusion(
 
 HORIZONTAL_BARS_FROM = 8
 MAX_NAMED_BARS = 120
+BAR_ROW_PX = 18  # one horizontal bar per row; more than the tick font (11 px), so names never touch
+MAX_NAME_CHARS = 24
 
 
 def plot_cluster_counts(
@@ -317,45 +313,43 @@ def plot_cluster_counts(
     counts: Mapping[str, Sequence[int]] | Sequence[int],
     title: str = "Images per cluster",
     ylabel: str = "images",
-) -> "Figure":
+) -> SVGFigure:
     """Bar chart of images per cluster; ``counts`` may map series names to counts, which are stacked
     (e.g. ``{"correct": ..., "wrong": ...}`` or ``{"accepted": ..., "rejected": ...}``). Past
-    :data:`HORIZONTAL_BARS_FROM` clusters the bars lie horizontally, one readable name per row
-    (vertical bars' names overlap into one string from about ten clusters on)."""
+    :data:`HORIZONTAL_BARS_FROM` clusters, or when a name is wider than its bar, the bars lie
+    horizontally, one readable name per row (vertical bars' names overlap into one string from
+    about ten clusters on); past :data:`MAX_NAMED_BARS` only every k-th row is named."""
     series = dict(counts) if isinstance(counts, Mapping) else {"images": counts}
-    colors = [COLOR_GOOD, COLOR_BAD, "#009E73", "#E69F00", "#CC79A7", COLOR_NEUTRAL]
-    horizontal = len(names) > HORIZONTAL_BARS_FROM
-    # Past MAX_NAMED_BARS rows only every k-th cluster is named, and the figure stops growing.
-    name_every = -(-len(names) // MAX_NAMED_BARS)
+    n = len(names)
+    labels = [str(x) if len(str(x)) <= MAX_NAME_CHARS else str(x)[:MAX_NAME_CHARS - 1] + "…" for x in names]
+    stacked = np.cumsum([np.asarray(v, float) for v in series.values()], axis=0) if series else np.zeros((1, n))
+    top = max(1.0, float(stacked[-1].max()) * 1.05) if n else 1.0
+    width = 720
+    pitch = (width - 260) / max(n, 1)  # vertical bars' slot width, roughly, legend outside included
+    horizontal = n > HORIZONTAL_BARS_FROM or max((text_width(t) for t in labels), default=0) > 0.9 * pitch
+    positions = np.arange(n)
     if horizontal:
-        fig = new_figure(7.0, max(3.0, 0.22 * min(len(names), MAX_NAMED_BARS) + 1.2))
+        name_every = -(-n // MAX_NAMED_BARS)
+        rows = min(n, MAX_NAMED_BARS)
+        chart = Chart(title, ylabel, "cluster", xlim=(0, top), ylim=(n - 0.5, -0.5),  # cluster 0 on top
+                      width=width, height=int(max(260, BAR_ROW_PX * rows + 90)),
+                      yticks=(positions[::name_every], labels[::name_every]), legend_outside=len(series) > 1)
     else:
-        fig = new_figure(min(14.0, max(5.0, 0.35 * len(names) + 3.0)), 3.8)
-    ax = fig.subplots()
-    x = np.arange(len(names))
-    bottom = np.zeros(len(names))
+        chart = Chart(title, "cluster", ylabel, xlim=(-0.5, n - 0.5), ylim=(0, top), width=width,
+                      xticks=(positions, labels), legend_outside=len(series) > 1)
+    base = np.zeros(n)
     for i, (label, values) in enumerate(series.items()):
         values = np.asarray(values, float)
-        style = dict(color=colors[i % len(colors)], label=label, edgecolor="white")
-        if horizontal:
-            ax.barh(x, values, left=bottom, **style)
-        else:
-            ax.bar(x, values, bottom=bottom, **style)
-        bottom += values
-    labels = [str(n) if len(str(n)) <= 24 else str(n)[:23] + "…" for n in names]
-    if horizontal:
-        ax.set_yticks(x[::name_every], labels[::name_every], fontsize=8)
-        ax.invert_yaxis()  # cluster 0 on top, in reading order
-        ax.set_ylabel("cluster")
-        ax.set_xlabel(ylabel)
-    else:
-        ax.set_xticks(x, labels, fontsize=8)
-        ax.set_xlabel("cluster")
-        ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if len(series) > 1:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
-    return fig
+        color = PALETTE[i % len(PALETTE)]
+        for c in np.flatnonzero(values > 0):
+            if horizontal:
+                chart.rect(base[c], base[c] + values[c], c - 0.4, c + 0.4, color, stroke="#ffffff")
+            else:
+                chart.rect(c - 0.4, c + 0.4, base[c], base[c] + values[c], color, stroke="#ffffff")
+        if len(series) > 1:
+            chart.legend(label, color)
+        base += values
+    return chart.render()
 
 
 # ----------------------------------------------------------------------------- thumbnails
@@ -428,9 +422,12 @@ class HTMLReport:
     def add_table(self, rows, header=None, caption=None, digits: int = 4) -> None:
         self._parts.append(html_table(rows, header, caption, digits))
 
-    def add_figure(self, fig: "Figure", alt: str, caption: str | None = None, width: int | None = None) -> None:
-        """Embed a matplotlib figure as PNG; ``alt`` is its accessible name (tests search for it)."""
-        tag = img_tag(figure_to_data_uri(fig), alt, width)
+    def add_figure(self, fig: "Figure | SVGFigure", alt: str, caption: str | None = None,
+                   width: int | None = None) -> None:
+        """Embed a chart (:class:`~calibclust.charts.SVGFigure`, as SVG) or a matplotlib figure (as
+        PNG); ``alt`` is its accessible name (tests search for it)."""
+        uri = fig.data_uri() if isinstance(fig, SVGFigure) else figure_to_data_uri(fig)
+        tag = img_tag(uri, alt, width)
         cap = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
         self._parts.append(f'<figure class="plot">{tag}{cap}</figure>')
 

@@ -45,6 +45,7 @@ from calibclust.serve.policy import (
     coverage_threshold,
     decide,
     fit_thresholds,
+    ood_mask,
     ood_threshold_for,
     target_accuracy_threshold,
 )
@@ -578,7 +579,9 @@ def finalise(
     if opts.report:
         from calibclust.serve.report import write_report
 
-        curve = accuracy_coverage_curve(confidence[readable & ~np.isnan(confidence)])
+        # The curve's coverage is a share of in-distribution images, as the run's operating point's is.
+        in_dist = readable & ~np.isnan(confidence) & ~ood_mask(ood_score, thresholds.ood_threshold)
+        curve = accuracy_coverage_curve(confidence[in_dist])
         decoded_again = write_report(Path(opts.out_dir) / "report.html", summary, confidence, ood_score, readable,
                                      collector, curve, folder=opts.folder, input_size=meta.input_size,
                                      thumbnails=thumbnails.lookup() if thumbnails is not None else None,

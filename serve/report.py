@@ -296,7 +296,8 @@ def write_report(
 ) -> int:
     """Write ``path``; ``thumbnails`` maps relative paths to images captured while labelling
     (:meth:`ThumbnailCache.lookup`). Returns how many shown images had to be decoded again."""
-    from calibclust.report import HTMLReport, new_figure, plot_cluster_counts, plot_score_histograms
+    from calibclust.charts import COLOR_BAD, COLOR_GOOD, Chart
+    from calibclust.report import HTMLReport, plot_cluster_counts, plot_score_histograms
 
     th = summary["thresholds"]
     counts = summary["counts"]
@@ -354,18 +355,16 @@ def write_report(
 
     if len(curve["coverage"]):
         report.add_heading("Estimated accuracy vs coverage")
-        fig = new_figure(6.0, 3.8)
-        ax = fig.subplots()
-        ax.plot(curve["coverage"], curve["estimated_accuracy"], color="#0072B2", lw=1.8,
-                label="accept the most confident fraction")
+        estimated = np.asarray(curve["estimated_accuracy"], float)
+        low = float(np.nanmin(estimated)) if np.isfinite(estimated).any() else 0.0
+        chart = Chart("Estimated accuracy (mean calibrated confidence) vs coverage",
+                      "coverage (share of in-distribution images accepted, most confident first)",
+                      "estimated accuracy", xlim=(0, 1.01), ylim=(min(low, 0.9) - 0.02, 1.005))
+        chart.line(curve["coverage"], estimated, COLOR_GOOD, label="accept the most confident fraction")
         cov, acc = th.get("coverage_in_distribution"), th.get("estimated_accuracy")
         if cov is not None and acc is not None:
-            ax.plot([cov], [acc], "o", color="#D55E00", label=f"this run: coverage {cov:.3f}, est. accuracy {acc:.3f}")
-        ax.set_xlim(0, 1.01)
-        ax.set_xlabel("coverage (share of in-distribution images accepted, most confident first)")
-        ax.set_ylabel("estimated accuracy")
-        ax.set_title("Estimated accuracy (mean calibrated confidence) vs coverage")
-        ax.legend(fontsize=8, loc="lower left")
+            chart.point(cov, acc, COLOR_BAD, label=f"this run: coverage {cov:.3f}, est. accuracy {acc:.3f}")
+        fig = chart.render()
         report.add_figure(fig, alt="estimated accuracy vs coverage",
                           caption="Needs no labels: the estimate is only as good as the model's calibration.")
 

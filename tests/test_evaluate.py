@@ -10,6 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -126,9 +127,16 @@ def test_report_is_self_contained_with_all_figures(example):
     html = (out / "report.html").read_text()
     for alt in ("reliability diagram", "confidence histograms correct vs wrong", "risk-coverage curve",
                 "confusion matrix", "per-cluster counts"):
-        match = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="%s"' % re.escape(alt), html)
-        assert match, f"no embedded PNG with alt {alt!r}"
-        assert len(match.group(1)) > 5000, f"{alt}: suspiciously small image"
+        match = re.search(r'<img src="data:image/(png|svg\+xml);base64,([A-Za-z0-9+/=]+)" alt="%s"' % re.escape(alt),
+                          html)
+        assert match, f"no embedded PNG or SVG with alt {alt!r}"
+        data = base64.b64decode(match.group(2))
+        if match.group(1) == "png":
+            assert len(data) > 3500, f"{alt}: suspiciously small image ({len(data)} bytes)"
+        else:  # a well-formed SVG that draws something
+            root = ElementTree.fromstring(data)
+            drawn = sum(1 for e in root.iter() if e.tag.rsplit("}", 1)[-1] in ("rect", "polyline", "circle"))
+            assert drawn > 5, f"{alt}: only {drawn} shapes in the SVG"
     assert not re.search(r'(src|href)="(?!data:)', html), "nothing is loaded from outside the file"
 
 

@@ -1,5 +1,6 @@
 """calibclust.serve runs end to end where ``import torch`` fails (and without the ``onnx`` package:
-serving needs onnxruntime only). A meta-path blocker is installed through ``sitecustomize`` on
+serving needs onnxruntime only; and without matplotlib, whose import alone cost the report more than
+half a second: the report's charts are SVG). A meta-path blocker is installed through ``sitecustomize`` on
 PYTHONPATH, so every process of the run — the CLI and its spawned decode workers — has it."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_fixtures import make_contract_model, run_label_cli, write_bad_images, write_good_images  # noqa: E402
 
-BLOCKED = ("torch", "torchvision", "onnx", "onnxscript")
+BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "matplotlib")
 
 SITECUSTOMIZE = f'''
 import sys
@@ -46,7 +47,7 @@ def test_blocker_really_blocks(blocked_env):
     import os
 
     env = {**os.environ, **blocked_env}
-    for name in ("torch", "onnx"):
+    for name in ("torch", "onnx", "matplotlib"):
         proc = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, env=env)
         assert proc.returncode == 1 and "blocked by test_serve_notorch" in proc.stderr, proc.stderr
     # Where torch is installed (the dev environment), the block is what keeps it out of the run.

@@ -5,6 +5,7 @@ patches and noise) plus unreadable files."""
 
 from __future__ import annotations
 
+import base64
 import html as htmllib
 import json
 import re
@@ -85,6 +86,7 @@ def test_galleries_show_only_accepted_images_and_set_aside_shows_the_rest(quicks
         assert f"bad/{name}" in errors and reason in errors, (name, reason)
 
     assert any("odd name" in p for p in decision) and '"<&>"' not in html, "file names are escaped in the report"
+    assert_operating_point_on_curve(html)
 
     words = "confidence ≥ 0.50 (model default)" if not policy else "target accuracy 0.95 → threshold 0."
     assert words in html, re.findall(r"<td>policy</td><td[^>]*>([^<]*)", html)
@@ -96,6 +98,17 @@ def test_galleries_show_only_accepted_images_and_set_aside_shows_the_rest(quicks
     print(f"policy {policy or 'default'}: {len(shown)} gallery thumbnails, {again} decoded again")
 
 
+def assert_operating_point_on_curve(html: str) -> None:
+    """The run's (coverage, estimated accuracy) point sits on the estimated-accuracy-vs-coverage curve:
+    both are shares of the in-distribution images (the curve once counted OOD images too)."""
+    uri = re.search(r'src="data:image/svg\+xml;base64,([^"]+)" alt="estimated accuracy vs coverage"', html)
+    svg = base64.b64decode(uri.group(1)).decode()
+    cx, cy = (float(v) for v in re.search(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="4.5"', svg).groups())
+    points = np.array([p.split(",") for p in re.search(r'<polyline points="([^"]+)"', svg).group(1).split()], float)
+    on_curve = np.interp(cx, points[:, 0], points[:, 1])
+    assert abs(on_curve - cy) < 3, f"operating point at y={cy:.1f} px, curve at y={on_curve:.1f} px"
+
+
 def test_thumbnail_titles_and_alt_are_escaped():
     from calibclust.report import thumbnail_grid
 
@@ -104,23 +117,36 @@ def test_thumbnail_titles_and_alt_are_escaped():
     assert 'alt="c0: a &quot;&lt;&amp;&gt;&quot; b.png (0.9)"' in html, html[-200:]
 
 
-def _tick_labels_overlap(fig) -> int:
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    ax = fig.axes[0]
-    labels = [t for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
-    boxes = [t.get_window_extent(renderer) for t in labels]
-    return sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+def _tick_label_boxes(svg: str) -> list[tuple[float, float, float, float]]:
+    """Boxes of an SVG chart's tick labels, from their anchor, font size and estimated width."""
+    from calibclust.charts import text_width
+
+    boxes = []
+    for attrs, text in re.findall(r'<text class="[xy]tick" ([^>]*)>([^<]*)</text>', svg):
+        a = dict(re.findall(r'([\w-]+)="([^"]*)"', attrs))
+        x, y, size = float(a["x"]), float(a["y"]), float(a["font-size"])
+        w = text_width(htmllib.unescape(text), size)
+        x0 = {"middle": x - w / 2, "end": x - w}.get(a.get("text-anchor"), x)
+        boxes.append((x0, x0 + w, y - size, y + 0.25 * size))
+    return boxes
+
+
+def _tick_labels_overlap(svg: str) -> int:
+    boxes = _tick_label_boxes(svg)
+    return sum(a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+               for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 @pytest.mark.parametrize("k", [3, 10, 50, 500])
 def test_cluster_plot_labels_never_overlap(k):
-    from calibclust.report import plot_cluster_counts
+    from calibclust.report import MAX_NAMED_BARS, plot_cluster_counts
 
     rng = np.random.default_rng(k)
     names = [f"cluster_{c}" for c in range(k)]
     fig = plot_cluster_counts(names, {d: rng.integers(0, 200, k) for d in ("accepted", "rejected", "ood")})
-    assert _tick_labels_overlap(fig) == 0, f"tick labels overlap at {k} clusters"
+    named = sum(f">{name}</text>" in fig.svg for name in names)
+    assert named == min(k, MAX_NAMED_BARS) or (k > MAX_NAMED_BARS and named >= MAX_NAMED_BARS // 2), (k, named)
+    assert _tick_labels_overlap(fig.svg) == 0, f"tick labels overlap at {k} clusters"
 
 
 @pytest.mark.browser
