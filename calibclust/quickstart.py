@@ -88,8 +88,13 @@ def build_data(out: Path, settings: QuickstartSettings, seed: int) -> dict[str, 
     return {"digits": digits, "ood": ood, "mixed": mixed}
 
 
-def stage_commands(out: Path, paths: dict[str, Path], settings: QuickstartSettings, seed: int) -> list[tuple[str, list[str]]]:
+def stage_commands(out: Path, paths: dict[str, Path], settings: QuickstartSettings, seed: int,
+                   clusters: int = 10) -> list[tuple[str, list[str]]]:
+    """The stages as ``calibclust`` argument lists: train on ``paths["digits"]``, label
+    ``paths["mixed"]``, and score both CDC heads on ``paths.get("heads_on", paths["digits"])`` (the
+    data zoo passes its held-out split there)."""
     digits, mixed = str(paths["digits"]), str(paths["mixed"])
+    heads_on = str(paths.get("heads_on", paths["digits"]))
     model_dir = out / "model"
     s = settings
     return [
@@ -98,7 +103,7 @@ def stage_commands(out: Path, paths: dict[str, Path], settings: QuickstartSettin
         ("pretrain", ["pretrain", digits, "--out", str(out / "pretrain"), "--backbone", "small",
                       "--epochs", str(s.pretrain_epochs), "--batch-size", "64", "--lr", "0.06",
                       "--proj-hidden-dim", "512", "--proj-dim", "128", "--seed", str(seed), "--no-progress"]),
-        ("train cdc", ["train", "cdc", digits, "--out", str(out / "cdc"), "--clusters", "10",
+        ("train cdc", ["train", "cdc", digits, "--out", str(out / "cdc"), "--clusters", str(clusters),
                        "--backbone-weights", str(out / "pretrain"), "--freeze-backbone", "--no-flip",
                        "--epochs", str(s.cdc_epochs), "--batch-size", str(s.cdc_batch_size),
                        "--sub-batch-size", str(s.cdc_batch_size // 2),
@@ -112,12 +117,12 @@ def stage_commands(out: Path, paths: dict[str, Path], settings: QuickstartSettin
                    "--overwrite", "--no-progress", "--top-k", "3"]),
         ("evaluate label", ["evaluate", str(out / "label" / "predictions.csv"), "--truth", mixed,
                             "--out", str(out / "eval-label")]),
-        ("predict clu", ["predict", digits, "--model", str(out / "cdc" / "model"), "--head", "clustering",
+        ("predict clu", ["predict", heads_on, "--model", str(out / "cdc" / "model"), "--head", "clustering",
                          "--out", str(out / "heads" / "clu.csv"), "--no-progress"]),
-        ("predict cal", ["predict", digits, "--model", str(out / "cdc" / "model"), "--head", "calibration",
+        ("predict cal", ["predict", heads_on, "--model", str(out / "cdc" / "model"), "--head", "calibration",
                          "--out", str(out / "heads" / "cal.csv"), "--no-progress"]),
-        ("evaluate clu", ["evaluate", str(out / "heads" / "clu.csv"), "--truth", digits, "--out", str(out / "eval-clu")]),
-        ("evaluate cal", ["evaluate", str(out / "heads" / "cal.csv"), "--truth", digits, "--out", str(out / "eval-cal")]),
+        ("evaluate clu", ["evaluate", str(out / "heads" / "clu.csv"), "--truth", heads_on, "--out", str(out / "eval-clu")]),
+        ("evaluate cal", ["evaluate", str(out / "heads" / "cal.csv"), "--truth", heads_on, "--out", str(out / "eval-cal")]),
     ]
 
 

@@ -560,6 +560,8 @@ def finalise(
             "input_size": list(meta.input_size),
             "ood_score": meta.ood.score,
             "backend": labeler.backend_name,
+            # Written by training (calibclust.shortcut); shown in the report, None when silent or absent.
+            "shortcut_warning": (meta.train_stats.get("shortcut_check") or {}).get("message"),
         },
         "table": str(table.resolve()),
         "files": n,

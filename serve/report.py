@@ -313,6 +313,8 @@ def write_report(
     )
     for message in th.get("warnings", []):
         report.add_warning(message)
+    if model.get("shortcut_warning"):
+        report.add_warning(f"Warning from training: {model['shortcut_warning']}")
     report.add_table(
         [
             ("files", summary["files"]),

@@ -49,6 +49,7 @@ from calibclust.errors import InputError
 from calibclust.metadata import ModelMetadata
 from calibclust.models.backbones import build_backbone
 from calibclust.models.clustering import ClusteringModel, save_model
+from calibclust.shortcut import shortcut_check
 from calibclust.train.features import (
     FeatureCache,
     cache_key,
@@ -827,6 +828,10 @@ class CDCTrainer:
         }
         if self.dual:
             stats["mean_confidence_clustering_head"] = float(head_probabilities(self.model, z, "clustering").max(1).values.mean())
+        shortcut = shortcut_check(self.data.images, probs.argmax(1).cpu().numpy(), seed=self.config.seed)
+        stats["shortcut_check"] = shortcut.to_dict()
+        if shortcut.fired:
+            self.log(f"warning: {shortcut.message}")
         metadata = ModelMetadata(
             num_clusters=self.config.num_clusters,
             input_size=self.data.image_size,

@@ -1,0 +1,435 @@
+"""The data zoo: labelled image sets with known nuisances, made from data that ships with packages.
+
+Every set is generated, not downloaded: scikit-learn's digits, the fonts installed on the machine
+(Debian font packages), and Noto Color Emoji (Debian ``fonts-noto-color-emoji``). Each is split
+into ``train/`` and ``heldout/`` by a fixed rule (every fifth image of each class, in generation
+order, is held out) and comes with a near- and a far-out-of-distribution folder:
+
+================== ============================================================ ====================
+set                what varies (independent of the class)                       near-OOD
+================== ============================================================ ====================
+digits             nothing: the 1,797 digits at full frame, as the quick start  letters
+digits-geometric   scale (0.6–1.0 of the frame), rotation (±20°), position      letters, same warp
+digits-colour      ink and paper colours, drawn per image (contrast kept)       letters, same colours
+letters-fonts      the font: capitals A–J in every installed font (notMNIST)    K–T in the same fonts
+emoji              scale, rotation, position, background colour                 other emoji
+================== ============================================================ ====================
+
+Far-OOD is noise plus photo patches (matplotlib's sample photographs) everywhere.
+
+Why the emoji set is a fair colourful task: the class is *which object is drawn*, as a person
+names it at a glance; every class shares its dominant colour with another class (apple /
+strawberry / car are red, frog / broccoli green, banana / sunflower yellow, whale / gem blue,
+panda / penguin black and white), so colour alone cannot solve it, and pose and background
+vary per image, so neither can position.
+
+Layout (ImageFolder, class folder names are ground truth for evaluation only)::
+
+    ROOT/train/<class>/<index>.png   ROOT/heldout/<class>/<index>.png
+    ROOT/ood/near/<index>.png        ROOT/ood/far/<index>.png      ROOT/zoo.json
+
+Torch-free and deterministic under ``seed``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from calibclust.datasets import digits_images, letters_images, noise_images, photo_patches
+from calibclust.errors import InputError
+
+SIZE = 32
+HELDOUT_EVERY = 5  # every fifth image of a class (in generation order) is held out
+FONT_GLOBS = ("/usr/share/fonts/**/*.ttf", "/usr/share/fonts/**/*.otf", "/usr/share/fonts/**/*.pfb")
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+EMOJI_CLASSES = ("🍎", "🍓", "🚗", "🐸", "🥦", "🍌", "🌻", "🐳", "💎", "🐼")
+EMOJI_NAMES = ("apple", "strawberry", "car", "frog", "broccoli", "banana", "sunflower", "whale", "gem", "panda")
+EMOJI_NEAR_OOD = ("🍒", "🚕", "🐢", "🍋", "🐬", "🐧", "🍅", "🌵", "🚌", "🐙")
+EMOJI_PER_CLASS = 300
+LETTERS_IN = "ABCDEFGHIJ"
+LETTERS_OUT = "KLMNOPQRST"
+
+
+@dataclass(frozen=True)
+class ZooSet:
+    name: str
+    description: str
+    # seed -> (images (N, SIZE, SIZE, 3) uint8, labels (N,), class names)
+    make: Callable[[int], tuple[np.ndarray, np.ndarray, list[str]]]
+    near_ood: Callable[[int, int], np.ndarray]  # (n, seed) -> images
+
+
+# ----------------------------------------------------------------------------- nuisances
+
+
+def _warp(gray: np.ndarray, rng: np.random.Generator, scale=(0.6, 1.0), degrees: float = 20.0) -> np.ndarray:
+    """Shrink, rotate and move a white-on-black glyph inside its frame (the background stays black)."""
+    size = gray.shape[0]
+    s = rng.uniform(*scale)
+    img = Image.fromarray(gray).rotate(rng.uniform(-degrees, degrees), resample=Image.BICUBIC, fillcolor=0)
+    side = max(4, int(round(size * s)))
+    img = img.resize((side, side), Image.BICUBIC)
+    canvas = Image.new("L", (size, size), 0)
+    room = size - side
+    canvas.paste(img, (int(rng.integers(0, room + 1)), int(rng.integers(0, room + 1))))
+    return np.asarray(canvas)
+
+
+def _luma(rgb: np.ndarray) -> float:
+    return float(rgb @ np.array([0.299, 0.587, 0.114]))
+
+
+def _colourise(gray: np.ndarray, rng: np.random.Generator, min_contrast: float = 70.0) -> np.ndarray:
+    """Ink and paper colours drawn per image, independent of the class; the glyph stays readable
+    (luma difference of at least ``min_contrast`` of 255), either polarity."""
+    while True:
+        ink, paper = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        if abs(_luma(ink) - _luma(paper)) >= min_contrast:
+            break
+    alpha = gray.astype(np.float64)[..., None] / 255.0
+    return np.clip(paper * (1 - alpha) + ink * alpha, 0, 255).round().astype(np.uint8)
+
+
+def _grey_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def _digits(seed: int, nuisance: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None):
+    images, labels = digits_images(SIZE)
+    if nuisance is not None:
+        rng = np.random.default_rng(seed)
+        images = np.stack([nuisance(img[..., 0], rng) for img in images])
+    return images, labels, [str(c) for c in range(10)]
+
+
+def _letters_like(n: int, seed: int, nuisance) -> np.ndarray:
+    letters = letters_images(n, SIZE, seed)
+    if nuisance is None:
+        return letters
+    rng = np.random.default_rng(seed + 1)
+    return np.stack([nuisance(img[..., 0], rng) for img in letters])
+
+
+def _geometric(gray, rng):
+    return _grey_to_rgb(_warp(gray, rng))
+
+
+# ----------------------------------------------------------------------------- letters in many fonts
+
+
+def installed_fonts() -> list[str]:
+    """Font files that draw all of A–T as distinct, non-empty glyphs (symbol and script fonts that
+    lack Latin capitals are left out), one per distinct rendering, in a fixed order."""
+    import matplotlib
+
+    paths = sorted({p for pattern in FONT_GLOBS for p in glob.glob(pattern, recursive=True)})
+    paths += sorted(glob.glob(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVu*.ttf")))
+    fonts, seen = [], set()
+    for path in paths:
+        if "emoji" in path.lower():
+            continue
+        try:
+            font = ImageFont.truetype(path, 24)
+            glyphs = [bytes(font.getmask(ch)) for ch in LETTERS_IN + LETTERS_OUT]
+            missing = bytes(font.getmask("\uffff"))
+        except OSError:
+            continue
+        if len(set(glyphs)) < len(glyphs) or missing in glyphs or any(not any(g) for g in glyphs):
+            continue
+        signature = hash(tuple(glyphs[:4]))
+        if signature not in seen:
+            seen.add(signature)
+            fonts.append(path)
+    return fonts
+
+
+def _glyph(path: str, ch: str) -> np.ndarray:
+    """``ch`` scaled to fill about 80% of the frame, centred (notMNIST-style)."""
+    font = ImageFont.truetype(path, 64)
+    canvas = Image.new("L", (96, 96), 0)
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), ch, font=font)
+    draw.text(((96 - (right - left)) / 2 - left, (96 - (bottom - top)) / 2 - top), ch, fill=255, font=font)
+    box = canvas.getbbox() or (0, 0, 96, 96)
+    glyph = canvas.crop(box)
+    side = max(glyph.size)
+    square = Image.new("L", (side, side), 0)
+    square.paste(glyph, ((side - glyph.size[0]) // 2, (side - glyph.size[1]) // 2))
+    inner = int(round(SIZE * 0.8))
+    out = Image.new("L", (SIZE, SIZE), 0)
+    out.paste(square.resize((inner, inner), Image.LANCZOS), ((SIZE - inner) // 2, (SIZE - inner) // 2))
+    return np.asarray(out)
+
+
+def _fonts_or_fail(minimum: int = 20) -> list[str]:
+    fonts = installed_fonts()
+    if len(fonts) < minimum:
+        raise InputError(
+            f"letters-fonts needs at least {minimum} fonts with Latin capitals; found {len(fonts)}. On Debian: "
+            "apt-get install fonts-noto-core fonts-urw-base35 fonts-texgyre fonts-freefont-ttf fonts-lato"
+        )
+    return fonts
+
+
+def _letters_fonts(seed: int):
+    fonts = _fonts_or_fail()
+    images, labels = [], []
+    for path in fonts:  # generation order: font by font, so every fifth font's letters are held out
+        for c, ch in enumerate(LETTERS_IN):
+            images.append(_grey_to_rgb(_glyph(path, ch)))
+            labels.append(c)
+    return np.stack(images), np.asarray(labels, np.int64), list(LETTERS_IN)
+
+
+def _letters_fonts_near(n: int, seed: int) -> np.ndarray:
+    fonts = _fonts_or_fail()
+    rng = np.random.default_rng(seed)
+    return np.stack([_grey_to_rgb(_glyph(fonts[rng.integers(len(fonts))], LETTERS_OUT[rng.integers(10)]))
+                     for _ in range(n)])
+
+
+# ----------------------------------------------------------------------------- emoji
+
+
+def _emoji_sprites(chars) -> list[Image.Image]:
+    if not os.path.isfile(EMOJI_FONT):
+        raise InputError(f"the emoji set needs {EMOJI_FONT} (Debian: apt-get install fonts-noto-color-emoji)")
+    font = ImageFont.truetype(EMOJI_FONT, 109)  # the only size of Noto's bitmap strikes
+    sprites = []
+    for ch in chars:
+        canvas = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
+        ImageDraw.Draw(canvas).text((10, 10), ch, font=font, embedded_color=True)
+        sprites.append(canvas.crop(canvas.getbbox()))
+    return sprites
+
+
+def _emoji_image(sprite: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    canvas_side = 96
+    background = tuple(int(v) for v in rng.uniform(0, 255, 3))
+    canvas = Image.new("RGBA", (canvas_side, canvas_side), background + (255,))
+    s = rng.uniform(0.55, 0.95)
+    img = sprite.rotate(rng.uniform(-25, 25), resample=Image.BICUBIC, expand=True)
+    side = max(8, int(round(canvas_side * s)))
+    img.thumbnail((side, side), Image.LANCZOS)
+    x = int(rng.integers(0, canvas_side - img.size[0] + 1))
+    y = int(rng.integers(0, canvas_side - img.size[1] + 1))
+    canvas.alpha_composite(img, (x, y))
+    return np.asarray(canvas.convert("RGB").resize((SIZE, SIZE), Image.LANCZOS))
+
+
+def _emoji(seed: int):
+    rng = np.random.default_rng(seed)
+    sprites = _emoji_sprites(EMOJI_CLASSES)
+    images, labels = [], []
+    for i in range(EMOJI_PER_CLASS):  # interleaved, so the held-out rule takes every fifth of each class
+        for c, sprite in enumerate(sprites):
+            images.append(_emoji_image(sprite, rng))
+            labels.append(c)
+    order = np.argsort(np.asarray(labels), kind="stable")
+    return np.stack(images)[order], np.asarray(labels, np.int64)[order], list(EMOJI_NAMES)
+
+
+def _emoji_near(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    sprites = _emoji_sprites(EMOJI_NEAR_OOD)
+    return np.stack([_emoji_image(sprites[i % len(sprites)], rng) for i in range(n)])
+
+
+# ----------------------------------------------------------------------------- registry
+
+ZOO: dict[str, ZooSet] = {
+    s.name: s
+    for s in (
+        ZooSet("digits", "scikit-learn's 1,797 digits at full frame (the quick start's data)",
+               lambda seed: _digits(seed, None), lambda n, seed: _letters_like(n, seed, None)),
+        ZooSet("digits-geometric", "the digits shrunk to 0.6-1.0 of the frame, rotated ±20°, moved",
+               lambda seed: _digits(seed, _geometric), lambda n, seed: _letters_like(n, seed, _geometric)),
+        ZooSet("digits-colour", "the digits in ink and paper colours drawn per image, independent of the digit",
+               lambda seed: _digits(seed, _colourise), lambda n, seed: _letters_like(n, seed, _colourise)),
+        ZooSet("letters-fonts", "capitals A-J in every installed font with Latin capitals (notMNIST-style)",
+               _letters_fonts, _letters_fonts_near),
+        ZooSet("emoji", "10 Noto emoji, scaled, rotated, moved, on random backgrounds; colours shared by pairs",
+               _emoji, _emoji_near),
+    )
+}
+
+
+def far_ood(n: int, seed: int) -> np.ndarray:
+    """Half photo patches (matplotlib's sample photographs), half noise."""
+    return np.concatenate([photo_patches(n - n // 2, SIZE, seed), noise_images(n // 2, SIZE, seed + 1)])
+
+
+def heldout_mask(labels: np.ndarray) -> np.ndarray:
+    """The fixed split: within each class, every :data:`HELDOUT_EVERY`-th image in generation order."""
+    mask = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        mask[idx[HELDOUT_EVERY - 1 :: HELDOUT_EVERY]] = True
+    return mask
+
+
+def make_zoo_set(name: str, root: str | os.PathLike, seed: int = 0, n_ood: int = 200) -> dict[str, Path]:
+    """Write set ``name`` under ``root`` (layout in the module docstring) unless ``root/zoo.json``
+    says it is already there with the same seed; returns the folders."""
+    if name not in ZOO:
+        raise InputError(f"unknown zoo set {name!r}; choose from {', '.join(ZOO)}")
+    root = Path(root)
+    paths = {"root": root, "train": root / "train", "heldout": root / "heldout",
+             "near": root / "ood" / "near", "far": root / "ood" / "far"}
+    manifest = root / "zoo.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("seed") == seed:
+        return paths
+    spec = ZOO[name]
+    images, labels, classes = spec.make(seed)
+    held = heldout_mask(labels)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = paths["heldout" if held[i] else "train"] / classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    for kind, ood in (("near", spec.near_ood(n_ood, seed + 101)), ("far", far_ood(n_ood, seed + 202))):
+        paths[kind].mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(ood):
+            Image.fromarray(image).save(paths[kind] / f"{i:05d}.png")
+    manifest.write_text(json.dumps({
+        "set": name, "description": spec.description, "seed": seed, "classes": classes,
+        "train": int((~held).sum()), "heldout": int(held.sum()), "near_ood": n_ood, "far_ood": n_ood,
+        "split": f"every {HELDOUT_EVERY}th image of each class in generation order is held out",
+    }, indent=2))
+    return paths
+
+
+# ----------------------------------------------------------------------------- calibclust bench zoo
+
+
+def _label_folder(paths: dict[str, Path]) -> Path:
+    """Held-out images + both OOD folders under ``_ood/`` (``calibclust evaluate``'s convention)."""
+    from calibclust.io.images import discover_images
+    from calibclust.quickstart import _link_or_copy
+
+    mixed = paths["root"] / "label-me"
+    for path in discover_images(paths["heldout"]):
+        _link_or_copy(path, mixed / path.relative_to(paths["heldout"]))
+    for kind in ("near", "far"):
+        for path in discover_images(paths[kind]):
+            _link_or_copy(path, mixed / "_ood" / kind / path.name)
+    return mixed
+
+
+def _folder_pixels(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from calibclust.io.images import decode_image, discover_images
+
+    files = list(discover_images(folder))
+    x = np.stack([decode_image(p).astype(np.float32).ravel() / 255.0 for p in files])
+    classes = sorted({p.parent.name for p in files})
+    y = np.asarray([classes.index(p.parent.name) for p in files])
+    return x, y, [str(p.relative_to(folder)) for p in files]
+
+
+def _kmeans_acc(x: np.ndarray, y: np.ndarray, k: int, seed: int) -> float:
+    from sklearn.cluster import KMeans
+
+    from calibclust.metrics import hungarian_accuracy
+
+    pred = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+    return float(hungarian_accuracy(y, pred).accuracy)
+
+
+def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool = False) -> dict:
+    """Pretrain + CDC on ``train/`` with the quick start's stages, label held-out + OOD with the
+    exported model, and measure what the zoo table prints (every figure on held-out images)."""
+    import time
+
+    from calibclust.io.predictions import read_predictions
+    from calibclust.metrics import auroc
+    from calibclust.quickstart import _run_stage, stage_commands, summarise
+
+    start = time.perf_counter()
+    out = Path(out)
+    paths = make_zoo_set(name, out / "data", seed=seed)
+    classes = json.loads((paths["root"] / "zoo.json").read_text())["classes"]
+    mixed = _label_folder(paths)
+    stages = stage_commands(out, {"digits": paths["train"], "mixed": mixed, "heads_on": paths["heldout"]},
+                            settings, seed, clusters=len(classes))
+    stages.append(("embed held-out", ["embed", str(paths["heldout"]), "--backbone", str(out / "pretrain"),
+                                      "--out", str(out / "heldout-features.npy"), "--no-progress"]))
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for i, (stage, argv) in enumerate(stages, 1):
+        _run_stage(i, len(stages), f"{name}: {stage}", argv, out / "logs", verbose)
+    summary = summarise(out)
+
+    table = read_predictions(out / "label" / "predictions.csv")
+    path = np.asarray(table["path"], dtype=object)
+    score = np.asarray(table["ood_score"], np.float64)
+    kind = np.array([p.split("/")[1] if p.startswith("_ood/") else "in" for p in path])
+    held = kind == "in"
+    flagged = float(np.mean(np.asarray(table["decision"], dtype=object)[held] == "ood"))
+
+    x, y, _ = _folder_pixels(paths["heldout"])
+    features = np.load(out / "heldout-features.npy")
+    feature_files = (out / "heldout-features.files.txt").read_text().splitlines()
+    y_feat = np.asarray([classes.index(Path(f).parent.name) for f in feature_files])
+    return {
+        "set": name,
+        "train": int(len(list(paths["train"].rglob("*.png")))),
+        "heldout": int(held.sum()),
+        "cal_acc": summary["cdc_cal"]["acc"], "cal_nmi": summary["cdc_cal"]["nmi"], "cal_ece": summary["cdc_cal"]["ece"],
+        "clu_acc": summary["cdc_clu"]["acc"], "clu_nmi": summary["cdc_clu"]["nmi"], "clu_ece": summary["cdc_clu"]["ece"],
+        "flagged_ood": flagged,
+        "near_auroc": auroc(np.r_[score[held], score[kind == "near"]], np.r_[np.zeros(held.sum()), np.ones((kind == "near").sum())]),
+        "far_auroc": auroc(np.r_[score[held], score[kind == "far"]], np.r_[np.zeros(held.sum()), np.ones((kind == "far").sum())]),
+        "kmeans_pixels": _kmeans_acc(x, y, len(classes), seed),
+        "kmeans_features": _kmeans_acc(np.asarray(features, np.float32), y_feat, len(classes), seed),
+        "shortcut": _shortcut_cell(out / "cdc" / "model" / "config.json"),
+        "minutes": (time.perf_counter() - start) / 60.0,
+    }
+
+
+def _shortcut_cell(model_config: Path) -> str:
+    """The trained model's shortcut check (:mod:`calibclust.shortcut`): its strongest statistic."""
+    check = json.loads(model_config.read_text())["metadata"]["train_stats"].get("shortcut_check")
+    if not check or not check.get("strongest"):
+        return "–"
+    name = check["strongest"]
+    return f"{name} {check['explained'][name]:.2f}{' WARN' if check['fired'] else ''}"
+
+
+ZOO_COLUMNS = [
+    ("set", "set"), ("train", "train"), ("heldout", "held-out"),
+    ("cal_acc", "Cal ACC"), ("cal_nmi", "Cal NMI"), ("cal_ece", "Cal ECE"),
+    ("clu_acc", "Clu ACC"), ("clu_nmi", "Clu NMI"), ("clu_ece", "Clu ECE"),
+    ("flagged_ood", "held-out flagged OOD"), ("near_auroc", "near-OOD AUROC"), ("far_auroc", "far-OOD AUROC"),
+    ("kmeans_pixels", "K-means pixels ACC"), ("kmeans_features", "K-means features ACC"),
+    ("shortcut", "shortcut check"), ("minutes", "minutes"),
+]
+
+
+def run_zoo_bench(args) -> int:
+    """``calibclust bench zoo`` (options in :mod:`calibclust.bench`)."""
+    from calibclust.bench import print_table
+    from calibclust.quickstart import QuickstartSettings
+
+    names = args.sets or list(ZOO)
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        raise InputError(f"unknown zoo set(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
+    settings = QuickstartSettings.fast() if args.fast else QuickstartSettings.full()
+    out = Path(args.out)
+    rows = []
+    for name in names:
+        rows.append(bench_one_set(name, out / name, settings, args.seed, args.verbose))
+        (out / "zoo.json").write_text(json.dumps(rows, indent=2))
+    print(f"\ncalibclust bench zoo ({'--fast' if args.fast else 'full'} quick-start settings, seed {args.seed}); "
+          "every figure on the held-out split (every 5th image per class, never trained on) or its OOD folders:")
+    print_table([h for _, h in ZOO_COLUMNS], [[r[k] for k, _ in ZOO_COLUMNS] for r in rows])
+    return 0
