@@ -9,7 +9,8 @@ Targets register through one helper, so any module can add its own without touch
 
 :func:`add_bench_target` finds (or creates) the ``bench`` command on the top-level subparsers and
 adds ``bench model`` under it; entry-point load order does not matter. This module itself
-registers ``bench pretrain`` (MoCo-v2 step throughput) and ``bench kmeans`` (ours vs scikit-learn).
+registers ``bench pretrain`` (MoCo-v2 step throughput), ``bench kmeans`` (ours vs scikit-learn) and
+``bench zoo`` (:mod:`calibclust.zoo`: quality on held-out splits of the data zoo).
 Nothing heavy is imported at module level.
 """
 
@@ -125,6 +126,7 @@ def _run_pretrain(args) -> int:
     import torch
 
     from calibclust.augment import MoCoAugment
+    from calibclust.precision import cpu_bf16_supported, training_precision
     from calibclust.pretrain import MoCoConfig, _build_modules, info_nce, resolve_device
 
     if args.threads:
@@ -141,55 +143,70 @@ def _run_pretrain(args) -> int:
     else:
         pool = np.random.default_rng(0).integers(0, 256, (b, args.input_size, args.input_size, 3), dtype=np.uint8)
     x = torch.from_numpy(pool).to(device)
-    torch.manual_seed(0)
-    moco = _build_modules(config, n_images=10 * b, world_batch=b).to(device).train()
-    opt = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     aug = MoCoAugment(config.augment, args.input_size)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    n_params = sum(p.numel() for p in moco.backbone.parameters())
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    t_aug = t_total = 0.0
-    for i in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        views = aug(torch.cat([x, x]), torch.Generator().manual_seed(i))
-        sync()
-        t1 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            q = torch.nn.functional.normalize(moco.encoder_q(views[:b]).float(), dim=1)
-            with torch.no_grad():
-                moco.momentum_update()
-                k = torch.nn.functional.normalize(moco.encoder_k(views[b:]).float(), dim=1)
-        loss = info_nce(q, k, moco.queue.clone(), config.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        moco.enqueue(k)
-        sync()
-        t2 = time.perf_counter()
-        if i >= args.warmup:
-            t_aug += t1 - t0
-            t_total += t2 - t0
+    def measure(precision) -> tuple[float, float, int]:
+        torch.manual_seed(0)  # the same model and data in every mode
+        moco = _build_modules(config, n_images=10 * b, world_batch=b).to(device).train()
+        if precision.channels_last:
+            moco.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+        t_aug = t_total = 0.0
+        for i in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            views = aug(torch.cat([x, x]), torch.Generator().manual_seed(i))
+            if precision.channels_last:
+                views = views.contiguous(memory_format=torch.channels_last)
+            sync()
+            t1 = time.perf_counter()
+            with precision.autocast(device):
+                q = torch.nn.functional.normalize(moco.encoder_q(views[:b]).float(), dim=1)
+                with torch.no_grad():
+                    moco.momentum_update()
+                    k = torch.nn.functional.normalize(moco.encoder_k(views[b:]).float(), dim=1)
+            loss = info_nce(q, k, moco.queue.clone(), config.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            moco.enqueue(k)
+            sync()
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                t_aug += t1 - t0
+                t_total += t2 - t0
+        return t_total, t_aug, sum(p.numel() for p in moco.backbone.parameters())
+
+    if device.type == "cpu":
+        # Side by side: fp32, and bf16 + channels_last (native on AVX-512 BF16 / AMX CPUs, emulated elsewhere).
+        native = cpu_bf16_supported()
+        modes = [("fp32", training_precision(device, amp=False)),
+                 ("bf16 + channels_last" + ("" if native else " (emulated: no native bf16)"),
+                  training_precision(device, cpu_bf16=True))]
+    else:
+        modes = [(training_precision(device).label, training_precision(device))]
     steps = max(1, args.steps)
-    print(f"calibclust bench pretrain: MoCo-v2 steps ({_machine_line(device)})")
-    print_table(
-        ["backbone", "params", "input", "batch", "views/step", "s/step", "aug s/step", "aug share", "images/s (both views)"],
-        [[
-            args.backbone,
-            f"{n_params / 1e6:.2f} M",
-            f"{args.input_size}x{args.input_size}",
-            b,
-            2 * b,
-            t_total / steps,
-            t_aug / steps,
-            f"{100 * t_aug / max(t_total, 1e-12):.0f}%",
+    rows = []
+    for name, precision in modes:
+        t_total, t_aug, n_params = measure(precision)
+        rows.append([
+            args.backbone, name, f"{n_params / 1e6:.2f} M", f"{args.input_size}x{args.input_size}", b, 2 * b,
+            t_total / steps, t_aug / steps, f"{100 * t_aug / max(t_total, 1e-12):.0f}%",
             2 * b * steps / max(t_total, 1e-12),
-        ]],
+        ])
+    base = rows[0][-1]
+    for row in rows:
+        row.append(f"{row[-1] / base:.2f}x")
+    print(f"calibclust bench pretrain: MoCo-v2 steps ({_machine_line(device)}; CPU native bf16: "
+          f"{cpu_bf16_supported()})")
+    print_table(
+        ["backbone", "precision", "params", "input", "batch", "views/step", "s/step", "aug s/step", "aug share",
+         "images/s (both views)", "vs first"],
+        rows,
     )
     return 0
 
@@ -303,6 +320,35 @@ def _inertia(x, centers, labels) -> float:
     return total
 
 
+# --- bench zoo (calibclust.zoo; imported when it runs: numpy and Pillow stay out of CLI start-up) ------
+
+ZOO_SETS = ("digits", "digits-geometric", "digits-colour", "letters-fonts", "emoji")  # = calibclust.zoo.ZOO
+ZOO_EPILOG = f"""\
+sets: {", ".join(ZOO_SETS)} (what each varies: the calibclust.zoo docstring).
+Per set: the data (train / held-out split, near- and far-OOD folders), then the quick start's stages
+(MoCo-v2 pretraining of the small backbone, frozen-backbone CDC, ONNX export, label held-out + OOD)
+and K-means on raw pixels and on the pretrained features of the held-out images.
+
+examples:
+  calibclust bench zoo --fast digits letters-fonts     # a few minutes each on 2 CPU cores
+  calibclust bench zoo --out runs/zoo                  # every set with the full settings"""
+
+
+def _zoo_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sets", nargs="*", metavar="SET",
+                   help="zoo sets to run (default: all, in the order listed below)")
+    p.add_argument("--out", default="zoo-bench", help="working folder: data, runs, logs, zoo.json (default zoo-bench)")
+    p.add_argument("--fast", action="store_true", help="the quick start's --fast settings (15 MoCo epochs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage (default 0)")
+    p.add_argument("--verbose", action="store_true", help="show each stage's output instead of logging it")
+
+
+def _run_zoo(args) -> int:
+    from calibclust.zoo import run_zoo_bench
+
+    return run_zoo_bench(args)
+
+
 # --- registration ---------------------------------------------------------------------------------
 
 
@@ -325,4 +371,12 @@ def register_cli(subparsers) -> None:
             "examples:\n  calibclust bench kmeans                             # 60000x512x512 and 1000x512x500\n"
             "  calibclust bench kmeans --case 1000x512x500 --case 10000x128x100 --threads 2"
         ),
+    )
+    add_bench_target(
+        subparsers,
+        "zoo",
+        help="pretrain + CDC + label on each data-zoo set; held-out ACC/NMI/ECE, OOD AUROC, K-means baselines",
+        configure=_zoo_options,
+        run=_run_zoo,
+        epilog=ZOO_EPILOG,
     )

@@ -36,7 +36,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from calibclust.augment import AugmentConfig
+from calibclust.augment import AUGMENT_PRESETS, AugmentConfig
+from calibclust.precision import training_precision
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 STATE_FORMAT = "calibclust-pretrain-state/2"  # /2: written by calibclust.train.state
@@ -67,7 +68,7 @@ class MoCoConfig:
     sgd_momentum: float = 0.9  # SPICE §IV-A
     warmup_epochs: float | None = None  # None = 5% of epochs (CDC B.1: 50 of 1000)
     seed: int = 0
-    amp: bool = True  # mixed precision, CUDA only (bf16 where supported, else fp16 + loss scaling)
+    amp: bool = True  # mixed precision where it pays (calibclust.precision): CUDA bf16/fp16, CPU bf16 if native
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_every_steps: int = 0  # extra resume checkpoints inside an epoch (0 = at epoch ends)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -387,9 +388,12 @@ def pretrain(
     optimizer = torch.optim.SGD(
         moco.encoder_q.parameters(), lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
     )
-    use_amp = bool(config.amp and device.type == "cuda")
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    precision = training_precision(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda") if precision.grad_scaler else None
+    if precision.channels_last:
+        moco.to(memory_format=torch.channels_last)
+    if rank == 0:
+        print(f"pretrain: precision {precision.label}", file=sys.stderr)
     augment = MoCoAugment(config.augment, config.input_size)
 
     meta = {
@@ -398,6 +402,7 @@ def pretrain(
         "batch_size": batch,
         "world_size": world,
         "steps_per_epoch": steps_per_epoch,
+        "precision": precision.label,
         "data": data_info or {},
         "versions": _versions(),
     }
@@ -467,8 +472,10 @@ def pretrain(
                 x = data[idx].to(device, non_blocking=True)
                 gen = torch.Generator().manual_seed(_seed_of(config.seed, epoch, step, rank))
                 views = augment(torch.cat([x, x]), gen)  # both views in one batched call
+                if precision.channels_last:
+                    views = views.contiguous(memory_format=torch.channels_last)
                 xq, xk = views[:local], views[local:]
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                with precision.autocast(device):
                     q = torch.nn.functional.normalize(encoder_q(xq).float(), dim=1)
                     with torch.no_grad():
                         moco.momentum_update()
@@ -661,6 +668,10 @@ def register_cli(subparsers) -> None:
     g.add_argument("--momentum", type=float, help=f"key-encoder momentum μ (default {d.momentum})")
     g.add_argument("--temperature", type=float, help=f"InfoNCE temperature τ (default {d.temperature})")
     g.add_argument("--queue-size", type=int, help=f"negatives in the queue, capped by the data size (default {d.queue_size})")
+    g.add_argument("--augment", choices=tuple(AUGMENT_PRESETS), metavar="PRESET",
+                   help=f"augmentation preset: {', '.join(AUGMENT_PRESETS)} (default {a.preset}; geometry adds "
+                        "zoom-out, rotation and shift, colour adds hue rotation, channel permutation, inversion "
+                        "and stronger jitter, robust both)")
     g.add_argument("--blur", choices=("auto", "on", "off"), help=f"Gaussian blur (default {a.blur}: only above 32 px)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
@@ -671,7 +682,7 @@ def register_cli(subparsers) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
-    g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    g.add_argument("--no-amp", action="store_true", help="fp32 only (default: bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16)")
     g.add_argument(
         "--threads",
         type=int,
@@ -701,6 +712,9 @@ def config_from_args(args, base: MoCoConfig | None = None) -> MoCoConfig:
             d[name] = value
     if getattr(args, "no_amp", False):
         d["amp"] = False
+    if getattr(args, "augment", None):
+        d["augment"] = AugmentConfig.from_preset(args.augment, mean=d["augment"]["mean"], std=d["augment"]["std"],
+                                                 blur=d["augment"]["blur"]).to_dict()
     if getattr(args, "blur", None):
         d["augment"]["blur"] = args.blur
     return MoCoConfig.from_dict(d)

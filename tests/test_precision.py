@@ -1,0 +1,49 @@
+"""calibclust.precision: which autocast training gets, detected both ways."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from calibclust.precision import cpu_bf16_supported, training_precision  # noqa: E402
+
+
+def test_cpu_with_native_bf16_gets_bf16_and_channels_last():
+    p = training_precision(torch.device("cpu"), cpu_bf16=True)
+    assert p.enabled and p.dtype == torch.bfloat16 and p.channels_last and not p.grad_scaler
+    assert "bf16" in p.label
+    with p.autocast(torch.device("cpu")):
+        y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
+    assert y.dtype == torch.bfloat16
+
+
+def test_cpu_without_native_bf16_stays_fp32_and_says_why():
+    p = training_precision(torch.device("cpu"), cpu_bf16=False)
+    assert not p.enabled and not p.channels_last and "no native bf16" in p.label
+    with p.autocast(torch.device("cpu")):
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_detection_follows_onednn(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert cpu_bf16_supported() and training_precision(torch.device("cpu")).dtype == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert not cpu_bf16_supported() and not training_precision(torch.device("cpu")).enabled
+    assert "off" in training_precision(torch.device("cpu"), amp=False).label
+
+
+def test_pretrain_logs_and_records_its_precision(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from calibclust.pretrain import MoCoConfig, pretrain
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    config = MoCoConfig(backbone="small", width=8, input_size=16, proj_hidden_dim=16, proj_dim=8, queue_size=8,
+                        epochs=1, batch_size=8, device="cpu")
+    pretrain(images, config, tmp_path / "run", progress=False)
+    expected = training_precision(torch.device("cpu")).label
+    assert f"precision {expected}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == expected
