@@ -58,11 +58,29 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     mean: tuple[float, float, float] = DEFAULT_MEAN
     std: tuple[float, float, float] = DEFAULT_STD
+    # Beyond MoCo-v2 (all off in its preset): invariance to nuisances it does not cover.
+    # Geometry: RandomResizedCrop only ever zooms in; with probability zoom_out_p a view is also
+    # shrunk to zoom_out_scale of the frame (the border pixels fill the rest), rotated by up to
+    # ±rotation degrees and shifted by up to translate of the frame.
+    zoom_out_p: float = 0.0
+    zoom_out_scale: tuple[float, float] = (0.6, 1.0)
+    rotation: float = 0.0
+    translate: float = 0.0
+    # Colour: per-view RGB channel permutation and inversion (ink/paper polarity), after jitter.
+    channel_shuffle_p: float = 0.0
+    invert_p: float = 0.0
+    preset: str = "mocov2"  # the AUGMENT_PRESETS entry these values started from (recorded in runs)
 
     def __post_init__(self):
-        for name in ("crop_scale", "crop_ratio", "blur_sigma", "mean", "std"):
+        for name in ("crop_scale", "crop_ratio", "blur_sigma", "mean", "std", "zoom_out_scale"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+        lo, hi = self.zoom_out_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"zoom_out_scale must satisfy 0 < lo <= hi <= 1, got {self.zoom_out_scale}")
+        if not 0.0 <= self.rotation <= 180.0 or not 0.0 <= self.translate <= 0.5:
+            raise ValueError(f"rotation must be in [0, 180] degrees and translate in [0, 0.5], got "
+                             f"{self.rotation} and {self.translate}")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "zoom_out_p", "channel_shuffle_p", "invert_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
@@ -85,12 +103,38 @@ class AugmentConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
+    def from_preset(cls, name: str, **overrides) -> "AugmentConfig":
+        """The named preset (:data:`AUGMENT_PRESETS`), with ``overrides`` on top."""
+        if name not in AUGMENT_PRESETS:
+            raise ValueError(f"unknown augmentation preset {name!r}; choose from {', '.join(AUGMENT_PRESETS)}")
+        return cls(**{**AUGMENT_PRESETS[name], **overrides, "preset": name})
+
+    @property
+    def geometric(self) -> bool:
+        return self.zoom_out_p > 0 and (self.zoom_out_scale[0] < 1 or self.rotation > 0 or self.translate > 0)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "AugmentConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown augmentation option(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+_GEOMETRY = {"zoom_out_p": 0.5, "zoom_out_scale": (0.6, 1.0), "rotation": 15.0, "translate": 0.1}
+_COLOUR = {"channel_shuffle_p": 0.5, "invert_p": 0.5, "hue": 0.5, "brightness": 0.8, "contrast": 0.8,
+           "saturation": 0.8}
+# Named augmentation sets (``--augment``). "mocov2" is MoCo-v2 as published; "geometry" adds zoom-out,
+# rotation and shift (digits drawn smaller or turned are the same digit); "colour" adds full hue
+# rotation, channel permutation, inversion and twice the jitter (colour that varies per image,
+# independently of the class, must not become the cluster); "robust" is both.
+AUGMENT_PRESETS: dict[str, dict] = {
+    "mocov2": {},
+    "geometry": dict(_GEOMETRY),
+    "colour": dict(_COLOUR),
+    "robust": {**_GEOMETRY, **_COLOUR},
+}
 
 
 @dataclass
@@ -221,9 +265,15 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, c, h, w)
 
 
-def resized_crop(x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+def resized_crop(x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, out_size: tuple[int, int],
+                 geometry: torch.Tensor | None = None) -> torch.Tensor:
     """Crop boxes (top, left, height, width; input pixels) resized bilinearly to ``out_size``,
     mirrored where ``flip``, for the whole batch at once.
+
+    ``geometry`` (N, 4): scale s, angle (radians), shift x, shift y (normalised output coordinates):
+    the crop is shrunk to s of the frame, rotated and moved; outside it the image continues and
+    beyond the image the border pixels repeat. Angles are in normalised coordinates (exact for
+    square outputs).
 
     With ``align_corners=False`` the sampling grid follows the half-pixel convention of
     ``F.interpolate(..., mode="bilinear")`` (no antialiasing: crops are mostly enlarged), so a
@@ -241,7 +291,15 @@ def resized_crop(x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, out_si
     ty = (2.0 * top + ch) / h - 1.0
     sx = torch.where(flip, -sx, sx)
     zeros = torch.zeros_like(sx)
-    theta = torch.stack((torch.stack((sx, zeros, tx), 1), torch.stack((zeros, sy, ty), 1)), 1)  # (N, 2, 3)
+    if geometry is None:
+        theta = torch.stack((torch.stack((sx, zeros, tx), 1), torch.stack((zeros, sy, ty), 1)), 1)  # (N, 2, 3)
+    else:
+        # Output point u maps to crop point v = R(-angle) (u - shift) / s, then to the input as before.
+        scale, angle, ox, oy = geometry.to(x.device, x.dtype).unbind(1)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        a00, a01, a10, a11 = sx * cos, sx * sin, -sy * sin, sy * cos
+        theta = torch.stack((torch.stack((a00, a01, tx - a00 * ox - a01 * oy), 1),
+                             torch.stack((a10, a11, ty - a10 * ox - a11 * oy), 1)), 1)
     grid = F.affine_grid(theta, (n, 3, out_size[0], out_size[1]), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -312,7 +370,25 @@ class MoCoAugment:
             apply = torch.rand(n, generator=g) < cfg.blur_p
             sig = torch.empty(n).uniform_(cfg.blur_sigma[0], cfg.blur_sigma[1], generator=g)
             blur_sigma = torch.where(apply, sig, torch.zeros_like(sig))
-        return AugmentParams(crop, flip, jitter, factors, order, gray, blur_sigma)
+        extra = {}
+        if cfg.geometric:
+            on = torch.rand(n, generator=g) < cfg.zoom_out_p
+            u = torch.rand(n, 4, generator=g)
+            scale = cfg.zoom_out_scale[0] + (cfg.zoom_out_scale[1] - cfg.zoom_out_scale[0]) * u[:, 0]
+            angle = math.radians(cfg.rotation) * (2 * u[:, 1] - 1)
+            # Shift: anywhere the shrunk view still fits, plus up to `translate` of the frame.
+            room = (1 - scale) + 2 * cfg.translate
+            shift = room[:, None] * (2 * u[:, 2:] - 1)
+            geometry = torch.stack((scale, angle, shift[:, 0], shift[:, 1]), 1)
+            identity = torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4)
+            extra["geometry"] = torch.where(on[:, None], geometry, identity)
+        if cfg.channel_shuffle_p > 0:
+            shuffle = torch.rand(n, generator=g) < cfg.channel_shuffle_p
+            perm = torch.rand(n, 3, generator=g).argsort(1)
+            extra["channels"] = torch.where(shuffle[:, None], perm, torch.arange(3).expand(n, 3))
+        if cfg.invert_p > 0:
+            extra["invert"] = torch.rand(n, generator=g) < cfg.invert_p
+        return AugmentParams(crop, flip, jitter, factors, order, gray, blur_sigma, extra)
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         import torch
@@ -320,7 +396,7 @@ class MoCoAugment:
         cfg = self.config
         x = to_float(images)
         out_size = self.out_size or (x.shape[2], x.shape[3])
-        x = resized_crop(x, params.crop, params.flip, out_size)
+        x = resized_crop(x, params.crop, params.flip, out_size, params.extra.get("geometry"))
         dev = x.device
         jitter = params.jitter
         if bool(jitter.any()):
@@ -340,6 +416,10 @@ class MoCoAugment:
                         continue
                     idx = sel.to(dev)
                     x[idx] = op(x[idx], params.factors[sel, op_index].to(dev))
+        if "channels" in params.extra:
+            x = x.gather(1, params.extra["channels"].to(dev)[:, :, None, None].expand_as(x))
+        if "invert" in params.extra:
+            x = torch.where(params.extra["invert"].to(dev).view(-1, 1, 1, 1), 1.0 - x, x)
         if bool(params.gray.any()):
             g = params.gray.to(dev).view(-1, 1, 1, 1)
             x = torch.where(g, grayscale(x).expand_as(x), x)

@@ -172,3 +172,73 @@ def test_cuda_views_match_cpu_views():
     cpu = aug.apply(images, params)
     gpu = aug.apply(images.cuda(), params).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-4), (cpu - gpu).abs().max()
+
+
+# --- presets beyond MoCo-v2 (geometry, colour) --------------------------------------------------
+
+
+def _params_equal(a, b) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("crop", "flip", "jitter", "factors", "order", "gray"))
+
+
+def test_mocov2_preset_is_mocov2_and_draws_the_same_views():
+    """The default and the "mocov2" preset give the same parameters from the same generator (runs
+    and resumes from before the presets stay bit-for-bit), and no extra parameters."""
+    default, preset = MoCoAugment(AugmentConfig(), 16), MoCoAugment(AugmentConfig.from_preset("mocov2"), 16)
+    a = default.sample(32, 16, 16, torch.Generator().manual_seed(3))
+    b = preset.sample(32, 16, 16, torch.Generator().manual_seed(3))
+    assert _params_equal(a, b) and a.extra == b.extra == {}
+    # The extra draws of the other presets come after MoCo-v2's, so its part of a view is unchanged.
+    c = MoCoAugment(AugmentConfig.from_preset("robust"), 16).sample(32, 16, 16, torch.Generator().manual_seed(3))
+    assert torch.equal(a.crop, c.crop) and torch.equal(a.flip, c.flip)
+    assert set(c.extra) == {"geometry", "channels", "invert"}
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        AugmentConfig.from_preset("strong")
+
+
+def test_zoom_out_shrinks_rotates_and_moves_the_content():
+    """A white square on black, zoom-out to exactly 0.5 of the frame without rotation: the square's
+    area falls to a quarter; with a 90° rotation a horizontal bar turns vertical."""
+    img = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    img[:, 8:24, 8:24] = 255
+    cfg = AugmentConfig(**NO_AUG, zoom_out_p=1.0, zoom_out_scale=(0.5, 0.5), mean=(0, 0, 0), std=(1, 1, 1))
+    aug = MoCoAugment(cfg, 32)
+    params = aug.sample(1, 32, 32, torch.Generator().manual_seed(0))
+    out = aug.apply(img, params)
+    area_before = 16 * 16 / 32 ** 2
+    area_after = float((out[0, 0] > 0.5).float().mean())
+    assert area_after == pytest.approx(area_before / 4, rel=0.15), area_after
+    bar = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    bar[:, 14:18, 4:28] = 255
+    params.extra["geometry"] = torch.tensor([[1.0, torch.pi / 2, 0.0, 0.0]])
+    turned = aug.apply(bar, params)[0, 0] > 0.5
+    rows, cols = turned.any(1).sum().item(), turned.any(0).sum().item()
+    assert rows > 20 and cols < 8, (rows, cols)
+
+
+def test_channel_permutation_and_inversion():
+    imgs = _images(64, 8, 8)
+    cfg = AugmentConfig(**NO_AUG, channel_shuffle_p=1.0, invert_p=0.5, mean=(0, 0, 0), std=(1, 1, 1))
+    aug = MoCoAugment(cfg)
+    params = aug.sample(64, 8, 8, torch.Generator().manual_seed(1))
+    out = aug.apply(imgs, params)
+    x = imgs.permute(0, 3, 1, 2).float() / 255
+    perm, inv = params.extra["channels"], params.extra["invert"]
+    assert sorted(perm[0].tolist()) == [0, 1, 2] and 16 < int(inv.sum()) < 48
+    expected = x.gather(1, perm[:, :, None, None].expand_as(x))
+    expected = torch.where(inv.view(-1, 1, 1, 1), 1 - expected, expected)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_pretrain_cli_records_the_preset(tmp_path):
+    import argparse
+
+    from calibclust.pretrain import config_from_args, register_cli
+
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pretrain", str(tmp_path), "--out", str(tmp_path / "o"), "--augment", "colour",
+                              "--blur", "off"])
+    config = config_from_args(args)
+    assert config.augment.preset == "colour" and config.augment.invert_p == 0.5 and config.augment.blur == "off"
+    assert config.to_dict()["augment"]["preset"] == "colour"

@@ -139,3 +139,21 @@ def test_rotate_by_zero_and_identity_leave_image_unchanged(batch):
     x = _nchw(batch)
     out = V._warp(x, V._affine("rotate", torch.zeros(len(batch)), 32, 32), fill=0)
     assert torch.allclose(out, x, atol=1e-3)
+
+
+def test_resized_crop_views_follow_the_cdc_code():
+    """crop="resized": RandomResizedCrop (CDC authors' code); a full-frame scale without flips is the
+    identity, the default scale (0.08, 1) zooms in, and views are reproducible under a seed."""
+    imgs = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    same = ViewConfig(flip_p=0.0, crop="resized", crop_scale=(1.0, 1.0), num_ops=0, cutout=False)
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(weak_view(imgs, g, same), imgs)
+    cfg = ViewConfig(crop="resized")
+    a = weak_view(imgs, torch.Generator().manual_seed(2), cfg)
+    b = weak_view(imgs, torch.Generator().manual_seed(2), cfg)
+    assert a.dtype == torch.uint8 and a.shape == imgs.shape and torch.equal(a, b)
+    assert not torch.equal(a, imgs)
+    strong = strong_view(imgs, torch.Generator().manual_seed(3), cfg)
+    assert strong.shape == imgs.shape and strong.dtype == torch.uint8
+    with pytest.raises(ValueError, match="crop must be"):
+        ViewConfig(crop="zoom")

@@ -23,6 +23,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 # (tests/test_cdc_digits.py checks the two agree).
 BACKBONES = ("small", "resnet18", "resnet34", "resnet50")
 _RAW = argparse.RawDescriptionHelpFormatter
+# Crop of CDC's views; set from the zoo measurements (calibclust/train/views.py describes both).
+CDC_VIEW_CROP = "shift"
 
 
 def train_subparsers(subparsers) -> argparse._SubParsersAction:
@@ -151,6 +153,9 @@ def _add_common_training_args(p: argparse.ArgumentParser) -> None:
                    help="train the heads only, on cached features of --views weak and strong views per image")
     t.add_argument("--views", type=int, default=8, help="cached views per kind in --freeze-backbone mode (default %(default)s)")
     t.add_argument("--no-flip", action="store_true", help="no horizontal flips in the views (for data where mirroring changes the class, e.g. digits)")
+    t.add_argument("--view-crop", choices=("resized", "shift"), default=CDC_VIEW_CROP,
+                   help="crop of the weak and strong views: resized = RandomResizedCrop (the CDC authors' code), "
+                        "shift = RandomCrop with 1/8 padding (SCAN/SPICE) (default %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="the one seed of the run (default %(default)s)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -239,7 +244,7 @@ def _config_from_args(args, **overrides):
         lr_backbone=args.lr_backbone, lr_heads=args.lr_heads, w_en=args.w_en, orth_steps=args.orth_steps,
         select=getattr(args, "select", "cdc"), heads=heads, stop_gradient=not getattr(args, "no_stop_grad", False),
         init=getattr(args, "init", "prototype"), freeze_backbone=args.freeze_backbone, num_views=args.views,
-        recalibrate_bn=args.recalibrate_bn, views=ViewConfig(flip_p=0.0 if args.no_flip else 0.5), seed=args.seed,
+        recalibrate_bn=args.recalibrate_bn, views=ViewConfig(flip_p=0.0 if args.no_flip else 0.5, crop=args.view_crop), seed=args.seed,
     )
     fields.update(overrides)
     return CDCConfig(**fields)

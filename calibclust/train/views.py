@@ -5,11 +5,18 @@ CDC uses the weak/strong augmentations of SCAN ("Towards Calibrated Deep Cluster
 labels, the clustering head learns them on the **strong** view (Eq. 5), and the calibration loss
 sees the un-augmented image.
 
-* weak   = random horizontal flip + random shift (crop with zero padding, ``pad = size / 8``,
-  i.e. SCAN/SPICE's ``RandomCrop(32, padding=4)``);
-* strong = the same flip + shift, then ``num_ops`` (4) operations drawn with replacement from SCAN's
+* weak   = random horizontal flip + a random crop, ``ViewConfig.crop``:
+  ``"shift"`` (SCAN/SPICE's ``RandomCrop(32, padding=4)``: zero padding of ``size / 8``, then a
+  crop of the original size) or ``"resized"`` (the CDC authors' code: ``RandomResizedCrop(32)``
+  with torchvision's default scale (0.08, 1) and ratio (3/4, 4/3), drawn and applied by
+  :class:`calibclust.augment.MoCoAugment`, the one batched crop);
+* strong = the same flip + crop, then ``num_ops`` (4) operations drawn with replacement from SCAN's
   RandAugment pool (14 ops, magnitude uniform in the op's range), then Cutout (one square hole of
   random side up to half the image, SCAN's ``n_holes=1, length=16, random=True`` at 32 px).
+
+Remaining difference from the CDC authors' code (``cdc/args.py``): they flip *before* the resized
+crop in the strong view and after it in the weak one; both orders give the same distribution of
+views, so both views here crop, then flip.
 
 Everything runs on uint8 ``(N, H, W, 3)`` batches (the layout :meth:`ClusteringModel.preprocess`
 takes) and returns uint8, on the batch's device. Per-sample randomness is drawn from one
@@ -52,6 +59,8 @@ class ViewConfig:
     """Augmentation settings (SCAN/SPICE defaults for 32 px images; scale with the image)."""
 
     flip_p: float = 0.5
+    crop: str = "shift"  # "shift": RandomCrop(32, padding=4) (SCAN/SPICE); "resized": RandomResizedCrop (CDC code)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # "resized": torchvision's default (the CDC configs set none)
     pad_fraction: float = 0.125  # RandomCrop(32, padding=4) → 4/32
     num_ops: int = 4  # strong view: RandAugment ops per image (SCAN num_strong_augs=4)
     cutout: bool = True
@@ -64,6 +73,9 @@ class ViewConfig:
             raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
         if self.num_ops < 0:
             raise ValueError(f"num_ops must be >= 0, got {self.num_ops}")
+        if self.crop not in ("shift", "resized"):
+            raise ValueError(f"crop must be 'shift' or 'resized', got {self.crop!r}")
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)
 
 
 def _check(images: torch.Tensor) -> None:
@@ -73,6 +85,21 @@ def _check(images: torch.Tensor) -> None:
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
     return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
+
+
+def flip_and_crop(images: torch.Tensor, g: torch.Generator, cfg: ViewConfig) -> torch.Tensor:
+    """The crop of ``cfg.crop`` with a random horizontal flip, uint8 in and out."""
+    if cfg.crop == "shift":
+        return flip_and_shift(images, g, cfg)
+    from calibclust.augment import AugmentConfig, MoCoAugment
+
+    n, h, w, _ = images.shape
+    if n == 0:
+        return images
+    crop_only = AugmentConfig(crop_scale=cfg.crop_scale, flip_p=cfg.flip_p, jitter_p=0.0, grayscale_p=0.0,
+                              blur="off", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    x = MoCoAugment(crop_only, (h, w))(images, g)  # float (N, 3, H, W) in [0, 1]
+    return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def flip_and_shift(images: torch.Tensor, g: torch.Generator, cfg: ViewConfig) -> torch.Tensor:
@@ -93,16 +120,16 @@ def flip_and_shift(images: torch.Tensor, g: torch.Generator, cfg: ViewConfig) ->
 
 
 def weak_view(images: torch.Tensor, g: torch.Generator, cfg: ViewConfig | None = None) -> torch.Tensor:
-    """𝒲(x): flip + shift (CDC §3 "Notation", SCAN's weak augmentation)."""
+    """𝒲(x): flip + crop (CDC §3 "Notation"; ``cfg.crop`` picks SCAN's shift or CDC's resized crop)."""
     _check(images)
-    return flip_and_shift(images, g, cfg or ViewConfig())
+    return flip_and_crop(images, g, cfg or ViewConfig())
 
 
 def strong_view(images: torch.Tensor, g: torch.Generator, cfg: ViewConfig | None = None) -> torch.Tensor:
-    """𝒜(x): flip + shift + RandAugment(``num_ops``) + Cutout (SCAN's strong augmentation)."""
+    """𝒜(x): flip + crop + RandAugment(``num_ops``) + Cutout (SCAN's strong augmentation)."""
     cfg = cfg or ViewConfig()
     _check(images)
-    x = flip_and_shift(images, g, cfg).permute(0, 3, 1, 2).float()  # (N, 3, H, W) in 0..255
+    x = flip_and_crop(images, g, cfg).permute(0, 3, 1, 2).float()  # (N, 3, H, W) in 0..255
     names = list(RANDAUGMENT_OPS)
     n = x.shape[0]
     for _ in range(cfg.num_ops):
