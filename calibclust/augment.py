@@ -77,6 +77,9 @@ class AugmentConfig:
         lo, hi = self.zoom_out_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"zoom_out_scale must satisfy 0 < lo <= hi <= 1, got {self.zoom_out_scale}")
+        if (self.rotation > 0 or self.translate > 0) and self.zoom_out_p == 0:
+            raise ValueError("rotation and translate apply with the geometric jitter's probability zoom_out_p; "
+                             "set zoom_out_p > 0")
         if not 0.0 <= self.rotation <= 180.0 or not 0.0 <= self.translate <= 0.5:
             raise ValueError(f"rotation must be in [0, 180] degrees and translate in [0, 0.5], got "
                              f"{self.rotation} and {self.translate}")

@@ -64,9 +64,9 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> tuple[np.ndarray, float
 
 
 def format_tick(value: float, step: float) -> str:
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step < 1 else 0
-    if step < 1 and round(step / 10.0 ** math.floor(math.log10(step)), 6) == 2.5:
-        decimals += 1
+    """``value`` with as many decimals as ``step`` needs (2.5 needs one more than 2 or 5)."""
+    exponent = math.floor(math.log10(step) + 1e-9)
+    decimals = max(0, -exponent + (1 if round(step / 10.0 ** exponent, 6) == 2.5 else 0))
     text = f"{value:,.{decimals}f}"
     return "0" if text.strip("-0.,") == "" else text
 

@@ -61,7 +61,7 @@ def make_digits_folder(
     return root
 
 
-def _font_files() -> list[str]:
+def dejavu_font_files() -> list[str]:
     import matplotlib
 
     ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
@@ -73,7 +73,7 @@ def _font_files() -> list[str]:
 
 def letters_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    fonts = _font_files()
+    fonts = dejavu_font_files()
     letters = string.ascii_letters.replace("l", "").replace("I", "").replace("O", "").replace("o", "")
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):

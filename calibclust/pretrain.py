@@ -380,6 +380,9 @@ def pretrain(
     torch.manual_seed(config.seed)  # same initial weights on every rank
     moco = _build_modules(config, n, batch).to(device)
     backbone = moco.backbone
+    precision = training_precision(device, config.amp)
+    if precision.channels_last:  # before DDP builds its gradient buckets from the parameters' strides
+        moco.to(memory_format=torch.channels_last)
     encoder_q = moco.encoder_q
     if dist is not None:
         from torch.nn.parallel import DistributedDataParallel
@@ -388,10 +391,7 @@ def pretrain(
     optimizer = torch.optim.SGD(
         moco.encoder_q.parameters(), lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
     )
-    precision = training_precision(device, config.amp)
     scaler = torch.amp.GradScaler("cuda") if precision.grad_scaler else None
-    if precision.channels_last:
-        moco.to(memory_format=torch.channels_last)
     if rank == 0:
         print(f"pretrain: precision {precision.label}", file=sys.stderr)
     augment = MoCoAugment(config.augment, config.input_size)
@@ -427,6 +427,9 @@ def pretrain(
             raise CalibclustError("the folder's file list differs from the one the checkpoint was trained on")
         if doc["world_size"] != world and rank == 0:
             print(f"pretrain: resuming a {doc['world_size']}-process run on {world}: not bit-for-bit", file=sys.stderr)
+        if doc.get("precision") not in (None, precision.label) and rank == 0:
+            print(f"pretrain: resuming a run trained in {doc['precision']} with {precision.label} "
+                  "(another machine?): not bit-for-bit", file=sys.stderr)
         _load_state(out_dir, moco, optimizer, scaler, device)
         global_step = int(doc["global_step"])
         history = list(doc.get("history", []))

@@ -196,11 +196,15 @@ def plot_score_histograms(
     finite = [np.asarray(v, float)[np.isfinite(np.asarray(v, float))] for v in groups.values()]
     if value_range is None:
         everything = np.concatenate(finite) if finite else np.zeros(0)
+        if threshold is not None and np.isfinite(threshold):  # the threshold line stays in view
+            everything = np.r_[everything, threshold]
         value_range = (float(everything.min()), float(everything.max())) if everything.size else (0.0, 1.0)
         if value_range[0] == value_range[1]:
             value_range = (value_range[0] - 0.5, value_range[1] + 0.5)
+        margin = 0.02 * (value_range[1] - value_range[0])
+        value_range = (value_range[0] - margin, value_range[1] + margin)
     edges = np.linspace(value_range[0], value_range[1], bins + 1)
-    counts = [np.histogram(np.clip(v, edges[0], edges[-1]), bins=edges)[0] for v in finite]
+    counts = [np.histogram(v, bins=edges)[0] for v in finite]  # values outside value_range are left out
     top = max((int(c.max()) for c in counts if c.size), default=0)
     chart = Chart(title, xlabel, "images", xlim=value_range, ylim=(0, max(1.0, top * 1.08)))
     for i, (name, values, count) in enumerate(zip(groups, finite, counts)):
@@ -208,7 +212,8 @@ def plot_score_histograms(
         for left, right, n in zip(edges[:-1], edges[1:], count):
             if n:
                 chart.rect(left, right, 0, n, color, opacity=0.45)
-        chart.line(edges, np.r_[count, count[-1]], color, width=1.5, step=True)
+        # Outline (matplotlib's histtype="step"): down to zero at both ends.
+        chart.line(np.repeat(edges, 2), np.r_[0, np.repeat(count, 2), 0], color, width=1.5)
         chart.legend(f"{name} (n={values.size:,})", color)
     if threshold is not None and np.isfinite(threshold):
         chart.vline(threshold, label=f"{threshold_label} = {threshold:.3g}")
@@ -238,7 +243,8 @@ def plot_risk_coverage(curve: "RiskCoverage", title: str | None = None) -> SVGFi
     chart = Chart(title or "Risk–coverage curve", "coverage (share of images accepted, most confident first)",
                   "risk (error rate of accepted)", xlim=(0, 1), ylim=(0, top))
     if risk.size:
-        chart.line(coverage, np.r_[risk[0], risk], COLOR_GOOD, step=True, label=f"model (AURC = {curve.aurc:.4f})")
+        # step=True holds each value until the next coverage: the k-th image's risk on (c_k-1, c_k].
+        chart.line(coverage, np.r_[risk, risk[-1]], COLOR_GOOD, step=True, label=f"model (AURC = {curve.aurc:.4f})")
         total_risk = float(risk[-1])
         grid = np.linspace(1e-6, 1.0, 200)
         chart.line(grid, np.maximum(0.0, grid - (1.0 - total_risk)) / grid, COLOR_NEUTRAL, style="dot",

@@ -26,6 +26,8 @@ import numpy as np
 
 SHORTCUT_THRESHOLD = 0.5
 MAX_IMAGES = 4000  # a random subset beyond this: the check stays a few seconds at any folder size
+STATS_SIDE = 64  # images are box-filtered down to this side first: the statistics need no detail, and
+# 4,000 float copies of 224-px images would take gigabytes
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 ADVICE = {
@@ -39,6 +41,18 @@ ADVICE = {
     "aspect ratio": "the clusters follow the shape of the object's bounding box; check whether that is the "
                     "distinction you want",
 }
+
+
+def _at_most(images: np.ndarray, side: int) -> np.ndarray:
+    """Box-filter uint8 ``(N, H, W, 3)`` images so that neither side exceeds ``side``."""
+    n, h, w, _ = images.shape
+    if max(h, w) <= side:
+        return images
+    from PIL import Image
+
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(size, Image.BOX)) for im in images])
 
 
 def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -111,6 +125,7 @@ def shortcut_check(images: np.ndarray, clusters: np.ndarray, seed: int = 0,
     if len(images) > MAX_IMAGES:
         keep = np.sort(np.random.default_rng(seed).choice(len(images), MAX_IMAGES, replace=False))
         images, clusters = images[keep], clusters[keep]
+    images = _at_most(images, STATS_SIDE)
     # Clusters too small to appear in every fold are left out (they cannot be cross-validated).
     ids, counts = np.unique(clusters, return_counts=True)
     kept = np.isin(clusters, ids[counts >= 5])

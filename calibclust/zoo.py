@@ -19,9 +19,9 @@ Far-OOD is noise plus photo patches (matplotlib's sample photographs) everywhere
 
 Why the emoji set is a fair colourful task: the class is *which object is drawn*, as a person
 names it at a glance; every class shares its dominant colour with another class (apple /
-strawberry / car are red, frog / broccoli green, banana / sunflower yellow, whale / gem blue,
-panda / penguin black and white), so colour alone cannot solve it, and pose and background
-vary per image, so neither can position.
+strawberry are red, frog / broccoli green, banana / sunflower yellow, whale / gem blue, panda /
+penguin black and white), so colour alone cannot solve it, and pose and background vary per
+image, so neither can position.
 
 Layout (ImageFolder, class folder names are ground truth for evaluation only)::
 
@@ -43,16 +43,17 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from calibclust.datasets import digits_images, letters_images, noise_images, photo_patches
+from calibclust.datasets import dejavu_font_files, digits_images, letters_images, noise_images, photo_patches
 from calibclust.errors import InputError
 
 SIZE = 32
 HELDOUT_EVERY = 5  # every fifth image of a class (in generation order) is held out
 FONT_GLOBS = ("/usr/share/fonts/**/*.ttf", "/usr/share/fonts/**/*.otf", "/usr/share/fonts/**/*.pfb")
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-EMOJI_CLASSES = ("🍎", "🍓", "🚗", "🐸", "🥦", "🍌", "🌻", "🐳", "💎", "🐼")
-EMOJI_NAMES = ("apple", "strawberry", "car", "frog", "broccoli", "banana", "sunflower", "whale", "gem", "panda")
-EMOJI_NEAR_OOD = ("🍒", "🚕", "🐢", "🍋", "🐬", "🐧", "🍅", "🌵", "🚌", "🐙")
+# Five colour pairs, so that colour alone never names the class.
+EMOJI_CLASSES = ("🍎", "🍓", "🐸", "🥦", "🍌", "🌻", "🐳", "💎", "🐼", "🐧")
+EMOJI_NAMES = ("apple", "strawberry", "frog", "broccoli", "banana", "sunflower", "whale", "gem", "panda", "penguin")
+EMOJI_NEAR_OOD = ("🍒", "🚕", "🐢", "🍋", "🐬", "🚗", "🍅", "🌵", "🚌", "🐙")
 EMOJI_PER_CLASS = 300
 LETTERS_IN = "ABCDEFGHIJ"
 LETTERS_OUT = "KLMNOPQRST"
@@ -131,10 +132,7 @@ def _geometric(gray, rng):
 def installed_fonts() -> list[str]:
     """Font files that draw all of A–T as distinct, non-empty glyphs (symbol and script fonts that
     lack Latin capitals are left out), one per distinct rendering, in a fixed order."""
-    import matplotlib
-
-    paths = sorted({p for pattern in FONT_GLOBS for p in glob.glob(pattern, recursive=True)})
-    paths += sorted(glob.glob(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVu*.ttf")))
+    paths = sorted({p for pattern in FONT_GLOBS for p in glob.glob(pattern, recursive=True)}) + dejavu_font_files()
     fonts, seen = [], set()
     for path in paths:
         if "emoji" in path.lower():
@@ -177,7 +175,8 @@ def _fonts_or_fail(minimum: int = 20) -> list[str]:
     if len(fonts) < minimum:
         raise InputError(
             f"letters-fonts needs at least {minimum} fonts with Latin capitals; found {len(fonts)}. On Debian: "
-            "apt-get install fonts-noto-core fonts-urw-base35 fonts-texgyre fonts-freefont-ttf fonts-lato"
+            "apt-get install fonts-urw-base35 fonts-freefont-ttf fonts-lato fonts-open-sans fonts-adf-accanthis "
+            "fonts-adf-berenis fonts-adf-gillius (CI's full list: APT_PACKAGES in .ci/run)"
         )
     return fonts
 
@@ -259,7 +258,7 @@ ZOO: dict[str, ZooSet] = {
                lambda seed: _digits(seed, _colourise), lambda n, seed: _letters_like(n, seed, _colourise)),
         ZooSet("letters-fonts", "capitals A-J in every installed font with Latin capitals (notMNIST-style)",
                _letters_fonts, _letters_fonts_near),
-        ZooSet("emoji", "10 Noto emoji, scaled, rotated, moved, on random backgrounds; colours shared by pairs",
+        ZooSet("emoji", "10 Noto emoji in five colour pairs, scaled, rotated, moved, on random backgrounds",
                _emoji, _emoji_near),
     )
 }
@@ -288,8 +287,16 @@ def make_zoo_set(name: str, root: str | os.PathLike, seed: int = 0, n_ood: int =
     paths = {"root": root, "train": root / "train", "heldout": root / "heldout",
              "near": root / "ood" / "near", "far": root / "ood" / "far"}
     manifest = root / "zoo.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("seed") == seed:
-        return paths
+    identity = {"set": name, "seed": seed, "near_ood": n_ood, "far_ood": n_ood,
+                **({"fonts": len(installed_fonts())} if name == "letters-fonts" else {})}
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
+        if all(saved.get(k) == v for k, v in identity.items()):
+            return paths
+        raise InputError(f"{root} holds another zoo set ({ {k: saved.get(k) for k in identity} }); "
+                         "delete it or choose another folder")
+    if root.exists() and any(root.iterdir()):
+        raise InputError(f"{root} is not empty and holds no zoo.json (an interrupted build?); delete it first")
     spec = ZOO[name]
     images, labels, classes = spec.make(seed)
     held = heldout_mask(labels)
@@ -301,9 +308,10 @@ def make_zoo_set(name: str, root: str | os.PathLike, seed: int = 0, n_ood: int =
         paths[kind].mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(ood):
             Image.fromarray(image).save(paths[kind] / f"{i:05d}.png")
+    # Written last: a folder with zoo.json is complete (the fonts count: the set depends on the machine).
     manifest.write_text(json.dumps({
-        "set": name, "description": spec.description, "seed": seed, "classes": classes,
-        "train": int((~held).sum()), "heldout": int(held.sum()), "near_ood": n_ood, "far_ood": n_ood,
+        **identity, "description": spec.description, "classes": classes,
+        "train": int((~held).sum()), "heldout": int(held.sum()),
         "split": f"every {HELDOUT_EVERY}th image of each class in generation order is held out",
     }, indent=2))
     return paths
@@ -326,14 +334,15 @@ def _label_folder(paths: dict[str, Path]) -> Path:
     return mixed
 
 
-def _folder_pixels(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from calibclust.io.images import decode_image, discover_images
+def _folder_pixels(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pixels in [0, 1] (flattened) and class indices of an ImageFolder, via the one decoder."""
+    from calibclust.io.images import list_image_folder, load_images
 
-    files = list(discover_images(folder))
-    x = np.stack([decode_image(p).astype(np.float32).ravel() / 255.0 for p in files])
-    classes = sorted({p.parent.name for p in files})
-    y = np.asarray([classes.index(p.parent.name) for p in files])
-    return x, y, [str(p.relative_to(folder)) for p in files]
+    listing = list_image_folder(folder)
+    images, errors = load_images(listing.paths, (SIZE, SIZE))
+    if errors:
+        raise InputError(f"{len(errors)} unreadable images in {folder}, e.g. {errors[0].path}: {errors[0].reason}")
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0, listing.labels
 
 
 def _kmeans_acc(x: np.ndarray, y: np.ndarray, k: int, seed: int) -> float:
@@ -348,6 +357,7 @@ def _kmeans_acc(x: np.ndarray, y: np.ndarray, k: int, seed: int) -> float:
 def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool = False) -> dict:
     """Pretrain + CDC on ``train/`` with the quick start's stages, label held-out + OOD with the
     exported model, and measure what the zoo table prints (every figure on held-out images)."""
+    import dataclasses
     import time
 
     from calibclust.io.predictions import read_predictions
@@ -356,6 +366,16 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
 
     start = time.perf_counter()
     out = Path(out)
+    done = out / "row.json"
+    wanted = {**dataclasses.asdict(settings), "seed": seed}
+    if done.is_file():  # a finished set: its figures stand (delete the folder to measure again)
+        row = json.loads(done.read_text())
+        if row.get("settings") != wanted:
+            raise InputError(f"{out} holds this set measured with other settings ({row.get('settings')}); "
+                             "delete it or choose another --out")
+        return row
+    if (out / "pretrain").exists():
+        raise InputError(f"{out} holds an unfinished run of this benchmark; delete it (or choose another --out)")
     paths = make_zoo_set(name, out / "data", seed=seed)
     classes = json.loads((paths["root"] / "zoo.json").read_text())["classes"]
     mixed = _label_folder(paths)
@@ -364,8 +384,9 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
     stages.append(("embed held-out", ["embed", str(paths["heldout"]), "--backbone", str(out / "pretrain"),
                                       "--out", str(out / "heldout-features.npy"), "--no-progress"]))
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    print(f"== {name}: {spec_line(name)}", flush=True)
     for i, (stage, argv) in enumerate(stages, 1):
-        _run_stage(i, len(stages), f"{name}: {stage}", argv, out / "logs", verbose)
+        _run_stage(i, len(stages), stage, argv, out / "logs", verbose)
     summary = summarise(out)
 
     table = read_predictions(out / "label" / "predictions.csv")
@@ -375,12 +396,13 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
     held = kind == "in"
     flagged = float(np.mean(np.asarray(table["decision"], dtype=object)[held] == "ood"))
 
-    x, y, _ = _folder_pixels(paths["heldout"])
+    x, y = _folder_pixels(paths["heldout"])
     features = np.load(out / "heldout-features.npy")
     feature_files = (out / "heldout-features.files.txt").read_text().splitlines()
     y_feat = np.asarray([classes.index(Path(f).parent.name) for f in feature_files])
-    return {
+    row = {
         "set": name,
+        "settings": wanted,
         "train": int(len(list(paths["train"].rglob("*.png")))),
         "heldout": int(held.sum()),
         "cal_acc": summary["cdc_cal"]["acc"], "cal_nmi": summary["cdc_cal"]["nmi"], "cal_ece": summary["cdc_cal"]["ece"],
@@ -393,6 +415,12 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
         "shortcut": _shortcut_cell(out / "cdc" / "model" / "config.json"),
         "minutes": (time.perf_counter() - start) / 60.0,
     }
+    done.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def spec_line(name: str) -> str:
+    return ZOO[name].description
 
 
 def _shortcut_cell(model_config: Path) -> str:

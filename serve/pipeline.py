@@ -45,7 +45,7 @@ from calibclust.serve.policy import (
     coverage_threshold,
     decide,
     fit_thresholds,
-    ood_mask,
+    in_distribution,
     ood_threshold_for,
     target_accuracy_threshold,
 )
@@ -582,7 +582,7 @@ def finalise(
         from calibclust.serve.report import write_report
 
         # The curve's coverage is a share of in-distribution images, as the run's operating point's is.
-        in_dist = readable & ~np.isnan(confidence) & ~ood_mask(ood_score, thresholds.ood_threshold)
+        in_dist = in_distribution(ood_score, readable, thresholds.ood_threshold) & ~np.isnan(confidence)
         curve = accuracy_coverage_curve(confidence[in_dist])
         decoded_again = write_report(Path(opts.out_dir) / "report.html", summary, confidence, ood_score, readable,
                                      collector, curve, folder=opts.folder, input_size=meta.input_size,

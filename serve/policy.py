@@ -138,7 +138,7 @@ def fit_thresholds(
     confidence = np.asarray(confidence, np.float64)
     readable = np.asarray(readable, bool)
     ood_thr = ood_threshold_for(policy, model_ood_threshold)
-    in_dist = readable & ~ood_mask(ood_score, ood_thr)
+    in_dist = in_distribution(ood_score, readable, ood_thr)
     conf_in = confidence[in_dist]
     warnings = []
     if policy.kind == "min_confidence":
@@ -172,6 +172,12 @@ def fit_thresholds(
         estimated_accuracy=float(confidence[accepted].mean()) if n_acc else float("nan"),
         warnings=warnings,
     )
+
+
+def in_distribution(ood_score: np.ndarray, readable: np.ndarray, ood_threshold: float | None) -> np.ndarray:
+    """Readable rows not flagged OOD: the population the confidence threshold, the coverage and the
+    report's accuracy-vs-coverage curve are about."""
+    return np.asarray(readable, bool) & ~ood_mask(ood_score, ood_threshold)
 
 
 def decide(

@@ -148,6 +148,9 @@ def test_cli_train_resume_predict_roundtrip(tmp_path):
     assert meta.method == "cdc" and meta.probs_head == "calibration" and meta.calibrated is True
     assert meta.backbone == "small" and meta.embedding_dim == model.feature_dim == 128
     assert meta.train_stats["n_images"] == 300 and 0 < meta.train_stats["mean_confidence"] <= 1
+    shortcut = meta.train_stats["shortcut_check"]  # calibclust.shortcut, run on the trained clusters
+    assert set(shortcut["explained"]) == {"mean colour", "brightness", "contrast", "foreground area", "aspect ratio"}
+    assert shortcut["fired"] is False and shortcut["message"] is None, shortcut  # digits: no shortcut
     assert meta.confidence_threshold == 0.5 and meta.input_size == (32, 32)
     assert model.head_names == ("clustering", "calibration") and model.predict_head == "calibration"
     assert _call(parser, ["predict", str(folder), "--model", str(out / "model"), "--out", str(tmp_path / "p.csv"),

@@ -51,3 +51,34 @@ def test_svg_is_well_formed_and_escapes_text():
     (_, y0), (_, y1) = (map(float, p.split(",")) for p in points)
     assert y0 < y1
     assert figure.data_uri().startswith("data:image/svg+xml;base64,")
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 15), (0, 1.5), (0, 150), (0, 0.3)])
+def test_tick_labels_read_back_as_their_values(lo, hi):
+    ticks, step = nice_ticks(lo, hi)
+    for tick in ticks:
+        assert float(format_tick(tick, step).replace(",", "")) == pytest.approx(tick, abs=1e-9), (tick, step)
+
+
+def test_histogram_keeps_its_threshold_line_in_view():
+    """All scores below a threshold (a clean folder): the x range widens to show the line."""
+    from calibclust.report import plot_score_histograms
+
+    svg = plot_score_histograms({"images": np.linspace(0.1, 0.2, 50)}, "t", "x", threshold=0.6).svg
+    dashed = re.findall(r'<polyline points="([\d.]+),[\d.]+ ([\d.]+),[\d.]+"[^>]*stroke-dasharray', svg)
+    assert dashed and 0 < float(dashed[0][0]) < 600, dashed
+
+
+def test_risk_coverage_steps_follow_the_risk_of_each_coverage():
+    """4 images, errors on the two most confident: risk 1, 1, 2/3, 1/2 over coverage quarters; the
+    drawn step is the risk of each quarter, not the previous one."""
+    from calibclust.metrics import risk_coverage
+    from calibclust.report import plot_risk_coverage
+
+    curve = risk_coverage(np.array([0.9, 0.8, 0.7, 0.6]), np.array([False, False, True, True]))
+    svg = plot_risk_coverage(curve).svg
+    points = [tuple(map(float, p.split(","))) for p in re.search(r'<polyline points="([^"]+)"', svg).group(1).split()]
+    ys = sorted({y for _, y in points})
+    assert len(ys) == 3, points  # risks 1, 2/3 and 1/2 → three heights
+    # The last segment (coverage 0.75 → 1) is drawn at risk 1/2: the lowest line, i.e. the largest y.
+    assert points[-1][1] == points[-2][1] == max(ys)

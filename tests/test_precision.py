@@ -25,11 +25,15 @@ def test_cpu_without_native_bf16_stays_fp32_and_says_why():
         assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
 
 
-def test_detection_follows_onednn(monkeypatch):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
-    assert cpu_bf16_supported() and training_precision(torch.device("cpu")).dtype == torch.bfloat16
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
-    assert not cpu_bf16_supported() and not training_precision(torch.device("cpu")).enabled
+def test_detection_follows_the_cpu_features(monkeypatch):
+    """Native = AVX-512 BF16 or AMX; an AVX-512 CPU without either (bf16 emulated) stays on fp32."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN (mkldnn) CPU backend")
+    for avx512_bf16, amx, native in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert cpu_bf16_supported() is native
+        assert training_precision(torch.device("cpu")).enabled is native
     assert "off" in training_precision(torch.device("cpu"), amp=False).label
 
 

@@ -206,3 +206,51 @@ def test_thumbnail_cache_is_bounded_and_holds_what_the_report_shows(fitted):
     missing = shown - kept
     limit = 2 if fitted else 0  # a fitted threshold is estimated while the images stream past
     assert len(missing) <= limit, f"{len(missing)} of {len(shown)} shown images not kept: {sorted(missing)[:5]}"
+
+
+def test_report_and_summary_carry_the_training_shortcut_warning(tmp_path):
+    """A model whose training found its clusters following mean colour (calibclust.shortcut): every
+    label run says so at the top of the report and in summary.json; a model without it stays quiet."""
+    from calibclust.shortcut import ShortcutCheck
+    from serve_fixtures import make_contract_model, write_good_images
+
+    check = ShortcutCheck({"mean colour": 0.81, "brightness": 0.2, "contrast": 0.0, "foreground area": 0.0,
+                           "aspect ratio": 0.0})
+    folder = tmp_path / "images"
+    write_good_images(folder, 12, seed=1)
+    for name, stats in (("warned", {"shortcut_check": check.to_dict()}), ("quiet", {})):
+        model = make_contract_model(tmp_path / f"{name}.onnx", metadata={"train_stats": stats})
+        proc = run_label_cli(folder, "--model", model, "--out", tmp_path / name, "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        html = (tmp_path / name / "report.html").read_text()
+        if stats:
+            assert summary["model"]["shortcut_warning"] == check.message
+            assert "Warning from training: clusters follow mean colour" in html
+        else:
+            assert summary["model"]["shortcut_warning"] is None and "Warning from training" not in html
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("k", [6, 10, 50])
+def test_cluster_plot_tick_labels_do_not_overlap_as_chromium_renders_them(tmp_path, k):
+    """The layout keeps labels apart by an estimated text width; here Chromium measures the rendered
+    labels (getBBox) of names with wide letters, and no two overlap."""
+    from calibclust.report import plot_cluster_counts
+
+    names = [f"WMW cluster {c}" if c % 2 else f"cluster_{c}" for c in range(k)]
+    svg = plot_cluster_counts(names, {"accepted": np.arange(k) + 5, "ood": np.full(k, 3)}).svg
+    page = tmp_path / "ticks.html"
+    page.write_text("<!DOCTYPE html><html><body>" + svg + """<script>
+      const boxes = [...document.querySelectorAll('text.xtick, text.ytick')].map(t => {
+        const b = t.getBBox(); return [b.x, b.y, b.width, b.height]; });
+      document.body.setAttribute('data-boxes', JSON.stringify(boxes));
+    </script></body></html>""")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.resolve().as_uri()],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    boxes = json.loads(htmllib.unescape(re.search(r'data-boxes="([^"]*)"', dom).group(1)))
+    assert len(boxes) >= min(k, 8), boxes
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                if a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]]
+    assert not overlaps, f"{len(overlaps)} overlapping tick labels at {k} clusters, e.g. {overlaps[:2]}"

@@ -57,6 +57,8 @@ def test_make_zoo_set_writes_split_and_ood_folders_once(tmp_path):
     assert train[0].stat().st_mtime_ns == stamp, "a second call with the same seed rewrote the set"
     with pytest.raises(Exception, match="unknown zoo set"):
         zoo.make_zoo_set("cifar", tmp_path / "c")
+    with pytest.raises(Exception, match="holds another zoo set"):
+        zoo.make_zoo_set("digits", tmp_path / "z", n_ood=20)
 
 
 def test_colour_nuisance_is_independent_of_the_digit(colour_digits):
@@ -121,3 +123,28 @@ def test_emoji_set_has_ten_balanced_classes():
     # Backgrounds vary per image, so the class is not its mean colour alone.
     check = shortcut_check(images, labels)
     assert check.explained["mean colour"] < 0.25, check.explained
+
+
+def test_bench_zoo_fast_on_digits(tmp_path):
+    """`calibclust bench zoo --fast digits`: the whole pipeline on the train split, figures on the
+    held-out split. Measured (2 cores): Cal ACC 0.78 (ECE 0.12), Clu ACC 0.75 (ECE 0.18), near/far-OOD
+    AUROC 1.00, 4% of held-out digits flagged OOD, K-means on pixels 0.79 / on features 0.72."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "zoo"
+    cmd = [sys.executable, "-m", "calibclust", "bench", "zoo", "--fast", "digits", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "every figure on the held-out split" in proc.stdout and "digits" in proc.stdout.splitlines()[-1]
+    row = json.loads((out / "zoo.json").read_text())[0]
+    print({k: v for k, v in row.items() if k != "settings"})
+    assert row["heldout"] == 355 and row["train"] == 1442, row
+    assert row["cal_acc"] >= 0.65 and row["cal_ece"] <= 0.2, row
+    assert row["near_auroc"] >= 0.9 and row["far_auroc"] >= 0.95 and row["flagged_ood"] <= 0.15, row
+    assert 0.7 <= row["kmeans_pixels"] <= 0.88, row
+    # A second call reuses the finished set; other settings are refused, not mixed in.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads((out / "zoo.json").read_text())[0] == row
+    other = subprocess.run([c for c in cmd if c != "--fast"], capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "other settings" in other.stderr, other.stderr[-500:]

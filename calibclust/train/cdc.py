@@ -709,7 +709,10 @@ class CDCTrainer:
         if state is None:
             return None
         tensors, meta = state
-        check_same_settings(dict(meta["config"]), self.config.to_dict(), self.out_dir, ignore=("epochs",))
+        # Through from_dict: JSON turned tuples into lists, and options added since the checkpoint
+        # take their defaults (as the run had them).
+        saved = CDCConfig.from_dict(dict(meta["config"])).to_dict()
+        check_same_settings(saved, self.config.to_dict(), self.out_dir, ignore=("epochs",))
         if meta.get("images") != images_digest(self.data.images):
             raise InputError(f"--resume on different images than the checkpoint in {self.out_dir}")
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -828,10 +831,15 @@ class CDCTrainer:
         }
         if self.dual:
             stats["mean_confidence_clustering_head"] = float(head_probabilities(self.model, z, "clustering").max(1).values.mean())
-        shortcut = shortcut_check(self.data.images, probs.argmax(1).cpu().numpy(), seed=self.config.seed)
-        stats["shortcut_check"] = shortcut.to_dict()
-        if shortcut.fired:
-            self.log(f"warning: {shortcut.message}")
+        try:
+            shortcut = shortcut_check(self.data.images, probs.argmax(1).cpu().numpy(), seed=self.config.seed)
+        except Exception as exc:  # advisory: never lose a trained model to it
+            stats["shortcut_check"] = {"error": f"{type(exc).__name__}: {exc}"}
+            self.log(f"warning: the shortcut check failed ({type(exc).__name__}: {exc}); the model is saved without it")
+        else:
+            stats["shortcut_check"] = shortcut.to_dict()
+            if shortcut.fired:
+                self.log(f"warning: {shortcut.message}")
         metadata = ModelMetadata(
             num_clusters=self.config.num_clusters,
             input_size=self.data.image_size,

@@ -14,7 +14,8 @@ sees the un-augmented image.
   RandAugment pool (14 ops, magnitude uniform in the op's range), then Cutout (one square hole of
   random side up to half the image, SCAN's ``n_holes=1, length=16, random=True`` at 32 px).
 
-Remaining difference from the CDC authors' code (``cdc/args.py``): they flip *before* the resized
+Remaining difference from the CDC authors' public code (its ``get_standard_transformations`` /
+``get_strong_transformations``): they flip *before* the resized
 crop in the strong view and after it in the weak one; both orders give the same distribution of
 views, so both views here crop, then flip.
 
@@ -76,6 +77,8 @@ class ViewConfig:
         if self.crop not in ("shift", "resized"):
             raise ValueError(f"crop must be 'shift' or 'resized', got {self.crop!r}")
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
 
 
 def _check(images: torch.Tensor) -> None:
