@@ -1,7 +1,9 @@
-"""Clustering, calibration, failure-rejection and OOD metrics (numpy/scipy only; no torch).
+"""Clustering, calibration, failure-rejection and OOD metrics (numpy, scipy, scikit-learn; no torch).
 
 This is the one metrics module: training logs, ``calibclust evaluate``, the quick start and the
-benchmarks all call it. Each function's docstring gives the formula and its source. Scores use
+benchmarks all call it. NMI, ARI, ROC, AUROC and average precision are scikit-learn's (imported
+when called: ``calibclust label`` starts without it); Hungarian ACC, ECE/MCE, AURC and the
+risk–coverage curve, which scikit-learn lacks, are here. Each function's docstring gives the formula and its source. Scores use
 the convention of the CDC paper ("Towards Calibrated Deep Clustering Network", §4.1): *confidence* is the max calibrated
 probability (higher = more trustworthy), an *OOD score* is higher for more out-of-distribution.
 """
@@ -64,47 +66,21 @@ def hungarian_accuracy(y_true, y_pred) -> HungarianResult:
     return HungarianResult(float(matrix[rows, cols].sum() / n), mapping)
 
 
-def _entropy_from_counts(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def normalized_mutual_info(y_true, y_pred) -> float:
-    """NMI (Strehl & Ghosh, 2002) with the arithmetic-mean normaliser, as scikit-learn's default:
-    ``NMI = I(Y; C) / ((H(Y) + H(C)) / 2)``; 1.0 when both partitions are a single block."""
-    matrix, _, _ = contingency_matrix(y_true, y_pred)
-    n = matrix.sum()
-    h_true, h_pred = _entropy_from_counts(matrix.sum(1)), _entropy_from_counts(matrix.sum(0))
-    if h_true == 0 and h_pred == 0:
-        return 1.0
-    nz = matrix > 0
-    pij = matrix[nz] / n
-    outer = np.outer(matrix.sum(1), matrix.sum(0))[nz] / (n * n)
-    mi = float((pij * (np.log(pij) - np.log(outer))).sum())
-    denom = (h_true + h_pred) / 2
-    return float(max(mi, 0.0) / denom) if denom > 0 else 0.0
+    """NMI (Strehl & Ghosh, 2002) with the arithmetic-mean normaliser:
+    ``NMI = I(Y; C) / ((H(Y) + H(C)) / 2)``; 1.0 when both partitions are a single block.
+    scikit-learn's ``normalized_mutual_info_score``."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(_as_labels(y_true), _as_labels(y_pred)))
 
 
 def adjusted_rand_index(y_true, y_pred) -> float:
-    """ARI (Hubert & Arabie, 1985): ``(RI - E[RI]) / (max RI - E[RI])`` from pair counts
-    ``Σ_ij C(n_ij, 2)``, ``Σ_i C(a_i, 2)``, ``Σ_j C(b_j, 2)``."""
-    matrix, _, _ = contingency_matrix(y_true, y_pred)
-    n = int(matrix.sum())
+    """ARI (Hubert & Arabie, 1985): ``(RI - E[RI]) / (max RI - E[RI])`` from pair counts;
+    scikit-learn's ``adjusted_rand_score``."""
+    from sklearn.metrics import adjusted_rand_score
 
-    def pairs(x):
-        x = np.asarray(x, dtype=np.float64)
-        return float((x * (x - 1) / 2).sum())
-
-    sum_ij = pairs(matrix)
-    sum_a, sum_b = pairs(matrix.sum(1)), pairs(matrix.sum(0))
-    total = n * (n - 1) / 2
-    if total == 0:
-        return 1.0
-    expected = sum_a * sum_b / total
-    max_index = (sum_a + sum_b) / 2
-    if max_index == expected:  # both partitions trivial (all one block or all singletons)
-        return 1.0
-    return float((sum_ij - expected) / (max_index - expected))
+    return float(adjusted_rand_score(_as_labels(y_true), _as_labels(y_pred)))
 
 
 @dataclass
@@ -153,57 +129,55 @@ def calibration_error(confidence, correct, n_bins: int = ECE_BINS) -> Calibratio
     return CalibrationResult(ece, mce, n_bins, count.tolist(), listed(acc), listed(conf))
 
 
+def _both_classes(positives: np.ndarray) -> bool:
+    return bool(positives.any() and (~positives).any())
+
+
 def roc_curve_points(scores, positives) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve for "higher score = positive": (fpr, tpr, thresholds), one point per distinct score
-    plus the origin. Ties share one point, so the area below is exact for tied scores."""
+    plus the origin (scikit-learn's ``roc_curve`` without dropping collinear points). Ties share one
+    point, so the area below is exact for tied scores."""
+    from sklearn.metrics import roc_curve
+
     scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
-    order = np.argsort(-scores, kind="mergesort")
-    s, pos = scores[order], positives[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tp = np.cumsum(pos)[distinct]
-    fp = np.cumsum(~pos)[distinct]
-    n_pos, n_neg = max(pos.sum(), 1), max((~pos).sum(), 1)
-    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, s[distinct]]
+    if not _both_classes(positives):  # sklearn warns and divides by zero; the curve is undefined
+        return np.zeros(1), np.zeros(1), np.array([np.inf])
+    fpr, tpr, thresholds = roc_curve(positives, scores, drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def auroc(scores, positives) -> float:
-    """Area under the ROC curve as the Mann–Whitney statistic
-    ``P(s⁺ > s⁻) + ½ P(s⁺ = s⁻)`` computed from average ranks (ties handled exactly)."""
-    from scipy.stats import rankdata
+    """Area under the ROC curve, the Mann–Whitney statistic ``P(s⁺ > s⁻) + ½ P(s⁺ = s⁻)``
+    (scikit-learn's ``roc_auc_score``); NaN when one class is absent."""
+    from sklearn.metrics import roc_auc_score
 
     scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
+    if not _both_classes(positives):
         return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positives, scores))
 
 
 def fpr_at_tpr(scores, positives, tpr_level: float = 0.95) -> float:
     """FPR at the first ROC point whose TPR reaches ``tpr_level`` (FPR95; Zhu et al., 2022)."""
-    fpr, tpr, _ = roc_curve_points(scores, positives)
-    if not np.any(positives) or not np.any(~np.asarray(positives, bool)):
+    positives = np.asarray(positives, dtype=bool)
+    if not _both_classes(positives):
         return float("nan")
+    fpr, tpr, _ = roc_curve_points(scores, positives)
     return float(fpr[np.argmax(tpr >= tpr_level - 1e-12)])
 
 
 def average_precision(scores, positives) -> float:
     """AUPR as average precision ``Σ_n (R_n − R_{n−1}) P_n`` over distinct thresholds (step-wise,
-    no interpolation; the definition scikit-learn's ``average_precision_score`` uses)."""
+    no interpolation): scikit-learn's ``average_precision_score``; NaN without positives."""
+    from sklearn.metrics import average_precision_score
+
     scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
     if not positives.any():
         return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    s, pos = scores[order], positives[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tp = np.cumsum(pos)[distinct].astype(np.float64)
-    predicted = distinct + 1.0
-    precision = tp / predicted
-    recall = tp / pos.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(positives, scores))
 
 
 @dataclass
