@@ -41,19 +41,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """The full command a user typed (``calibclust train cdc``), for error messages: the leading
+    words of ``argv`` that name subcommands, level by level."""
+    words = [parser.prog]
+    for token in argv:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or token not in sub.choices:
+            break
+        words.append(token)
+        parser = sub.choices[token]
+    return " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    name = command_name(parser, argv)
     try:
         return int(args.func(args) or EXIT_OK)
     except CalibclustError as exc:
-        print(f"calibclust {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"calibclust {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -94,3 +94,16 @@ def test_wheel_contains_export_and_serve(tmp_path):
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheels[0]).read(entry_points).decode()
     assert "evaluate = calibclust.evaluate:register_cli" in text
+
+
+def test_errors_name_the_full_command():
+    """`calibclust train cdc` errors say "calibclust train cdc:", not "calibclust train:"."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "calibclust", "train", "cdc", "/nonexistent-folder", "--clusters", "3",
+                           "--out", "/nonexistent-folder/out"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("calibclust train cdc: error: "), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "calibclust", "bench", "zoo", "cifar"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("calibclust bench zoo: error: unknown zoo set"), proc.stderr
