@@ -82,7 +82,7 @@ def test_shortcut_check_fires_when_clusters_follow_colour(colour_digits):
 
 def test_shortcut_check_is_silent_on_digit_clusters(plain_digits, colour_digits):
     """True classes and pixel K-means of plain digits are not explained by trivial statistics
-    (measured at most 0.13 on every statistic; the threshold is 0.5)."""
+    (measured at most 0.13 on every statistic; the threshold is 0.3)."""
     for name, (images, labels, _) in (("digits", plain_digits), ("colour digits", colour_digits)):
         check = shortcut_check(images, labels)
         assert not check.fired and max(check.explained.values()) < 0.25, (name, check.explained)
@@ -111,7 +111,7 @@ def test_shortcut_check_degenerate_inputs():
     stats = image_statistics(box)
     assert stats["foreground area"][0, 0] == pytest.approx(16 * 4 / 400)
     assert stats["aspect ratio"][0, 0] == pytest.approx(np.log(16 / 4))
-    assert SHORTCUT_THRESHOLD == 0.5
+    assert 0.22 < SHORTCUT_THRESHOLD < 0.38, "between the measured legitimate and colour-following scores"
 
 
 def test_emoji_set_has_ten_balanced_classes():
