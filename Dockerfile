@@ -9,7 +9,7 @@ ARG PYTHON_VERSION=3.11
 # ---- build: one wheel of calibclust (calibclust, calibclust.export, calibclust.serve) ----
 FROM python:${PYTHON_VERSION}-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY calibclust ./calibclust
 COPY export ./export
 COPY serve ./serve

@@ -133,17 +133,32 @@ def _both_classes(positives: np.ndarray) -> bool:
     return bool(positives.any() and (~positives).any())
 
 
+def _rankable(scores) -> np.ndarray | None:
+    """Scores sklearn accepts, in the same order: ±inf become ranks (these metrics depend only on the
+    order); None when a score is NaN (the metric is then undefined: NaN, as before sklearn)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        return None
+    if not np.isfinite(scores).all():
+        from scipy.stats import rankdata
+
+        return rankdata(scores)
+    return scores
+
+
 def roc_curve_points(scores, positives) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve for "higher score = positive": (fpr, tpr, thresholds), one point per distinct score
     plus the origin (scikit-learn's ``roc_curve`` without dropping collinear points). Ties share one
     point, so the area below is exact for tied scores."""
     from sklearn.metrics import roc_curve
 
-    scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
-    if not _both_classes(positives):  # sklearn warns and divides by zero; the curve is undefined
+    ranked = _rankable(scores)
+    # With one class (or a NaN score) the curve is undefined: the origin only (fpr_at_tpr, the one
+    # caller, returns NaN there first).
+    if ranked is None or not _both_classes(positives):
         return np.zeros(1), np.zeros(1), np.array([np.inf])
-    fpr, tpr, thresholds = roc_curve(positives, scores, drop_intermediate=False)
+    fpr, tpr, thresholds = roc_curve(positives, ranked, drop_intermediate=False)
     return fpr, tpr, thresholds
 
 
@@ -152,17 +167,17 @@ def auroc(scores, positives) -> float:
     (scikit-learn's ``roc_auc_score``); NaN when one class is absent."""
     from sklearn.metrics import roc_auc_score
 
-    scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
-    if not _both_classes(positives):
+    ranked = _rankable(scores)
+    if ranked is None or not _both_classes(positives):
         return float("nan")
-    return float(roc_auc_score(positives, scores))
+    return float(roc_auc_score(positives, ranked))
 
 
 def fpr_at_tpr(scores, positives, tpr_level: float = 0.95) -> float:
     """FPR at the first ROC point whose TPR reaches ``tpr_level`` (FPR95; Zhu et al., 2022)."""
     positives = np.asarray(positives, dtype=bool)
-    if not _both_classes(positives):
+    if _rankable(scores) is None or not _both_classes(positives):
         return float("nan")
     fpr, tpr, _ = roc_curve_points(scores, positives)
     return float(fpr[np.argmax(tpr >= tpr_level - 1e-12)])
@@ -173,11 +188,11 @@ def average_precision(scores, positives) -> float:
     no interpolation): scikit-learn's ``average_precision_score``; NaN without positives."""
     from sklearn.metrics import average_precision_score
 
-    scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
-    if not positives.any():
+    ranked = _rankable(scores)
+    if ranked is None or not positives.any():
         return float("nan")
-    return float(average_precision_score(positives, scores))
+    return float(average_precision_score(positives, ranked))
 
 
 @dataclass

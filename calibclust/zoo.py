@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from calibclust.datasets import dejavu_font_files, digits_images, letters_images, noise_images, photo_patches
 from calibclust.errors import InputError
+from calibclust.shortcut import SHORTCUT_THRESHOLD
 
 SIZE = 32
 HELDOUT_EVERY = 5  # every fifth image of a class (in generation order) is held out
@@ -429,7 +430,8 @@ def _shortcut_cell(model_config: Path) -> str:
     if not check or not check.get("strongest"):
         return "–"
     name = check["strongest"]
-    return f"{name} {check['explained'][name]:.2f}{' WARN' if check['fired'] else ''}"
+    fired = check["explained"][name] >= SHORTCUT_THRESHOLD  # today's threshold, also for rows stored earlier
+    return f"{name} {check['explained'][name]:.2f}{' WARN' if fired else ''}"
 
 
 ZOO_COLUMNS = [

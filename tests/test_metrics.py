@@ -298,3 +298,13 @@ def test_clustering_report_combines_the_pieces():
     assert abs(report.rejection.accuracy - report.acc) < TOL
     d = report.to_dict()
     assert set(d["mapping"]) == {str(k) for k in match.mapping} and d["calibration"]["n_bins"] == 15
+
+
+def test_rank_metrics_with_infinite_and_nan_scores():
+    """±inf scores rank as the extremes (only the order matters); a NaN score makes them undefined."""
+    pos = np.array([True, True, False, False])
+    assert M.auroc(np.array([np.inf, 3.0, 1.0, -np.inf]), pos) == 1.0
+    assert M.average_precision(np.array([np.inf, 3.0, 1.0, -np.inf]), pos) == 1.0
+    assert M.fpr_at_tpr(np.array([np.inf, 3.0, 1.0, -np.inf]), pos) == 0.0
+    for metric in (M.auroc, M.average_precision, M.fpr_at_tpr):
+        assert np.isnan(metric(np.array([np.nan, 3.0, 1.0, 0.0]), pos)), metric.__name__
