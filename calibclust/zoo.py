@@ -281,7 +281,8 @@ def heldout_mask(labels: np.ndarray) -> np.ndarray:
 
 def make_zoo_set(name: str, root: str | os.PathLike, seed: int = 0, n_ood: int = 200) -> dict[str, Path]:
     """Write set ``name`` under ``root`` (layout in the module docstring) unless ``root/zoo.json``
-    says it is already there with the same seed; returns the folders."""
+    says it is already there (same set, seed, OOD sizes and, for letters, font count); returns the
+    folders. Another set, or a folder left half-written without ``zoo.json``, is refused."""
     if name not in ZOO:
         raise InputError(f"unknown zoo set {name!r}; choose from {', '.join(ZOO)}")
     root = Path(root)
