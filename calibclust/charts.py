@@ -216,20 +216,24 @@ class Chart:
         corners = [(self.left + 8, self.top + 8), (right - 8 - box_w, self.top + 8),
                    (right - 8 - box_w, bottom - 8 - box_h), (self.left + 8, bottom - 8 - box_h)]
         footprints = [f() for f in self._footprints]
+        boxes = np.array([[*sorted(shape[:2]), *sorted(shape[2:])] for kind, shape in footprints if kind == "box"]
+                         ).reshape(-1, 4)
+        # Polylines sampled densely enough that a line crossing the legend counts.
+        t = np.linspace(0.0, 1.0, 24)[:, None]
+        samples = [np.zeros((0, 2))]
+        for kind, shape in footprints:
+            if kind != "box":
+                p = np.asarray(shape, float).reshape(-1, 2)
+                a, b = (p[:-1], p[1:]) if len(p) > 1 else (p, p)
+                samples.append((a[None] + t[..., None] * (b - a)[None]).reshape(-1, 2))
+        points = np.concatenate(samples)
 
         def covered(x: float, y: float) -> float:
-            total = 0.0
-            for kind, shape in footprints:
-                if kind == "box":
-                    xa, xb = sorted(shape[:2])
-                    ya, yb = sorted(shape[2:])
-                    total += max(0.0, min(xb, x + box_w) - max(xa, x)) * max(0.0, min(yb, y + box_h) - max(ya, y))
-                else:  # a polyline, sampled densely enough that a line crossing the box counts
-                    for (xa, ya), (xb, yb) in zip(shape, shape[1:] or shape):
-                        t = np.linspace(0.0, 1.0, 24)
-                        px, py = xa + t * (xb - xa), ya + t * (yb - ya)
-                        total += 40.0 * np.count_nonzero((px >= x) & (px <= x + box_w) & (py >= y) & (py <= y + box_h))
-            return total
+            w = np.clip(np.minimum(boxes[:, 1], x + box_w) - np.maximum(boxes[:, 0], x), 0, None)
+            h = np.clip(np.minimum(boxes[:, 3], y + box_h) - np.maximum(boxes[:, 2], y), 0, None)
+            inside = ((points[:, 0] >= x) & (points[:, 0] <= x + box_w)
+                      & (points[:, 1] >= y) & (points[:, 1] <= y + box_h))
+            return float((w * h).sum()) + 40.0 * float(inside.sum())
 
         return min(corners, key=lambda corner: covered(*corner))  # ties keep the first: top left
 
