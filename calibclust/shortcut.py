@@ -29,7 +29,7 @@ SHORTCUT_THRESHOLD = 0.3
 MAX_IMAGES = 4000  # a random subset beyond this: the check stays a few seconds at any folder size
 STATS_SIDE = 64  # images are box-filtered down to this side first: the statistics need no detail, and
 # 4,000 float copies of 224-px images would take gigabytes
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma weights (the zoo uses them too)
 
 ADVICE = {
     "mean colour": "the features respond to colour, not shape; if colour is not what should separate the "
@@ -62,7 +62,7 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     The foreground is what differs from the median of the border pixels by more than a quarter of
     the image's luma range (works for dark-on-light and light-on-dark)."""
     x = np.asarray(images, np.float32) / 255.0
-    luma = x @ _LUMA
+    luma = x @ LUMA.astype(np.float32)
     border = np.concatenate([luma[:, 0, :], luma[:, -1, :], luma[:, :, 0], luma[:, :, -1]], axis=1)
     background = np.median(border, axis=1)
     spread = luma.max(axis=(1, 2)) - luma.min(axis=(1, 2)) + 1e-6

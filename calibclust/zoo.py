@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from calibclust.datasets import dejavu_font_files, digits_images, letters_images, noise_images, photo_patches
 from calibclust.errors import InputError
-from calibclust.shortcut import SHORTCUT_THRESHOLD
+from calibclust.shortcut import LUMA, SHORTCUT_THRESHOLD
 
 SIZE = 32
 HELDOUT_EVERY = 5  # every fifth image of a class (in generation order) is held out
@@ -85,16 +85,12 @@ def _warp(gray: np.ndarray, rng: np.random.Generator, scale=(0.6, 1.0), degrees:
     return np.asarray(canvas)
 
 
-def _luma(rgb: np.ndarray) -> float:
-    return float(rgb @ np.array([0.299, 0.587, 0.114]))
-
-
 def _colourise(gray: np.ndarray, rng: np.random.Generator, min_contrast: float = 70.0) -> np.ndarray:
     """Ink and paper colours drawn per image, independent of the class; the glyph stays readable
     (luma difference of at least ``min_contrast`` of 255), either polarity."""
     while True:
         ink, paper = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        if abs(_luma(ink) - _luma(paper)) >= min_contrast:
+        if abs(float(ink @ LUMA) - float(paper @ LUMA)) >= min_contrast:
             break
     alpha = gray.astype(np.float64)[..., None] / 255.0
     return np.clip(paper * (1 - alpha) + ink * alpha, 0, 255).round().astype(np.uint8)
@@ -386,7 +382,7 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
     stages.append(("embed held-out", ["embed", str(paths["heldout"]), "--backbone", str(out / "pretrain"),
                                       "--out", str(out / "heldout-features.npy"), "--no-progress"]))
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    print(f"== {name}: {spec_line(name)}", flush=True)
+    print(f"== {name}: {ZOO[name].description}", flush=True)
     for i, (stage, argv) in enumerate(stages, 1):
         _run_stage(i, len(stages), stage, argv, out / "logs", verbose)
     summary = summarise(out)
@@ -419,10 +415,6 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
     }
     done.write_text(json.dumps(row, indent=2))
     return row
-
-
-def spec_line(name: str) -> str:
-    return ZOO[name].description
 
 
 def _shortcut_cell(model_config: Path) -> str:
