@@ -1,0 +1,251 @@
+"""Choosing the number of clusters K without labels (``--clusters auto``).
+
+Three cheap, label-free criteria are computed on frozen features (one k-means per K reused by all
+three), each with its own pick, and the chosen K is their median:
+
+* **gap statistic** — Tibshirani, Walther & Hastie, "Estimating the number of clusters in a data set
+  via the gap statistic" (2001): Gap(k) = E*[log W_k] − log W_k (their Eq. 3), W_k the within-cluster
+  sum of squares, E* over reference sets drawn uniformly in the box of the data's principal axes
+  (their reference (b)); pick the smallest k with Gap(k) ≥ Gap(k+1) − s_{k+1} (their rule, Step 3,
+  s_k = sd_k·√(1 + 1/B)). k = 1 is included, so a folder without structure can say so.
+* **silhouette** — Rousseeuw (1987), mean silhouette of the k-means partition; pick the maximum.
+* **stability** — Ben-Hur, Elisseeff & Guyon, "A stability based method for discovering structure in
+  clustered data" (2002): k-means on two random 80 % subsamples, both partitions extended to every
+  point by nearest centre, adjusted Rand index between them; mean over B pairs; pick the maximum.
+
+Why the median of three: each criterion fails in its own direction on real features (stability
+prefers small K, silhouette flattens and drifts to large K, the gap rule stops at the first plateau);
+the median of the picks discards the one that ran off. The measurements behind the choice, and where
+it still misses on the data zoo, are in the README, "Choosing K without labels" (``calibclust bench choose-k``).
+
+numpy + scikit-learn metrics; k-means is calibclust's own (:mod:`calibclust.cluster.kmeans`). All
+three are imported when called: the argparse helpers below are imported by every training command's
+parser, and CLI start-up loads neither numpy nor torch.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from calibclust.errors import InputError
+
+DEFAULT_K_RANGE = (2, 30)
+CRITERIA = ("gap", "silhouette", "stability")
+K_RANGE_LIMIT = 1000
+
+
+def parse_k_range(text: str) -> tuple[int, int]:
+    """``"2..30"`` → (2, 30); clear errors for anything else."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:\.\.|-|:)\s*(\d+)\s*", str(text))
+    if not m:
+        raise InputError(f"--k-range must look like LOW..HIGH (for example 2..30), got {text!r}")
+    low, high = int(m.group(1)), int(m.group(2))
+    if low < 2:
+        raise InputError(f"--k-range {text}: the lowest K must be at least 2 (one cluster is no clustering)")
+    if high <= low:
+        raise InputError(f"--k-range {text}: HIGH must be larger than LOW")
+    if high > K_RANGE_LIMIT:
+        raise InputError(f"--k-range {text}: HIGH above {K_RANGE_LIMIT} is not supported")
+    return low, high
+
+
+def parse_clusters(text: str) -> int | str:
+    """argparse type of ``--clusters``: an integer ≥ 2, or ``auto``."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        raise InputError(f"--clusters must be an integer ≥ 2 or 'auto', got {text!r}") from None
+    if k < 2:
+        raise InputError(f"--clusters must be at least 2, got {k}")
+    return k
+
+
+@dataclass
+class KChoice:
+    """The chosen K, the runner-up, every criterion's curve and pick. ``to_dict`` is what run.json and
+    the model metadata store (``train_stats.clusters_choice``)."""
+
+    k: int
+    runner_up: int
+    k_range: tuple[int, int]
+    ks: list[int]
+    curves: dict[str, list[float]]  # criterion -> value per K in ``ks``
+    picks: dict[str, int]
+    n_points: int
+    seconds: float
+    rule: str = "median of the gap, silhouette and stability picks"
+    message: str | None = None  # set when no cluster structure was found
+    gap_sd: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["k_range"] = list(self.k_range)
+        return d
+
+    def format_table(self) -> str:
+        """Plain-text curve, one line per K, the chosen K and the runner-up marked."""
+        lines = ["    K      gap  silhouette  stability"]
+        for i, k in enumerate(self.ks):
+            mark = " <- chosen" if k == self.k else (" <- runner-up" if k == self.runner_up else "")
+            vals = [self.curves[c][i] for c in CRITERIA]
+            lines.append(f"  {k:3d}  " + "  ".join("       n/a" if v is None else f"{v:9.3f}" for v in vals) + mark)
+        picks = ", ".join(f"{c} {self.picks[c]}" for c in CRITERIA)
+        lines.append(f"  picks: {picks}; chosen K = {self.k} ({self.rule}), runner-up {self.runner_up}")
+        if self.message:
+            lines.append(f"  note: {self.message}")
+        return "\n".join(lines)
+
+
+def _kmeans(x, k: int, seed: int, n_init: int):
+    import torch
+
+    from calibclust.cluster.kmeans import kmeans
+
+    r = kmeans(torch.from_numpy(x), k, n_init=n_init, seed=seed)
+    return r.labels.numpy(), r.centers.numpy(), r.inertia
+
+
+def _nearest(x, centers):
+    d = (x * x).sum(1)[:, None] - 2.0 * x @ centers.T + (centers * centers).sum(1)[None, :]
+    return d.argmin(1)
+
+
+def choose_k(
+    features,
+    k_range: tuple[int, int] = DEFAULT_K_RANGE,
+    seed: int = 0,
+    references: int = 10,
+    pairs: int = 10,
+    max_points: int = 2000,
+    progress=None,
+) -> KChoice:
+    """Choose K for ``features`` (N, D) by the median of three label-free criteria (module docstring).
+
+    ``max_points`` caps the points used (a fixed random subsample; the criteria are sample statistics),
+    ``references`` is the gap statistic's B, ``pairs`` the stability's subsample pairs.
+    ``progress(k)`` is called after each K.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    # Hundreds of k-means runs on at most max_points rows: OpenMP barriers cost more than a second
+    # thread gains (on 2 cores shared with a training run: 3.8 s on one thread, over 100 s on two).
+    torch.set_num_threads(1)
+    try:
+        return _choose_k(features, k_range, seed, references, pairs, max_points, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _choose_k(features, k_range, seed, references, pairs, max_points, progress) -> KChoice:
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    t0 = time.time()
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2:
+        raise InputError(f"features must be a 2-D (N, D) array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError("features contain NaN or infinite values")
+    low, high = k_range
+    rng = np.random.default_rng(seed)
+    if len(x) > max_points:
+        x = x[np.sort(rng.choice(len(x), max_points, replace=False))]
+    n = len(x)
+    distinct = len(np.unique(x.round(6), axis=0))
+    high = min(high, distinct - 1, n // 3)
+    if high < low:
+        raise InputError(f"{n} feature vectors ({distinct} distinct) are too few to compare K in {low}..{k_range[1]}; "
+                         "give more images or a smaller --k-range")
+    ks = list(range(low, high + 1))
+    x = x - x.mean(0)
+    # Gap reference sets: uniform in the bounding box of the principal axes (Tibshirani et al., reference (b)).
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    proj = x @ vt.T
+    lo, hi = proj.min(0), proj.max(0)
+    refs = [(rng.uniform(lo, hi, size=proj.shape) @ vt).astype(np.float32) for _ in range(references)]
+    sub = int(0.8 * n)
+    pair_idx = [(rng.choice(n, sub, replace=False), rng.choice(n, sub, replace=False)) for _ in range(pairs)]
+
+    def gap_at(k: int, inertia: float) -> tuple[float, float]:
+        log_ref = np.log([max(_kmeans(r, k, seed, 1)[2], 1e-12) for r in refs])
+        return float(log_ref.mean() - np.log(max(inertia, 1e-12))), float(log_ref.std() * np.sqrt(1 + 1 / references))
+
+    gap1, sd1 = gap_at(1, float((x * x).sum()))
+    gaps, sds, sils, stabs = [], [], [], []
+    for k in ks:
+        labels, _, inertia = _kmeans(x, k, seed, 3)
+        g, s = gap_at(k, inertia)
+        gaps.append(g)
+        sds.append(s)
+        sils.append(float(silhouette_score(x, labels)) if len(np.unique(labels)) > 1 else -1.0)
+        aris = []
+        for j, (a, b) in enumerate(pair_idx):
+            ca = _kmeans(x[a], k, seed + 1 + 2 * j, 1)[1]
+            cb = _kmeans(x[b], k, seed + 2 + 2 * j, 1)[1]
+            aris.append(adjusted_rand_score(_nearest(x, ca), _nearest(x, cb)))
+        stabs.append(float(np.mean(aris)))
+        if progress is not None:
+            progress(k)
+
+    # Gap rule over k = 1, low, …: the smallest k with Gap(k) ≥ Gap(k+1) − s_{k+1}.
+    gap_ks, gap_vals, gap_sds = [1] + ks, [gap1] + gaps, [sd1] + sds
+    gap_pick = gap_ks[-1]
+    for i in range(len(gap_ks) - 1):
+        if gap_vals[i] >= gap_vals[i + 1] - gap_sds[i + 1]:
+            gap_pick = gap_ks[i]
+            break
+    picks = {"gap": gap_pick, "silhouette": ks[int(np.argmax(sils))], "stability": ks[int(np.argmax(stabs))]}
+    message = None
+    votes = sorted(picks.values())
+    chosen = max(low, votes[1])
+    if gap_pick == 1:
+        # One cluster fits as well as any split: report it, and train the smallest K of the range.
+        message = (f"no cluster structure found: the gap statistic prefers one cluster to {low} or more; "
+                   f"the features may not separate these images (K = {low} is used)")
+        chosen = low
+    # Runner-up: the other picks' nearest distinct value, else the next-best K by summed rank.
+    others = [v for v in votes if v != chosen and v in ks]
+    if others:
+        runner_up = min(others, key=lambda v: abs(v - chosen))
+    else:
+        ranks = sum(np.argsort(np.argsort(-np.asarray(c))) for c in (gaps, sils, stabs))
+        order = [ks[i] for i in np.argsort(ranks, kind="stable") if ks[i] != chosen]
+        runner_up = order[0] if order else chosen
+    return KChoice(
+        k=int(chosen), runner_up=int(runner_up), k_range=(low, k_range[1]), ks=ks,
+        curves={"gap": gaps, "silhouette": sils, "stability": stabs}, picks=picks, n_points=n,
+        seconds=round(time.time() - t0, 2), message=message, gap_sd=sds,
+    )
+
+
+# --- argparse ---------------------------------------------------------------------------------------
+def argparse_type(parse):
+    import argparse
+
+    def convert(text):
+        try:
+            return parse(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__.removeprefix("parse_")  # argparse names the type in its errors
+    return convert
+
+
+def add_cluster_args(parser, allow_auto: bool = True) -> None:
+    """``--clusters`` (and, where ``auto`` is allowed, ``--k-range``) for a training command."""
+    if not allow_auto:
+        parser.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters C")
+        return
+    parser.add_argument(
+        "--clusters", type=argparse_type(parse_clusters), required=True, metavar="C|auto",
+        help="number of clusters C, or 'auto': chosen without labels from the backbone's features of the images "
+             "(median of the gap-statistic, silhouette and stability picks; the curve is printed and saved)")
+    parser.add_argument(
+        "--k-range", type=argparse_type(parse_k_range), default=DEFAULT_K_RANGE, metavar="LOW..HIGH",
+        help=f"K values that --clusters auto compares (default {DEFAULT_K_RANGE[0]}..{DEFAULT_K_RANGE[1]})")
