@@ -453,8 +453,10 @@ class CDCTrainer:
         feature_cache: FeatureCache | None = None,
         prototype_state: dict[str, torch.Tensor] | None = None,
         log: Callable[[str], None] | None = None,
+        clusters_choice: dict | None = None,
     ):
         self.config = config
+        self.clusters_choice = clusters_choice  # --clusters auto: KChoice.to_dict(), saved in run.json and metadata
         self.data = data
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -738,6 +740,7 @@ class CDCTrainer:
             "versions": {"calibclust": __version__, "torch": torch.__version__, "python": platform.python_version(),
                          "numpy": np.__version__},
             "seed": self.config.seed,
+            "clusters_choice": self.clusters_choice,
             "resumed_from_epoch": resumed_from,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -829,6 +832,8 @@ class CDCTrainer:
             "frozen_backbone": self.config.freeze_backbone,
             "checkpoint_choice": "last epoch (label-free)",
         }
+        if self.clusters_choice:
+            stats["clusters_choice"] = self.clusters_choice
         if self.dual:
             stats["mean_confidence_clustering_head"] = float(head_probabilities(self.model, z, "clustering").max(1).values.mean())
         try:

@@ -16,7 +16,11 @@ whatever order the entry points load in.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from calibclust.cluster.choose_k import add_cluster_args
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 # calibclust.models.backbones.BACKBONES, restated so that building the parser imports no torch
@@ -86,6 +90,9 @@ examples:
   # continue an interrupted run (same settings; --epochs may grow)
   calibclust train cdc images/ --clusters 10 --backbone-weights pretrain_out/ --out runs/cdc --resume
 
+  # K not known: choose it without labels from the backbone's features (curve printed, saved in run.json)
+  calibclust train cdc images/ --clusters auto --k-range 2..20 --backbone-weights pretrain_out/ --out runs/cdc-auto
+
   # ablations of the paper's Tab. 2
   calibclust train cdc images/ --clusters 10 --select fixed:0.95 --out runs/fixed095
   calibclust train cdc images/ --clusters 10 --single-head clu --out runs/single
@@ -120,10 +127,10 @@ examples (sklearn's digits, the small backbone, minutes on 2 CPU cores):
 """
 
 
-def _add_common_training_args(p: argparse.ArgumentParser) -> None:
+def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
     p.add_argument("folder", metavar="FOLDER", help="image folder (flat, or FOLDER/<class>/<image> for reporting)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters C")
+    add_cluster_args(p, allow_auto=allow_auto)
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default="small", choices=BACKBONES,
                    help="architecture when starting from random weights (default: small, ~0.3 M parameters)")
@@ -187,7 +194,7 @@ def register_cli(subparsers) -> None:
 
     a = sub.add_parser("cdc-ablation", help="print our own CDC Tab. 2 on a labelled folder",
                        description=ABLATION_DESCRIPTION, epilog=ABLATION_EPILOG, formatter_class=_RAW)
-    _add_common_training_args(a)
+    _add_common_training_args(a, allow_auto=False)
     a.set_defaults(func=run_cdc_ablation, epochs=30, batch_size=300, sub_batch_size=150, orth_steps=500, views=4)
     a.add_argument("--variants", metavar="NAMES", help="comma-separated subset of: cdc,no-init,fixed-0.99,fixed-0.95,"
                    "fixed-0.90,fixed-0.80,single-clu,single-clu+cal,no-stop-grad (default all)")
@@ -265,16 +272,56 @@ def _load_inputs(args):
     return data, backbone, info
 
 
+def choose_clusters(args, data, backbone, info: dict, device: str) -> dict | None:
+    """Resolve ``--clusters auto`` in place (``args.clusters`` becomes an int) and return the choice
+    (``KChoice.to_dict()``), or None when K was given. A resumed run reuses the K in its run.json."""
+    if args.clusters != "auto":
+        return None
+    from calibclust.errors import InputError
+
+    run_json = Path(args.out) / "run.json"
+    if getattr(args, "resume", False) and run_json.is_file():
+        saved = json.loads(run_json.read_text()).get("clusters_choice")
+        if saved:
+            args.clusters = int(saved["k"])
+            print(f"--clusters auto: resuming with K = {args.clusters}, chosen when the run started", file=sys.stderr)
+            return saved
+    if backbone is None:
+        raise InputError("--clusters auto needs --backbone-weights: K is read from a pretrained backbone's features, "
+                         "and a randomly initialised network's say nothing about the classes. Pretrain first "
+                         "('calibclust pretrain FOLDER --out DIR') or give --clusters C")
+    import torch
+    import torch.nn.functional as F
+
+    from calibclust.cluster.choose_k import choose_k
+    from calibclust.models.clustering import ClusteringModel
+    from calibclust.train.cdc import embed_images
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    norm = {k: tuple(info[k]) for k in ("mean", "std") if info.get(k) is not None}
+    probe = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", **norm).to(device)
+    z = F.normalize(embed_images(probe, data.images, device=device), dim=1).cpu().numpy()
+    low, high = args.k_range
+    print(f"--clusters auto: comparing K = {low}..{high} on the backbone's features of "
+          f"{min(len(z), 2000)} of {len(z)} images", file=sys.stderr)
+    progress = None if args.no_progress else (lambda k: print(f"  K = {k} done", file=sys.stderr, flush=True))
+    choice = choose_k(z, (low, high), seed=args.seed, progress=progress)
+    print(choice.format_table(), file=sys.stderr)
+    args.clusters = choice.k
+    return choice.to_dict()
+
+
 def run_cdc(args) -> int:
     from calibclust.train.cdc import train_cdc
 
     _set_threads(args)
-    config = _config_from_args(args)
     data, backbone, info = _load_inputs(args)
+    clusters_choice = choose_clusters(args, data, backbone, info, args.device)
+    config = _config_from_args(args)
     print(f"training CDC on {data.num_images} images ({'labelled: metrics reported' if data.labels is not None else 'no labels'}), "
           f"C={config.num_clusters}, output {args.out}", file=sys.stderr)
     result = train_cdc(config, data, args.out, backbone, info, args.backbone, resume=args.resume, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, clusters_choice=clusters_choice)
     print(f"model: {result.model_dir}  (mean confidence {result.metadata.train_stats['mean_confidence']:.3f}, "
           f"cluster sizes {result.metadata.train_stats['cluster_sizes']})")
     print(f"next: calibclust predict {args.folder} --model {result.model_dir} --out predictions.csv")

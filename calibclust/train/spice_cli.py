@@ -14,7 +14,8 @@ from pathlib import Path
 
 # Imported at module level (it imports no torch) so that, if the train group is missing, the
 # entry point fails at load time and `calibclust` reports and skips it instead of crashing.
-from calibclust.train.cli import BACKBONES, train_subparsers
+from calibclust.cluster.choose_k import add_cluster_args
+from calibclust.train.cli import BACKBONES, choose_clusters, train_subparsers
 
 EXIT_OK = 0
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -42,6 +43,9 @@ SPICE_EPILOG = """\
 examples:
   # paper settings from a pretrained backbone
   calibclust train spice images/ --clusters 10 --backbone-weights pretrain_out/ --out runs/spice
+
+  # K chosen without labels (median of the gap, silhouette and stability picks over 2..30)
+  calibclust train spice images/ --clusters auto --backbone-weights pretrain_out/ --out runs/spice-auto
 
   # quick CPU run on sklearn's digits (small backbone, few steps)
   python -c "from calibclust.datasets import make_digits_folder; make_digits_folder('digits')"
@@ -74,10 +78,10 @@ prototype pseudo-labels assume a pretrained embedding and collapse on random fea
 """
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
     p.add_argument("folder", metavar="FOLDER", help="image folder (flat, or FOLDER/<class>/<image> for reporting)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters K")
+    add_cluster_args(p, allow_auto=allow_auto)
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default="small", choices=BACKBONES, help="architecture when no --backbone-weights (random init)")
     g.add_argument("--backbone-weights", metavar="DIR", help="pretrained backbone directory (backbone.safetensors + backbone.json)")
@@ -127,7 +131,7 @@ def register_cli(subparsers) -> None:
 
     c = sub.add_parser("compare", help="one table: K-means, SPICE_s, SPICE, CDC-Clu, CDC-Cal on one folder",
                        description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG, formatter_class=_RAW)
-    _add_data_args(c)
+    _add_data_args(c, allow_auto=False)
     c.add_argument("--cdc-epochs", type=int, default=40, help="CDC epochs (default %(default)s)")
     c.add_argument("--cdc-batch-size", type=int, default=300, help="CDC batch B (default %(default)s)")
     c.add_argument("--cdc-views", type=int, default=8,
@@ -219,7 +223,7 @@ def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None):
     return config, cache, result
 
 
-def _save_spice(args, data, config, result, pretrained) -> Path:
+def _save_spice(args, data, config, result, pretrained, clusters_choice=None) -> Path:
     from calibclust.models.clustering import save_model
     from calibclust.train.spice import spice_metadata
 
@@ -228,6 +232,8 @@ def _save_spice(args, data, config, result, pretrained) -> Path:
              "cluster_sizes": [int(v) for v in (pred.bincount(minlength=config.num_clusters)).tolist()],
              "best_head": result.heads.best, "head_losses": result.heads.losses.tolist(),
              "reliable": result.reliable_report, "pretrained_backbone": pretrained}
+    if clusters_choice:
+        stats["clusters_choice"] = clusters_choice
     meta = spice_metadata(result.model, data.image_size, train_stats=stats)
     return save_model(result.model, Path(args.out) / "model", meta)
 
@@ -258,14 +264,15 @@ def run_spice(args) -> int:
         print(f"train spice: no checkpoint in {args.out}; starting from scratch", file=sys.stderr)
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
+    clusters_choice = choose_clusters(args, data, backbone if pretrained else None, info, device)
     print(f"training SPICE on {data.num_images} images, K={args.clusters}, output {args.out}", file=sys.stderr)
     try:
         config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out))
     except KeyboardInterrupt:
         _say_how_to_resume(Path(args.out))
         raise
-    model_dir = _save_spice(args, data, config, result, pretrained)
-    run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "backbone": info or {"name": args.backbone},
+    model_dir = _save_spice(args, data, config, result, pretrained, clusters_choice)
+    run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "clusters_choice": clusters_choice, "backbone": info or {"name": args.backbone},
            "head_losses": result.heads.losses.tolist(), "best_head": result.heads.best,
            "reliable": result.reliable_report, "seconds": result.seconds}
     if data.labels is not None:
