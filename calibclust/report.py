@@ -253,6 +253,21 @@ def plot_risk_coverage(curve: "RiskCoverage", title: str | None = None) -> SVGFi
     return chart.render()
 
 
+def plot_k_criteria(choice: dict) -> SVGFigure:
+    """The ``--clusters auto`` criteria against K (:class:`calibclust.cluster.choose_k.KChoice`'s dict),
+    each scaled to [0, 1] over the range so that the three share one axis; the chosen K is marked."""
+    ks = np.asarray(choice["ks"], float)
+    chart = Chart(f"Choosing K without labels: chosen {choice['k']}, runner-up {choice['runner_up']}",
+                  "K (number of clusters)", "criterion, scaled to [0, 1] (higher = better)",
+                  xlim=(ks.min() - 0.5, ks.max() + 0.5), ylim=(-0.02, 1.1))
+    for color, (name, values) in zip(PALETTE, choice["curves"].items()):
+        v = np.asarray(values, float)
+        span = float(np.ptp(v)) or 1.0
+        chart.line(ks, (v - v.min()) / span, color, label=f"{name} (picks {choice['picks'][name]})")
+    chart.vline(float(choice["k"]), COLOR_NEUTRAL, label=f"chosen K = {choice['k']}")
+    return chart.render()
+
+
 def plot_confusion_matrix(
     matrix: np.ndarray,
     row_labels: Sequence[str],

@@ -562,6 +562,8 @@ def finalise(
             "backend": labeler.backend_name,
             # Written by training (calibclust.shortcut); shown in the report, None when silent or absent.
             "shortcut_warning": (meta.train_stats.get("shortcut_check") or {}).get("message"),
+            # Written by training under --clusters auto (calibclust.cluster.choose_k); plotted in the report.
+            "clusters_choice": meta.train_stats.get("clusters_choice"),
         },
         "table": str(table.resolve()),
         "files": n,

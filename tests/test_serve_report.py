@@ -231,6 +231,34 @@ def test_report_and_summary_carry_the_training_shortcut_warning(tmp_path):
             assert summary["model"]["shortcut_warning"] is None and "Warning from training" not in html
 
 
+def test_report_shows_how_k_was_chosen_under_clusters_auto(tmp_path):
+    """A model trained with --clusters auto carries its K choice (calibclust.cluster.choose_k): the
+    label summary repeats it and the report plots the criteria against K; other models show nothing."""
+    from sklearn.datasets import make_blobs
+
+    from calibclust.cluster.choose_k import choose_k
+    from serve_fixtures import make_contract_model, write_good_images
+
+    x, _ = make_blobs(120, 4, centers=3, random_state=0)
+    choice = choose_k(x.astype(np.float32), (2, 6)).to_dict()
+    folder = tmp_path / "images"
+    write_good_images(folder, 8, seed=2)
+    for name, stats in (("auto", {"clusters_choice": choice}), ("fixed", {})):
+        model = make_contract_model(tmp_path / f"{name}.onnx", metadata={"train_stats": stats})
+        proc = run_label_cli(folder, "--model", model, "--out", tmp_path / name, "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        html = (tmp_path / name / "report.html").read_text()
+        if stats:
+            assert summary["model"]["clusters_choice"] == choice
+            svgs = [base64.b64decode(b).decode() for b in re.findall(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", html)]
+            chart = next((svg for svg in svgs if "Choosing K without labels" in svg), "")
+            assert "How K was chosen" in html and f"chosen {choice['k']}, runner-up {choice['runner_up']}" in chart
+            assert all(f"{c} (picks {choice['picks'][c]})" in chart for c in ("gap", "silhouette", "stability"))
+        else:
+            assert summary["model"]["clusters_choice"] is None and "How K was chosen" not in html
+
+
 @pytest.mark.browser
 @pytest.mark.parametrize("k", [6, 10, 50])
 def test_cluster_plot_tick_labels_do_not_overlap_as_chromium_renders_them(tmp_path, k):
