@@ -353,6 +353,40 @@ def _run_zoo(args) -> int:
     return run_zoo_bench(args)
 
 
+# --- bench choose-k (calibclust.zoo + calibclust.cluster.choose_k) -----------------------------------
+
+CHOOSE_K_EPILOG = f"""\
+Per zoo set ({", ".join(ZOO_SETS)}): the quick start's MoCo-v2 pretraining on the train split, the
+backbone's features of the held-out split, then --clusters auto on those features (all classes, and the
+first classes only for each --subsets value, to show the choice follows the data and not a constant),
+with every criterion's pick and K-means' ACC/NMI at the chosen and the true K.
+
+examples:
+  calibclust bench choose-k --fast digits letters-fonts   # about two minutes a set on 2 CPU cores
+  calibclust bench choose-k --out runs/choose-k           # every set, 100 pretraining epochs"""
+
+
+def _choose_k_options(p: argparse.ArgumentParser) -> None:
+    from calibclust.cluster.choose_k import DEFAULT_K_RANGE, argparse_type, parse_k_range
+
+    p.add_argument("sets", nargs="*", metavar="SET", help="zoo sets to run (default: all)")
+    p.add_argument("--out", default="choose-k-bench",
+                   help="working folder: data, pretraining, features, choose-k.json (default choose-k-bench)")
+    p.add_argument("--fast", action="store_true", help="the quick start's --fast pretraining (15 MoCo epochs)")
+    p.add_argument("--k-range", type=argparse_type(parse_k_range), default=DEFAULT_K_RANGE, metavar="LOW..HIGH",
+                   help=f"K values compared (default {DEFAULT_K_RANGE[0]}..{DEFAULT_K_RANGE[1]})")
+    p.add_argument("--subsets", type=lambda t: [int(v) for v in t.split(",") if v.strip()], default=[5],
+                   metavar="N,N", help="also choose K on the first N classes of each set (default 5; '' for none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, pretraining and criteria (default 0)")
+    p.add_argument("--verbose", action="store_true", help="show each stage's output instead of logging it")
+
+
+def _run_choose_k(args) -> int:
+    from calibclust.zoo import run_choose_k_bench
+
+    return run_choose_k_bench(args)
+
+
 # --- registration ---------------------------------------------------------------------------------
 
 
@@ -383,4 +417,12 @@ def register_cli(subparsers) -> None:
         configure=_zoo_options,
         run=_run_zoo,
         epilog=ZOO_EPILOG,
+    )
+    add_bench_target(
+        subparsers,
+        "choose-k",
+        help="--clusters auto on each data-zoo set's held-out features: chosen vs true K, each criterion's pick",
+        configure=_choose_k_options,
+        run=_run_choose_k,
+        epilog=CHOOSE_K_EPILOG,
     )

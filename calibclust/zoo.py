@@ -36,6 +36,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -455,4 +456,98 @@ def run_zoo_bench(args) -> int:
     print(f"\ncalibclust bench zoo ({'--fast' if args.fast else 'full'} quick-start settings, seed {args.seed}); "
           "every figure on the held-out split (every 5th image per class, never trained on) or its OOD folders:")
     print_table([h for _, h in ZOO_COLUMNS], [[r[k] for k, _ in ZOO_COLUMNS] for r in rows])
+    return 0
+
+
+# --- bench choose-k ---------------------------------------------------------------------------------
+def heldout_features(name: str, out: Path, settings, seed: int = 0, verbose: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The zoo set's held-out features from a backbone pretrained on its train split (the quick
+    start's pretrain stage), and their class indices. Reused when ``out`` holds them for the same
+    settings and seed."""
+    import dataclasses
+
+    from calibclust.quickstart import _run_stage, stage_commands
+
+    out = Path(out)
+    wanted = {**dataclasses.asdict(settings), "seed": seed}
+    done = out / "features.done.json"
+    if done.is_file() and json.loads(done.read_text()) != wanted:
+        raise InputError(f"{out} holds features made with other settings ({done.read_text().strip()}); "
+                         "delete it or choose another --out")
+    if not done.is_file():
+        paths = make_zoo_set(name, out / "data", seed=seed)
+        pretrain = stage_commands(out, {"digits": paths["train"], "mixed": paths["heldout"]}, settings, seed)[0]
+        shutil.rmtree(out / "pretrain", ignore_errors=True)  # an interrupted pretrain starts again
+        stages = [pretrain, ("embed held-out", ["embed", str(paths["heldout"]), "--backbone", str(out / "pretrain"),
+                                                "--out", str(out / "heldout-features.npy"), "--no-progress"])]
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        print(f"== {name}: {ZOO[name].description}", flush=True)
+        for i, (stage, argv) in enumerate(stages, 1):
+            _run_stage(i, len(stages), stage, argv, out / "logs", verbose)
+        done.write_text(json.dumps(wanted))
+    classes = json.loads((out / "data" / "zoo.json").read_text())["classes"]
+    files = (out / "heldout-features.files.txt").read_text().splitlines()
+    labels = np.asarray([classes.index(Path(f).parent.name) for f in files])
+    return np.load(out / "heldout-features.npy").astype(np.float32), labels
+
+
+def choose_k_row(name: str, features: np.ndarray, labels: np.ndarray, classes: int, k_range, seed: int) -> dict:
+    """``--clusters auto`` on the held-out features of the first ``classes`` classes, and K-means'
+    ACC/NMI there at the chosen K and at the true K (labels used for scoring only)."""
+    import torch
+
+    from calibclust.cluster.choose_k import choose_k
+    from calibclust.cluster.kmeans import kmeans
+    from calibclust.metrics import hungarian_accuracy, normalized_mutual_info
+
+    keep = labels < classes
+    x, y = features[keep], labels[keep]
+    choice = choose_k(x, k_range, seed=seed)
+
+    def scores(k: int) -> tuple[float, float]:
+        pred = kmeans(torch.from_numpy(x), k, n_init=3, seed=seed).labels.numpy()
+        return hungarian_accuracy(y, pred).accuracy, normalized_mutual_info(y, pred)
+
+    acc, nmi = scores(choice.k)
+    acc_true, nmi_true = scores(classes)
+    return {"set": name, "n": int(len(x)), "true_k": classes, "chosen_k": choice.k, "runner_up": choice.runner_up,
+            **{f"pick_{c}": v for c, v in choice.picks.items()}, "acc": acc, "nmi": nmi, "acc_true_k": acc_true,
+            "nmi_true_k": nmi_true, "seconds": choice.seconds, "message": choice.message, "choice": choice.to_dict()}
+
+
+CHOOSE_K_COLUMNS = [
+    ("set", "set"), ("n", "held-out"), ("true_k", "true K"), ("chosen_k", "chosen K"), ("runner_up", "runner-up"),
+    ("pick_gap", "gap"), ("pick_silhouette", "silhouette"), ("pick_stability", "stability"),
+    ("acc", "ACC @chosen"), ("nmi", "NMI @chosen"), ("acc_true_k", "ACC @true K"), ("nmi_true_k", "NMI @true K"),
+    ("seconds", "seconds"),
+]
+
+
+def run_choose_k_bench(args) -> int:
+    """``calibclust bench choose-k`` (options in :mod:`calibclust.bench`)."""
+    from calibclust.bench import print_table
+    from calibclust.quickstart import QuickstartSettings
+
+    names = args.sets or list(ZOO)
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        raise InputError(f"unknown zoo set(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
+    settings = QuickstartSettings.fast() if args.fast else QuickstartSettings.full()
+    out = Path(args.out)
+    rows = []
+    for name in names:
+        features, labels = heldout_features(name, out / name, settings, args.seed, args.verbose)
+        n_classes = int(labels.max()) + 1
+        for classes in sorted({n_classes, *(c for c in args.subsets if 2 <= c < n_classes)}, reverse=True):
+            rows.append(choose_k_row(name, features, labels, classes, args.k_range, args.seed))
+            r = rows[-1]
+            print(f"  {name}, {classes} classes: chosen K = {r['chosen_k']} ({r['seconds']:.0f} s)", flush=True)
+        (out / "choose-k.json").write_text(json.dumps(rows, indent=2))
+    hits = sum(r["chosen_k"] == r["true_k"] for r in rows)
+    near = sum(abs(r["chosen_k"] - r["true_k"]) <= 2 for r in rows)
+    print(f"\ncalibclust bench choose-k ({'--fast' if args.fast else 'full'} pretraining, seed {args.seed}, "
+          f"K in {args.k_range[0]}..{args.k_range[1]}); features of the held-out split (every 5th image per class, "
+          "never pretrained on); rows with fewer classes keep the first ones; labels only score the result:")
+    print_table([h for _, h in CHOOSE_K_COLUMNS], [[r[k] for k, _ in CHOOSE_K_COLUMNS] for r in rows])
+    print(f"chosen = true K on {hits} of {len(rows)} rows; within ±2 on {near} of {len(rows)}")
     return 0
