@@ -43,7 +43,7 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --find-links /wheels "calibclust[train,export,serve,gpu]==0.1.0" && rm -rf /wheels
+RUN pip install --no-cache-dir --find-links /wheels "calibclust[train,export-gpu,serve-gpu,tensorrt]==0.1.0" && rm -rf /wheels
 WORKDIR /work
 ENTRYPOINT ["calibclust"]
 CMD ["--help"]

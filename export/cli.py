@@ -27,7 +27,7 @@ EPILOG_TRT = """examples:
   calibclust export tensorrt model.onnx --out model.fp16.engine --fp16
   calibclust export tensorrt model.int8.onnx --out model.int8.engine   # Q/DQ graph -> INT8 engine
 
-Needs a CUDA GPU, the tensorrt Python package (pip install 'calibclust[gpu]') and onnxruntime for the
+Needs a CUDA GPU, the tensorrt Python package (pip install 'calibclust[tensorrt]') and onnxruntime for the
 parity gate. Precision comes from the ONNX graph (strongly typed network): --fp16 converts the graph
 to FP16 first; an INT8 engine is built from the Q/DQ model that 'export onnx --int8' writes.
 The engine is only valid on the GPU model and TensorRT version it was built with; the JSON sidecar

@@ -60,7 +60,7 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise MissingDependencyError("tensorrt", "gpu", "building TensorRT engines") from None
+        raise MissingDependencyError("tensorrt", "tensorrt", "building TensorRT engines") from None
     return trt
 
 

@@ -64,7 +64,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - serve extra always installs it
-        raise MissingDependencyError("onnxruntime", "serve", "running models") from exc
+        raise MissingDependencyError("onnxruntime", "serve", "running models; 'calibclust[serve-gpu]' on a CUDA machine") from exc
     return onnxruntime
 
 
@@ -126,7 +126,8 @@ def resolve_backend(requested: str, model_path: str | os.PathLike) -> str:
         if suffix != ".onnx":
             raise BackendError(f"backend {requested!r} runs .onnx models, not {Path(model_path).name}")
         if _PROVIDERS[requested] not in available_providers():
-            extra = "pip install 'calibclust[gpu]' (onnxruntime-gpu, tensorrt)" if requested != "cpu" else ""
+            extra = ("pip install 'calibclust[serve-gpu]' (onnxruntime-gpu) instead of 'calibclust[serve]', never both"
+                     + (" and 'calibclust[tensorrt]'" if requested == "tensorrt" else "")) if requested != "cpu" else ""
             raise BackendError(
                 f"backend {requested!r} is not available in this onnxruntime build "
                 f"(it offers {', '.join(available_providers())}). {extra}".strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,35 @@ def test_errors_name_the_full_command():
     proc = subprocess.run([sys.executable, "-m", "calibclust", "bench", "zoo", "cifar"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("calibclust bench zoo: error: unknown zoo set"), proc.stderr
+
+
+def test_no_extra_or_documented_install_mixes_cpu_and_gpu_onnxruntime():
+    """onnxruntime and onnxruntime-gpu install the same module (one hides the other's CUDA provider):
+    no extra, and no combination the README or the Dockerfile installs, may pull in both."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def requirements(names: set[str]) -> set[str]:
+        found: set[str] = set()
+        for name in names:
+            for req in extras[name]:
+                own = re.fullmatch(r"calibclust\[([^\]]+)\]", req)
+                if own:
+                    found |= requirements({n.strip() for n in own.group(1).split(",")})
+                else:
+                    found.add(re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower())
+        return found
+
+    runtimes = {"onnxruntime", "onnxruntime-gpu"}
+    for name in extras:
+        assert len(requirements({name}) & runtimes) <= 1, f"extra [{name}] installs {requirements({name}) & runtimes}"
+    documented = re.findall(r"calibclust\[([a-z0-9,\- ]+)\]", (root / "README.md").read_text()
+                            + (root / "Dockerfile").read_text())
+    assert any("serve-gpu" in d for d in documented) and any("serve" in d.split(",") for d in documented)
+    for combo in documented:
+        names = {n.strip() for n in combo.split(",")}
+        assert names <= set(extras), f"README/Dockerfile name an extra that does not exist: [{combo}]"
+        got = requirements(names) & runtimes
+        assert len(got) == 1 or not ({"serve", "serve-gpu", "export", "export-gpu", "all"} & names), \
+            f"calibclust[{combo}] installs {sorted(got) or 'no onnxruntime'}"

@@ -74,7 +74,7 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch):
 def _gpu_ready():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")
-    pytest.importorskip("tensorrt", reason="tensorrt not installed (pip install 'calibclust[gpu]')")
+    pytest.importorskip("tensorrt", reason="tensorrt not installed (pip install 'calibclust[tensorrt]')")
 
 
 @pytest.mark.gpu
