@@ -366,6 +366,13 @@ examples:
   calibclust bench choose-k --out runs/choose-k           # every set, 100 pretraining epochs"""
 
 
+def _class_counts(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected class counts like 3,5, got {text!r}") from None
+
+
 def _choose_k_options(p: argparse.ArgumentParser) -> None:
     from calibclust.cluster.choose_k import DEFAULT_K_RANGE, argparse_type, parse_k_range
 
@@ -375,7 +382,7 @@ def _choose_k_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="the quick start's --fast pretraining (15 MoCo epochs)")
     p.add_argument("--k-range", type=argparse_type(parse_k_range), default=DEFAULT_K_RANGE, metavar="LOW..HIGH",
                    help=f"K values compared (default {DEFAULT_K_RANGE[0]}..{DEFAULT_K_RANGE[1]})")
-    p.add_argument("--subsets", type=lambda t: [int(v) for v in t.split(",") if v.strip()], default=[5],
+    p.add_argument("--subsets", type=_class_counts, default=[5],
                    metavar="N,N", help="also choose K on the first N classes of each set (default 5; '' for none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, pretraining and criteria (default 0)")
     p.add_argument("--verbose", action="store_true", help="show each stage's output instead of logging it")

@@ -258,7 +258,7 @@ def plot_k_criteria(choice: dict) -> SVGFigure:
     each scaled to [0, 1] over the range so that the three share one axis; the chosen K is marked."""
     ks = np.asarray(choice["ks"], float)
     chart = Chart(f"Choosing K without labels: chosen {choice['k']}, runner-up {choice['runner_up']}",
-                  "K (number of clusters)", "criterion, scaled to [0, 1] (higher = better)",
+                  "K (number of clusters)", "criterion, each scaled to [0, 1] over the range",
                   xlim=(ks.min() - 0.5, ks.max() + 0.5), ylim=(-0.02, 1.1))
     for color, (name, values) in zip(PALETTE, choice["curves"].items()):
         v = np.asarray(values, float)

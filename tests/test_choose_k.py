@@ -64,6 +64,8 @@ def test_too_few_points_and_bad_features_are_clear_errors():
         choose_k(np.full((50, 3), np.nan), (2, 5))
     with pytest.raises(InputError, match="2-D"):
         choose_k(np.zeros(50), (2, 5))
+    with pytest.raises(InputError, match="distinct feature vector"):  # a collapsed backbone
+        choose_k(np.ones((300, 8)), (2, 5))
     # The range shrinks to what the points support (N // 3) instead of failing.
     assert choose_k(_blobs(3, seed=0, n=30)[0], (2, 30)).ks[-1] == 10
 
@@ -98,6 +100,15 @@ def test_cli_rejects_bad_clusters_and_k_range_before_any_work(argv, message, tmp
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["train", "compare"], ["train", "cdc-ablation"]])
+def test_commands_that_score_a_fixed_k_refuse_auto(command, tmp_path, capsys):
+    from calibclust.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*command, str(tmp_path), "--out", str(tmp_path / "o"), "--clusters", "auto"])
+    assert exc.value.code == 2 and "--clusters: invalid int value: 'auto'" in capsys.readouterr().err
+
+
 def test_auto_needs_a_pretrained_backbone(digits_folder, tmp_path, capsys):
     from calibclust.cli import main
 
@@ -105,23 +116,27 @@ def test_auto_needs_a_pretrained_backbone(digits_folder, tmp_path, capsys):
     assert rc == 2 and "--clusters auto needs --backbone-weights" in capsys.readouterr().err
 
 
-def test_train_cdc_auto_saves_the_choice_in_run_json_and_model(digits_folder, digits_moco_backbone, tmp_path):
+def test_train_cdc_auto_saves_the_choice_in_run_json_and_model(digits_folder, digits_moco_backbone, tmp_path, capsys):
     """200 digits with the quick start's MoCo backbone: K chosen in 2..8, trained with, and stored in
-    run.json and the model's metadata (what `label` shows in its report)."""
+    run.json and the model's metadata (what `label` shows in its report); --resume keeps that K."""
     from calibclust.cli import main
 
     out = tmp_path / "cdc"
-    rc = main(["train", "cdc", str(digits_folder), "--out", str(out), "--clusters", "auto", "--k-range", "2..8",
-               "--backbone-weights", str(digits_moco_backbone), "--freeze-backbone", "--epochs", "1", "--views", "2",
-               "--batch-size", "100", "--sub-batch-size", "50", "--orth-steps", "20", "--hidden-dim", "64", "--no-flip",
-               "--no-progress"])
-    assert rc == 0
+    argv = ["train", "cdc", str(digits_folder), "--out", str(out), "--clusters", "auto", "--k-range", "2..8",
+            "--backbone-weights", str(digits_moco_backbone), "--freeze-backbone", "--views", "2",
+            "--batch-size", "100", "--sub-batch-size", "50", "--orth-steps", "20", "--hidden-dim", "64", "--no-flip",
+            "--no-progress"]
+    assert main([*argv, "--epochs", "1"]) == 0
     run = json.loads((out / "run.json").read_text())
     choice = run["clusters_choice"]
     assert 2 <= choice["k"] <= 8 and run["config"]["num_clusters"] == choice["k"]
     assert choice["ks"] == list(range(2, 9)) and choice["n_points"] == 200
     meta = json.loads((out / "model" / "config.json").read_text())["metadata"]
     assert meta["num_clusters"] == choice["k"] and meta["train_stats"]["clusters_choice"]["k"] == choice["k"]
+    capsys.readouterr()
+    assert main([*argv, "--epochs", "2", "--resume"]) == 0
+    assert f"resuming with K = {choice['k']}" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["clusters_choice"] == choice
 
 
 def test_train_spice_auto_saves_the_choice(digits_folder, digits_moco_backbone, tmp_path):

@@ -7,11 +7,15 @@ three), each with its own pick, and the chosen K is their median:
   via the gap statistic" (2001): Gap(k) = E*[log W_k] − log W_k (their Eq. 3), W_k the within-cluster
   sum of squares, E* over reference sets drawn uniformly in the box of the data's principal axes
   (their reference (b)); pick the smallest k with Gap(k) ≥ Gap(k+1) − s_{k+1} (their rule, Step 3,
-  s_k = sd_k·√(1 + 1/B)). k = 1 is included, so a folder without structure can say so.
+  s_k = sd_k·√(1 + 1/B)), over k = 1 followed by the range (so with a range from 3 the first
+  comparison is Gap(1) against Gap(3)). k = 1 is included so that a folder without structure can say
+  so; the reference sets are clustered exactly as the data (same k-means restarts).
 * **silhouette** — Rousseeuw (1987), mean silhouette of the k-means partition; pick the maximum.
-* **stability** — Ben-Hur, Elisseeff & Guyon, "A stability based method for discovering structure in
-  clustered data" (2002): k-means on two random 80 % subsamples, both partitions extended to every
-  point by nearest centre, adjusted Rand index between them; mean over B pairs; pick the maximum.
+* **stability** — after Ben-Hur, Elisseeff & Guyon, "A stability based method for discovering
+  structure in clustered data" (2002), who compare partitions of two subsamples on their shared
+  points and read K from the shape of the similarity distribution; here, as a single number per K:
+  k-means on two random 80 % subsamples, both partitions extended to every point by nearest centre,
+  adjusted Rand index between them, mean over B pairs; pick the maximum.
 
 Why the median of three: each criterion fails in its own direction on real features (stability
 prefers small K, silhouette flattens and drifts to large K, the gap rule stops at the first plateau);
@@ -32,7 +36,9 @@ from dataclasses import asdict, dataclass, field
 from calibclust.errors import InputError
 
 DEFAULT_K_RANGE = (2, 30)
+DEFAULT_MAX_POINTS = 2000
 CRITERIA = ("gap", "silhouette", "stability")
+RESTARTS = 3  # k-means++ restarts per clustering, of the data and of the gap's reference sets alike
 K_RANGE_LIMIT = 1000
 
 
@@ -80,10 +86,12 @@ class KChoice:
     rule: str = "median of the gap, silhouette and stability picks"
     message: str | None = None  # set when no cluster structure was found
     gap_sd: list[float] = field(default_factory=list)
+    gap_one: tuple[float, float] | None = None  # Gap(1) and s_1, the "no structure" evidence
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["k_range"] = list(self.k_range)
+        d["gap_one"] = None if self.gap_one is None else list(self.gap_one)
         return d
 
     def format_table(self) -> str:
@@ -120,7 +128,7 @@ def choose_k(
     seed: int = 0,
     references: int = 10,
     pairs: int = 10,
-    max_points: int = 2000,
+    max_points: int = DEFAULT_MAX_POINTS,
     progress=None,
 ) -> KChoice:
     """Choose K for ``features`` (N, D) by the median of three label-free criteria (module docstring).
@@ -157,10 +165,13 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
         x = x[np.sort(rng.choice(len(x), max_points, replace=False))]
     n = len(x)
     distinct = len(np.unique(x.round(6), axis=0))
+    if distinct <= low:
+        raise InputError(f"only {distinct} distinct feature vector(s) among {n}: the backbone does not tell these "
+                         f"images apart (collapsed or untrained?), so there is no K to choose")
     high = min(high, distinct - 1, n // 3)
     if high < low:
-        raise InputError(f"{n} feature vectors ({distinct} distinct) are too few to compare K in {low}..{k_range[1]}; "
-                         "give more images or a smaller --k-range")
+        raise InputError(f"{n} feature vectors are too few to compare K from {low} (at least 3 per cluster: "
+                         f"{3 * low} for K = {low}); give more images")
     ks = list(range(low, high + 1))
     x = x - x.mean(0)
     # Gap reference sets: uniform in the bounding box of the principal axes (Tibshirani et al., reference (b)).
@@ -172,13 +183,13 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
     pair_idx = [(rng.choice(n, sub, replace=False), rng.choice(n, sub, replace=False)) for _ in range(pairs)]
 
     def gap_at(k: int, inertia: float) -> tuple[float, float]:
-        log_ref = np.log([max(_kmeans(r, k, seed, 1)[2], 1e-12) for r in refs])
+        log_ref = np.log([max(_kmeans(r, k, seed, RESTARTS)[2], 1e-12) for r in refs])
         return float(log_ref.mean() - np.log(max(inertia, 1e-12))), float(log_ref.std() * np.sqrt(1 + 1 / references))
 
     gap1, sd1 = gap_at(1, float((x * x).sum()))
     gaps, sds, sils, stabs = [], [], [], []
     for k in ks:
-        labels, _, inertia = _kmeans(x, k, seed, 3)
+        labels, _, inertia = _kmeans(x, k, seed, RESTARTS)
         g, s = gap_at(k, inertia)
         gaps.append(g)
         sds.append(s)
@@ -219,7 +230,7 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
     return KChoice(
         k=int(chosen), runner_up=int(runner_up), k_range=(low, k_range[1]), ks=ks,
         curves={"gap": gaps, "silhouette": sils, "stability": stabs}, picks=picks, n_points=n,
-        seconds=round(time.time() - t0, 2), message=message, gap_sd=sds,
+        seconds=round(time.time() - t0, 2), message=message, gap_sd=sds, gap_one=(gap1, sd1),
     )
 
 
@@ -233,7 +244,6 @@ def argparse_type(parse):
         except InputError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    convert.__name__ = parse.__name__.removeprefix("parse_")  # argparse names the type in its errors
     return convert
 
 

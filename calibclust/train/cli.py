@@ -272,42 +272,60 @@ def _load_inputs(args):
     return data, backbone, info
 
 
-def choose_clusters(args, data, backbone, info: dict, device: str) -> dict | None:
-    """Resolve ``--clusters auto`` in place (``args.clusters`` becomes an int) and return the choice
-    (``KChoice.to_dict()``), or None when K was given. A resumed run reuses the K in its run.json."""
-    if args.clusters != "auto":
-        return None
-    from calibclust.errors import InputError
+CLUSTERS_CHOICE_FILE = "clusters_choice.json"  # written before training, so that --resume keeps the K
 
-    run_json = Path(args.out) / "run.json"
-    if getattr(args, "resume", False) and run_json.is_file():
-        saved = json.loads(run_json.read_text()).get("clusters_choice")
-        if saved:
-            args.clusters = int(saved["k"])
-            print(f"--clusters auto: resuming with K = {args.clusters}, chosen when the run started", file=sys.stderr)
-            return saved
-    if backbone is None:
+
+def refuse_auto_without_backbone(args) -> None:
+    """Before any image is decoded: ``--clusters auto`` reads K from pretrained features."""
+    if args.clusters == "auto" and not args.backbone_weights:
+        from calibclust.errors import InputError
+
         raise InputError("--clusters auto needs --backbone-weights: K is read from a pretrained backbone's features, "
                          "and a randomly initialised network's say nothing about the classes. Pretrain first "
                          "('calibclust pretrain FOLDER --out DIR') or give --clusters C")
+
+
+def choose_clusters(args, data, backbone, info: dict, device: str) -> dict | None:
+    """Resolve ``--clusters auto`` in place (``args.clusters`` becomes an int) and return the choice
+    (``KChoice.to_dict()``, also written to OUT/clusters_choice.json before training), or None when K
+    was given. A resumed run keeps the K it started with."""
+    saved_path = Path(args.out) / CLUSTERS_CHOICE_FILE
+    saved = json.loads(saved_path.read_text()) if getattr(args, "resume", False) and saved_path.is_file() else None
+    if args.clusters != "auto":
+        # An explicit K equal to the one an auto run chose keeps that run's record.
+        return saved if saved and int(saved["k"]) == args.clusters else None
+    if saved:
+        args.clusters = int(saved["k"])
+        print(f"--clusters auto: resuming with K = {args.clusters}, chosen when the run started "
+              f"({saved_path}; --k-range is not searched again)", file=sys.stderr)
+        return saved
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from calibclust.cluster.choose_k import choose_k
+    from calibclust.cluster.choose_k import DEFAULT_MAX_POINTS, choose_k
     from calibclust.models.clustering import ClusteringModel
     from calibclust.train.cdc import embed_images
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     norm = {k: tuple(info[k]) for k in ("mean", "std") if info.get(k) is not None}
     probe = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", **norm).to(device)
-    z = F.normalize(embed_images(probe, data.images, device=device), dim=1).cpu().numpy()
+    # The criteria are sample statistics: embed a fixed random subset, not the whole folder.
+    n = data.num_images
+    rows = np.sort(np.random.default_rng(args.seed).choice(n, DEFAULT_MAX_POINTS, replace=False)) if n > DEFAULT_MAX_POINTS else slice(None)
+    z = F.normalize(embed_images(probe, data.images[rows], device=device), dim=1).cpu().numpy()
     low, high = args.k_range
-    print(f"--clusters auto: comparing K = {low}..{high} on the backbone's features of "
-          f"{min(len(z), 2000)} of {len(z)} images", file=sys.stderr)
+    print(f"--clusters auto: comparing K = {low}..{high} on the backbone's features of {len(z)} of {n} images",
+          file=sys.stderr)
     progress = None if args.no_progress else (lambda k: print(f"  K = {k} done", file=sys.stderr, flush=True))
     choice = choose_k(z, (low, high), seed=args.seed, progress=progress)
+    if choice.ks[-1] < high:
+        print(f"  (K above {choice.ks[-1]} not compared: {len(z)} images allow at most {choice.ks[-1]} clusters "
+              "of at least 3)", file=sys.stderr)
     print(choice.format_table(), file=sys.stderr)
     args.clusters = choice.k
+    saved_path.parent.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(choice.to_dict(), indent=2))
     return choice.to_dict()
 
 
@@ -315,6 +333,9 @@ def run_cdc(args) -> int:
     from calibclust.train.cdc import train_cdc
 
     _set_threads(args)
+    refuse_auto_without_backbone(args)
+    # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
+    _config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters)
     data, backbone, info = _load_inputs(args)
     clusters_choice = choose_clusters(args, data, backbone, info, args.device)
     config = _config_from_args(args)

@@ -15,7 +15,7 @@ from pathlib import Path
 # Imported at module level (it imports no torch) so that, if the train group is missing, the
 # entry point fails at load time and `calibclust` reports and skips it instead of crashing.
 from calibclust.cluster.choose_k import add_cluster_args
-from calibclust.train.cli import BACKBONES, choose_clusters, train_subparsers
+from calibclust.train.cli import BACKBONES, choose_clusters, refuse_auto_without_backbone, train_subparsers
 
 EXIT_OK = 0
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -150,11 +150,11 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def spice_config_from_args(args):
+def spice_config_from_args(args, num_clusters: int | None = None):
     from calibclust.train.spice import SpiceConfig
 
     return SpiceConfig(
-        num_clusters=args.clusters, n_heads=args.heads, batch_size=args.batch_size, score_batch_size=args.score_batch_size,
+        num_clusters=args.clusters if num_clusters is None else num_clusters, n_heads=args.heads, batch_size=args.batch_size, score_batch_size=args.score_batch_size,
         top_fraction=args.top_fraction, overlap=not args.non_overlap, head_lr=args.head_lr, head_epochs=args.head_epochs,
         num_neighbors=args.neighbors, reliable_threshold=args.reliable_threshold,
         reliable_min_confidence=args.reliable_min_confidence, reliable_balance=args.balance,
@@ -262,9 +262,12 @@ def run_spice(args) -> int:
                          "or choose a new --out")
     if args.resume and not has_state(args.out):
         print(f"train spice: no checkpoint in {args.out}; starting from scratch", file=sys.stderr)
+    refuse_auto_without_backbone(args)
+    # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
+    spice_config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters)
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
-    clusters_choice = choose_clusters(args, data, backbone if pretrained else None, info, device)
+    clusters_choice = choose_clusters(args, data, backbone, info, device)
     print(f"training SPICE on {data.num_images} images, K={args.clusters}, output {args.out}", file=sys.stderr)
     try:
         config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out))
