@@ -10,10 +10,12 @@ Exit codes (EXIT_* below): 0 ok, 1 failure, 2 bad usage, 3 finished with some in
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from importlib.metadata import entry_points
 
 from calibclust import __version__
+from calibclust.cli_config import load_config_defaults, save_settings, settings_of
 from calibclust.errors import CalibclustError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -41,9 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def command_name(parser: argparse.ArgumentParser, argv: list[str]) -> str:
-    """The full command a user typed (``calibclust train cdc``), for error messages: the leading
-    words of ``argv`` that name subcommands, level by level."""
+def _command(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], argparse.ArgumentParser]:
+    """The leading words of ``argv`` that name subcommands, level by level, and the last parser."""
     words = [parser.prog]
     for token in argv:
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
@@ -51,19 +52,36 @@ def command_name(parser: argparse.ArgumentParser, argv: list[str]) -> str:
             break
         words.append(token)
         parser = sub.choices[token]
-    return " ".join(words)
+    return words, parser
+
+
+def command_name(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """The full command a user typed (``calibclust train cdc``), for error messages."""
+    return " ".join(_command(parser, argv)[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    words, leaf = _command(parser, argv)
+    name = " ".join(words)
+    try:
+        load_config_defaults(leaf, argv)
+    except CalibclustError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    name = command_name(parser, argv)
     try:
-        return int(args.func(args) or EXIT_OK)
+        if getattr(args, "print_config", False):
+            print(json.dumps(settings_of(args), indent=2))
+            return EXIT_OK
+        code = int(args.func(args) or EXIT_OK)
+        if code in (EXIT_OK, EXIT_PARTIAL):
+            save_settings(args)
+        return code
     except CalibclustError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from calibclust.augment import AUGMENT_PRESETS, AugmentConfig
+from calibclust.cli_config import add_config_args
 from calibclust.precision import training_precision
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -696,6 +697,7 @@ def register_cli(subparsers) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out (its settings are reused)")
     g.add_argument("--stop-after-epochs", type=int, metavar="E", help="stop (with a checkpoint) once E epochs are done")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(p)
     p.set_defaults(func=run)
 
 

@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from calibclust.cli_config import add_config_args
 from calibclust.cluster.choose_k import add_cluster_args
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -169,6 +170,7 @@ def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = Tru
     r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice; 1 is "
                                                             "faster on a machine whose cores are busy)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_args(p)
 
 
 def _add_ablation_args(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 # Imported at module level (it imports no torch) so that, if the train group is missing, the
 # entry point fails at load time and `calibclust` reports and skips it instead of crashing.
+from calibclust.cli_config import add_config_args
 from calibclust.cluster.choose_k import add_cluster_args
 from calibclust.train.cli import BACKBONES, choose_clusters, refuse_auto_without_backbone, train_subparsers
 
@@ -115,6 +116,7 @@ def _add_data_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_args(p)
 
 
 def register_cli(subparsers) -> None:
