@@ -41,12 +41,14 @@ def test_blobs_k_means_finds_hard_give_their_k():
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "uniform"])
-def test_one_visual_class_says_no_structure_and_uses_the_lowest_k(kind):
+def test_one_visual_class_says_no_structure_was_found(kind):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 12)) if kind == "gaussian" else rng.uniform(size=(300, 12))
     choice = choose_k(x, (2, 12))
-    assert choice.picks["gap"] == 1, choice.format_table()
-    assert choice.k == 2 and "no cluster structure found" in choice.message
+    assert choice.message and "no cluster structure" in choice.message, choice.format_table()
+    assert choice.gap_one[0] >= choice.curves["gap"][0] - choice.gap_sd[0]  # Gap(1) ≥ Gap(2) − s_2
+    for k in (3, 5):  # and never on data with clusters
+        assert choose_k(_blobs(k, seed=k)[0], (2, 12)).message is None
 
 
 def test_choice_is_deterministic_and_json_ready():

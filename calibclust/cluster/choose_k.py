@@ -9,7 +9,8 @@ three), each with its own pick, and the chosen K is their median:
   (their reference (b)); pick the smallest k with Gap(k) ≥ Gap(k+1) − s_{k+1} (their rule, Step 3,
   s_k = sd_k·√(1 + 1/B)), over k = 1 followed by the range (so with a range from 3 the first
   comparison is Gap(1) against Gap(3)). k = 1 is included so that a folder without structure can say
-  so; the reference sets are clustered exactly as the data (same k-means restarts).
+  so (a message, not a veto: the pick within the range still votes); the reference sets are
+  clustered exactly as the data (same k-means restarts).
 * **silhouette** — Rousseeuw (1987), mean silhouette of the k-means partition; pick the maximum.
 * **stability** — after Ben-Hur, Elisseeff & Guyon, "A stability based method for discovering
   structure in clustered data" (2002), who compare partitions of two subsamples on their shared
@@ -203,22 +204,24 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
         if progress is not None:
             progress(k)
 
-    # Gap rule over k = 1, low, …: the smallest k with Gap(k) ≥ Gap(k+1) − s_{k+1}.
-    gap_ks, gap_vals, gap_sds = [1] + ks, [gap1] + gaps, [sd1] + sds
-    gap_pick = gap_ks[-1]
-    for i in range(len(gap_ks) - 1):
-        if gap_vals[i] >= gap_vals[i + 1] - gap_sds[i + 1]:
-            gap_pick = gap_ks[i]
-            break
-    picks = {"gap": gap_pick, "silhouette": ks[int(np.argmax(sils))], "stability": ks[int(np.argmax(stabs))]}
+    def gap_rule(candidates, values, sds) -> int:
+        """Tibshirani et al.'s rule: the smallest k with Gap(k) ≥ Gap(k+1) − s_{k+1}."""
+        for i in range(len(candidates) - 1):
+            if values[i] >= values[i + 1] - sds[i + 1]:
+                return candidates[i]
+        return candidates[-1]
+
     message = None
+    gap_pick = gap_rule(ks, gaps, sds)
+    if gap_rule([1] + ks, [gap1] + gaps, [sd1] + sds) == 1:
+        # One cluster fits as well as any split. Said plainly; the gap then votes with its best split,
+        # so that the other two criteria are not overruled by a reference distribution (uniform in a
+        # box) that high-dimensional features on a sphere often do not resemble.
+        message = (f"weak or no cluster structure: the gap statistic prefers one cluster to any split; "
+                   "check that the backbone separates these images before trusting K")
+    picks = {"gap": gap_pick, "silhouette": ks[int(np.argmax(sils))], "stability": ks[int(np.argmax(stabs))]}
     votes = sorted(picks.values())
-    chosen = max(low, votes[1])
-    if gap_pick == 1:
-        # One cluster fits as well as any split: report it, and train the smallest K of the range.
-        message = (f"no cluster structure found: the gap statistic prefers one cluster to {low} or more; "
-                   f"the features may not separate these images (K = {low} is used)")
-        chosen = low
+    chosen = votes[1]
     # Runner-up: the other picks' nearest distinct value, else the next-best K by summed rank.
     others = [v for v in votes if v != chosen and v in ks]
     if others:
