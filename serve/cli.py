@@ -37,6 +37,7 @@ examples:
   calibclust label photos/ --model model.onnx --out labels/ --target-accuracy 0.95 --top-k 3
   calibclust label photos/ --model model.onnx --out labels/ --coverage 0.8 --sort-into sorted/
   calibclust label photos/ --model model.onnx --out labels/ --resume        # after an interruption
+  calibclust label photos/ --model model.onnx --out labels/ --format parquet --probs --embeddings  # for curation tools
   calibclust label photos/ --model model.onnx --out labels/ --format parquet --engine ray
       (Ray: a local instance by default; set RAY_ADDRESS=ray://head:10001 to use a cluster)
 """
@@ -81,6 +82,9 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--format", choices=("csv", "parquet", "jsonl"), default="csv", help="table format (default csv)")
     o.add_argument("--top-k", type=int, default=0, metavar="K", help="add the K most probable clusters per image")
     o.add_argument("--probs", action="store_true", help="add prob_<c> columns (every cluster's probability)")
+    o.add_argument("--embeddings", action="store_true",
+                   help="also write embeddings.npy: the model's embedding of every file, row i = the table's row i "
+                        "(float32, memory-mappable with numpy.load(..., mmap_mode='r'); NaN rows for unreadable files)")
     o.add_argument("--sort-into", metavar="DIR",
                    help="also build DIR/<cluster>/, DIR/_rejected/, DIR/_ood/, DIR/_errors/ of symlinks "
                         "(never overwrites an existing file; DIR must be outside FOLDER; clusters whose names "
@@ -147,6 +151,7 @@ def options_from_args(args):
         table_format=args.format,
         top_k=args.top_k,
         write_probs=args.probs,
+        write_embeddings=args.embeddings,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         max_file_mb=args.max_file_mb,

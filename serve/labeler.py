@@ -80,6 +80,19 @@ class Labeler:
     def batch_size(self) -> int:
         return int(self.backend.default_batch_size)
 
+    def embedding_dim(self) -> int:
+        """Width D of the model's ``embedding`` output (optional in the model contract): from the
+        metadata, else from one blank image; an InputError when the model has none."""
+        if self.metadata.embedding_dim:
+            return int(self.metadata.embedding_dim)
+        h, w = self.input_size
+        try:
+            out = self.backend.run(np.zeros((1, h, w, 3), np.uint8), ("embedding",))["embedding"]
+        except Exception as exc:  # noqa: BLE001 - each runtime raises its own type for a missing output
+            raise InputError(f"{self.model_path.name} has no 'embedding' output ({type(exc).__name__}); "
+                             "--embeddings needs a model exported by 'calibclust export onnx'") from None
+        return int(out.shape[1])
+
     # --- prediction -----------------------------------------------------------------------------
     def predict(self, images: np.ndarray, outputs: Sequence[str] = CONTRACT_OUTPUTS) -> dict[str, np.ndarray]:
         """Run the model on ``images`` uint8 (N, H, W, 3) of the model's input size."""

@@ -54,7 +54,8 @@ from calibclust.serve.resume import Journal, PartBuffer, ResumeError, RunLock, a
 EXIT_OK, EXIT_PARTIAL = 0, 3
 TABLE_STEM = "predictions"
 PREFETCH_BYTES = 1 << 30  # decoded batches waiting for inference, at most (but always 2 batches)
-OUTPUT_FILES = ("summary.json", "report.html") + tuple(f"{TABLE_STEM}{s}" for s in (".csv", ".parquet", ".jsonl"))
+EMBEDDINGS_FILE = "embeddings.npy"
+OUTPUT_FILES = ("summary.json", "report.html", EMBEDDINGS_FILE) + tuple(f"{TABLE_STEM}{s}" for s in (".csv", ".parquet", ".jsonl"))
 
 
 @dataclass
@@ -70,6 +71,7 @@ class LabelOptions:
     table_format: str = "csv"  # (table) csv | parquet | jsonl
     top_k: int = 0  # (table) add top<k>_cluster / top<k>_prob columns
     write_probs: bool = False  # (table) add prob_<c> for every cluster
+    write_embeddings: bool = False  # (table) also write embeddings.npy, row i = the table's row i
     csv_escape: bool = True  # CSV: ' before cells a spreadsheet would run as formulas (read back without)
     batch_size: int | None = None  # (table: batch boundaries) None = backend's default
     max_pixels: int = DEFAULT_MAX_PIXELS  # (table) decompression-bomb guard
@@ -246,9 +248,10 @@ def _count_images(folder: str, box: dict) -> None:
 
 def build_rows(
     rel_paths: list[str], ok: np.ndarray, outputs: dict[str, np.ndarray], errors: list[tuple[int, str]],
-    num_clusters: int, keep_probs: bool,
+    num_clusters: int, keep_probs: bool, embedding_dim: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Raw journal columns for one batch, rows in discovery order."""
+    """Raw journal columns for one batch, rows in discovery order (``embedding`` when
+    ``embedding_dim``; NaN rows for files that could not be read)."""
     n = len(rel_paths)
     cluster = np.full(n, -1, np.int64)
     confidence = np.full(n, np.nan, np.float32)
@@ -272,7 +275,21 @@ def build_rows(
         if len(ok):
             probs[ok] = outputs["probs"]
         rows["probs"] = probs
+    if embedding_dim:
+        embedding = np.full((n, embedding_dim), np.nan, np.float32)
+        if len(ok):
+            embedding[ok] = outputs["embedding"]
+        rows["embedding"] = embedding
     return rows
+
+
+def wanted_outputs(opts: "LabelOptions") -> tuple[str, ...]:
+    """The contract outputs a run needs: probabilities only for top-k / prob columns, the
+    embedding only for --embeddings."""
+    wanted = ("confidence", "label", "ood_score")
+    if opts.top_k or opts.write_probs:
+        wanted = ("probs",) + wanted
+    return wanted + (("embedding",) if opts.write_embeddings else ())
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -294,6 +311,8 @@ def fingerprint(opts: LabelOptions, labeler: Labeler, batch_size: int) -> dict[s
     }
     if opts.max_file_mb != DEFAULT_MAX_BYTES / 2**20:  # only when set: older journals still resume
         fp["max_file_mb"] = opts.max_file_mb
+    if opts.write_embeddings:  # likewise
+        fp["embeddings"] = True
     return fp
 
 
@@ -415,7 +434,8 @@ def _run_local(
     workers = (os.cpu_count() or 1) if opts.workers is None else opts.workers
     prefetch = prefetch_batches(workers, batch_size, labeler.input_size)
     keep_probs = bool(opts.top_k or opts.write_probs)
-    wanted = ("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score")
+    wanted = wanted_outputs(opts)
+    embedding_dim = labeler.embedding_dim() if opts.write_embeddings else 0
     size = labeler.input_size
     # A partial of a module-level function: process workers must be able to pickle it.
     decode = functools.partial(decode_batch, size=size, max_pixels=opts.max_pixels,
@@ -442,7 +462,7 @@ def _run_local(
         outputs = labeler.predict(batch, wanted) if len(ok) else {}
         if thumbnails is not None and len(ok):
             thumbnails.offer([rel[i] for i in ok], batch, outputs)
-        buffer.add(build_rows(rel, ok, outputs, errors, labeler.num_clusters, keep_probs))
+        buffer.add(build_rows(rel, ok, outputs, errors, labeler.num_clusters, keep_probs, embedding_dim))
         processed += len(rel)
         if count["total"] is not None and bar.total is None:
             bar.total = count["total"]
@@ -523,8 +543,18 @@ def finalise(
                   f"is taken by another cluster)", file=sys.stderr)
     table = opts.table_path()
     errors_sample = []
+    embeddings = None
+    if opts.write_embeddings:
+        # Memory-mapped and filled part by part: row i is the table's row i (NaN where unreadable).
+        embeddings_tmp = Path(opts.out_dir) / f".{EMBEDDINGS_FILE}.tmp-{os.getpid()}"
+        embeddings = np.lib.format.open_memmap(embeddings_tmp, mode="w+", dtype=np.float32,
+                                               shape=(n, labeler.embedding_dim()))
+    row = 0
     with PredictionsWriter(table, columns, escape_formulas=opts.csv_escape) as writer:
         for part in parts_again():
+            if embeddings is not None:
+                embeddings[row : row + len(part["cluster"])] = part["embedding"]
+            row += len(part["cluster"])
             ok = part["cluster"] >= 0
             decision = decide(part["confidence"], part["ood_score"], ok, thresholds)
             rows = {
@@ -547,6 +577,11 @@ def finalise(
                 sorter.add(rows["path"], decision, part["cluster"])
             if len(errors_sample) < 100:
                 errors_sample += [{"path": p, "error": e} for p, e in zip(rows["path"], rows["error"]) if e][:100]
+    if embeddings is not None:
+        embeddings.flush()
+        shape = list(embeddings.shape)
+        del embeddings  # close the map before the rename
+        os.replace(embeddings_tmp, Path(opts.out_dir) / EMBEDDINGS_FILE)
     counts = dict(collector.decision_counts)
     exit_code = EXIT_PARTIAL if counts["error"] else EXIT_OK
     summary = {
@@ -577,6 +612,8 @@ def finalise(
         "files_this_call": processed,
         "images_per_second": round((processed if processed is not None else n) / seconds, 1) if seconds > 0 else None,
         "sort_into": sorter.summary() if sorter is not None else None,
+        "embeddings": {"file": str((Path(opts.out_dir) / EMBEDDINGS_FILE).resolve()), "shape": shape}
+                      if opts.write_embeddings else None,
         "exit_code": exit_code,
         "fingerprint": fp,
     }
@@ -598,6 +635,8 @@ def finalise(
             (Path(opts.out_dir) / other).unlink(missing_ok=True)
     if not opts.report:
         (Path(opts.out_dir) / "report.html").unlink(missing_ok=True)
+    if not opts.write_embeddings:
+        (Path(opts.out_dir) / EMBEDDINGS_FILE).unlink(missing_ok=True)
     return LabelResult(exit_code, table, summary)
 
 

@@ -28,33 +28,35 @@ import numpy as np
 
 from calibclust.errors import require
 from calibclust.io.images import DEFAULT_MAX_BYTES
-from calibclust.serve.pipeline import build_rows, decode_batch, iter_relative_paths
+from calibclust.serve.pipeline import build_rows, decode_batch, iter_relative_paths, wanted_outputs
 
 
 class LabelActor:
     """One model session per actor; called on dict-of-numpy batches with ``index`` and ``path``."""
 
     def __init__(self, model: str, folder: str, backend: str, max_pixels: int, threads: int | None, keep_probs: bool,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_bytes: int = DEFAULT_MAX_BYTES, wanted: tuple[str, ...] | None = None, embedding_dim: int = 0):
         from calibclust.serve.labeler import Labeler
 
         self.labeler = Labeler(model, backend, threads=threads, max_pixels=max_pixels)
         self.folder = Path(folder)
         self.keep_probs = keep_probs
         self.max_bytes = max_bytes
-        self.wanted = ("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score")
+        self.wanted = wanted or (("probs", "confidence", "label", "ood_score") if keep_probs else ("confidence", "label", "ood_score"))
+        self.embedding_dim = embedding_dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rel = [str(p) for p in batch["path"]]
         ok, images, errors = decode_batch([str(self.folder / r) for r in rel], self.labeler.input_size,
                                           self.labeler.max_pixels, self.max_bytes)
         outputs = self.labeler.predict(images, self.wanted) if len(ok) else {}
-        rows = build_rows(rel, ok, outputs, errors, self.labeler.num_clusters, self.keep_probs)
+        rows = build_rows(rel, ok, outputs, errors, self.labeler.num_clusters, self.keep_probs, self.embedding_dim)
         result = {"index": np.asarray(batch["index"], np.int64)}
         for key, value in rows.items():
-            if key == "probs":
+            if key in ("probs", "embedding"):  # one Arrow column per entry
+                prefix = "prob" if key == "probs" else "emb"
                 for c in range(value.shape[1]):
-                    result[f"prob_{c}"] = value[:, c]
+                    result[f"{prefix}_{c}"] = value[:, c]
             elif value.dtype.kind == "U":
                 result[key] = value.astype(object)  # Arrow strings
             else:
@@ -81,6 +83,7 @@ def run_ray(opts, labeler, batch_size: int) -> Callable[[], Iterator[dict[str, n
     import ray.data
 
     keep_probs = bool(opts.top_k or opts.write_probs)
+    embedding_dim = labeler.embedding_dim() if opts.write_embeddings else 0
     rel_paths = list(iter_relative_paths(opts.folder))
     out = Path(opts.out_dir) / ".calibclust-label" / "ray"
     if out.exists():
@@ -97,7 +100,8 @@ def run_ray(opts, labeler, batch_size: int) -> Callable[[], Iterator[dict[str, n
         fn_constructor_kwargs=dict(
             model=str(Path(opts.model).resolve()), folder=str(Path(opts.folder).resolve()),
             backend=labeler.backend_name, max_pixels=opts.max_pixels, threads=opts.threads or 1,
-            keep_probs=keep_probs, max_bytes=int(opts.max_file_mb * 2**20),
+            keep_probs=keep_probs, max_bytes=int(opts.max_file_mb * 2**20), wanted=wanted_outputs(opts),
+            embedding_dim=embedding_dim,
         ),
         batch_size=batch_size,
         batch_format="numpy",
@@ -126,6 +130,10 @@ def run_ray(opts, labeler, batch_size: int) -> Callable[[], Iterator[dict[str, n
             if keep_probs and (columns is None or "probs" in columns):
                 part["probs"] = np.stack(
                     [t.column(f"prob_{c}").to_numpy(zero_copy_only=False) for c in range(num_clusters)], axis=1
+                ).astype(np.float32)
+            if embedding_dim and (columns is None or "embedding" in columns):
+                part["embedding"] = np.stack(
+                    [t.column(f"emb_{d}").to_numpy(zero_copy_only=False) for d in range(embedding_dim)], axis=1
                 ).astype(np.float32)
             yield part
 

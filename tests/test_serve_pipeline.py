@@ -414,3 +414,45 @@ def test_hostile_corpus_kill_and_resume_gives_the_same_table(model, tmp_path, fm
             assert b"'=cmd()+1.png" in (out / "predictions.csv").read_bytes(), "formula names are escaped"
     finally:
         (root / "locked").chmod(0o755)
+
+
+def test_embeddings_file_is_aligned_with_the_table_across_parts(model, mixed, tmp_path):
+    """--embeddings: embeddings.npy row i is the table's row i (several journal parts, NaN rows for
+    unreadable files), equal to the model's own embedding output; a later run without it removes it."""
+    from calibclust.serve.labeler import Labeler
+
+    root, _ = mixed
+    out = tmp_path / "emb"
+    table = read_predictions(_run(model, root, out, write_embeddings=True, report=False, workers=1, batch_size=8,
+                                  checkpoint_every=8, table_format="parquet"))
+    emb = np.load(out / "embeddings.npy", mmap_mode="r")
+    labeler = Labeler(str(model), "cpu", max_pixels=30_000)
+    assert emb.dtype == np.float32 and emb.shape == (len(table["path"]), labeler.embedding_dim())
+    ok = table["cluster"] >= 0
+    assert ok.sum() >= 42 and (~ok).sum() >= 5, "the fixture mixes readable and unreadable files"
+    assert np.isnan(emb[~ok]).all() and np.isfinite(emb[ok]).all()
+    images = np.stack([decode_image(root / p, size=labeler.input_size) for p in table["path"][ok]])
+    np.testing.assert_allclose(emb[ok], labeler.predict(images, ("embedding",))["embedding"], rtol=1e-5, atol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["embeddings"]["shape"] == list(emb.shape)
+    del emb
+    _run(model, root, out, report=False, workers=1, overwrite=True)
+    assert not (out / "embeddings.npy").exists()
+    assert json.loads((out / "summary.json").read_text())["embeddings"] is None
+
+
+def test_readme_curation_recipe_runs(model, mixed, tmp_path, monkeypatch):
+    """The README's pandas recipe for the table + embeddings, run as written (pandas is optional)."""
+    pytest.importorskip("pandas")
+    import re
+
+    root, _ = mixed
+    _run(model, root, tmp_path / "labels", write_embeddings=True, write_probs=True, table_format="parquet", report=False)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = re.search(r"```python\n(# table \+ embeddings.*?)```", readme, re.S)
+    assert recipe, "README: the curation recipe block is missing"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(recipe.group(1), namespace)  # noqa: S102 - the README's own code
+    df, emb = namespace["df"], namespace["emb"]
+    assert len(df) == len(emb) and "embedding" in df.columns and df["decision"].notna().all()

@@ -35,7 +35,7 @@ def test_ray_engine_equals_local_engine(local_ray, tmp_path):
     write_good_images(folder / "jpg", 40, seed=12, fmt="jpg")
     bad = write_bad_images(folder / "bad")
     model = make_contract_model(tmp_path / "model.onnx")
-    common = dict(folder=str(folder), model=str(model), batch_size=32, top_k=2, write_probs=True,
+    common = dict(folder=str(folder), model=str(model), batch_size=32, top_k=2, write_probs=True, write_embeddings=True,
                   max_pixels=30_000, policy=Policy("target_accuracy", 0.6), progress=False, table_format="parquet")
     local = label_folder(LabelOptions(out_dir=str(tmp_path / "local"), workers=1, **common))
     remote = label_folder(LabelOptions(out_dir=str(tmp_path / "ray"), engine="ray", ray_actors=2, **common))
@@ -53,3 +53,5 @@ def test_ray_engine_equals_local_engine(local_ray, tmp_path):
     assert s_ray["engine"] == "ray" and s_ray["counts"] == s_local["counts"]
     assert s_ray["thresholds"]["confidence_threshold"] == pytest.approx(s_local["thresholds"]["confidence_threshold"])
     assert not (tmp_path / "ray" / ".calibclust-label").exists()
+    np.testing.assert_allclose(np.load(tmp_path / "ray" / "embeddings.npy"), np.load(tmp_path / "local" / "embeddings.npy"),
+                               atol=1e-6, equal_nan=True)
