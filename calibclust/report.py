@@ -268,6 +268,34 @@ def plot_k_criteria(choice: dict) -> SVGFigure:
     return chart.render()
 
 
+def plot_training_curves(history: Sequence[Mapping[str, Any]], title: str, series: Sequence[tuple[str, Any]],
+                         ylabel: str, ylim: tuple[float, float] | None = None) -> SVGFigure:
+    """One chart of per-epoch values from a training log: ``series`` = (label, record -> value or
+    None); epochs without a value are skipped."""
+    epochs = [float(r["epoch"]) for r in history]
+    lines = []
+    for label, get in series:
+        xs, ys = [], []
+        for e, r in zip(epochs, history):
+            v = get(r)
+            if v is not None and np.isfinite(v):
+                xs.append(e)
+                ys.append(float(v))
+        if xs:
+            lines.append((label, xs, ys))
+    values = [y for _, _, ys in lines for y in ys] or [0.0, 1.0]
+    if ylim is None:
+        lo, hi = min(values), max(values)
+        pad = 0.05 * (hi - lo or abs(hi) or 1.0)
+        ylim = (lo - pad, hi + pad)
+    chart = Chart(title, "epoch", ylabel, xlim=(min(epochs, default=0.0), max(max(epochs, default=1.0), 1.0)), ylim=ylim)
+    for color, (label, xs, ys) in zip(PALETTE, lines):
+        chart.line(xs, ys, color, label=label)
+        if len(xs) == 1:
+            chart.point(xs[0], ys[0], color)
+    return chart.render()
+
+
 def plot_confusion_matrix(
     matrix: np.ndarray,
     row_labels: Sequence[str],

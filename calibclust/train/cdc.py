@@ -862,8 +862,40 @@ class CDCTrainer:
         if self.out_dir is not None:
             model_dir = save_model(self.model.cpu(), self.out_dir / "model", metadata)
             self.model.to(self.device)
+            try:
+                write_training_report(self.history, self.out_dir / "training.html", self.config, self.data.root)
+            except Exception as exc:  # advisory, like the shortcut check: never lose a trained model to it
+                self.log(f"warning: training.html not written ({type(exc).__name__}: {exc})")
         self.model.eval()
         return CDCResult(self.model, metadata, model_dir, self.history, self.config)
+
+
+def write_training_report(history: list[dict], path: Path, config: CDCConfig, folder: str | None) -> None:
+    """``training.html``: the per-epoch curves of ``log.jsonl`` (losses of Eq. 3 and Eq. 5, Eq. 4's
+    selected share, both heads' mean confidence; ACC and ECE when the folder has labels)."""
+    from calibclust.report import HTMLReport, plot_training_curves
+
+    def head(name, key):
+        return lambda r: (r.get("heads", {}).get(name) or {}).get(key)
+
+    labelled = any((r.get("heads", {}).get("calibration") or r.get("heads", {}).get("clustering") or {}).get("acc")
+                   is not None for r in history)
+    report = HTMLReport(f"CDC training: {folder or ''}",
+                        f"{len(history) - 1} epochs · C = {config.num_clusters} · log.jsonl holds every value plotted")
+    report.add_figure(plot_training_curves(history, "Losses per epoch", [
+        ("L_clu (Eq. 5)", lambda r: r.get("loss_clu")), ("L_cal (Eq. 3, calibration)", lambda r: r.get("loss_cal")),
+        ("L_en (Eq. 3, entropy)", lambda r: r.get("loss_en"))], "loss"), alt="losses")
+    report.add_figure(plot_training_curves(history, "Pseudo-labels selected (Eq. 4) and mean confidence", [
+        ("selected share", lambda r: (r.get("selected") or {}).get("share")),
+        ("mean confidence, calibration head", head("calibration", "mean_confidence")),
+        ("mean confidence, clustering head", head("clustering", "mean_confidence"))], "share", ylim=(0, 1.02)),
+        alt="selection and confidence")
+    if labelled:
+        report.add_figure(plot_training_curves(history, "On the training images' labels (diagnosis only)", [
+            ("ACC, calibration head", head("calibration", "acc")), ("ECE, calibration head", head("calibration", "ece")),
+            ("ACC, clustering head", head("clustering", "acc")), ("ECE, clustering head", head("clustering", "ece"))],
+            "ACC / ECE", ylim=(0, 1.02)), alt="accuracy and calibration")
+    report.write(path)
 
 
 def train_cdc(
