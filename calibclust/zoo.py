@@ -438,17 +438,22 @@ ZOO_COLUMNS = [
 ]
 
 
-def run_zoo_bench(args) -> int:
-    """``calibclust bench zoo`` (options in :mod:`calibclust.bench`)."""
-    from calibclust.bench import print_table
+def _bench_sets(args):
+    """The zoo sets a bench command names (all by default), its quick-start settings and folder."""
     from calibclust.quickstart import QuickstartSettings
 
     names = args.sets or list(ZOO)
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise InputError(f"unknown zoo set(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
-    settings = QuickstartSettings.fast() if args.fast else QuickstartSettings.full()
-    out = Path(args.out)
+    return names, QuickstartSettings.fast() if args.fast else QuickstartSettings.full(), Path(args.out)
+
+
+def run_zoo_bench(args) -> int:
+    """``calibclust bench zoo`` (options in :mod:`calibclust.bench`)."""
+    from calibclust.bench import print_table
+
+    names, settings, out = _bench_sets(args)
     rows = []
     for name in names:
         rows.append(bench_one_set(name, out / name, settings, args.seed, args.verbose))
@@ -526,14 +531,8 @@ CHOOSE_K_COLUMNS = [
 def run_choose_k_bench(args) -> int:
     """``calibclust bench choose-k`` (options in :mod:`calibclust.bench`)."""
     from calibclust.bench import print_table
-    from calibclust.quickstart import QuickstartSettings
 
-    names = args.sets or list(ZOO)
-    unknown = [n for n in names if n not in ZOO]
-    if unknown:
-        raise InputError(f"unknown zoo set(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
-    settings = QuickstartSettings.fast() if args.fast else QuickstartSettings.full()
-    out = Path(args.out)
+    names, settings, out = _bench_sets(args)
     rows = []
     for name in names:
         features, labels = heldout_features(name, out / name, settings, args.seed, args.verbose)

@@ -208,22 +208,28 @@ def test_thumbnail_cache_is_bounded_and_holds_what_the_report_shows(fitted):
     assert len(missing) <= limit, f"{len(missing)} of {len(shown)} shown images not kept: {sorted(missing)[:5]}"
 
 
+def _label_with_train_stats(tmp_path, stats: dict):
+    """Label a few images with a contract model whose metadata carries ``stats`` as train_stats, and
+    with one whose train_stats are empty: yields (stats, summary.json, report.html) for each."""
+    from serve_fixtures import make_contract_model, write_good_images
+
+    folder = tmp_path / "images"
+    write_good_images(folder, 8, seed=2)
+    for name, given in (("with", stats), ("without", {})):
+        model = make_contract_model(tmp_path / f"{name}.onnx", metadata={"train_stats": given})
+        proc = run_label_cli(folder, "--model", model, "--out", tmp_path / name, "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        yield given, json.loads((tmp_path / name / "summary.json").read_text()), (tmp_path / name / "report.html").read_text()
+
+
 def test_report_and_summary_carry_the_training_shortcut_warning(tmp_path):
     """A model whose training found its clusters following mean colour (calibclust.shortcut): every
     label run says so at the top of the report and in summary.json; a model without it stays quiet."""
     from calibclust.shortcut import ShortcutCheck
-    from serve_fixtures import make_contract_model, write_good_images
 
     check = ShortcutCheck({"mean colour": 0.81, "brightness": 0.2, "contrast": 0.0, "foreground area": 0.0,
                            "aspect ratio": 0.0})
-    folder = tmp_path / "images"
-    write_good_images(folder, 12, seed=1)
-    for name, stats in (("warned", {"shortcut_check": check.to_dict()}), ("quiet", {})):
-        model = make_contract_model(tmp_path / f"{name}.onnx", metadata={"train_stats": stats})
-        proc = run_label_cli(folder, "--model", model, "--out", tmp_path / name, "--no-progress")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        summary = json.loads((tmp_path / name / "summary.json").read_text())
-        html = (tmp_path / name / "report.html").read_text()
+    for stats, summary, html in _label_with_train_stats(tmp_path, {"shortcut_check": check.to_dict()}):
         if stats:
             assert summary["model"]["shortcut_warning"] == check.message
             assert "Warning from training: clusters follow mean colour" in html
@@ -237,18 +243,10 @@ def test_report_shows_how_k_was_chosen_under_clusters_auto(tmp_path):
     from sklearn.datasets import make_blobs
 
     from calibclust.cluster.choose_k import choose_k
-    from serve_fixtures import make_contract_model, write_good_images
 
     x, _ = make_blobs(120, 4, centers=3, random_state=0)
     choice = choose_k(x.astype(np.float32), (2, 6)).to_dict()
-    folder = tmp_path / "images"
-    write_good_images(folder, 8, seed=2)
-    for name, stats in (("auto", {"clusters_choice": choice}), ("fixed", {})):
-        model = make_contract_model(tmp_path / f"{name}.onnx", metadata={"train_stats": stats})
-        proc = run_label_cli(folder, "--model", model, "--out", tmp_path / name, "--no-progress")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        summary = json.loads((tmp_path / name / "summary.json").read_text())
-        html = (tmp_path / name / "report.html").read_text()
+    for stats, summary, html in _label_with_train_stats(tmp_path, {"clusters_choice": choice}):
         if stats:
             assert summary["model"]["clusters_choice"] == choice
             svgs = [base64.b64decode(b).decode() for b in re.findall(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", html)]
