@@ -749,29 +749,29 @@ def build_app(session: DemoSession):
         return wrapper
 
     # --- handlers: single image ------------------------------------------------------------
-    def on_predict(file, conf_t, ood_t):
-        if file is None:
+    def on_predict(image, confidence_threshold, ood_threshold):
+        if image is None:
             return on_clear()
-        pred, image = session.predict_file(file)
-        badge, summary, details = single_outputs(session, pred, conf_t, ood_t)
-        preview = None if image is None else _upscale(image)
+        pred, seen = session.predict_file(image)
+        badge, summary, details = single_outputs(session, pred, confidence_threshold, ood_threshold)
+        preview = None if seen is None else _upscale(seen)
         return badge, summary, session.top_probs(pred), preview, details, pred.to_state()
 
     def predict_fallback(msg):
         return badge_html("error", msg), f"**Error:** {html.escape(msg)}", {}, None, {"error": msg}, None
 
-    def on_thresholds(state, conf_t, ood_t):
-        badge, summary, details = single_outputs(session, Prediction.from_state(state), conf_t, ood_t)
+    def on_thresholds(state, confidence_threshold, ood_threshold):
+        badge, summary, details = single_outputs(session, Prediction.from_state(state), confidence_threshold, ood_threshold)
         return badge, summary, details
 
     def on_clear():
         return badge_html(None), "", {}, None, {}, None
 
     # --- handlers: batch --------------------------------------------------------------------
-    def on_batch(files, conf_t, ood_t, request):
-        if isinstance(files, (str, os.PathLike)):
-            files = [files]
-        table, _, notes = session.label_batch(files, conf_t, ood_t)
+    def on_batch(images, confidence_threshold, ood_threshold, request):
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        table, _, notes = session.label_batch(images, confidence_threshold, ood_threshold)
         headers, rows = batch_view(table)
         csv = session.write_csv(table, owner=getattr(request, "session_hash", None))
         return (batch_summary(table, notes), {"headers": headers, "data": rows}, str(csv),
@@ -833,9 +833,9 @@ def build_app(session: DemoSession):
     on_batch.__annotations__ = {"request": gr.Request}  # Gradio passes the request (its session hash)
     on_example_select.__annotations__ = {"evt": gr.SelectData}
 
-    def on_save(table, filename):
-        path = session.save_names(table_rows(table), filename)
-        names = session.parse_names(table_rows(table))
+    def on_save(cluster_names, filename):
+        path = session.save_names(table_rows(cluster_names), filename)
+        names = session.parse_names(table_rows(cluster_names))
         if session.config.exposed:  # a visitor from another machine learns no server folder
             path = path.name
         return (f"Saved **{path}** with cluster names {', '.join(names)}. The original "
@@ -887,8 +887,9 @@ def build_app(session: DemoSession):
                                            f"{session.labeler.input_size[1]}, upscaled)", interactive=False,
                                            format="png", height=240, value=first[4])
                     with gr.Column(scale=1):
-                        badge = gr.HTML(first[1], elem_id="cc-badge")
-                        summary = gr.Markdown(first[2], elem_id="cc-summary")
+                        # Labels name the outputs in the HTTP API (gradio_client); the page hides them.
+                        badge = gr.HTML(first[1], elem_id="cc-badge", label="decision badge (HTML)", show_label=False)
+                        summary = gr.Markdown(first[2], elem_id="cc-summary", label="summary (Markdown)", show_label=False)
                         probs = gr.Label(first[3] or None, num_top_classes=min(TOP_K, n_clusters),
                                          label="Calibrated probabilities (top-k)")
                         with gr.Accordion("Details", open=False):
@@ -925,14 +926,14 @@ def build_app(session: DemoSession):
                         filename = gr.Textbox(session.suggested_filename(),
                                               label=f"New model file (saved in {session.save_dir})")
                         save_btn = gr.Button("Save named model", variant="primary")
-                        save_msg = gr.Markdown(elem_id="cc-save-msg")
+                        save_msg = gr.Markdown(elem_id="cc-save-msg", label="save result (Markdown)", show_label=False)
             with gr.Tab("Batch", id="batch"):
                 batch_state = gr.State(None)
                 gr.Markdown(f"Several images or a .zip of images (up to {MAX_BATCH_FILES}; each upload up to "
                             f"{session.config.max_upload_mb:g} MB). For whole folders use `calibclust label`.")
                 batch_files = gr.File(label="Images or .zip", file_count="multiple", type="filepath", height=160)
                 batch_btn = gr.Button("Label these files", variant="primary")
-                batch_msg = gr.Markdown(elem_id="cc-batch-msg")
+                batch_msg = gr.Markdown(elem_id="cc-batch-msg", label="batch summary (Markdown)", show_label=False)
                 batch_table = gr.Dataframe({"headers": BATCH_COLUMNS, "data": []}, label="Decisions",
                                            interactive=False, type="array", max_height=500)
                 batch_csv = gr.File(label="predictions.csv (download)", interactive=False, height=80)

@@ -499,3 +499,28 @@ def test_login_from_the_environment_for_containers(monkeypatch):
     monkeypatch.setenv("CALIBCLUST_DEMO_AUTH", "ann:pw")
     assert demo_mod.parse_auth(None, None) == ("ann", "pw")
     assert demo_mod.parse_auth("bob:x", None) == ("bob", "x"), "a flag wins over the environment"
+
+
+def test_api_names_and_the_readme_example(server, files, monkeypatch, capsys):
+    """The HTTP API has named parameters and outputs (no param_0 / value_16), and the README's
+    gradio_client example runs against the server as written (URL and file swapped)."""
+    import re
+
+    client = gradio_client.Client(server.url, verbose=False, download_files=False)
+    try:
+        api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    finally:
+        client.close()
+    params = {name: [p["parameter_name"] for p in ep["parameters"]] for name, ep in api.items()}
+    assert params["/predict"] == ["image", "confidence_threshold", "ood_threshold"]
+    assert params["/label_batch"] == ["images", "confidence_threshold", "ood_threshold"]
+    assert params["/save_names"] == ["cluster_names", "filename"]
+    for name, ep in api.items():
+        labels = [r["label"] for r in ep["returns"]]
+        assert all(label and not re.fullmatch(r"value_\d+", label) for label in labels), (name, labels)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(# the demo's HTTP API.*?)```", readme, re.S).group(1)
+    code = code.replace('"http://127.0.0.1:7860/"', repr(server.url)).replace('"photo.png"', repr(str(files["red.png"])))
+    exec(code, {})  # noqa: S102 - the README's own example
+    printed = capsys.readouterr().out.strip().splitlines()[-1].split()  # after gradio_client's "Loaded as API"
+    assert printed[0] == "accepted" and float(printed[-2]) > 0.5, printed
