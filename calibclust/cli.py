@@ -15,7 +15,7 @@ import sys
 from importlib.metadata import entry_points
 
 from calibclust import __version__
-from calibclust.cli_config import load_config_defaults, save_settings, settings_of
+from calibclust.cli_config import check_config_was_read, load_config_defaults, save_settings, settings_of
 from calibclust.errors import CalibclustError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        check_config_was_read(args, argv)
         if getattr(args, "print_config", False):
             print(json.dumps(settings_of(args), indent=2))
             return EXIT_OK

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from calibclust.errors import InputError
 
 # Where a run reads and writes, and how it is watched: given per invocation, never from a file.
-NOT_SETTINGS = frozenset({"folder", "out", "config", "print_config", "resume", "no_progress", "verbose", "func"})
+NOT_SETTINGS = frozenset({"folder", "out", "config", "print_config", "resume", "no_progress", "verbose", "func",
+                          "stop_after_epochs"})
 SETTINGS_FILE = "settings.json"
 
 
@@ -30,7 +32,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         "e.g. \"epochs\": 30); options given on the command line override the file")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved settings as JSON and exit without training (save them for --config; "
-                        "null = the command's own default)")
+                        "null = the command's own default). Give the command's required arguments as for a run")
     parser.set_defaults(_settings_parser=parser)
 
 
@@ -79,12 +81,21 @@ def _read(path: str) -> dict:
 def _convert(action: argparse.Action, value, path: str):
     """A file value checked as the command line would check it: the option's type, then its choices."""
     option = action.option_strings[-1] if action.option_strings else action.dest
+    if value is None:
+        if action.required:
+            raise InputError(f"--config {path}: {action.dest} ({option}) is required; null does not give it")
+        return action.default  # null = the command's own default
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise InputError(f"--config {path}: {action.dest} ({option}) must be true or false, got {value!r}")
         return value
-    if value is None:
-        return None
+    if isinstance(value, bool) and action.choices is not None:
+        # YAML 1.1 reads unquoted yes/no/on/off as booleans; give back the word the option expects.
+        words = [w for w in (("yes", "on", "true") if value else ("no", "off", "false")) if w in action.choices]
+        if words:
+            value = words[0]
+    if action.type is None and not isinstance(value, str):
+        value = str(value)  # what the command line would have passed (e.g. device: 0)
     if action.type is not None:
         try:
             value = action.type(value if isinstance(value, str) else (
@@ -130,9 +141,22 @@ def load_config_defaults(leaf: argparse.ArgumentParser, argv: list[str]) -> None
     leaf.set_defaults(**values)
 
 
+def check_config_was_read(args: argparse.Namespace, argv: list[str]) -> None:
+    """argparse accepts ``--conf`` for ``--config``; the early scan reads only the full spelling."""
+    given = getattr(args, "config", None)
+    if given is not None and given != _config_path(argv):
+        raise InputError("write --config in full (an abbreviated --config is not read)")
+
+
 def save_settings(args: argparse.Namespace) -> None:
-    """Write the resolved settings beside a finished run's outputs (``OUT/settings.json``)."""
+    """Write the resolved settings beside a finished run's outputs (``OUT/settings.json``). A resumed
+    run keeps the file its first call wrote (pretrain leaves resumed settings unset: they come from
+    its checkpoint); under torchrun only rank 0 writes."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     out = getattr(args, "out", None)
+    if getattr(args, "resume", False) and out and (Path(out) / SETTINGS_FILE).is_file():
+        return
     settings = settings_of(args)
     if settings and out and Path(out).is_dir():
         (Path(out) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")

@@ -63,7 +63,7 @@ class Backend(Protocol):
 def _ort():
     try:
         import onnxruntime
-    except ImportError as exc:  # pragma: no cover - serve extra always installs it
+    except ImportError as exc:  # [demo] alone, or a broken install: the serve extras bring it
         raise MissingDependencyError("onnxruntime", "serve", "running models; 'calibclust[serve-gpu]' on a CUDA machine") from exc
     return onnxruntime
 

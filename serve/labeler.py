@@ -85,6 +85,10 @@ class Labeler:
         metadata, else from one blank image; an InputError when the model has none."""
         if self.metadata.embedding_dim:
             return int(self.metadata.embedding_dim)
+        names = getattr(self.backend, "output_names", None)
+        if names is not None and "embedding" not in names:
+            raise InputError(f"{self.model_path.name} has no 'embedding' output (it has {', '.join(names)}); "
+                             "--embeddings needs a model exported by 'calibclust export onnx'")
         h, w = self.input_size
         try:
             out = self.backend.run(np.zeros((1, h, w, 3), np.uint8), ("embedding",))["embedding"]

@@ -549,38 +549,44 @@ def finalise(
         embeddings_tmp = Path(opts.out_dir) / f".{EMBEDDINGS_FILE}.tmp-{os.getpid()}"
         embeddings = np.lib.format.open_memmap(embeddings_tmp, mode="w+", dtype=np.float32,
                                                shape=(n, labeler.embedding_dim()))
-    row = 0
-    with PredictionsWriter(table, columns, escape_formulas=opts.csv_escape) as writer:
-        for part in parts_again():
-            if embeddings is not None:
-                embeddings[row : row + len(part["cluster"])] = part["embedding"]
-            row += len(part["cluster"])
-            ok = part["cluster"] >= 0
-            decision = decide(part["confidence"], part["ood_score"], ok, thresholds)
-            rows = {
-                "path": part["path"].tolist(),
-                "decision": decision.tolist(),
-                "cluster": part["cluster"],
-                "cluster_name": [names[c] if c >= 0 else "" for c in part["cluster"].tolist()],
-                "confidence": part["confidence"],
-                "ood_score": part["ood_score"],
-                "error": part["error"].tolist(),
-            }
-            if opts.top_k:
-                rows.update(topk_columns(part["probs"].astype(np.float64), opts.top_k))
-            if opts.write_probs:
-                for c in range(meta.num_clusters):
-                    rows[f"prob_{c}"] = part["probs"][:, c]
-            writer.write_rows(rows)
-            collector.add(part, decision)
-            if sorter is not None:
-                sorter.add(rows["path"], decision, part["cluster"])
-            if len(errors_sample) < 100:
-                errors_sample += [{"path": p, "error": e} for p, e in zip(rows["path"], rows["error"]) if e][:100]
+    try:
+        row = 0
+        with PredictionsWriter(table, columns, escape_formulas=opts.csv_escape) as writer:
+            for part in parts_again():
+                if embeddings is not None:
+                    embeddings[row : row + len(part["cluster"])] = part["embedding"]
+                row += len(part["cluster"])
+                ok = part["cluster"] >= 0
+                decision = decide(part["confidence"], part["ood_score"], ok, thresholds)
+                rows = {
+                    "path": part["path"].tolist(),
+                    "decision": decision.tolist(),
+                    "cluster": part["cluster"],
+                    "cluster_name": [names[c] if c >= 0 else "" for c in part["cluster"].tolist()],
+                    "confidence": part["confidence"],
+                    "ood_score": part["ood_score"],
+                    "error": part["error"].tolist(),
+                }
+                if opts.top_k:
+                    rows.update(topk_columns(part["probs"].astype(np.float64), opts.top_k))
+                if opts.write_probs:
+                    for c in range(meta.num_clusters):
+                        rows[f"prob_{c}"] = part["probs"][:, c]
+                writer.write_rows(rows)
+                collector.add(part, decision)
+                if sorter is not None:
+                    sorter.add(rows["path"], decision, part["cluster"])
+                if len(errors_sample) < 100:
+                    errors_sample += [{"path": p, "error": e} for p, e in zip(rows["path"], rows["error"]) if e][:100]
+    except BaseException:
+        if embeddings is not None:  # no half-written file left behind
+            embeddings = None  # its only reference: the map closes
+            embeddings_tmp.unlink(missing_ok=True)
+        raise
     if embeddings is not None:
         embeddings.flush()
         shape = list(embeddings.shape)
-        del embeddings  # close the map before the rename
+        embeddings = None  # the map closes before the rename (Windows refuses to rename an open map)
         os.replace(embeddings_tmp, Path(opts.out_dir) / EMBEDDINGS_FILE)
     counts = dict(collector.decision_counts)
     exit_code = EXIT_PARTIAL if counts["error"] else EXIT_OK

@@ -115,7 +115,13 @@ def run_ray(opts, labeler, batch_size: int) -> Callable[[], Iterator[dict[str, n
     def parts(columns: tuple[str, ...] | None = None, chunk: int = 4096) -> Iterator[dict[str, np.ndarray]]:
         import pyarrow.dataset as pads
 
-        table = pads.dataset(str(out), format="parquet").to_table().sort_by("index")
+        # Only the columns asked for: a pass that needs three must not load every emb_<d> column.
+        wanted = ["index", "path", "cluster", "confidence", "ood_score", "error"]
+        if keep_probs and (columns is None or "probs" in columns):
+            wanted += [f"prob_{c}" for c in range(num_clusters)]
+        if embedding_dim and (columns is None or "embedding" in columns):
+            wanted += [f"emb_{d}" for d in range(embedding_dim)]
+        table = pads.dataset(str(out), format="parquet").to_table(columns=wanted).sort_by("index")
         if table.num_rows != len(rel_paths):
             raise RuntimeError(f"Ray returned {table.num_rows} rows for {len(rel_paths)} files")
         for start in range(0, table.num_rows, chunk):

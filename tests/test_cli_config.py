@@ -84,3 +84,23 @@ def test_a_run_from_its_saved_settings_trains_with_the_same_config(digits_folder
     config = [json.loads((d / "run.json").read_text())["config"] for d in (first, second)]
     assert config[0] == config[1]
     assert json.loads((second / "settings.json").read_text()) == saved
+
+
+def test_abbreviated_config_null_and_yaml_words(tmp_path, capsys):
+    """--conf is refused (the early read needs the full spelling); null keeps a default but cannot
+    give a required option; YAML's unquoted no/off come back as the words the option expects."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epochs": 7}))
+    assert main([*CDC, "--clusters", "3", "--conf", str(path), "--print-config"]) == 2
+    assert "write --config in full" in capsys.readouterr().err
+    path.write_text(json.dumps({"clusters": None}))
+    assert main([*CDC, "--config", str(path), "--print-config"]) == 2
+    assert "is required; null does not give it" in capsys.readouterr().err
+    path.write_text(json.dumps({"image_size": None, "epochs": None}))
+    assert _printed(capsys, [*CDC, "--clusters", "3", "--config", str(path)])["epochs"] == 100
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("recalibrate_bn: no\ndevice: 0\n")
+    assert yaml.safe_load(path.read_text())["recalibrate_bn"] is False
+    printed = _printed(capsys, [*CDC, "--clusters", "3", "--config", str(path)])
+    assert printed["recalibrate_bn"] == "no" and printed["device"] == "0"

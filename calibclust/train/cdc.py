@@ -881,7 +881,8 @@ def write_training_report(history: list[dict], path: Path, config: CDCConfig, fo
     labelled = any((r.get("heads", {}).get("calibration") or r.get("heads", {}).get("clustering") or {}).get("acc")
                    is not None for r in history)
     report = HTMLReport(f"CDC training: {folder or ''}",
-                        f"{len(history) - 1} epochs · C = {config.num_clusters} · log.jsonl holds every value plotted")
+                        f"{history[-1]['epoch'] if history else 0} epochs · C = {config.num_clusters} · "
+                        "log.jsonl holds every value plotted")
     report.add_figure(plot_training_curves(history, "Losses per epoch", [
         ("L_clu (Eq. 5)", lambda r: r.get("loss_clu")), ("L_cal (Eq. 3, calibration)", lambda r: r.get("loss_cal")),
         ("L_en (Eq. 3, entropy)", lambda r: r.get("loss_en"))], "loss"), alt="losses")
