@@ -67,7 +67,7 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", blocked)
-    with pytest.raises(MissingDependencyError, match=r"calibclust\[gpu\]"):
+    with pytest.raises(MissingDependencyError, match=r"calibclust\[tensorrt\]"):
         import_tensorrt()
 
 
