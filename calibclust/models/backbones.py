@@ -7,6 +7,10 @@
   state dicts load without renaming beyond their prefixes.
 * ``small`` – a ~0.3 M-parameter residual CNN with a stride-2 stem, the backbone that trains at a
   useful speed on 2 CPU cores (tests, quick start).
+* ``timm:NAME`` – any timm model (``pip install 'calibclust[timm]'``), built with
+  ``num_classes=0`` so that it returns globally pooled features. ``stem`` does not apply. Models
+  with a fixed input size (ViTs, Swin, ...) are built for ``input_size`` (``img_size``; pretrained
+  position embeddings are resampled by timm); all others take any size.
 
 Every backbone maps a normalised float batch ``(N, 3, H, W)`` to features ``(N, feature_dim)``
 and carries ``feature_dim`` and ``spec`` (the keyword arguments that rebuild it).
@@ -14,10 +18,14 @@ and carries ``feature_dim`` and ``spec`` (the keyword arguments that rebuild it)
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 from torch import nn
 
-BACKBONES = ("small", "resnet18", "resnet34", "resnet50")
+from calibclust.errors import InputError, MissingDependencyError
+from calibclust.models.names import BACKBONES, TIMM_PREFIX, is_timm, timm_model_name
+
 STEMS = ("auto", "cifar", "imagenet")
 
 
@@ -69,13 +77,15 @@ def resolve_stem(stem: str, input_size: int) -> str:
 
 def build_backbone(name: str, input_size: int = 32, stem: str = "auto", width: int = 32) -> nn.Module:
     """Build a randomly initialised backbone. Pretrained weights are loaded separately
-    (:mod:`calibclust.models.weights`)."""
+    (:mod:`calibclust.models.weights`). ``stem`` and ``width`` do not apply to ``timm:NAME``."""
+    if is_timm(name):
+        return build_timm_backbone(name, input_size)
     if name == "small":
         model = SmallResNet(width=width)
         model.spec = {"name": name, "input_size": int(input_size), "stem": "stride2", "width": int(width)}
         return model
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)} or {TIMM_PREFIX}NAME")
     import torchvision
 
     model = getattr(torchvision.models, name)(weights=None)
@@ -86,6 +96,81 @@ def build_backbone(name: str, input_size: int = 32, stem: str = "auto", width: i
     model.feature_dim = model.fc.in_features
     model.fc = nn.Identity()
     model.spec = {"name": name, "input_size": int(input_size), "stem": resolved}
+    return model
+
+
+def import_timm():
+    """The ``timm`` module, or :class:`MissingDependencyError` naming the ``timm`` extra."""
+    try:
+        import timm
+    except ImportError:
+        raise MissingDependencyError("timm", "timm", f"{TIMM_PREFIX}NAME backbones") from None
+    return timm
+
+
+def check_timm_name(model_name: str) -> None:
+    """:class:`InputError` unless timm knows ``model_name`` (``ARCH`` or ``ARCH.TAG``), naming
+    close matches; a known architecture with an unknown pretrained tag lists its tags."""
+    timm = import_timm()
+    arch, _, tag = model_name.partition(".")
+    if not timm.is_model(arch):
+        known = timm.list_models()
+        close = _close_matches(arch, timm.list_models(f"*{arch}*"), known)
+        hint = f"; close matches: {', '.join(close)}" if close else f"; list them with: python -c \"import timm; print(timm.list_models('*{arch[:4]}*'))\""
+        raise InputError(f"timm has no model {arch!r} ({len(known)} models known to timm {timm.__version__}){hint}")
+    if tag:
+        from timm.models import get_pretrained_cfg
+
+        try:
+            get_pretrained_cfg(model_name)
+        except RuntimeError:
+            tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+            raise InputError(f"timm has no pretrained tag {tag!r} for {arch}; choose from {', '.join(tags) or '(none)'}") from None
+
+
+def _close_matches(name: str, containing: list[str], known: list[str], n: int = 8) -> list[str]:
+    # Names that contain the text, or resemble it, ranked: same prefix first, then by similarity
+    # (alphabetical order alone would put convit_small before vit_small_patch16_224).
+    pool = set(containing) | set(difflib.get_close_matches(name, known, n=n, cutoff=0.6))
+    return sorted(pool, key=lambda m: (not m.startswith(name), -difflib.SequenceMatcher(None, name, m).ratio(), m))[:n]
+
+
+def create_timm_model(model_name: str, input_size: int, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model(model_name, num_classes=0)``: pooled features, no classifier.
+
+    Models with a fixed input size get ``img_size=input_size`` even at their default size, so
+    that the module does not depend on which pretrained tag timm takes as the default.
+    """
+    timm = import_timm()
+    from timm.models import get_pretrained_cfg
+
+    check_timm_name(model_name)
+    cfg = get_pretrained_cfg(model_name)
+    default_size = int(cfg.input_size[-1]) if cfg is not None else None
+    fixed = bool(cfg is not None and cfg.fixed_input_size)
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **({"img_size": int(input_size)} if fixed else {}))
+    except TypeError as exc:
+        if not (fixed and "img_size" in str(exc)):
+            raise
+    # A fixed-size model without an img_size argument: usable at its own size only.
+    if default_size != int(input_size):
+        raise InputError(
+            f"timm model {model_name} only takes {default_size}x{default_size} inputs (it cannot be built for "
+            f"{input_size}x{input_size}); resize the images to {default_size} or choose another model"
+        )
+    return timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+
+
+def build_timm_backbone(name: str, input_size: int = 224, pretrained: bool = False) -> nn.Module:
+    """``timm:NAME`` backbone with ``feature_dim`` and ``spec``; random init unless ``pretrained``
+    (timm's own download, see :func:`calibclust.models.weights.load_backbone` for the errors)."""
+    model_name = timm_model_name(name)
+    model = create_timm_model(model_name, input_size, pretrained=pretrained)
+    # head_hidden_size, not num_features: models with a pre-logits layer after pooling (MobileNetV3:
+    # 288 pooled channels -> 1024) return head_hidden_size features when num_classes=0.
+    model.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    model.spec = {"name": name, "input_size": int(input_size)}
     return model
 
 

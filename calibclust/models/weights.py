@@ -14,12 +14,19 @@ training methods read) is a directory with
 * a trained clustering model directory (``config.json`` + ``model.safetensors``): its backbone;
 * ``torchvision`` / ``torchvision:IMAGENET1K_V2`` (with ``arch``): torchvision's ImageNet weights,
   from the torch hub cache or the internet, with a clear error when neither is available;
+* ``timm`` / ``timm:TAG`` (with ``arch="timm:NAME"``, needs ``pip install 'calibclust[timm]'``):
+  timm's pretrained weights for NAME (its default tag, or TAG, e.g. ``augreg_in21k``), from the
+  Hugging Face cache or the Hub, with a clear error naming the cache when neither is available;
 * a third-party file: ``.safetensors``, or a PyTorch ``.pth`` / ``.pth.tar`` / ``.pt`` (the
   MoCo-v2 checkpoints SCAN and SPICE users have) read with ``torch.load(weights_only=True)``.
   The key prefix (``module.encoder_q.``, ``module.backbone.``, ``encoder.``, ``backbone.``, ...)
   is found by matching against the target backbone; ``shortcut``/``downsample`` naming is
   reconciled; the architecture (ResNet-18/34/50, CIFAR or ImageNet stem) is inferred from the
-  keys when ``arch`` is not given. What did not load is reported (:class:`WeightLoadReport`).
+  keys when ``arch`` is not given (``arch="timm:NAME"`` loads a timm model's checkpoint the same
+  way). What did not load is reported (:class:`WeightLoadReport`).
+
+A ``timm:NAME`` backbone saved with :func:`save_backbone` is rebuilt from its spec without timm
+downloading anything (random init, then our weights).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from torch import nn
 
 from calibclust.errors import CalibclustError, InputError
 from calibclust.models.backbones import BACKBONES, backbone_from_spec, backbone_spec, build_backbone
+from calibclust.models.names import TIMM_PREFIX, is_timm, timm_model_name
 
 BACKBONE_FORMAT = "calibclust-backbone/1"
 BACKBONE_WEIGHTS, BACKBONE_CONFIG = "backbone.safetensors", "backbone.json"
@@ -161,10 +169,11 @@ def load_backbone(
     """Load a backbone in eval mode, with ``normalization`` ({"mean", "std"}) set on the module.
 
     ``path`` is one of our backbone directories (or its ``backbone.json`` / ``backbone.safetensors``),
-    a clustering model directory, ``torchvision[:WEIGHTS]`` (needs ``arch``), or a third-party
+    a clustering model directory, ``torchvision[:WEIGHTS]`` (needs ``arch``), ``timm[:TAG]``
+    (needs ``arch="timm:NAME"``; ``input_size`` defaults to the weights' own), or a third-party
     ``.safetensors`` / ``.pth(.tar)`` file (``arch`` inferred when omitted). For third-party
     weights, ``module.load_report`` holds the :class:`WeightLoadReport`; missing or mismatched keys
-    are a warning, or a :class:`WeightsError` with ``strict=True``.
+    are a warning, or a :class:`WeightsError` with ``strict=True``. ``stem`` does not apply to timm.
     """
     from safetensors.torch import load_file
 
@@ -177,6 +186,13 @@ def load_backbone(
         module = build_backbone(arch, input_size=input_size or 224, stem=stem or "imagenet")
         report = load_into(module, state, label)
         return _finish_third_party(module, report, mean, std, {"kind": "torchvision", "arch": arch, "weights": label}, strict, map_location)
+    if text == "timm" or text.startswith(TIMM_PREFIX):
+        module, label = timm_pretrained_backbone(arch, text.split(":", 1)[1] if ":" in text else "", input_size)
+        cfg = module.pretrained_cfg
+        # timm loaded every tensor itself (strictly; the classifier is dropped with num_classes=0).
+        report = WeightLoadReport(source=f"timm {label}", loaded=sorted(module.state_dict()))
+        source = {"kind": "timm", "arch": TIMM_PREFIX + label.partition(".")[0], "weights": label}
+        return _finish_third_party(module, report, cfg["mean"], cfg["std"], source, strict, map_location)
 
     p = Path(text)
     if not p.exists():
@@ -229,6 +245,71 @@ def _finish_third_party(module, report, mean, std, source, strict, map_location)
     module.normalization = {"mean": list(mean), "std": list(std)}
     module.weights_source = source
     return module.to(map_location).eval()
+
+
+# --- timm ----------------------------------------------------------------------------------------
+
+
+def timm_pretrained_backbone(arch: str | None, tag: str = "", input_size: int | None = None) -> tuple[nn.Module, str]:
+    """timm's pretrained ``arch`` (``timm:NAME`` or ``timm:NAME.TAG``), with pretrained ``tag`` when
+    given (else the one in ``arch``, else timm's default): (backbone, label ``NAME.TAG``); the
+    backbone's ``spec`` names the resolved ``timm:NAME.TAG``.
+
+    Weights come from the Hugging Face cache or the Hub (timm's own download); offline without
+    them this raises :class:`WeightsError` saying where the cache is and how to fill it.
+    """
+    if not arch or not is_timm(arch):
+        raise InputError(
+            f"timm weights need a timm architecture: arch='{TIMM_PREFIX}NAME', e.g. '{TIMM_PREFIX}resnet18' "
+            f"(got {arch!r}); 'timm:TAG' picks one of its pretrained tags, e.g. timm:a1_in1k"
+        )
+    from calibclust.models.backbones import build_timm_backbone, check_timm_name
+
+    name, _, arch_tag = timm_model_name(arch).partition(".")
+    if tag and arch_tag and tag != arch_tag:
+        raise InputError(f"two pretrained tags for {name}: {arch_tag!r} in arch {arch!r} and {tag!r} in timm:{tag}; give one")
+    requested = name + (f".{tag or arch_tag}" if tag or arch_tag else "")
+    check_timm_name(requested)
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(requested)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise WeightsError(f"timm has no pretrained weights for {name}; use it with random init ({TIMM_PREFIX}{name} as the backbone)")
+    # Pin the resolved tag: the spec then rebuilds the same module whatever timm's default tag becomes.
+    label = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    size = int(input_size or cfg.input_size[-1])
+    try:
+        module = build_timm_backbone(TIMM_PREFIX + label, size, pretrained=True)
+    except CalibclustError:
+        raise
+    except Exception as exc:  # LocalEntryNotFoundError (offline), HTTP / connection errors, URLError
+        raise WeightsError(_timm_download_help(label, cfg, exc)) from None
+    return module, label
+
+
+def _timm_download_help(label: str, cfg, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    head = f"could not get timm weights {label} ({type(exc).__name__}: {first})."
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        constants = None
+    if cfg.hf_hub_id and constants is not None:
+        cache = Path(constants.HF_HUB_CACHE)
+        folder = "models--" + cfg.hf_hub_id.replace("/", "--")
+        offline = " HF_HUB_OFFLINE is set, so nothing is downloaded." if constants.HF_HUB_OFFLINE else ""
+        return (
+            f"{head}{offline} They come from the Hugging Face Hub ({cfg.hf_hub_id}) through the cache {cache} "
+            "(HF_HUB_CACHE sets it, or HF_HOME as HF_HOME/hub). Without internet: on a machine with internet run "
+            f"`hf download {cfg.hf_hub_id}` (older huggingface_hub: `huggingface-cli download {cfg.hf_hub_id}`), "
+            f"copy its cache folder {folder} into {cache} here, and set HF_HUB_OFFLINE=1; or pass the weights "
+            f"file's path instead with arch='{TIMM_PREFIX}{cfg.architecture}'."
+        )
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url or "")
+    return (
+        f"{head} Without internet, download {cfg.url} elsewhere and put it at {target} (or set TORCH_HOME), "
+        f"or pass the file's path instead with arch='{TIMM_PREFIX}{cfg.architecture}'."
+    )
 
 
 # --- third-party weights ------------------------------------------------------------------------
