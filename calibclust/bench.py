@@ -22,6 +22,8 @@ import os
 import time
 from typing import Callable
 
+from calibclust.cli_names import device_arg
+
 _TARGETS_ATTR = "_calibclust_bench_targets"
 
 
@@ -110,13 +112,14 @@ def _machine_line(device) -> str:
 
 
 def _pretrain_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="small", choices=("small", "resnet18", "resnet34", "resnet50"))
+    p.add_argument("--backbone", default="small", choices=("small", "resnet18", "resnet34", "resnet50"),
+                   help="architecture timed (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step (each gives two views)")
-    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32, metavar="PX", help="side of the images in pixels (default %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--proj-hidden-dim", type=int, default=None, help="projector hidden width (default: MoCoConfig's)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data", choices=("digits", "random"), default="digits", help="digits (real) or random pixels")
     p.add_argument("--bf16", action="store_true", help="also time bf16 + channels_last on a CPU without native "
@@ -129,23 +132,24 @@ def _run_pretrain(args) -> int:
 
     from calibclust.augment import MoCoAugment
     from calibclust.precision import cpu_bf16_supported, training_precision
-    from calibclust.pretrain import MoCoConfig, _build_modules, info_nce, resolve_device
+    from calibclust.device import resolve_device
+    from calibclust.pretrain import MoCoConfig, _build_modules, info_nce
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     kw = {"proj_hidden_dim": args.proj_hidden_dim} if args.proj_hidden_dim else {}
-    config = MoCoConfig(backbone=args.backbone, input_size=args.input_size, batch_size=args.batch_size, **kw)
+    config = MoCoConfig(backbone=args.backbone, input_size=args.image_size, batch_size=args.batch_size, **kw)
     b = args.batch_size
     if args.data == "digits":
         from calibclust.datasets import digits_images
 
-        pool, _ = digits_images(args.input_size)
+        pool, _ = digits_images(args.image_size)
         pool = pool[np.arange(b) % len(pool)]
     else:
-        pool = np.random.default_rng(0).integers(0, 256, (b, args.input_size, args.input_size, 3), dtype=np.uint8)
+        pool = np.random.default_rng(0).integers(0, 256, (b, args.image_size, args.image_size, 3), dtype=np.uint8)
     x = torch.from_numpy(pool).to(device)
-    aug = MoCoAugment(config.augment, args.input_size)
+    aug = MoCoAugment(config.augment, args.image_size)
 
     def sync():
         if device.type == "cuda":
@@ -198,7 +202,7 @@ def _run_pretrain(args) -> int:
     for name, precision in modes:
         t_total, t_aug, n_params = measure(precision)
         rows.append([
-            args.backbone, name, f"{n_params / 1e6:.2f} M", f"{args.input_size}x{args.input_size}", b, 2 * b,
+            args.backbone, name, f"{n_params / 1e6:.2f} M", f"{args.image_size}x{args.image_size}", b, 2 * b,
             t_total / steps, t_aug / steps, f"{100 * t_aug / max(t_total, 1e-12):.0f}%",
             2 * b * steps / max(t_total, 1e-12),
         ])
@@ -241,9 +245,9 @@ def _kmeans_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--n-init", type=int, default=1, help="k-means++ restarts for both (default 1)")
     p.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations at most, both (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of k-means++ (default %(default)s)")
     p.add_argument("--clusters-in-data", type=int, default=None, help="true clusters in the synthetic data (default K)")
-    p.add_argument("--device", default="cpu", help="device of our k-means (default cpu; sklearn is always CPU)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="device of our k-means (default cpu; sklearn is always CPU)")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and for sklearn (threadpoolctl)")
 
 
@@ -263,7 +267,7 @@ def _run_kmeans(args) -> int:
     from sklearn.cluster import KMeans
 
     from calibclust.cluster.kmeans import kmeans
-    from calibclust.pretrain import resolve_device
+    from calibclust.device import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 
 from calibclust import __version__
 from calibclust.cli_config import check_config_was_read, load_config_defaults, save_settings, settings_of
+from calibclust.cli_names import add_deprecated_aliases, resolve_legacy_model
 from calibclust.errors import CalibclustError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             print(f"calibclust: command {ep.name!r} unavailable ({exc})", file=sys.stderr)
             continue
         register(subparsers)
+    add_deprecated_aliases(parser)
     return parser
 
 
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    resolve_legacy_model(args, leaf)
     try:
         check_config_was_read(args, argv)
         if getattr(args, "print_config", False):

@@ -5,7 +5,7 @@ A configuration file holds a command's settings under their option names (``"epo
 before the command line and its values become the command's defaults, so a flag given on the
 command line always wins over the file, wherever it stands. Each value goes through the option's own type and choices, as if it
 had been typed, so a file cannot smuggle in what the command line would refuse. The image folder,
-``--out`` and how a run is watched (``--resume``, ``--no-progress``) are not settings: they stay on
+``--out`` and how a run is watched (``--resume``, ``--no-progress``, ``--tensorboard``) are not settings: they stay on
 the command line. Every training run saves its resolved settings as ``OUT/settings.json``, which
 ``--config`` reads back.
 """
@@ -17,11 +17,12 @@ import json
 import os
 from pathlib import Path
 
+from calibclust.cli_names import DeprecatedAlias, deprecated_dests, warn_deprecated
 from calibclust.errors import InputError
 
 # Where a run reads and writes, and how it is watched: given per invocation, never from a file.
 NOT_SETTINGS = frozenset({"folder", "out", "config", "print_config", "resume", "no_progress", "verbose", "func",
-                          "stop_after_epochs"})
+                          "stop_after_epochs", "tensorboard"})
 SETTINGS_FILE = "settings.json"
 
 
@@ -39,7 +40,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def _settings_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions
             if a.dest not in NOT_SETTINGS and a.dest != argparse.SUPPRESS and not a.dest.startswith("_")
-            and not isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction))}
+            and not isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction, DeprecatedAlias))}
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -128,6 +129,10 @@ def load_config_defaults(leaf: argparse.ArgumentParser, argv: list[str]) -> None
     if path is None or leaf.get_default("_settings_parser") is not leaf:
         return  # no file, or a command without --config (argparse then names the unknown option)
     data = _read(path)
+    renamed = deprecated_dests(leaf)
+    for old in [key for key in data if key in renamed and renamed[key] not in data]:
+        warn_deprecated(leaf.prog, f"setting {old!r} in --config {path}", repr(renamed[old]))
+        data[renamed[old]] = data.pop(old)
     actions = _settings_actions(leaf)
     unknown = sorted(set(data) - set(actions))
     if unknown:

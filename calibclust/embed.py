@@ -1,12 +1,12 @@
 """Backbone features of an image folder, written in chunks, and nearest-neighbour mining.
 
-``calibclust embed FOLDER --backbone CKPT --out FEATURES.npy`` writes
+``calibclust embed FOLDER --backbone-weights CKPT --out FEATURES.npy`` writes
 
 * ``FEATURES.npy`` – float32 (N, D), L2-normalised rows, a memory-mapped ``.npy`` filled chunk by
   chunk, so 10⁶ images never sit in RAM at once (``np.load(path, mmap_mode="r")`` reads it back);
 * ``FEATURES.files.txt`` – the image paths of the rows, relative to FOLDER, one per line;
 * ``FEATURES.json`` – backbone, normalisation, image size, counts;
-* with ``--knn K``: ``FEATURES.knn.npy`` (N, K) int64 neighbour rows and ``FEATURES.knn_sims.npy``
+* with ``--neighbors K``: ``FEATURES.knn.npy`` (N, K) int64 neighbour rows and ``FEATURES.knn_sims.npy``
   (N, K) float32 cosine similarities, most similar first, the image itself excluded.
 
 Images are preprocessed without augmentation (resize to the backbone's input size, normalise with
@@ -26,6 +26,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from calibclust.cli_names import device_arg, warn_deprecated
+from calibclust.models.names import is_timm
+
+# Architectures --backbone may name here: those third-party and torchvision weights come in.
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
 
@@ -73,7 +79,7 @@ def embed_folder(
     from calibclust.errors import CalibclustError
     from calibclust.io.images import discover_images, load_images
     from calibclust.models.weights import load_backbone
-    from calibclust.pretrain import resolve_device
+    from calibclust.device import resolve_device
 
     folder = Path(folder)
     paths = list(discover_images(folder))
@@ -273,11 +279,11 @@ def knn_neighbours(
 
 _EPILOG = """\
 examples:
-  calibclust embed images/ --backbone runs/moco --out feats.npy
-  calibclust embed images/ --backbone runs/moco --out feats.npy --knn 20
+  calibclust embed images/ --backbone-weights runs/moco --out feats.npy
+  calibclust embed images/ --backbone-weights runs/moco --out feats.npy --neighbors 20
   # third-party weights (architecture inferred from the keys), or torchvision's ImageNet weights
-  calibclust embed images/ --backbone moco_v2_800ep_pretrain.pth.tar --out feats.npy
-  calibclust embed images/ --backbone torchvision --arch resnet50 --out feats.npy
+  calibclust embed images/ --backbone-weights moco_v2_800ep_pretrain.pth.tar --out feats.npy
+  calibclust embed images/ --backbone-weights torchvision --backbone resnet50 --out feats.npy
 
 Reading the result in Python:
   feats = np.load("feats.npy", mmap_mode="r"); files = open("feats.files.txt").read().splitlines()
@@ -298,20 +304,21 @@ def register_cli(subparsers) -> None:
     )
     p.add_argument("folder", metavar="FOLDER", help="folder of images (sub-folders are searched)")
     p.add_argument(
-        "--backbone",
-        required=True,
-        metavar="CKPT",
-        help="backbone: a 'calibclust pretrain' run dir / backbone.json, a trained model dir, "
+        "--backbone-weights",
+        metavar="PATH",
+        help="the backbone (required): a 'calibclust pretrain' run dir / backbone.json, a trained model dir, "
         "a .safetensors or MoCo .pth.tar file, or 'torchvision[:WEIGHTS]'",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="features file (.npy)")
-    p.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="architecture of third-party weights (inferred when omitted)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--backbone", metavar="ARCH",
+                   help="architecture of third-party, torchvision or timm weights: resnet18, resnet34, resnet50 or "
+                        "timm:NAME (inferred from a file's keys when omitted)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-    p.add_argument("--knn", type=int, default=0, metavar="K", help="also write the K nearest neighbours of every image")
+    p.add_argument("--neighbors", type=int, default=0, metavar="K", help="also write the K nearest neighbours of every image")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -324,17 +331,26 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.folder).is_dir():
         raise InputError(f"not a folder: {args.folder}")
-    if args.batch_size < 1 or args.knn < 0:
-        raise InputError("--batch-size must be >= 1 and --knn >= 0")
+    if args.batch_size < 1 or args.neighbors < 0:
+        raise InputError("--batch-size must be >= 1 and --neighbors >= 0")
+    weights, arch = args.backbone_weights, args.backbone
+    if weights is None and arch is not None and arch not in ARCHITECTURES and not is_timm(arch):
+        # Before 0.2 --backbone named the weights (and --arch the architecture).
+        warn_deprecated("calibclust embed", "--backbone PATH", "--backbone-weights PATH")
+        weights, arch = arch, None
+    if weights is None:
+        raise InputError("--backbone-weights is required: the backbone whose features to write")
+    if arch is not None and arch not in ARCHITECTURES and not is_timm(arch):
+        raise InputError(f"--backbone {arch!r}: choose {', '.join(ARCHITECTURES)} or timm:NAME (the architecture of --backbone-weights)")
     result = embed_folder(
         args.folder,
-        args.backbone,
+        weights,
         args.out,
         batch_size=args.batch_size,
         device=args.device,
         workers=args.workers,
-        arch=args.arch,
-        knn=args.knn,
+        arch=arch,
+        knn=args.neighbors,
         progress=not args.no_progress,
     )
     for err in result.errors[:20]:

@@ -175,7 +175,7 @@ def load_model_exemplars(model_path: str | os.PathLike, metadata) -> tuple[Exemp
     if path is None:
         return None, (
             "This model names no exemplars sidecar, so no typical images can be shown. "
-            "Create one with: calibclust exemplars MODEL FOLDER"
+            "Create one with: calibclust exemplars FOLDER --model MODEL"
         )
     try:
         ex = read_exemplars(path)

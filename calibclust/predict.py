@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from calibclust.device import resolve_device
 from calibclust.errors import InputError
 from calibclust.io.images import discover_images, load_images
 from calibclust.io.predictions import PredictionsWriter
@@ -33,19 +34,13 @@ class PredictSummary:
     mean_confidence: float
 
 
-def _select_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def predict_folder(
     model_dir: str | os.PathLike,
     folder: str | os.PathLike,
     out: str | os.PathLike,
     head: str | None = None,
     batch_size: int = 256,
-    topk: int = 3,
+    top_k: int = 0,
     probs: bool = True,
     device: str = "auto",
     progress: bool = True,
@@ -58,7 +53,7 @@ def predict_folder(
     head = head or model.predict_head
     if head not in model.head_names:
         raise InputError(f"the model has heads {', '.join(model.head_names)}; no head {head!r}")
-    device = _select_device(device)
+    device = str(resolve_device(device))
     model.to(device).eval()
     folder = Path(folder)
     if not folder.is_dir():
@@ -67,7 +62,7 @@ def predict_folder(
     if not paths:
         raise InputError(f"no images found under {folder}")
     c = model.num_clusters
-    k = max(0, min(topk, c))
+    k = max(0, min(top_k, c))
     names = metadata.cluster_names
     columns = ["path", "cluster", "cluster_name", "confidence", "error"]
     columns += [f"top{i}_{kind}" for i in range(1, k + 1) for kind in ("cluster", "prob")]

@@ -35,9 +35,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 from calibclust.augment import AUGMENT_PRESETS, AugmentConfig
 from calibclust.cli_config import add_config_args
+from calibclust.cli_names import device_arg
+from calibclust.device import resolve_device
+from calibclust.models.names import BACKBONE_HELP, backbone_name
+from calibclust.tensorboard import add_tensorboard_arg, open_writer
 from calibclust.precision import training_precision
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -306,29 +311,6 @@ def _versions() -> dict:
 # --- training -------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str):
-    """``auto`` → this process's GPU if torch sees one, else the CPU. A bare ``cuda`` gets an index
-    too (the process's LOCAL_RANK under torchrun, else 0): ``torch.cuda.set_device`` and DDP's
-    ``device_ids`` refuse an index-less CUDA device. An unusable name is an InputError, not a
-    torch traceback."""
-    import torch
-
-    from calibclust.errors import InputError
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"--device {name!r}: {exc}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: torch.cuda.is_available() is False on this machine")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
 def pretrain(
     images,
     config: MoCoConfig,
@@ -336,6 +318,7 @@ def pretrain(
     resume: bool = False,
     stop_after_epochs: int | None = None,
     progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
     data_info: dict | None = None,
 ) -> PretrainResult:
     """Run (or resume) MoCo-v2 on ``images`` (uint8 (N, H, W, 3), array or tensor, already at
@@ -536,6 +519,8 @@ def pretrain(
                 }
             )
             save(global_step)
+            if on_epoch is not None and _rank() == 0:
+                on_epoch(history[-1])
     finally:
         interrupted.restore()
         if bar is not None:
@@ -600,7 +585,8 @@ def load_folder_images(folder: str | os.PathLike, size: int, progress: bool = Tr
     return images, rel, errors, hashlib.sha256("\n".join(rel).encode()).hexdigest()
 
 
-def pretrain_folder(folder, config: MoCoConfig, out_dir, resume: bool = False, stop_after_epochs=None, progress: bool = True) -> PretrainResult:
+def pretrain_folder(folder, config: MoCoConfig, out_dir, resume: bool = False, stop_after_epochs=None, progress: bool = True,
+                    on_epoch=None) -> PretrainResult:
     """Decode ``folder`` once at ``config.input_size`` and run :func:`pretrain` on it."""
     from calibclust.errors import CalibclustError
 
@@ -613,7 +599,8 @@ def pretrain_folder(folder, config: MoCoConfig, out_dir, resume: bool = False, s
     if len(images) == 0:
         raise CalibclustError(f"no readable images under {folder}")
     info = {"folder": str(Path(folder).resolve()), "n_failed": len(errors), "files_digest": digest}
-    result = pretrain(images, config, out_dir, resume=resume, stop_after_epochs=stop_after_epochs, progress=progress, data_info=info)
+    result = pretrain(images, config, out_dir, resume=resume, stop_after_epochs=stop_after_epochs, progress=progress,
+                      data_info=info, on_epoch=on_epoch)
     result.n_failed = len(errors)
     return result
 
@@ -629,7 +616,7 @@ _EPILOG = """\
 examples:
   # CPU run with the small backbone (~0.3 M parameters) and a narrower projector; on the
   # 1,797 sklearn digits 30 epochs lift K-means accuracy from ~0.28 (random init) to ~0.68
-  calibclust pretrain images/ --out runs/moco --backbone small --epochs 30 --batch-size 128 \
+  calibclust pretrain images/ --out runs/moco --backbone small --epochs 30 --batch-size 128 \\
       --lr 0.06 --proj-hidden-dim 512 --proj-dim 128
   # the paper's setting (ResNet-34, 1000 epochs) on a GPU, images decoded at 32 px
   calibclust pretrain images/ --out runs/moco34
@@ -639,9 +626,9 @@ examples:
   torchrun --nproc_per_node 2 -m calibclust pretrain images/ --out runs/moco --backbone resnet18
 
 The output directory receives backbone.safetensors + backbone.json after every epoch (use it
-with 'calibclust embed --backbone runs/moco' or as the backbone of a training method), the
+with 'calibclust embed --backbone-weights runs/moco' or as the backbone of a training method), the
 resume state in checkpoint/, and config.json (settings, versions, seed).
-Images are decoded once into memory at --input-size (N x S x S x 3 bytes).
+Images are decoded once into memory at --image-size (N x S x S x 3 bytes).
 """
 
 
@@ -662,10 +649,10 @@ def register_cli(subparsers) -> None:
     d = MoCoConfig()
     a = AugmentConfig()
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", choices=("small", "resnet18", "resnet34", "resnet50"), help=f"default {d.backbone}")
+    g.add_argument("--backbone", type=backbone_name, metavar="ARCH", help=f"architecture (default {d.backbone}); {BACKBONE_HELP}")
     g.add_argument("--stem", choices=("auto", "cifar", "imagenet"), help="ResNet stem (default auto: CIFAR stem <= 64 px)")
     g.add_argument("--width", type=int, help=f"width of the small backbone (default {d.width})")
-    g.add_argument("--input-size", type=int, help=f"image side in pixels (default {d.input_size})")
+    g.add_argument("--image-size", type=int, metavar="PX", help=f"images are resized to PX×PX (default {d.input_size})")
     g.add_argument("--proj-hidden-dim", type=int, help=f"projector hidden width (default {d.proj_hidden_dim})")
     g.add_argument("--proj-dim", type=int, help=f"projector output dimension (default {d.proj_dim})")
     g = p.add_argument_group("MoCo")
@@ -678,14 +665,14 @@ def register_cli(subparsers) -> None:
                         "and stronger jitter, robust both)")
     g.add_argument("--blur", choices=("auto", "on", "off"), help=f"Gaussian blur (default {a.blur}: only above 32 px)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g.add_argument("--epochs", type=int, help=f"passes over the images (default {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
     g.add_argument("--lr", type=float, help=f"base learning rate at batch 256, scaled linearly (default {d.lr})")
-    g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    g.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (default 5%% of --epochs)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, help=f"default {d.seed}")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    g.add_argument("--seed", type=int, help=f"the one seed of the run (default {d.seed})")
+    g.add_argument("--device", type=device_arg, help="auto | cpu | cuda | cuda:N | mps (default auto)")
     g.add_argument("--no-amp", action="store_true", help="fp32 only (default: bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16)")
     g.add_argument(
         "--threads",
@@ -697,10 +684,13 @@ def register_cli(subparsers) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out (its settings are reused)")
     g.add_argument("--stop-after-epochs", type=int, metavar="E", help="stop (with a checkpoint) once E epochs are done")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_tensorboard_arg(g)
     add_config_args(p)
     p.set_defaults(func=run)
 
 
+# MoCoConfig field ← option dest, where the two differ
+_CLI_RENAMED = {"input_size": "image_size"}
 _CLI_FIELDS = (
     "backbone", "stem", "width", "input_size", "proj_hidden_dim", "proj_dim", "momentum", "temperature",
     "queue_size", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "device",
@@ -712,7 +702,7 @@ def config_from_args(args, base: MoCoConfig | None = None) -> MoCoConfig:
     """Options given on the command line override ``base`` (defaults, or a run's saved config)."""
     d = (base or MoCoConfig()).to_dict()
     for name in _CLI_FIELDS:
-        value = getattr(args, name, None)
+        value = getattr(args, _CLI_RENAMED.get(name, name), None)
         if value is not None:
             d[name] = value
     if getattr(args, "no_amp", False):
@@ -754,22 +744,46 @@ def run(args) -> int:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
         started_dist = True
+    board = open_writer(args.tensorboard) if _rank() == 0 else None
     try:
         result = pretrain_folder(
-            folder, config, args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress
+            folder, config, args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+            progress=not args.no_progress, on_epoch=board.write if board else None,
         )
     finally:
+        if board:
+            board.close()
         if started_dist:
             import torch.distributed as dist
 
             dist.destroy_process_group()
     if _rank() == 0:
+        try:
+            write_pretrain_report(result.history, Path(args.out) / "training.html", config, str(folder))
+        except Exception as exc:  # the curves are a convenience; the backbone is what the run is for
+            print(f"warning: training.html not written ({type(exc).__name__}: {exc})", file=sys.stderr)
         last = result.history[-1] if result.history else {}
         print(
             f"pretrain: {result.global_step} steps done; last epoch loss {last.get('loss', float('nan')):.4f}, "
             f"{last.get('images_per_s', 0):.0f} images/s; backbone written to {Path(args.out) / 'backbone.safetensors'}"
         )
     return EXIT_PARTIAL if result.n_failed else EXIT_OK
+
+
+def write_pretrain_report(history: list[dict], path: Path, config: MoCoConfig, folder: str) -> None:
+    """``training.html``: the InfoNCE loss, learning rate and throughput of every epoch so far."""
+    from calibclust.report import HTMLReport, plot_training_curves
+
+    report = HTMLReport(f"MoCo-v2 pretraining: {folder}",
+                        f"{history[-1]['epoch'] if history else 0} of {config.epochs} epochs · backbone {config.backbone} · "
+                        "checkpoint/state.json holds every value plotted")
+    report.add_figure(plot_training_curves(history, "InfoNCE loss per epoch", [("loss", lambda r: r.get("loss"))], "loss"),
+                      alt="loss")
+    report.add_figure(plot_training_curves(history, "Learning rate (cosine schedule)", [("lr", lambda r: r.get("lr"))], "lr"),
+                      alt="learning rate")
+    report.add_figure(plot_training_curves(history, "Throughput", [("images/s (both views)", lambda r: r.get("images_per_s"))],
+                                           "images/s"), alt="throughput")
+    report.write(path)
 
 
 def main(argv: list[str] | None = None) -> int:

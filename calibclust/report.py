@@ -269,10 +269,10 @@ def plot_k_criteria(choice: dict) -> SVGFigure:
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], title: str, series: Sequence[tuple[str, Any]],
-                         ylabel: str, ylim: tuple[float, float] | None = None) -> SVGFigure:
-    """One chart of per-epoch values from a training log: ``series`` = (label, record -> value or
-    None); epochs without a value are skipped."""
-    epochs = [float(r["epoch"]) for r in history]
+                         ylabel: str, ylim: tuple[float, float] | None = None, x: str = "epoch") -> SVGFigure:
+    """One chart of per-epoch (or per-``x``) values from a training log: ``series`` = (label,
+    record -> value or None); records without a value are skipped."""
+    epochs = [float(r[x]) for r in history]
     lines = []
     for label, get in series:
         xs, ys = [], []
@@ -288,7 +288,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], title: str, serie
         lo, hi = min(values), max(values)
         pad = 0.05 * (hi - lo or abs(hi) or 1.0)
         ylim = (lo - pad, hi + pad)
-    chart = Chart(title, "epoch", ylabel, xlim=(min(epochs, default=0.0), max(max(epochs, default=1.0), 1.0)), ylim=ylim)
+    chart = Chart(title, x, ylabel, xlim=(min(epochs, default=0.0), max(max(epochs, default=1.0), 1.0)), ylim=ylim)
     for color, (label, xs, ys) in zip(PALETTE, lines):
         chart.line(xs, ys, color, label=label)
         if len(xs) == 1:

@@ -378,7 +378,7 @@ def run_bench_command(args) -> int:
 
         model, metadata = load_model(args.model)
     result = run_model_bench(
-        model, metadata, backbone=args.backbone, input_size=args.input_size, batches=args.batches, rounds=args.rounds,
+        model, metadata, backbone=args.backbone, input_size=args.image_size, batches=args.batch_sizes, rounds=args.rounds,
         threads=args.threads, head_steps=args.head_steps, int8=not args.no_int8, tensorrt=not args.no_tensorrt,
         devices=args.devices, work_dir=args.work_dir, seed=args.seed,
     )

@@ -135,7 +135,7 @@ def write_triton_repository(model_path: str | os.PathLike, repo: str | os.PathLi
     folder = Path(repo) / name
     if folder.exists():
         if not config.force:
-            raise InputError(f"{folder} exists; pass --force to replace it")
+            raise InputError(f"{folder} exists; pass --overwrite to replace it")
         shutil.rmtree(folder)
     version_dir = folder / str(config.version)
     version_dir.mkdir(parents=True)

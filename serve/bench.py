@@ -40,12 +40,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="the torch checkpoint the model was exported from (for the PyTorch DataLoader row; "
                         "set automatically when the model is built here)")
     p.add_argument("--backbone", default="small", help="backbone of the model built when --model is omitted")
-    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "calibclust-bench"),
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "calibclust-bench"),
                    help="where generated folders are kept between runs (default: %(default)s)")
     p.add_argument("--n-small", type=int, default=20_000, help="32×32 JPEGs (default %(default)s)")
     p.add_argument("--n-large", type=int, default=2_000, help="224×224 JPEGs (default %(default)s)")
     p.add_argument("--rss-sizes", default="10000,100000", help="folder sizes for peak RSS ('' to skip)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode workers (both engines)")
     p.add_argument("--threads", type=int, help="inference threads (default: onnxruntime's)")
     p.add_argument("--repeats", type=int, default=2,
@@ -155,7 +155,7 @@ def build_model(root: Path, backbone: str = "small", clusters: int = 10) -> tupl
                          "or pass --model")
     save_random_checkpoint(ckpt, backbone, clusters)
     digits = make_digits_folder(root / "digits", limit=500)
-    cmd = [sys.executable, "-m", "calibclust", "export", "onnx", str(ckpt), "--images", str(digits), "--out", str(onnx_path)]
+    cmd = [sys.executable, "-m", "calibclust", "export", "onnx", "--model", str(ckpt), "--images", str(digits), "--out", str(onnx_path)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise InputError(f"exporting the benchmark model failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -258,7 +258,7 @@ def register_bench_label(subparsers) -> argparse.ArgumentParser:
 def run_bench(args) -> int:
     from calibclust.serve.labeler import Labeler
 
-    root = Path(args.dir)
+    root = Path(args.work_dir)
     root.mkdir(parents=True, exist_ok=True)
     if not args.model:
         args.model, built_ckpt = build_model(root, args.backbone)

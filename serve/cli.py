@@ -17,8 +17,8 @@ Label every image under FOLDER with an exported calibclust model (.onnx), decidi
   ood       the image looks unlike anything the model was trained on
   error     the file could not be read (the reason is in the table)
 
-The confidence threshold comes from ONE policy (default: the model's own --min-confidence):
-  --min-confidence T     accept confidence >= T
+The confidence threshold comes from ONE policy (default: the threshold stored in the model):
+  --confidence-threshold T  accept confidence >= T
   --coverage F           accept the most confident fraction F of the in-distribution images
   --target-accuracy A    accept the largest set whose mean calibrated confidence is >= A, i.e. whose
                          estimated accuracy is A; needs no labels, and is only as good as the model's
@@ -70,7 +70,7 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     g = p.add_argument_group("decisions (choose at most one confidence policy)")
     policy = g.add_mutually_exclusive_group()
-    policy.add_argument("--min-confidence", type=_fraction, metavar="T",
+    policy.add_argument("--confidence-threshold", type=_fraction, metavar="T",
                         help="accept images with confidence >= T (default: the model's stored threshold)")
     policy.add_argument("--coverage", type=_fraction, metavar="F",
                         help="accept the most confident fraction F (0 < F <= 1) of in-distribution images")
@@ -110,7 +110,7 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-file-mb", type=float, metavar="MB", default=DEFAULT_MAX_BYTES / 2**20,
                    help="refuse files larger than MB MiB before reading them (an 'error' row; default %(default)g)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (same options required)")
-    r.add_argument("--checkpoint-every", type=int, default=4096, metavar="N",
+    r.add_argument("--checkpoint-every-images", type=int, default=4096, metavar="N",
                    help="save finished results for --resume every N images or 5 s, whichever first (default 4096)")
     r.add_argument("--overwrite", action="store_true", help="replace results or an unfinished run already in --out")
     r.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -141,7 +141,7 @@ def options_from_args(args):
     elif args.target_accuracy is not None:
         policy = Policy("target_accuracy", args.target_accuracy, args.ood_threshold)
     else:
-        policy = Policy("min_confidence", args.min_confidence, args.ood_threshold)
+        policy = Policy("min_confidence", args.confidence_threshold, args.ood_threshold)
     return LabelOptions(
         folder=args.folder,
         model=args.model,
@@ -165,7 +165,7 @@ def options_from_args(args):
         copy=args.copy,
         report=not args.no_report,
         progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every_images,
         engine=args.engine,
         ray_actors=args.ray_actors,
     )

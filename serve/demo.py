@@ -14,7 +14,7 @@ Tabs:
 
 Prediction is the Labeler's (THE decoder at the model's input size, then the ONNX graph), and
 decisions are :func:`calibclust.serve.policy.decide` with a ``min_confidence`` policy, so an image
-gets here exactly the decision ``calibclust label --min-confidence T --ood-threshold X`` gives it.
+gets here exactly the decision ``calibclust label --confidence-threshold T --ood-threshold X`` gives it.
 
 Bad input never shows a stack trace: unreadable or non-image uploads, files over the size limit
 and images over the pixel limit come back as a message in the page. Requests go through Gradio's
@@ -49,8 +49,9 @@ DEFAULT_QUICKSTART_MODEL = Path("quickstart-out") / "model" / "model.onnx"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20.0
-# A web demo decodes whatever strangers upload: 40 Mpx (≈120 MB of RGB) is a large photo already.
-DEFAULT_MAX_PIXELS = 40_000_000
+# calibclust.io.images.DEFAULT_MAX_PIXELS (label's default too), restated so that this module imports
+# only the standard library; tests/test_cli_names.py checks the two agree.
+DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_CONCURRENCY = 2  # inference threads share the CPU cores; more would only queue inside ORT
 MAX_BATCH_FILES = 2_000  # images per batch request (loose files plus zip members)
 ZIP_EXPANSION = 4  # a zip may unpack to at most this many times the upload limit
@@ -91,7 +92,7 @@ examples:
   calibclust demo --model model.onnx                # http://127.0.0.1:7860
   calibclust demo --model model.onnx --examples photos/ --port 8080
   calibclust demo --model model.onnx --host 0.0.0.0 --auth-file login.txt --max-upload-mb 5   # on the network
-  calibclust exemplars model.onnx train_images/     # add the exemplars gallery, then demo the new file
+  calibclust exemplars train_images/ --model model.onnx   # add the exemplars gallery, then demo the new file
 """
 
 
@@ -1084,7 +1085,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
                    help=f"largest upload accepted, per file (default {DEFAULT_MAX_UPLOAD_MB:g})")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help=f"refuse images with more than N pixels (default {DEFAULT_MAX_PIXELS:,})")
+                   help=f"refuse images with more than N pixels (default {DEFAULT_MAX_PIXELS:,}, as 'calibclust label'; "
+                        "a decoded image takes 3 bytes per pixel, and --concurrency of them may be in memory at once)")
     p.add_argument("--examples", metavar="FOLDER",
                    help="offer the first images of FOLDER as clickable examples (default: the exemplars' top images)")
     p.add_argument("--save-dir", metavar="DIR", help="where the naming tab writes new model files (default: the model's folder)")

@@ -1,4 +1,4 @@
-"""``calibclust exemplars MODEL FOLDER``: add a cluster-exemplars sidecar to an exported model.
+"""``calibclust exemplars FOLDER --model MODEL``: add a cluster-exemplars sidecar to an exported model.
 
 Scores every image of FOLDER with the model (the :class:`~calibclust.serve.labeler.Labeler`, so
 the same decoder and graph as ``calibclust label``), keeps for each cluster the images with the
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from calibclust.cli_names import add_model_arg
+
 DESCRIPTION = """\
 Pick each cluster's most typical images from FOLDER (highest calibrated confidence, excluding
 images the model flags as out-of-distribution), store their thumbnails in a small sidecar file, and
@@ -30,8 +32,8 @@ Exit codes: 0 ok, 3 done but some files were unreadable, 1 failure, 2 bad usage.
 
 EPILOG = """\
 examples:
-  calibclust exemplars model.onnx train_images/                 # writes model-exemplars.onnx + sidecar
-  calibclust exemplars model.onnx train_images/ --out named/model.onnx --per-cluster 12
+  calibclust exemplars train_images/ --model model.onnx         # writes model-exemplars.onnx + sidecar
+  calibclust exemplars train_images/ --model model.onnx --out named/model.onnx --per-cluster 12
   calibclust demo --model model-exemplars.onnx
 """
 
@@ -44,7 +46,7 @@ def register_cli(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="exported model (.onnx)")
+    add_model_arg(p, "exported model (.onnx)")
     p.add_argument("folder", metavar="FOLDER", help="images to pick exemplars from (searched recursively)")
     p.add_argument("--out", metavar="NEW_MODEL",
                    help="new model file (default: <MODEL stem>-exemplars.onnx beside MODEL, numbered if taken)")

@@ -107,7 +107,7 @@ class LabelOptions:
         if not (math.isfinite(self.max_file_mb) and self.max_file_mb > 0):
             raise InputError(f"--max-file-mb must be a number > 0, got {self.max_file_mb}")
         if self.checkpoint_every < 1:
-            raise InputError("--checkpoint-every must be >= 1")
+            raise InputError("--checkpoint-every-images must be >= 1")
         if self.top_k < 0:
             raise InputError("--top-k must be >= 0")
         if self.copy and not self.sort_into:

@@ -275,7 +275,7 @@ def policy_in_words(th: dict[str, Any]) -> str:
     if th["policy"] == "min_confidence":
         if th["policy_value"] is None:
             return f"confidence ≥ {t:.2f} (model default)"
-        return f"confidence ≥ {th['policy_value']:.2f} (--min-confidence)"
+        return f"confidence ≥ {th['policy_value']:.2f} (--confidence-threshold)"
     if th["policy"] == "coverage":
         return f"coverage {th['policy_value']:.2f} → {threshold}"
     return f"target accuracy {th['policy_value']:.2f} → {threshold}"

@@ -19,7 +19,7 @@ def _printed(capsys, argv) -> dict:
 
 @pytest.mark.parametrize("command", [
     [*CDC, "--clusters", "7", "--epochs", "3", "--view-crop", "resized", "--no-flip", "--k-range", "3..9"],
-    ["train", "spice", "IMAGES", "--out", "OUT", "--clusters", "auto", "--head-lr", "0.01", "--no-joint"],
+    ["train", "spice", "IMAGES", "--out", "OUT", "--clusters", "auto", "--lr-heads", "0.01", "--no-joint"],
     ["train", "compare", "IMAGES", "--out", "OUT", "--clusters", "4", "--cdc-epochs", "5"],
     ["train", "cdc-ablation", "IMAGES", "--out", "OUT", "--clusters", "3", "--variants", "cdc,no-init"],
     ["pretrain", "IMAGES", "--out", "OUT", "--epochs", "12", "--augment", "geometry", "--no-amp"],
@@ -100,7 +100,7 @@ def test_abbreviated_config_null_and_yaml_words(tmp_path, capsys):
     assert _printed(capsys, [*CDC, "--clusters", "3", "--config", str(path)])["epochs"] == 100
     yaml = pytest.importorskip("yaml")
     path = tmp_path / "c.yaml"
-    path.write_text("recalibrate_bn: no\ndevice: 0\n")
+    path.write_text("recalibrate_bn: no\nbackbone_weights: 7\n")
     assert yaml.safe_load(path.read_text())["recalibrate_bn"] is False
     printed = _printed(capsys, [*CDC, "--clusters", "3", "--config", str(path)])
-    assert printed["recalibrate_bn"] == "no" and printed["device"] == "0"
+    assert printed["recalibrate_bn"] == "no" and printed["backbone_weights"] == "7"

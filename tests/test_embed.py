@@ -68,7 +68,7 @@ def test_unreadable_file_is_skipped_and_reported(digits, backbone_dir, tmp_path)
     shutil.copytree(digits, folder)
     (folder / "3" / "0000_broken.png").write_bytes(b"not an image")
     out = tmp_path / "f.npy"
-    code = _cli(["embed", str(folder), "--backbone", str(backbone_dir), "--out", str(out), "--batch-size", "50", "--no-progress", "--device", "cpu"])
+    code = _cli(["embed", str(folder), "--backbone-weights", str(backbone_dir), "--out", str(out), "--batch-size", "50", "--no-progress", "--device", "cpu"])
     assert code == 3
     feats = np.load(out)
     files = sidecar_paths(out)["files"].read_text().splitlines()
@@ -122,7 +122,7 @@ def test_embed_cli_knn_on_digits_finds_same_digit_neighbours(digits, tmp_path):
     torch.manual_seed(0)
     bb = save_backbone(build_backbone("small", input_size=32, width=16), tmp_path / "bb")
     out = tmp_path / "f.npy"
-    assert _cli(["embed", str(digits), "--backbone", str(bb), "--out", str(out), "--knn", "5", "--no-progress", "--device", "cpu"]) == 0
+    assert _cli(["embed", str(digits), "--backbone-weights", str(bb), "--out", str(out), "--neighbors", "5", "--no-progress", "--device", "cpu"]) == 0
     side = sidecar_paths(out)
     idx, sims = np.load(side["knn"]), np.load(side["knn_sims"])
     feats = np.load(out)

@@ -223,7 +223,7 @@ def test_exemplars_command(model, tmp_path, capsys):
     (folder / "broken.jpg").write_text("no")
     before = sha256(model)
     out = tmp_path / "with_ex.onnx"
-    rc = cli_main(["exemplars", str(model), str(folder), "--out", str(out), "--per-cluster", "3", "--no-progress"])
+    rc = cli_main(["exemplars", str(folder), "--model", str(model), "--out", str(out), "--per-cluster", "3", "--no-progress"])
     assert rc == 3, "one unreadable file: finished with exit code 3"
     assert sha256(model) == before
     meta = read_model_metadata(out)
@@ -248,7 +248,7 @@ def test_exemplars_command(model, tmp_path, capsys):
 def test_exemplars_command_help_and_usage_errors(model, tmp_path):
     result = subprocess.run([sys.executable, "-m", "calibclust", "exemplars", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "never modified" in result.stdout and "examples:" in result.stdout
-    assert cli_main(["exemplars", str(model), str(tmp_path / "nope")]) == 2
+    assert cli_main(["exemplars", str(tmp_path / "nope"), "--model", str(model)]) == 2
     (tmp_path / "empty").mkdir()
-    assert cli_main(["exemplars", str(model), str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert cli_main(["exemplars", str(tmp_path / "empty"), "--model", str(model), "--no-progress"]) == 2
     assert not list(model.parent.glob("*-exemplars*.onnx"))

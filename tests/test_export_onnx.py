@@ -217,7 +217,7 @@ def test_cli_exports_a_checkpoint(tmp_path, capsys):
     ckpt = save_model(_model(3), tmp_path / "ckpt", _metadata(cluster_names=[f"c{i}" for i in range(10)]))
     folder = make_digits_folder(tmp_path / "digits", limit=120)
     out = tmp_path / "out" / "model.onnx"
-    code = main(["export", "onnx", str(ckpt), "--images", str(folder), "--out", str(out), "--bank-size", "64",
+    code = main(["export", "onnx", "--model", str(ckpt), "--images", str(folder), "--out", str(out), "--bank-size", "64",
                  "--int8", "--calibration-images", "40"])
     captured = capsys.readouterr().out
     assert code == 0, captured
@@ -227,7 +227,7 @@ def test_cli_exports_a_checkpoint(tmp_path, capsys):
     assert meta.cluster_names[0] == "c0" and meta.ood.params["bank_size"] == 64
     assert meta.train_stats["n_images_export"] == 120
     # a missing folder is a usage error, not a traceback
-    assert main(["export", "onnx", str(ckpt), "--images", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert main(["export", "onnx", "--model", str(ckpt), "--images", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 
 def test_flop_count_from_the_graph_matches_torch_counter(exported):
@@ -247,7 +247,7 @@ def test_bench_model_command_registers_and_runs(capsys):
     from calibclust.cli import build_parser
     from calibclust.export.cli import run_bench
 
-    args = build_parser().parse_args(["bench", "model", "--backbone", "small", "--batches", "1,8", "--rounds", "1", "--head-steps", "5",
+    args = build_parser().parse_args(["bench", "model", "--backbone", "small", "--batch-sizes", "1,8", "--rounds", "1", "--head-steps", "5",
                               "--no-int8", "--no-tensorrt", "--devices", "cpu"])
     assert args.model is None and args.batches == [1, 8] and args.func is run_bench and args.devices == ("cpu",)
     assert args.func(args) == 0
@@ -276,7 +276,7 @@ def test_bench_gpu_rows(capsys):
     onnxruntime's CUDA provider; every row ran and has a throughput."""
     from calibclust.cli import build_parser
 
-    args = build_parser().parse_args(["bench", "model", "--backbone", "small", "--batches", "1,64", "--rounds", "2",
+    args = build_parser().parse_args(["bench", "model", "--backbone", "small", "--batch-sizes", "1,64", "--rounds", "2",
                                       "--head-steps", "5", "--no-int8", "--no-tensorrt", "--devices", "cuda"])
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -56,7 +56,7 @@ def _reference(model, folder, paths, head):
 def test_predict_writes_the_table_from_either_head(model_dir, folder, tmp_path, head):
     d, model = model_dir
     out = tmp_path / f"{head}.csv"
-    s = predict_folder(d, folder, out, head=head, batch_size=4, topk=2, progress=False)
+    s = predict_folder(d, folder, out, head=head, batch_size=4, top_k=2, progress=False)
     assert s.rows == 11 and s.errors == 1 and s.head == head
     t = read_predictions(out)
     ok = t["error"] == ""

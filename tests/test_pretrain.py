@@ -220,19 +220,22 @@ def test_resolve_device_gives_cuda_an_index_and_refuses_clearly(monkeypatch):
     """A bare ``--device cuda`` crashed in torch.cuda.set_device on an H100 machine (it wants an
     index); unknown names and CUDA without a GPU are InputErrors, not torch tracebacks."""
     from calibclust.errors import InputError
-    from calibclust.pretrain import resolve_device
+    from calibclust.device import resolve_device
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)  # as under torchrun it may be set
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(InputError, match="--device 'foo'"):
+    with pytest.raises(InputError, match="--device foo"):
         resolve_device("foo")
     if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="is False on this machine"):
+        with pytest.raises(InputError, match="no CUDA GPU is usable"):
             resolve_device("cuda")
         assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert resolve_device("cuda") == torch.device("cuda", 0)
     assert resolve_device("auto") == torch.device("cuda", 0)
     assert resolve_device("cuda:3") == torch.device("cuda", 3)
+    with pytest.raises(InputError, match="has 4 CUDA device"):
+        resolve_device("cuda:4")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("cuda") == torch.device("cuda", 1)

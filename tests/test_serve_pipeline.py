@@ -394,7 +394,7 @@ def test_hostile_corpus_kill_and_resume_gives_the_same_table(model, tmp_path, fm
             with open(os.fsencode(root) + raw, "wb") as fh:
                 fh.write((root / "sub" / "img_00000.png").read_bytes())
         common = ["--model", str(model), "--format", fmt, "--no-progress", "--workers", "1", "--batch-size", "8",
-                  "--checkpoint-every", "8", "--max-pixels", "30000"]
+                  "--checkpoint-every-images", "8", "--max-pixels", "30000"]
         ref = run_label_cli(root, "--out", tmp_path / "ref", *common, timeout=300)
         assert ref.returncode == 3 and "Traceback" not in ref.stderr, ref.stderr[-2000:]
         out = tmp_path / "out"

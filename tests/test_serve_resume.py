@@ -29,7 +29,7 @@ from calibclust.serve.pipeline import LabelOptions, _run_local, fingerprint, lab
 from calibclust.serve.resume import Journal, ResumeError  # noqa: E402
 
 N_GOOD = 2400
-COMMON = ("--batch-size", "16", "--workers", "1", "--checkpoint-every", "32", "--top-k", "2",
+COMMON = ("--batch-size", "16", "--workers", "1", "--checkpoint-every-images", "32", "--top-k", "2",
           "--max-pixels", "30000", "--coverage", "0.7", "--no-progress")
 
 
@@ -190,13 +190,13 @@ def test_non_utf8_names_survive_every_format_and_a_killed_run(setup, tmp_path, f
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "calibclust", "label", str(folder), "--model", str(model), "--out", str(out), "--format",
-         fmt, "--no-progress", "--workers", "1", "--batch-size", "16", "--checkpoint-every", "16"],
+         fmt, "--no-progress", "--workers", "1", "--batch-size", "16", "--checkpoint-every-images", "16"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kill_at = int(np.random.default_rng(int(time.time())).integers(0, 300))
     assert interrupt_at(proc, out, kill_at, signal.SIGKILL), f"the run ended before the kill at {kill_at} rows"
     assert proc.returncode == -signal.SIGKILL
     resumed = run_label_cli(folder, "--model", model, "--out", out, "--format", fmt, "--no-progress", "--workers", "1",
-                            "--batch-size", "16", "--checkpoint-every", "16", "--resume")
+                            "--batch-size", "16", "--checkpoint-every-images", "16", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     got, want = read_predictions(out / f"predictions.{fmt}"), read_predictions(table)
     assert got.keys() == want.keys() and got["path"].tolist() == want["path"].tolist(), f"killed at {kill_at}"

@@ -308,7 +308,7 @@ def test_cli_compare_table_on_digits_with_moco_backbone(quickstart_out, digits_m
 
     digits = quickstart_out / "data" / "digits"
     run = [sys.executable, "-m", "calibclust"]
-    proc = subprocess.run([*run, "export", "onnx", str(out / "model"), "--images", str(digits),
+    proc = subprocess.run([*run, "export", "onnx", "--model", str(out / "model"), "--images", str(digits),
                            "--out", str(tmp_path / "spice.onnx")], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([*run, "label", str(digits), "--model", str(tmp_path / "spice.onnx"), "--out",

@@ -113,7 +113,7 @@ def test_onnx_repository_config_parses_and_matches_contract(onnx_model, tmp_path
 
 def test_existing_folder_needs_force(onnx_model, tmp_path):
     write_triton_repository(onnx_model, tmp_path, TritonConfig(name="m"))
-    with pytest.raises(InputError, match="pass --force"):
+    with pytest.raises(InputError, match="pass --overwrite"):
         write_triton_repository(onnx_model, tmp_path, TritonConfig(name="m"))
     write_triton_repository(onnx_model, tmp_path, TritonConfig(name="m", force=True, version=3))
     assert (tmp_path / "m" / "3" / "model.onnx").is_file() and not (tmp_path / "m" / "1").exists()
@@ -140,7 +140,7 @@ def test_engine_repository_uses_tensorrt_plan(tmp_path):
 def test_cli_triton(onnx_model, tmp_path, capsys):
     from calibclust.cli import main as run_cli
 
-    assert run_cli(["export", "triton", str(onnx_model), "--repo", str(tmp_path), "--name", "x", "--max-batch", "64"]) == 0
+    assert run_cli(["export", "triton", "--model", str(onnx_model), "--repo", str(tmp_path), "--name", "x", "--max-batch-size", "64"]) == 0
     cfg = parse_pbtxt((tmp_path / "x" / "config.pbtxt").read_text())
     assert cfg["max_batch_size"] == 64 and cfg["dynamic_batching"]["preferred_batch_size"] == [32]
     assert "tritonserver --model-repository" in capsys.readouterr().out

@@ -45,6 +45,7 @@ from torch import nn
 
 from calibclust import __version__
 from calibclust.cluster.kmeans import kmeans
+from calibclust.device import resolve_device
 from calibclust.errors import InputError
 from calibclust.metadata import ModelMetadata
 from calibclust.models.backbones import build_backbone
@@ -232,7 +233,7 @@ class TrainingData:
 
 
 # --- backbones --------------------------------------------------------------------------------------
-def load_backbone_dir(path: str | os.PathLike, arch: str | None = None) -> tuple[nn.Module, dict]:
+def load_backbone_dir(path: str | os.PathLike, arch: str | None = None, input_size: int | None = None) -> tuple[nn.Module, dict]:
     """Pretrained backbone weights → (backbone, info with ``source``, ``spec``, ``mean``, ``std``).
 
     ``path`` is anything :func:`calibclust.models.weights.load_backbone` reads: a backbone directory
@@ -242,7 +243,7 @@ def load_backbone_dir(path: str | os.PathLike, arch: str | None = None) -> tuple
     """
     from calibclust.models.weights import load_backbone
 
-    backbone = load_backbone(path, arch=arch)
+    backbone = load_backbone(path, arch=arch, input_size=input_size)
     norm = getattr(backbone, "normalization", None) or {}
     info = {"source": os.fspath(path), "spec": dict(backbone.spec), "weights": getattr(backbone, "weights_source", {})}
     if norm.get("mean") and norm.get("std"):
@@ -454,12 +455,14 @@ class CDCTrainer:
         prototype_state: dict[str, torch.Tensor] | None = None,
         log: Callable[[str], None] | None = None,
         clusters_choice: dict | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
     ):
         self.config = config
+        self.on_epoch = on_epoch  # called with every log.jsonl record (--tensorboard)
         self.clusters_choice = clusters_choice  # --clusters auto: KChoice.to_dict(), saved in run.json and metadata
         self.data = data
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = str(resolve_device(device))
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.backbone_info = dict(backbone_info or {})
@@ -751,6 +754,8 @@ class CDCTrainer:
         if self.out_dir is not None:
             with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     def _trim_log(self, last_epoch: int) -> None:
         path = self.out_dir / "log.jsonl"

@@ -21,12 +21,12 @@ import sys
 from pathlib import Path
 
 from calibclust.cli_config import add_config_args
+from calibclust.cli_names import device_arg
+from calibclust.models.names import BACKBONE_HELP, backbone_name, is_timm
+from calibclust.tensorboard import add_tensorboard_arg, open_writer
 from calibclust.cluster.choose_k import add_cluster_args
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
-# calibclust.models.backbones.BACKBONES, restated so that building the parser imports no torch
-# (tests/test_cdc_digits.py checks the two agree).
-BACKBONES = ("small", "resnet18", "resnet34", "resnet50")
 _RAW = argparse.RawDescriptionHelpFormatter
 # Crop of CDC's views; set from the zoo measurements (calibclust/train/views.py describes both).
 CDC_VIEW_CROP = "shift"
@@ -133,12 +133,14 @@ def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = Tru
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_cluster_args(p, allow_auto=allow_auto)
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default="small", choices=BACKBONES,
-                   help="architecture when starting from random weights (default: small, ~0.3 M parameters)")
+    g.add_argument("--backbone", default="small", type=backbone_name, metavar="ARCH",
+                   help="architecture when starting from random weights, or of torchvision/timm weights "
+                        f"(default: small, ~0.3 M parameters); {BACKBONE_HELP}")
     g.add_argument("--backbone-weights", metavar="PATH",
                    help="pretrained weights, overriding --backbone: a 'calibclust pretrain' output directory "
                         "(backbone.safetensors + backbone.json), a trained model directory, a MoCo/torchvision "
-                        "checkpoint file, or torchvision[:WEIGHTS] (architecture from --backbone)")
+                        "checkpoint file, torchvision[:WEIGHTS] or, with --backbone timm:NAME, timm[:TAG] "
+                        "(the timm model's pretrained weights, from the Hugging Face cache or the internet)")
     g.add_argument("--image-size", type=int, metavar="PX",
                    help="images are resized to PX×PX (default: the backbone's input size, else 32)")
     g.add_argument("--recalibrate-bn", choices=("auto", "yes", "no"), default="auto",
@@ -166,7 +168,7 @@ def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = Tru
                         "shift = RandomCrop with 1/8 padding (SCAN/SPICE) (default %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="the one seed of the run (default %(default)s)")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    r.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice; 1 is "
                                                             "faster on a machine whose cores are busy)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -192,6 +194,7 @@ def register_cli(subparsers) -> None:
     _add_common_training_args(p)
     _add_ablation_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_tensorboard_arg(p)
     p.set_defaults(func=run_cdc)
 
     a = sub.add_parser("cdc-ablation", help="print our own CDC Tab. 2 on a labelled folder",
@@ -225,12 +228,14 @@ def register_predict_cli(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="table to write: .csv, .parquet or .jsonl")
     p.add_argument("--head", help="head to read probabilities from (default: the model's; CDC: calibration; "
                                   "'clustering' gives CDC-Clu)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--topk", type=int, default=3, help="top-k columns (default 3; 0 for none)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="also write the K most likely clusters and their probabilities (default 0: none, as "
+                        "'calibclust label'; the prob_<c> columns hold every cluster)")
     p.add_argument("--no-probs", action="store_true", help="leave out the prob_<c> columns")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 
 
@@ -264,14 +269,20 @@ def _load_inputs(args):
 
     backbone, info = None, {}
     if args.backbone_weights:
-        arch = args.backbone if args.backbone_weights.startswith("torchvision") else None
-        backbone, info = load_backbone_dir(args.backbone_weights, arch=arch)
+        backbone, info = load_backbone_dir(args.backbone_weights, arch=weights_arch(args), input_size=args.image_size)
     size = args.image_size or (backbone.spec.get("input_size") if backbone is not None else None) or 32
     data = TrainingData.from_folder(args.folder, size, progress=not args.no_progress)
     if data.unreadable:
         print(f"warning: skipped {len(data.unreadable)} unreadable image(s), e.g. {data.unreadable[0][0]}: "
               f"{data.unreadable[0][1]} (all listed in run.json)", file=sys.stderr)
     return data, backbone, info
+
+
+def weights_arch(args) -> str | None:
+    """The architecture --backbone-weights is loaded into: --backbone for torchvision and timm weights
+    (and for a file under a timm architecture, whose keys cannot tell); else found from the weights."""
+    keyword = args.backbone_weights.split(":", 1)[0]
+    return args.backbone if keyword in ("torchvision", "timm") or is_timm(args.backbone) else None
 
 
 CLUSTERS_CHOICE_FILE = "clusters_choice.json"  # written before training, so that --resume keeps the K
@@ -302,14 +313,14 @@ def choose_clusters(args, data, backbone, info: dict, device: str) -> dict | Non
               f"({saved_path}; --k-range is not searched again)", file=sys.stderr)
         return saved
     import numpy as np
-    import torch
     import torch.nn.functional as F
 
     from calibclust.cluster.choose_k import DEFAULT_MAX_POINTS, choose_k
+    from calibclust.device import resolve_device
     from calibclust.models.clustering import ClusteringModel
     from calibclust.train.cdc import embed_images
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = str(resolve_device(device))
     norm = {k: tuple(info[k]) for k in ("mean", "std") if info.get(k) is not None}
     probe = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", **norm).to(device)
     # The criteria are sample statistics: embed a fixed random subset, not the whole folder.
@@ -338,13 +349,19 @@ def run_cdc(args) -> int:
     refuse_auto_without_backbone(args)
     # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
     _config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters)
+    board = open_writer(args.tensorboard)
     data, backbone, info = _load_inputs(args)
     clusters_choice = choose_clusters(args, data, backbone, info, args.device)
     config = _config_from_args(args)
     print(f"training CDC on {data.num_images} images ({'labelled: metrics reported' if data.labels is not None else 'no labels'}), "
           f"C={config.num_clusters}, output {args.out}", file=sys.stderr)
-    result = train_cdc(config, data, args.out, backbone, info, args.backbone, resume=args.resume, device=args.device,
-                       progress=not args.no_progress, clusters_choice=clusters_choice)
+    try:
+        result = train_cdc(config, data, args.out, backbone, info, args.backbone, resume=args.resume, device=args.device,
+                           progress=not args.no_progress, clusters_choice=clusters_choice,
+                           on_epoch=board.write if board else None)
+    finally:
+        if board:
+            board.close()
     print(f"model: {result.model_dir}  (mean confidence {result.metadata.train_stats['mean_confidence']:.3f}, "
           f"cluster sizes {result.metadata.train_stats['cluster_sizes']})")
     print(f"next: calibclust predict {args.folder} --model {result.model_dir} --out predictions.csv")
@@ -376,7 +393,7 @@ def run_predict(args) -> int:
     from calibclust.predict import predict_folder
 
     _set_threads(args)
-    s = predict_folder(args.model, args.folder, args.out, head=args.head, batch_size=args.batch_size, topk=args.topk,
+    s = predict_folder(args.model, args.folder, args.out, head=args.head, batch_size=args.batch_size, top_k=args.top_k,
                        probs=not args.no_probs, device=args.device, progress=not args.no_progress)
     print(f"wrote {s.rows} rows to {s.out} (head {s.head}; mean confidence {s.mean_confidence:.3f}; "
           f"cluster sizes {s.cluster_sizes})")

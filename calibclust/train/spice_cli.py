@@ -15,8 +15,11 @@ from pathlib import Path
 # Imported at module level (it imports no torch) so that, if the train group is missing, the
 # entry point fails at load time and `calibclust` reports and skips it instead of crashing.
 from calibclust.cli_config import add_config_args
+from calibclust.cli_names import device_arg
+from calibclust.tensorboard import add_tensorboard_arg, open_writer
 from calibclust.cluster.choose_k import add_cluster_args
-from calibclust.train.cli import BACKBONES, choose_clusters, refuse_auto_without_backbone, train_subparsers
+from calibclust.models.names import BACKBONE_HELP, backbone_name
+from calibclust.train.cli import choose_clusters, refuse_auto_without_backbone, train_subparsers, weights_arch
 
 EXIT_OK = 0
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -72,7 +75,10 @@ example (sklearn's digits, small backbone; ~3.5 min pretraining + ~1.5 min compa
   calibclust pretrain digits --out runs/moco --epochs 100 --batch-size 64 --lr 0.06 \\
       --proj-hidden-dim 512 --proj-dim 128
   calibclust train compare digits --clusters 10 --out runs/compare --no-flip --backbone-weights runs/moco \\
-      --cdc-orth-steps 500
+      --cdc-orth-steps 500 --batch-size 300 --neighbors 20 --joint-steps 100
+
+SPICE's options and defaults are those of 'calibclust train spice' (the paper's); the example
+shortens stage 3 for a CPU.
 
 Without --backbone-weights the backbone is random (BatchNorm statistics re-estimated): SPICE's
 prototype pseudo-labels assume a pretrained embedding and collapse on random features.
@@ -84,8 +90,11 @@ def _add_data_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_cluster_args(p, allow_auto=allow_auto)
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default="small", choices=BACKBONES, help="architecture when no --backbone-weights (random init)")
-    g.add_argument("--backbone-weights", metavar="DIR", help="pretrained backbone directory (backbone.safetensors + backbone.json)")
+    g.add_argument("--backbone", default="small", type=backbone_name, metavar="ARCH",
+                   help=f"architecture when no --backbone-weights (random init), or of torchvision/timm weights; {BACKBONE_HELP}")
+    g.add_argument("--backbone-weights", metavar="PATH",
+                   help="pretrained weights: a 'calibclust pretrain' directory, a trained model directory, a "
+                        "checkpoint file, torchvision[:WEIGHTS] or, with --backbone timm:NAME, timm[:TAG]")
     g.add_argument("--image-size", type=int, metavar="PX", help="resize images to PX×PX (default: the backbone's, else 32)")
     g.add_argument("--recalibrate-bn", choices=("auto", "yes", "no"), default="auto",
                    help="re-estimate BatchNorm statistics on the images (auto: random-init backbones only)")
@@ -95,7 +104,7 @@ def _add_data_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
     s.add_argument("--score-batch-size", type=int, metavar="N", help="score a 'big batch' of N images per E-step (authors' code: 5000-10000)")
     s.add_argument("--top-fraction", type=float, default=1.0, help="prototype from the top fraction·M/K images (Eq. 2: 1.0; authors' code 0.5)")
     s.add_argument("--non-overlap", action="store_true", help="non-overlap assignment instead of Eq. 4's overlap (Fig. 4)")
-    s.add_argument("--head-lr", type=float, default=0.005, help="Adam lr of the heads (default %(default)s)")
+    s.add_argument("--lr-heads", type=float, default=0.005, help="Adam lr of the heads (default %(default)s)")
     s.add_argument("--head-epochs", type=int, default=100, help="stage-2 epochs (default %(default)s)")
     s.add_argument("--views", type=int, default=4, help="cached weak and strong views per image (default %(default)s)")
     j = p.add_argument_group("SPICE stage 3 (defaults: paper §IV-B)")
@@ -113,8 +122,8 @@ def _add_data_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
     j.add_argument("--unlabeled-ratio", type=int, default=7, help="U = ratio × L unlabelled images per step (default %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--no-flip", action="store_true", help="no horizontal flips in the views (digits, text)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    r.add_argument("--seed", type=int, default=0, help="the one seed of the run (default %(default)s)")
+    r.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_args(p)
 
@@ -127,7 +136,8 @@ def register_cli(subparsers) -> None:
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--resume", action="store_true",
                     help="continue the interrupted run in --out (same settings and images; ends with the same weights)")
-    ck.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS",
+    add_tensorboard_arg(ck)
+    ck.add_argument("--checkpoint-every-steps", type=int, default=50, metavar="STEPS",
                     help="joint-training steps between resume checkpoints (default %(default)s; stage 2 is saved when it ends)")
     p.set_defaults(func=run_spice)
 
@@ -142,14 +152,14 @@ def register_cli(subparsers) -> None:
                    help="CDC's prototype separation steps (default %(default)s, the authors'; the quick start uses 500, "
                         "which measured 0.815 vs 0.719 ACC on digits)")
     c.add_argument("--cdc-full", action="store_true", help="train CDC's backbone too (default: frozen features)")
-    c.set_defaults(func=run_compare, batch_size=300, joint_steps=100, neighbors=20)
+    c.set_defaults(func=run_compare)  # SPICE's settings and defaults are train spice's
 
 
 # --- command functions -----------------------------------------------------------------------------
 def _device(name: str) -> str:
-    import torch
+    from calibclust.device import resolve_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return str(resolve_device(name))
 
 
 def spice_config_from_args(args, num_clusters: int | None = None):
@@ -157,7 +167,7 @@ def spice_config_from_args(args, num_clusters: int | None = None):
 
     return SpiceConfig(
         num_clusters=args.clusters if num_clusters is None else num_clusters, n_heads=args.heads, batch_size=args.batch_size, score_batch_size=args.score_batch_size,
-        top_fraction=args.top_fraction, overlap=not args.non_overlap, head_lr=args.head_lr, head_epochs=args.head_epochs,
+        top_fraction=args.top_fraction, overlap=not args.non_overlap, head_lr=args.lr_heads, head_epochs=args.head_epochs,
         num_neighbors=args.neighbors, reliable_threshold=args.reliable_threshold,
         reliable_min_confidence=args.reliable_min_confidence, reliable_balance=args.balance,
         reliable_fallback=args.empty_cluster, joint=not args.no_joint, joint_threshold=args.joint_threshold,
@@ -179,7 +189,7 @@ def _prepare(args):
     torch.manual_seed(args.seed)
     backbone, info = None, {}
     if args.backbone_weights:
-        backbone, info = load_backbone_dir(args.backbone_weights)
+        backbone, info = load_backbone_dir(args.backbone_weights, arch=weights_arch(args), input_size=args.image_size)
     size = args.image_size or (backbone.spec.get("input_size") if backbone is not None else None) or 32
     data = TrainingData.from_folder(args.folder, size, progress=not args.no_progress)
     pretrained = backbone is not None
@@ -208,7 +218,7 @@ def _report(probs, labels):
             "mean_confidence": float(conf.mean())}
 
 
-def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None):
+def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None, board=None):
     from calibclust.models.clustering import ClusteringModel
     from calibclust.train.features import compute_feature_cache
     from calibclust.train.spice import train_spice
@@ -218,8 +228,14 @@ def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None):
                             mean=norm[0], std=norm[1]).to(device).eval()
     cache = compute_feature_cache(probe.embed, probe.preprocess, data.images, config.views, config.seed, view_config,
                                   device=device, progress=not args.no_progress)
-    log = (lambda rec: None) if args.no_progress else (lambda rec: print(json.dumps(rec), file=sys.stderr))
-    resume = {} if out_dir is None else {"out_dir": out_dir, "resume": args.resume, "checkpoint_every": args.checkpoint_every}
+    def log(rec):
+        if not args.no_progress:
+            print(json.dumps(rec), file=sys.stderr)
+        if board is not None and ("epoch" in rec or "step" in rec):
+            stage2 = "epoch" in rec  # stage 2 logs epochs, stage 3 (joint training) steps
+            board.write(rec, "epoch" if stage2 else "step", prefix="stage2/" if stage2 else "stage3/")
+
+    resume = {} if out_dir is None else {"out_dir": out_dir, "resume": args.resume, "checkpoint_every": args.checkpoint_every_steps}
     result = train_spice(backbone, data.images, config, feature_cache=cache, mean=norm[0], std=norm[1],
                          view_config=view_config, progress=not args.no_progress, log=log, device=device, **resume)
     return config, cache, result
@@ -238,6 +254,25 @@ def _save_spice(args, data, config, result, pretrained, clusters_choice=None) ->
         stats["clusters_choice"] = clusters_choice
     meta = spice_metadata(result.model, data.image_size, train_stats=stats)
     return save_model(result.model, Path(args.out) / "model", meta)
+
+
+def write_spice_report(result, path: Path, config, folder: str) -> None:
+    """``training.html``: stage 2's whole-batch loss of every head per epoch (the kept head marked)
+    and stage 3's FixMatch loss and confident share per step."""
+    from calibclust.report import HTMLReport, plot_training_curves
+
+    report = HTMLReport(f"SPICE training: {folder}", f"{config.head_epochs} stage-2 epochs · {len(result.joint_history)} "
+                        f"joint steps · K = {config.num_clusters} · run.json holds the losses")
+    heads = result.heads.history
+    series = [(f"head {i}" + (" (kept: lowest loss)" if i == result.heads.best else ""),
+               lambda r, i=i: r["mean_loss"][i]) for i in range(config.n_heads)]
+    report.add_figure(plot_training_curves(heads, "Stage 2: loss of each clustering head (Eq. 5)", series, "loss"),
+                      alt="stage 2 losses")
+    if result.joint_history:
+        report.add_figure(plot_training_curves(result.joint_history, "Stage 3: joint training (Eq. 8-9)", [
+            ("loss", lambda r: r.get("loss")), ("confident share (mask)", lambda r: r.get("mask"))], "value", x="step"),
+            alt="stage 3")
+    report.write(path)
 
 
 def _say_how_to_resume(out: Path) -> None:
@@ -271,12 +306,20 @@ def run_spice(args) -> int:
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
     clusters_choice = choose_clusters(args, data, backbone, info, device)
     print(f"training SPICE on {data.num_images} images, K={args.clusters}, output {args.out}", file=sys.stderr)
+    board = open_writer(args.tensorboard)
     try:
-        config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out))
+        config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out), board=board)
     except KeyboardInterrupt:
         _say_how_to_resume(Path(args.out))
         raise
+    finally:
+        if board:
+            board.close()
     model_dir = _save_spice(args, data, config, result, pretrained, clusters_choice)
+    try:
+        write_spice_report(result, Path(args.out) / "training.html", config, str(args.folder))
+    except Exception as exc:  # the curves are a convenience; the model is what the run is for
+        print(f"warning: training.html not written ({type(exc).__name__}: {exc})", file=sys.stderr)
     run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "clusters_choice": clusters_choice, "backbone": info or {"name": args.backbone},
            "head_losses": result.heads.losses.tolist(), "best_head": result.heads.best,
            "reliable": result.reliable_report, "seconds": result.seconds}
