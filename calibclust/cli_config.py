@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from calibclust.cli_names import DeprecatedAlias, deprecated_dests, warn_deprecated
+from calibclust.cli_names import DeprecatedAlias, deprecated_dests, device_arg, device_syntax, warn_deprecated
 from calibclust.errors import InputError
 
 # Where a run reads and writes, and how it is watched: given per invocation, never from a file.
@@ -97,6 +97,13 @@ def _convert(action: argparse.Action, value, path: str):
             value = words[0]
     if action.type is None and not isinstance(value, str):
         value = str(value)  # what the command line would have passed (e.g. device: 0)
+    if action.type is device_arg:
+        # Only the spelling: a file written on a GPU machine stays usable with --device cpu here;
+        # argparse checks the device itself when the command line does not override it.
+        try:
+            return device_syntax(value)
+        except argparse.ArgumentTypeError as exc:
+            raise InputError(f"--config {path}: {action.dest} ({option}): {exc}") from None
     if action.type is not None:
         try:
             value = action.type(value if isinstance(value, str) else (

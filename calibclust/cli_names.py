@@ -53,7 +53,6 @@ DEPRECATED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("--head-lr", "--lr-heads", ("train spice", "train compare")),
     ("--checkpoint-every", "--checkpoint-every-steps", ("train spice",)),
     ("--checkpoint-every", "--checkpoint-every-images", ("label",)),
-    ("--arch", "--backbone", ("embed",)),
     ("--knn", "--neighbors", ("embed",)),
     ("--knn-k", "--neighbors", ("export onnx",)),
     ("--force", "--overwrite", ("export triton",)),
@@ -112,7 +111,10 @@ def add_deprecated_aliases(root: argparse.ArgumentParser) -> None:
             canonical = parser._option_string_actions.get(new)
             if canonical is None:
                 raise AssertionError(f"calibclust {command} has no {new} for its deprecated {old}")
-            parser.add_argument(old, dest=canonical.dest, action=DeprecatedAlias, canonical=canonical)
+            # In the canonical option's mutually exclusive group, if any, so the old spelling cannot
+            # be combined with what the new one excludes.
+            group = next((g for g in parser._mutually_exclusive_groups if canonical in g._group_actions), parser)
+            group.add_argument(old, dest=canonical.dest, action=DeprecatedAlias, canonical=canonical)
 
 
 def deprecated_dests(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -123,12 +125,19 @@ def deprecated_dests(parser: argparse.ArgumentParser) -> dict[str, str]:
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def device_arg(text: str) -> str:
-    """argparse type of ``--device``: the syntax without torch (``auto`` imports nothing), and for an
-    explicit device, whether torch can use it on this machine."""
+def device_syntax(text: str) -> str:
+    """A device name's spelling only (no torch): what a settings file is checked against, since the
+    machine that reads the file may differ from the one that wrote it."""
     text = str(text).strip()
     if not _DEVICE.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def device_arg(text: str) -> str:
+    """argparse type of ``--device``: the syntax without torch (``auto`` imports nothing), and for an
+    explicit device, whether torch can use it on this machine."""
+    text = device_syntax(text)
     if text in ("auto", "cpu"):
         return text
     from calibclust.device import resolve_device

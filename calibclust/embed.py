@@ -313,6 +313,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--backbone", metavar="ARCH",
                    help="architecture of third-party, torchvision or timm weights: resnet18, resnet34, resnet50 or "
                         "timm:NAME (inferred from a file's keys when omitted)")
+    # 0.1's spelling: --backbone named the weights and --arch the architecture (until 0.2).
+    p.add_argument("--arch", dest="legacy_arch", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default %(default)s)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
@@ -338,6 +340,9 @@ def run(args) -> int:
         # Before 0.2 --backbone named the weights (and --arch the architecture).
         warn_deprecated("calibclust embed", "--backbone PATH", "--backbone-weights PATH")
         weights, arch = arch, None
+    if args.legacy_arch is not None:
+        warn_deprecated("calibclust embed", "--arch", "--backbone")
+        arch = args.legacy_arch
     if weights is None:
         raise InputError("--backbone-weights is required: the backbone whose features to write")
     if arch is not None and arch not in ARCHITECTURES and not is_timm(arch):

@@ -44,9 +44,16 @@ def predict_folder(
     probs: bool = True,
     device: str = "auto",
     progress: bool = True,
+    topk: int | None = None,
 ) -> PredictSummary:
     """Predict every image under ``folder`` and write the predictions table to ``out``
-    (.csv / .parquet / .jsonl). Paths in the table are relative to ``folder``."""
+    (.csv / .parquet / .jsonl). Paths in the table are relative to ``folder``. ``topk`` is 0.1's
+    name of ``top_k`` (removed in 0.2)."""
+    if topk is not None:
+        import warnings
+
+        warnings.warn("predict_folder(topk=) is deprecated; use top_k=", DeprecationWarning, stacklevel=2)
+        top_k = topk
     from tqdm.auto import tqdm
 
     model, metadata = load_model(model_dir)

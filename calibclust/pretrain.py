@@ -791,8 +791,11 @@ def main(argv: list[str] | None = None) -> int:
     subcommands (what ``torchrun -m calibclust.pretrain`` runs on every rank)."""
     from calibclust.errors import CalibclustError
 
+    from calibclust.cli_names import add_deprecated_aliases
+
     parser = argparse.ArgumentParser(prog="calibclust")
     register_cli(parser.add_subparsers(dest="command"))
+    add_deprecated_aliases(parser)
     args = parser.parse_args(["pretrain", *(sys.argv[1:] if argv is None else argv)])
     try:
         return int(args.func(args) or EXIT_OK)

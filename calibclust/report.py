@@ -289,7 +289,8 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], title: str, serie
         pad = 0.05 * (hi - lo or abs(hi) or 1.0)
         ylim = (lo - pad, hi + pad)
     chart = Chart(title, x, ylabel, xlim=(min(epochs, default=0.0), max(max(epochs, default=1.0), 1.0)), ylim=ylim)
-    for color, (label, xs, ys) in zip(PALETTE, lines):
+    for i, (label, xs, ys) in enumerate(lines):
+        color = PALETTE[i % len(PALETTE)]  # more series than colours (SPICE's 10 heads) still all drawn
         chart.line(xs, ys, color, label=label)
         if len(xs) == 1:
             chart.point(xs[0], ys[0], color)

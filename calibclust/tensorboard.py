@@ -35,15 +35,25 @@ def scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError(f"--tensorboard needs the tensorboard package: {INSTALL_HINT}") from None
+    return SummaryWriter
+
+
+def require_tensorboard(logdir: str | None) -> None:
+    """Before the heavy work: with ``--tensorboard``, say now if the package is missing."""
+    if logdir:
+        _summary_writer_class()
+
+
 class ScalarWriter:
     """Writes records to TensorBoard event files under ``logdir`` (created)."""
 
     def __init__(self, logdir: str):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise InputError(f"--tensorboard needs the tensorboard package: {INSTALL_HINT}") from None
-        self._writer = SummaryWriter(log_dir=str(logdir))
+        self._writer = _summary_writer_class()(log_dir=str(logdir))
 
     def write(self, record: Mapping[str, Any], step_key: str = "epoch", prefix: str = "") -> None:
         step = int(record[step_key])
@@ -56,6 +66,5 @@ class ScalarWriter:
 
 
 def open_writer(logdir: str | None) -> ScalarWriter | None:
-    """A writer for ``--tensorboard DIR``, or None without it. Call before the heavy work starts,
-    so that a missing package is said at once."""
+    """A writer for ``--tensorboard DIR``, or None without it (close it when the run ends)."""
     return ScalarWriter(logdir) if logdir else None

@@ -380,7 +380,7 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
     mixed = _label_folder(paths)
     stages = stage_commands(out, {"digits": paths["train"], "mixed": mixed, "heads_on": paths["heldout"]},
                             settings, seed, clusters=len(classes))
-    stages.append(("embed held-out", ["embed", str(paths["heldout"]), "--backbone", str(out / "pretrain"),
+    stages.append(("embed held-out", ["embed", str(paths["heldout"]), "--backbone-weights", str(out / "pretrain"),
                                       "--out", str(out / "heldout-features.npy"), "--no-progress"]))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     print(f"== {name}: {ZOO[name].description}", flush=True)
@@ -483,7 +483,7 @@ def heldout_features(name: str, out: Path, settings, seed: int = 0, verbose: boo
         paths = make_zoo_set(name, out / "data", seed=seed)
         pretrain = stage_commands(out, {"digits": paths["train"], "mixed": paths["heldout"]}, settings, seed)[0]
         shutil.rmtree(out / "pretrain", ignore_errors=True)  # an interrupted pretrain starts again
-        stages = [pretrain, ("embed held-out", ["embed", str(paths["heldout"]), "--backbone", str(out / "pretrain"),
+        stages = [pretrain, ("embed held-out", ["embed", str(paths["heldout"]), "--backbone-weights", str(out / "pretrain"),
                                                 "--out", str(out / "heldout-features.npy"), "--no-progress"])]
         (out / "logs").mkdir(parents=True, exist_ok=True)
         print(f"== {name}: {ZOO[name].description}", flush=True)

@@ -13,7 +13,7 @@ them instead of skewing one. Reported per backend and batch size: images/s (imag
 latency p50/p95 of one call, ratio to torch eager, and achieved GFLOP/s (FLOPs per image counted
 from the ONNX graph: 2·MACs of Conv, Gemm and MatMul).
 
-Entry points: ``calibclust bench model [MODEL]`` (registered by calibclust.export.cli) and its
+Entry points: ``calibclust bench model [--model DIR]`` (registered by calibclust.export.cli) and its
 alias ``calibclust export bench``.
 """
 

@@ -44,7 +44,7 @@ smaller. Caveats: these OOD sets are easy for feature-space scores (the digits a
 scans, the letters crisp font renders, so even the "near" set differs in style), and the logit-based
 scores are only as good as the model's confidence — on this briefly trained model they are poor
 (noise even gets *higher* confidence than digits). Re-measure on your model with
-``calibclust export ood-compare --model CKPT``.
+``calibclust export ood-compare --model MODEL_DIR``.
 
 The threshold stored in the metadata is the score's 95th percentile over the training images
 (95% in-distribution acceptance, "TPR" in the OOD literature); for ``knn`` each training image that

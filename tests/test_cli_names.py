@@ -233,3 +233,48 @@ def test_settings_files_with_old_names_still_load(tmp_path, capsys):
     printed = json.loads(out)
     assert printed["lr_heads"] == 0.02 and printed["no_joint"] is True and "head_lr" not in printed
     assert "'head_lr'" in err and "deprecated" in err and "'lr_heads'" in err, err
+
+
+def test_an_old_spelling_keeps_its_options_mutual_exclusions(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(["label", "f", "--model", "m.onnx", "--out", "o", "--min-confidence", "0.5", "--coverage", "0.9"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_embed_still_reads_its_old_backbone_and_arch(capsys):
+    from calibclust.embed import run
+
+    captured = {}
+
+    def fake_embed_folder(folder, weights, out, **kw):
+        captured.update(weights=weights, arch=kw["arch"])
+        raise SystemExit(0)
+
+    import calibclust.embed as embed
+
+    for argv in (["--backbone", "torchvision", "--arch", "resnet50"], ["--arch", "resnet50", "--backbone", "torchvision"]):
+        args = _parse(["embed", str(README.parent), "--out", "f.npy", *argv])
+        original, embed.embed_folder = embed.embed_folder, fake_embed_folder
+        try:
+            with pytest.raises(SystemExit):
+                run(args)
+        finally:
+            embed.embed_folder = original
+        assert captured == {"weights": "torchvision", "arch": "resnet50"}, argv
+        err = capsys.readouterr().err
+        assert "--backbone PATH is deprecated" in err and "--arch is deprecated" in err, err
+
+
+def test_a_settings_file_naming_a_gpu_is_usable_with_device_cpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the GPU the file names")
+    config = tmp_path / "gpu.json"
+    config.write_text(json.dumps({"device": "cuda"}))
+    base = ["train", "cdc", "f", "--out", str(tmp_path / "o"), "--clusters", "3", "--config", str(config), "--print-config"]
+    assert main([*base, "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    with pytest.raises(SystemExit) as exc:  # without the override the file's device is checked, as if typed
+        main(base)
+    assert exc.value.code == 2 and "no CUDA GPU is usable" in capsys.readouterr().err

@@ -249,7 +249,7 @@ def test_bench_model_command_registers_and_runs(capsys):
 
     args = build_parser().parse_args(["bench", "model", "--backbone", "small", "--batch-sizes", "1,8", "--rounds", "1", "--head-steps", "5",
                               "--no-int8", "--no-tensorrt", "--devices", "cpu"])
-    assert args.model is None and args.batches == [1, 8] and args.func is run_bench and args.devices == ("cpu",)
+    assert args.model is None and args.batch_sizes == [1, 8] and args.func is run_bench and args.devices == ("cpu",)
     assert args.func(args) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("torch eager", "onnxruntime fp32"))]

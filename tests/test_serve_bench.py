@@ -15,7 +15,7 @@ from serve_fixtures import make_contract_model  # noqa: E402
 def test_label_bench_command_tiny(tmp_path):
     model = make_contract_model(tmp_path / "m.onnx", input_size=(32, 32), conv_channels=(8, 16))
     proc = subprocess.run(
-        [sys.executable, "-m", "calibclust", "bench", "label", "--model", str(model), "--dir", str(tmp_path / "b"),
+        [sys.executable, "-m", "calibclust", "bench", "label", "--model", str(model), "--work-dir", str(tmp_path / "b"),
          "--n-small", "300", "--n-large", "20", "--rss-sizes", "200,400", "--batch-size", "64", "--workers", "1",
          "--skip-torch", "--ceiling-seconds", "0.5", "--repeats", "1", "--out", str(tmp_path / "r.json")],
         capture_output=True, text=True, timeout=300,

@@ -23,7 +23,7 @@ from pathlib import Path
 from calibclust.cli_config import add_config_args
 from calibclust.cli_names import device_arg
 from calibclust.models.names import BACKBONE_HELP, backbone_name, is_timm
-from calibclust.tensorboard import add_tensorboard_arg, open_writer
+from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -349,10 +349,11 @@ def run_cdc(args) -> int:
     refuse_auto_without_backbone(args)
     # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
     _config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters)
-    board = open_writer(args.tensorboard)
+    require_tensorboard(args.tensorboard)
     data, backbone, info = _load_inputs(args)
     clusters_choice = choose_clusters(args, data, backbone, info, args.device)
     config = _config_from_args(args)
+    board = open_writer(args.tensorboard)
     print(f"training CDC on {data.num_images} images ({'labelled: metrics reported' if data.labels is not None else 'no labels'}), "
           f"C={config.num_clusters}, output {args.out}", file=sys.stderr)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 # entry point fails at load time and `calibclust` reports and skips it instead of crashing.
 from calibclust.cli_config import add_config_args
 from calibclust.cli_names import device_arg
-from calibclust.tensorboard import add_tensorboard_arg, open_writer
+from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
 from calibclust.models.names import BACKBONE_HELP, backbone_name
 from calibclust.train.cli import choose_clusters, refuse_auto_without_backbone, train_subparsers, weights_arch
@@ -302,6 +302,7 @@ def run_spice(args) -> int:
     refuse_auto_without_backbone(args)
     # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
     spice_config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters)
+    require_tensorboard(args.tensorboard)
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
     clusters_choice = choose_clusters(args, data, backbone, info, device)
