@@ -174,9 +174,29 @@ def build_timm_backbone(name: str, input_size: int = 224, pretrained: bool = Fal
     return model
 
 
+class L2Normalized(nn.Module):
+    """A backbone whose features are L2-normalised rows: the features ``calibclust embed`` writes.
+    A model trained on such features (``train cdc --features``) carries this wrapper, so that it
+    sees at inference (and in its ONNX graph) the features it was trained on."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.feature_dim = inner.feature_dim
+        self.spec = {"name": L2_NORMALIZED, "input_size": inner.spec.get("input_size"), "inner": dict(inner.spec)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.inner(x), dim=1)
+
+
+L2_NORMALIZED = "l2-normalized"
+
+
 def backbone_from_spec(spec: dict) -> nn.Module:
     """Rebuild a backbone from its ``spec`` (as stored in checkpoint JSON)."""
     spec = dict(spec)
+    if spec["name"] == L2_NORMALIZED:
+        return L2Normalized(backbone_from_spec(spec["inner"]))
     name = spec.pop("name")
     stem = spec.pop("stem", "auto")
     if name == "small":

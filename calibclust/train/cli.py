@@ -194,6 +194,7 @@ def register_cli(subparsers) -> None:
     _add_common_training_args(p)
     _add_ablation_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_features_arg(p)
     add_tensorboard_arg(p)
     p.set_defaults(func=run_cdc)
 
@@ -278,6 +279,54 @@ def _load_inputs(args):
     return data, backbone, info
 
 
+def add_features_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", metavar="FILE",
+                   help="train the heads on precomputed features instead of embedding the images: an (N, D) .npy "
+                        "with FILE.files.txt (one image path per row, relative to FOLDER), e.g. 'calibclust embed' "
+                        "output. The backbone that computed them is --backbone-weights (default: the one FILE.json "
+                        "names); the model combines it with the heads, so it exports and labels images as usual. "
+                        "Implies a frozen backbone; there are no augmented views of precomputed features")
+
+
+def refuse_features_without_backbone(args) -> None:
+    """Before decoding: --features needs its backbone (given, or named by embed's FILE.json)."""
+    if not getattr(args, "features", None):
+        return
+    from calibclust.errors import InputError
+
+    path = Path(args.features)
+    if not path.is_file():
+        raise InputError(f"--features {path}: no such file")
+    files = path.with_name(path.stem + ".files.txt")
+    if not files.is_file():
+        raise InputError(f"--features {path}: its file list {files.name} is missing (one image path per row, relative "
+                         "to the image folder, as 'calibclust embed' writes it)")
+    if args.backbone_weights:
+        return
+    meta = path.with_suffix(".json")
+    named = json.loads(meta.read_text()).get("backbone") if meta.is_file() else None
+    if not named:
+        raise InputError("--features needs the backbone that computed them, so that the trained model can label images: "
+                         f"give --backbone-weights ({meta.name} would name it when 'calibclust embed' wrote the features). "
+                         "A model on features alone, without their backbone, is not supported yet")
+    args.backbone_weights = named
+    print(f"--features: backbone {named} (from {meta})", file=sys.stderr)
+
+
+def features_cache(args, data, backbone, info: dict, device: str):
+    """(backbone, FeatureCache) for ``--features``: the file's rows in the order of ``data``, checked
+    against the backbone on a sample of images (wrapped to L2-normalise when the features are)."""
+    from calibclust.models.clustering import ClusteringModel
+    from calibclust.train.features import match_backbone, read_precomputed_features, single_view_cache
+
+    features, _ = read_precomputed_features(args.features, data.paths)
+    norm = {k: tuple(info[k]) for k in ("mean", "std") if info.get(k) is not None}
+    preprocess = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", **norm).preprocess
+    backbone = match_backbone(backbone, preprocess, data.images, features, device, seed=args.seed)
+    info["features"] = str(args.features)
+    return backbone, single_view_cache(features)
+
+
 def weights_arch(args) -> str | None:
     """The architecture --backbone-weights is loaded into: --backbone for torchvision and timm weights
     (and for a file under a timm architecture, whose keys cannot tell); else found from the weights."""
@@ -343,23 +392,29 @@ def choose_clusters(args, data, backbone, info: dict, device: str) -> dict | Non
 
 
 def run_cdc(args) -> int:
+    from calibclust.device import resolve_device
     from calibclust.train.cdc import train_cdc
 
     _set_threads(args)
     refuse_auto_without_backbone(args)
     # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
-    _config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters)
+    frozen = {"freeze_backbone": True} if args.features else {}
+    _config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters, **frozen)
     require_tensorboard(args.tensorboard)
+    refuse_features_without_backbone(args)
     data, backbone, info = _load_inputs(args)
+    cache = None
+    if args.features:
+        backbone, cache = features_cache(args, data, backbone, info, str(resolve_device(args.device)))
     clusters_choice = choose_clusters(args, data, backbone, info, args.device)
-    config = _config_from_args(args)
+    config = _config_from_args(args, **frozen)
     board = open_writer(args.tensorboard)
     print(f"training CDC on {data.num_images} images ({'labelled: metrics reported' if data.labels is not None else 'no labels'}), "
           f"C={config.num_clusters}, output {args.out}", file=sys.stderr)
     try:
         result = train_cdc(config, data, args.out, backbone, info, args.backbone, resume=args.resume, device=args.device,
                            progress=not args.no_progress, clusters_choice=clusters_choice,
-                           on_epoch=board.write if board else None)
+                           on_epoch=board.write if board else None, feature_cache=cache)
     finally:
         if board:
             board.close()

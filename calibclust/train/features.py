@@ -181,3 +181,72 @@ def load_feature_cache(path: str | os.PathLike, key: dict) -> FeatureCache | Non
             return FeatureCache(fh.get_tensor("plain"), fh.get_tensor("weak"), fh.get_tensor("strong"))
     except Exception:  # a truncated or foreign file is recomputed, not trusted
         return None
+
+
+# --- precomputed features (train cdc / train spice --features) --------------------------------------
+def read_precomputed_features(path: str | os.PathLike, paths: list[str]) -> tuple[torch.Tensor, dict]:
+    """Rows of ``path`` (an (N, D) ``.npy``, e.g. ``calibclust embed``'s output) in the order of
+    ``paths`` (the training images, relative to their folder), and its description.
+
+    The rows are matched to images through ``FILE.files.txt`` (one path per row, relative to the
+    folder, as ``embed`` writes it); ``FILE.json``, when present, says which backbone made them. An
+    image without a row, or a file list that does not fit the array, is an error."""
+    from calibclust.errors import InputError
+
+    path = Path(path)
+    files = path.with_name(path.stem + ".files.txt")
+    if not path.is_file():
+        raise InputError(f"--features {path}: no such file")
+    if not files.is_file():
+        raise InputError(f"--features {path}: its file list {files.name} is missing (one image path per row, relative "
+                         "to the image folder, as 'calibclust embed' writes it)")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except ValueError as exc:
+        raise InputError(f"--features {path}: not a .npy array ({exc})") from None
+    names = files.read_text(encoding="utf-8").splitlines()
+    if array.ndim != 2 or len(names) != array.shape[0]:
+        raise InputError(f"--features {path}: expected an (N, D) array with one line of {files.name} per row, got "
+                         f"shape {array.shape} and {len(names)} lines")
+    row = {name: i for i, name in enumerate(names)}
+    missing = [p for p in paths if p not in row]
+    if missing:
+        raise InputError(f"--features {path}: {len(missing)} of the {len(paths)} images have no row, e.g. {missing[0]!r} "
+                         f"(rows are matched by their path in {files.name}, relative to the image folder)")
+    features = torch.from_numpy(np.ascontiguousarray(array[[row[p] for p in paths]], dtype=np.float32))
+    if not torch.isfinite(features).all():
+        raise InputError(f"--features {path}: holds NaN or infinite values")
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return features, meta
+
+
+def match_backbone(backbone: nn.Module, preprocess, images: np.ndarray, features: torch.Tensor, device: str = "cpu",
+                   sample: int = 64, seed: int = 0) -> nn.Module:
+    """The backbone that gives ``features`` on ``images``: ``backbone`` itself, or it with its outputs
+    L2-normalised when the features are (``embed``'s are); an InputError when neither matches on a
+    seeded sample of images (features from another backbone, image size or normalisation)."""
+    from calibclust.errors import InputError
+    from calibclust.models.backbones import L2Normalized
+
+    if features.shape[1] != backbone.feature_dim:
+        raise InputError(f"--features have {features.shape[1]} dimensions but the backbone gives {backbone.feature_dim}: "
+                         "give the --backbone-weights that computed them")
+    rows = np.sort(np.random.default_rng(seed).choice(len(images), min(sample, len(images)), replace=False))
+    backbone.eval().to(device)
+    with torch.no_grad():
+        z = backbone(preprocess(torch.from_numpy(images[rows]).to(device))).float().cpu()
+    given = features[torch.from_numpy(rows)]
+    cosine = float(torch.nn.functional.cosine_similarity(z, given, dim=1).min())
+    if cosine < 0.99:
+        raise InputError(f"--features do not come from this backbone on these images (lowest cosine similarity "
+                         f"{cosine:.3f} on {len(rows)} images): give the --backbone-weights (and --image-size) that "
+                         "computed them")
+    unit = bool(torch.allclose(given.norm(dim=1), torch.ones(len(given)), atol=1e-3))
+    return L2Normalized(backbone) if unit and not torch.allclose(z.norm(dim=1), torch.ones(len(z)), atol=1e-3) else backbone
+
+
+def single_view_cache(features: torch.Tensor) -> FeatureCache:
+    """Precomputed features carry no augmented views: the weak and strong view of every image is
+    the image itself (one cached view)."""
+    return FeatureCache(features, features[None], features[None])

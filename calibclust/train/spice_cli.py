@@ -19,7 +19,15 @@ from calibclust.cli_names import device_arg
 from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
 from calibclust.models.names import BACKBONE_HELP, backbone_name
-from calibclust.train.cli import choose_clusters, refuse_auto_without_backbone, train_subparsers, weights_arch
+from calibclust.train.cli import (
+    add_features_arg,
+    choose_clusters,
+    features_cache,
+    refuse_auto_without_backbone,
+    refuse_features_without_backbone,
+    train_subparsers,
+    weights_arch,
+)
 
 EXIT_OK = 0
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -136,6 +144,7 @@ def register_cli(subparsers) -> None:
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--resume", action="store_true",
                     help="continue the interrupted run in --out (same settings and images; ends with the same weights)")
+    add_features_arg(p)
     add_tensorboard_arg(ck)
     ck.add_argument("--checkpoint-every-steps", type=int, default=50, metavar="STEPS",
                     help="joint-training steps between resume checkpoints (default %(default)s; stage 2 is saved when it ends)")
@@ -218,7 +227,7 @@ def _report(probs, labels):
             "mean_confidence": float(conf.mean())}
 
 
-def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None, board=None):
+def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None, board=None, cache=None):
     from calibclust.models.clustering import ClusteringModel
     from calibclust.train.features import compute_feature_cache
     from calibclust.train.spice import train_spice
@@ -226,8 +235,9 @@ def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None, bo
     config = spice_config_from_args(args)
     probe = ClusteringModel(backbone, config.num_clusters, head_names=("clustering",), predict_head="clustering",
                             mean=norm[0], std=norm[1]).to(device).eval()
-    cache = compute_feature_cache(probe.embed, probe.preprocess, data.images, config.views, config.seed, view_config,
-                                  device=device, progress=not args.no_progress)
+    if cache is None:
+        cache = compute_feature_cache(probe.embed, probe.preprocess, data.images, config.views, config.seed, view_config,
+                                      device=device, progress=not args.no_progress)
     def log(rec):
         if not args.no_progress:
             print(json.dumps(rec), file=sys.stderr)
@@ -303,13 +313,18 @@ def run_spice(args) -> int:
     # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
     spice_config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters)
     require_tensorboard(args.tensorboard)
+    refuse_features_without_backbone(args)
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
+    cache = None
+    if args.features:
+        backbone, cache = features_cache(args, data, backbone, info, device)
     clusters_choice = choose_clusters(args, data, backbone, info, device)
     print(f"training SPICE on {data.num_images} images, K={args.clusters}, output {args.out}", file=sys.stderr)
     board = open_writer(args.tensorboard)
     try:
-        config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out), board=board)
+        config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out), board=board,
+                                       cache=cache)
     except KeyboardInterrupt:
         _say_how_to_resume(Path(args.out))
         raise
