@@ -10,7 +10,7 @@ CDC appendix B.1 drops the blur for 32x32 images ("except for CIFAR-10 and CIFAR
 size of image"); ``blur="auto"`` does the same for images of 32 px or less.
 
 Why batched: per-image PIL/torchvision pipelines cost more than the forward/backward pass of a
-small network on CPU (issue 9 measured ~5x). Here every step is one tensor op over the batch with
+small network on CPU (measured ~5x on 2 cores). Here every step is one tensor op over the batch with
 per-sample parameters: crop + resize + flip is a single ``affine_grid``/``grid_sample``, jitter
 uses per-sample factors (and a per-sample random order of the four jitter ops, as torchvision),
 blur is one grouped separable convolution.

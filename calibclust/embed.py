@@ -13,8 +13,8 @@ Images are preprocessed without augmentation (resize to the backbone's input siz
 the mean/std the backbone was trained with). Unreadable files are skipped, listed on stderr and in
 the JSON, and the command exits with code 3.
 
-:func:`knn_neighbours` is the top-k cosine search that SPICE's reliable pseudo-labelling (shared/
-papers/002 §III-C) and SCAN-style methods need: chunked matrix products in torch (any device),
+:func:`knn_neighbours` is the top-k cosine search that SPICE's reliable pseudo-labelling ("SPICE:
+Semantic Pseudo-Labeling for Image Clustering", §III-C) and SCAN-style methods need: chunked matrix products in torch (any device),
 or faiss when it is installed.
 """
 

@@ -1,4 +1,4 @@
-"""End-to-end labelling benchmark (issue 3, item 7): prints one table.
+"""End-to-end labelling benchmark: prints one table.
 
 Rows, on generated JPEG folders (default 20,000 at 32×32 and 2,000 at 224×224):
 
