@@ -4,7 +4,6 @@ resume on tiny synthetic data ("Towards Calibrated Deep Clustering Network" §3.
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from calibclust.train.cdc import (
     prototype_init,
     separate_prototypes,
 )
+from model_fixtures import three_shapes
 
 
 # Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
@@ -116,18 +116,7 @@ def test_prototype_init_needs_at_least_h_samples():
 
 # --- trainer: gradient routing, empty selections, resume --------------------------------------------
 def _tiny_data(n=96, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    imgs = np.zeros((n, size, size, 3), np.uint8)
-    labels = np.arange(n) % 3
-    for i, c in enumerate(labels):  # three visually distinct classes: bars, blocks, noise
-        if c == 0:
-            imgs[i, :, 4:8] = 255
-        elif c == 1:
-            imgs[i, 4:12, 4:12] = 200
-        else:
-            imgs[i] = rng.integers(0, 256, (size, size, 3))
-    imgs = np.clip(imgs.astype(int) + rng.integers(0, 40, imgs.shape), 0, 255).astype(np.uint8)
-    return TrainingData(imgs, [f"{i}.png" for i in range(n)], labels)
+    return three_shapes(n, size, seed)
 
 
 def _cfg(**kw):

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from calibclust.models.names import BACKBONES, TIMM_PREFIX, backbone_name, is_timm
@@ -28,18 +27,12 @@ from calibclust.errors import InputError, MissingDependencyError  # noqa: E402
 from calibclust.models.backbones import backbone_from_spec, backbone_spec, build_backbone  # noqa: E402
 from calibclust.models.weights import BACKBONE_CONFIG, WeightsError, load_backbone, save_backbone  # noqa: E402
 
+from model_fixtures import randomise, three_shapes  # noqa: E402
+
 # Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _randomise(module, seed=0):
-    """Distinct random values in every tensor (BN statistics too), so 'same output' means something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g).abs() * 0.5 + 0.1)
-    return module.eval()
 
 
 def _features(module, seed=0, size=32):
@@ -123,7 +116,7 @@ def test_one_definition_of_the_builtin_backbones():
 @pytest.mark.parametrize("name", ["timm:test_resnet", "timm:test_vit", "timm:mobilenetv3_small_050"])
 def test_build_and_spec_round_trip(name):
     torch.manual_seed(0)
-    m = _randomise(build_backbone(name, input_size=32, stem="cifar"))  # stem does not apply to timm
+    m = randomise(build_backbone(name, input_size=32, stem="cifar"), scale=0.5).eval()  # stem does not apply to timm
     assert m.spec == {"name": name, "input_size": 32}
     out = _features(m)
     # feature_dim is what forward returns (MobileNetV3's pre-logits layer makes it differ from num_features).
@@ -166,7 +159,7 @@ def test_missing_timm_names_the_extra(monkeypatch):
 
 # --- our checkpoint format, third-party files -----------------------------------------------------
 def test_save_and_load_backbone_round_trip_gives_identical_features(tmp_path, no_network):
-    m = _randomise(build_backbone("timm:test_resnet", input_size=32), 3)
+    m = randomise(build_backbone("timm:test_resnet", input_size=32), 3, scale=0.5).eval()
     out = save_backbone(m, tmp_path / "bb", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), source={"kind": "test"})
     config = json.loads((out / BACKBONE_CONFIG).read_text())
     assert config["spec"] == {"name": "timm:test_resnet", "input_size": 32} and config["feature_dim"] == 96
@@ -177,7 +170,7 @@ def test_save_and_load_backbone_round_trip_gives_identical_features(tmp_path, no
 
 
 def test_third_party_timm_checkpoint_loads_with_a_timm_arch(tmp_path):
-    ref = _randomise(timm.create_model("test_resnet"), 4)  # with its classifier, as a training script saves it
+    ref = randomise(timm.create_model("test_resnet"), 4, scale=0.5).eval()  # with its classifier, as a training script saves it
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, path)
     m = load_backbone(path, arch="timm:test_resnet", input_size=32)
@@ -219,7 +212,7 @@ def _fill_cache(cache, repo_id, state):
 
 
 def test_pretrained_weights_from_the_hf_cache_and_through_our_format(hf_cache, tmp_path):
-    ref = _randomise(timm.create_model("test_resnet"), 5)
+    ref = randomise(timm.create_model("test_resnet"), 5, scale=0.5).eval()
     _fill_cache(hf_cache, "timm/test_resnet.r160_in1k", ref.state_dict())
     m = load_backbone("timm", arch="timm:test_resnet", input_size=32)
     # The resolved tag is pinned in the spec; timm's pretrained_cfg gives the normalisation.
@@ -237,21 +230,7 @@ def test_pretrained_weights_from_the_hf_cache_and_through_our_format(hf_cache, t
 
 # --- end to end: train, save, export, parity --------------------------------------------------------
 def _shapes(n=96, size=32, seed=0):
-    """Three visually distinct classes: vertical bars, a bright block, noise."""
-    from calibclust.train.cdc import TrainingData
-
-    rng = np.random.default_rng(seed)
-    imgs = np.zeros((n, size, size, 3), np.uint8)
-    labels = np.arange(n) % 3
-    for i, c in enumerate(labels):
-        if c == 0:
-            imgs[i, :, 8:16] = 255
-        elif c == 1:
-            imgs[i, 8:24, 8:24] = 200
-        else:
-            imgs[i] = rng.integers(0, 256, (size, size, 3))
-    imgs = np.clip(imgs.astype(int) + rng.integers(0, 40, imgs.shape), 0, 255).astype(np.uint8)
-    return TrainingData(imgs, [f"{i}.png" for i in range(n)], labels)
+    return three_shapes(n, size, seed)
 
 
 def test_cdc_with_a_timm_backbone_trains_saves_and_exports_with_parity(tmp_path, no_network):

@@ -25,18 +25,12 @@ from calibclust.models.weights import (  # noqa: E402
 )
 
 
+from model_fixtures import randomise  # noqa: E402
+
 # Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _randomise(module, seed=0):
-    """Give every tensor (BN statistics too) distinct random values, so 'same tensors' is meaningful."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g).abs() + 0.1)
-    return module
 
 
 def _moco_checkpoint(stem="imagenet"):
@@ -47,7 +41,7 @@ def _moco_checkpoint(stem="imagenet"):
             m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
             m.maxpool = nn.Identity()
         m.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
-        return _randomise(m, seed)
+        return randomise(m, seed)
 
     q, k = encoder(1), encoder(2)
     sd = {f"module.encoder_q.{n}": v for n, v in q.state_dict().items()}
@@ -82,7 +76,7 @@ def test_moco_pth_tar_is_remapped_to_the_same_tensors(tmp_path):
 def test_scan_style_cifar_checkpoint_with_shortcut_names(tmp_path):
     # SCAN's CIFAR ResNet: keys under "backbone.", residual projections named "shortcut",
     # a contrastive head beside the backbone, everything nested under "model".
-    ref = _randomise(build_backbone("resnet18", input_size=32, stem="cifar"), 5)
+    ref = randomise(build_backbone("resnet18", input_size=32, stem="cifar"), 5)
     sd = {f"backbone.{k.replace('downsample.', 'shortcut.')}": v for k, v in ref.state_dict().items()}
     sd["contrastive_head.0.weight"] = torch.randn(512, 512)
     sd["contrastive_head.0.bias"] = torch.randn(512)
@@ -97,7 +91,7 @@ def test_scan_style_cifar_checkpoint_with_shortcut_names(tmp_path):
 
 
 def test_safetensors_round_trip_of_our_format(tmp_path):
-    m = _randomise(build_backbone("small", input_size=32, width=8), 3)
+    m = randomise(build_backbone("small", input_size=32, width=8), 3)
     out = save_backbone(m, tmp_path / "bb", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), source={"kind": "test"})
     assert (out / BACKBONE_WEIGHTS).is_file()
     config = json.loads((out / BACKBONE_CONFIG).read_text())
@@ -117,7 +111,7 @@ def test_safetensors_round_trip_of_our_format(tmp_path):
 
 
 def test_torchvision_resnet_round_trip(tmp_path):
-    m = _randomise(build_backbone("resnet18", input_size=64, stem="imagenet"), 4)
+    m = randomise(build_backbone("resnet18", input_size=64, stem="imagenet"), 4)
     loaded = load_backbone(save_backbone(m, tmp_path))
     assert loaded.spec == m.spec and all(torch.equal(v, loaded.state_dict()[k]) for k, v in m.state_dict().items())
 
@@ -125,7 +119,7 @@ def test_torchvision_resnet_round_trip(tmp_path):
 def test_plain_safetensors_file_with_prefix(tmp_path):
     from safetensors.torch import save_file
 
-    ref = _randomise(build_backbone("resnet18", input_size=32, stem="cifar"), 6)
+    ref = randomise(build_backbone("resnet18", input_size=32, stem="cifar"), 6)
     path = tmp_path / "encoder.safetensors"
     save_file({f"encoder.{k}": v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     m = load_backbone(path, arch="resnet18", stem="cifar", input_size=32)
@@ -190,7 +184,7 @@ def test_torchvision_weights_from_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    ref = _randomise(torchvision.models.resnet18(), 7)
+    ref = randomise(torchvision.models.resnet18(), 7)
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(ref.state_dict(), cache / weights.url.rsplit("/", 1)[1])

@@ -1,0 +1,36 @@
+"""Small model and data helpers shared by the torch tests (imported as a plain module)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def randomise(module, seed: int = 0, scale: float = 1.0):
+    """Distinct random values in every floating tensor (BN statistics too), so that "same output"
+    or "same tensors" means something; the module's train/eval mode is left as it was."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g).abs() * scale + 0.1)
+    return module
+
+
+def three_shapes(n: int = 96, size: int = 16, seed: int = 0):
+    """TrainingData of three visually distinct classes: vertical bars, a bright block, noise."""
+    from calibclust.train.cdc import TrainingData
+
+    rng = np.random.default_rng(seed)
+    imgs = np.zeros((n, size, size, 3), np.uint8)
+    labels = np.arange(n) % 3
+    a, b, c = size // 4, size // 2, 3 * size // 4
+    for i, k in enumerate(labels):
+        if k == 0:
+            imgs[i, :, a:b] = 255
+        elif k == 1:
+            imgs[i, a:c, a:c] = 200
+        else:
+            imgs[i] = rng.integers(0, 256, (size, size, 3))
+    imgs = np.clip(imgs.astype(int) + rng.integers(0, 40, imgs.shape), 0, 255).astype(np.uint8)
+    return TrainingData(imgs, [f"{i}.png" for i in range(n)], labels)
