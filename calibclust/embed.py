@@ -153,7 +153,8 @@ def embed_folder(
     sidecars["files"].write_text("".join(r + "\n" for r in rel), encoding="utf-8")
     meta = {
         "folder": str(folder.resolve()),
-        "backbone": os.fspath(backbone),
+        # Resolved, so that 'train --features' finds it from any working directory; keywords stay.
+        "backbone": os.fspath(Path(backbone).resolve()) if Path(backbone).exists() else os.fspath(backbone),
         "backbone_spec": dict(model.spec),
         "feature_dim": dim,
         "input_size": size,

@@ -192,6 +192,12 @@ class L2Normalized(nn.Module):
 L2_NORMALIZED = "l2-normalized"
 
 
+def backbone_label(module: nn.Module) -> str:
+    """The architecture's name for metadata and tables (``resnet18``, ``resnet18+l2`` when wrapped)."""
+    spec = module.spec
+    return f"{spec['inner']['name']}+l2" if spec["name"] == L2_NORMALIZED else spec["name"]
+
+
 def backbone_from_spec(spec: dict) -> nn.Module:
     """Rebuild a backbone from its ``spec`` (as stored in checkpoint JSON)."""
     spec = dict(spec)

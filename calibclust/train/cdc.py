@@ -48,7 +48,7 @@ from calibclust.cluster.kmeans import kmeans
 from calibclust.device import resolve_device
 from calibclust.errors import InputError
 from calibclust.metadata import ModelMetadata
-from calibclust.models.backbones import build_backbone
+from calibclust.models.backbones import backbone_label, build_backbone
 from calibclust.models.clustering import ClusteringModel, save_model
 from calibclust.shortcut import shortcut_check
 from calibclust.train.features import (
@@ -706,6 +706,7 @@ class CDCTrainer:
                 tensors.update(t)
                 meta["optimizers"][name] = m
         meta["images"] = images_digest(self.data.images)
+        meta["features"] = self.backbone_info.get("features_digest")  # --features: the rows trained on
         write_state(self.out_dir, tensors, meta)
 
     def load_state(self) -> int | None:
@@ -720,6 +721,8 @@ class CDCTrainer:
         check_same_settings(saved, self.config.to_dict(), self.out_dir, ignore=("epochs",))
         if meta.get("images") != images_digest(self.data.images):
             raise InputError(f"--resume on different images than the checkpoint in {self.out_dir}")
+        if meta.get("features") != self.backbone_info.get("features_digest"):
+            raise InputError(f"--resume with other --features than the checkpoint in {self.out_dir} was trained on")
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state)
         self.model.to(self.device)
@@ -858,7 +861,7 @@ class CDCTrainer:
             method="cdc",
             probs_head=self.model.predict_head,
             calibrated=self.dual,
-            backbone=self.model.backbone.spec["name"],
+            backbone=backbone_label(self.model.backbone),
             embedding_dim=self.model.feature_dim,
             confidence_threshold=0.5,
             train_stats=stats,

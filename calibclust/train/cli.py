@@ -301,15 +301,29 @@ def refuse_features_without_backbone(args) -> None:
     if not files.is_file():
         raise InputError(f"--features {path}: its file list {files.name} is missing (one image path per row, relative "
                          "to the image folder, as 'calibclust embed' writes it)")
+    if getattr(args, "recalibrate_bn", "auto") == "yes":
+        raise InputError("--features with --recalibrate-bn yes: re-estimated BatchNorm statistics would make the backbone "
+                         "give other features than the file's, so the model would not match what it was trained on")
     if args.backbone_weights:
         return
     meta = path.with_suffix(".json")
-    named = json.loads(meta.read_text()).get("backbone") if meta.is_file() else None
+    try:
+        described = json.loads(meta.read_text()) if meta.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--features: {meta} is not valid JSON ({exc})") from None
+    named = described.get("backbone")
     if not named:
         raise InputError("--features needs the backbone that computed them, so that the trained model can label images: "
                          f"give --backbone-weights ({meta.name} would name it when 'calibclust embed' wrote the features). "
                          "A model on features alone, without their backbone, is not supported yet")
     args.backbone_weights = named
+    # The architecture and image size the features were computed with, which torchvision and timm
+    # weights (and a timm file) cannot tell by themselves.
+    spec = described.get("backbone_spec") or {}
+    if spec.get("name") and str(named).split(":", 1)[0] in ("torchvision", "timm"):
+        args.backbone = spec["name"]
+    if getattr(args, "image_size", None) is None and described.get("input_size"):
+        args.image_size = int(described["input_size"])
     print(f"--features: backbone {named} (from {meta})", file=sys.stderr)
 
 
@@ -317,13 +331,14 @@ def features_cache(args, data, backbone, info: dict, device: str):
     """(backbone, FeatureCache) for ``--features``: the file's rows in the order of ``data``, checked
     against the backbone on a sample of images (wrapped to L2-normalise when the features are)."""
     from calibclust.models.clustering import ClusteringModel
-    from calibclust.train.features import match_backbone, read_precomputed_features, single_view_cache
+    from calibclust.train.features import features_digest, match_backbone, read_precomputed_features, single_view_cache
 
     features, _ = read_precomputed_features(args.features, data.paths)
     norm = {k: tuple(info[k]) for k in ("mean", "std") if info.get(k) is not None}
-    preprocess = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", **norm).preprocess
-    backbone = match_backbone(backbone, preprocess, data.images, features, device, seed=args.seed)
+    probe = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", **norm).to(device)
+    backbone = match_backbone(backbone, probe.preprocess, data.images, features, device, seed=args.seed)
     info["features"] = str(args.features)
+    info["features_digest"] = features_digest(features)  # a resumed run must train on the same rows
     return backbone, single_view_cache(features)
 
 
@@ -396,12 +411,13 @@ def run_cdc(args) -> int:
     from calibclust.train.cdc import train_cdc
 
     _set_threads(args)
+    refuse_features_without_backbone(args)  # before: it may name the backbone --clusters auto needs
     refuse_auto_without_backbone(args)
+    # Precomputed features: heads only, on their one view, and BatchNorm as the features were made.
     # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
-    frozen = {"freeze_backbone": True} if args.features else {}
+    frozen = {"freeze_backbone": True, "num_views": 1, "recalibrate_bn": "no"} if args.features else {}
     _config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters, **frozen)
     require_tensorboard(args.tensorboard)
-    refuse_features_without_backbone(args)
     data, backbone, info = _load_inputs(args)
     cache = None
     if args.features:

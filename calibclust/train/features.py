@@ -55,6 +55,11 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def features_digest(features: torch.Tensor) -> str:
+    """Identity of precomputed feature rows (``--features``), checked when a run resumes."""
+    return images_digest(features.detach().cpu().numpy())
+
+
 def images_digest(images: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(str(images.shape).encode())
@@ -204,7 +209,8 @@ def read_precomputed_features(path: str | os.PathLike, paths: list[str]) -> tupl
         array = np.load(path, mmap_mode="r")
     except ValueError as exc:
         raise InputError(f"--features {path}: not a .npy array ({exc})") from None
-    names = files.read_text(encoding="utf-8").splitlines()
+    names = files.read_text(encoding="utf-8").split("\n")
+    names = names[:-1] if names and names[-1] == "" else names  # embed ends every line with \n; paths may hold other breaks
     if array.ndim != 2 or len(names) != array.shape[0]:
         raise InputError(f"--features {path}: expected an (N, D) array with one line of {files.name} per row, got "
                          f"shape {array.shape} and {len(names)} lines")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibclust.errors import InputError
+from calibclust.models.backbones import backbone_label
 from calibclust.models.clustering import ClusteringModel, MLPHead
 from calibclust.train import selection_spice  # noqa: F401  (registers the SPICE strategies)
 from calibclust.train.selection import SelectionInputs, build_strategy
@@ -397,9 +398,11 @@ def train_spice(
     resume: bool = False,
     checkpoint_every: int = 50,
     stop_after_joint_steps: int | None = None,
+    features_digest: str | None = None,
 ) -> SpiceResult | None:
     """Stages 2 and 3 on uint8 images (N, H, W, 3). ``feature_cache`` (plain/weak/strong
-    tensors, e.g. a :class:`calibclust.train.features.FeatureCache`) skips the feature pass.
+    tensors, e.g. a :class:`calibclust.train.features.FeatureCache`) skips the feature pass;
+    ``features_digest`` names precomputed features it came from (a resumed run must match).
 
     With ``out_dir`` the resume state goes to ``out_dir/checkpoint/`` (see the module docstring);
     ``resume`` continues from it (same settings and images, else an error); without ``resume`` an
@@ -412,6 +415,8 @@ def train_spice(
     # same backbone as passed in (weights + BatchNorm statistics) and the same views.
     views = None if view_config is None else json.loads(json.dumps(dataclasses.asdict(view_config)))
     identity = {"images": images_digest(images), "backbone": module_digest(backbone), "views": views}
+    if features_digest is not None:  # --features: the rows the heads train on
+        identity["features"] = features_digest
     model = ClusteringModel(backbone, config.num_clusters, config.hidden_dim, head_names=("clustering",),
                             predict_head="clustering", mean=tuple(mean), std=tuple(std))
     state = None
@@ -498,7 +503,7 @@ def spice_metadata(model: ClusteringModel, input_size, cluster_names=None, train
         cluster_names=list(cluster_names or []),
         probs_head="spice",
         calibrated=False,
-        backbone=model.backbone.spec.get("name", "") if hasattr(model.backbone, "spec") else "",
+        backbone=backbone_label(model.backbone) if hasattr(model.backbone, "spec") else "",
         embedding_dim=model.feature_dim,
         train_stats=dict(train_stats or {}),
     )

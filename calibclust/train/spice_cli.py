@@ -227,7 +227,7 @@ def _report(probs, labels):
             "mean_confidence": float(conf.mean())}
 
 
-def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None, board=None, cache=None):
+def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None, board=None, cache=None, info=None):
     from calibclust.models.clustering import ClusteringModel
     from calibclust.train.features import compute_feature_cache
     from calibclust.train.spice import train_spice
@@ -247,7 +247,8 @@ def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None, bo
 
     resume = {} if out_dir is None else {"out_dir": out_dir, "resume": args.resume, "checkpoint_every": args.checkpoint_every_steps}
     result = train_spice(backbone, data.images, config, feature_cache=cache, mean=norm[0], std=norm[1],
-                         view_config=view_config, progress=not args.no_progress, log=log, device=device, **resume)
+                         view_config=view_config, progress=not args.no_progress, log=log, device=device,
+                         features_digest=(info or {}).get("features_digest"), **resume)
     return config, cache, result
 
 
@@ -309,11 +310,13 @@ def run_spice(args) -> int:
                          "or choose a new --out")
     if args.resume and not has_state(args.out):
         print(f"train spice: no checkpoint in {args.out}; starting from scratch", file=sys.stderr)
+    refuse_features_without_backbone(args)  # before: it may name the backbone --clusters auto needs
+    if args.features:
+        args.views = 1  # precomputed features have one view; the settings say so
     refuse_auto_without_backbone(args)
     # Settings are checked before the images are decoded (K = 2 stands in for a K still to choose).
     spice_config_from_args(args, num_clusters=2 if args.clusters == "auto" else args.clusters)
     require_tensorboard(args.tensorboard)
-    refuse_features_without_backbone(args)
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
     cache = None
@@ -324,7 +327,7 @@ def run_spice(args) -> int:
     board = open_writer(args.tensorboard)
     try:
         config, _, result = _spice_run(args, data, backbone, norm, view_config, device, out_dir=Path(args.out), board=board,
-                                       cache=cache)
+                                       cache=cache, info=info)
     except KeyboardInterrupt:
         _say_how_to_resume(Path(args.out))
         raise
