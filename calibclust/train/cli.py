@@ -293,14 +293,10 @@ def refuse_features_without_backbone(args) -> None:
     if not getattr(args, "features", None):
         return
     from calibclust.errors import InputError
+    from calibclust.train.features import features_file_list
 
     path = Path(args.features)
-    if not path.is_file():
-        raise InputError(f"--features {path}: no such file")
-    files = path.with_name(path.stem + ".files.txt")
-    if not files.is_file():
-        raise InputError(f"--features {path}: its file list {files.name} is missing (one image path per row, relative "
-                         "to the image folder, as 'calibclust embed' writes it)")
+    features_file_list(path)
     if getattr(args, "recalibrate_bn", "auto") == "yes":
         raise InputError("--features with --recalibrate-bn yes: re-estimated BatchNorm statistics would make the backbone "
                          "give other features than the file's, so the model would not match what it was trained on")

@@ -189,6 +189,19 @@ def load_feature_cache(path: str | os.PathLike, key: dict) -> FeatureCache | Non
 
 
 # --- precomputed features (train cdc / train spice --features) --------------------------------------
+def features_file_list(path: Path) -> Path:
+    """``FILE.files.txt`` of a features file, both checked to exist (an InputError otherwise)."""
+    from calibclust.errors import InputError
+
+    files = path.with_name(path.stem + ".files.txt")
+    if not path.is_file():
+        raise InputError(f"--features {path}: no such file")
+    if not files.is_file():
+        raise InputError(f"--features {path}: its file list {files.name} is missing (one image path per row, relative "
+                         "to the image folder, as 'calibclust embed' writes it)")
+    return files
+
+
 def read_precomputed_features(path: str | os.PathLike, paths: list[str]) -> tuple[torch.Tensor, dict]:
     """Rows of ``path`` (an (N, D) ``.npy``, e.g. ``calibclust embed``'s output) in the order of
     ``paths`` (the training images, relative to their folder), and its description.
@@ -199,12 +212,7 @@ def read_precomputed_features(path: str | os.PathLike, paths: list[str]) -> tupl
     from calibclust.errors import InputError
 
     path = Path(path)
-    files = path.with_name(path.stem + ".files.txt")
-    if not path.is_file():
-        raise InputError(f"--features {path}: no such file")
-    if not files.is_file():
-        raise InputError(f"--features {path}: its file list {files.name} is missing (one image path per row, relative "
-                         "to the image folder, as 'calibclust embed' writes it)")
+    files = features_file_list(path)
     try:
         array = np.load(path, mmap_mode="r")
     except ValueError as exc:
