@@ -55,15 +55,14 @@ def _separated(seed=0, k=10, d=32, n=60):
     centers = torch.randn(k, d, generator=g)
     y = torch.arange(k).repeat_interleave(n)
     plain = centers[y] + 0.6 * torch.randn(k * n, d, generator=g)
-    weak = torch.stack([plain + 0.2 * torch.randn(plain.shape, generator=g) for _ in range(2)])
     strong = torch.stack([plain + 0.4 * torch.randn(plain.shape, generator=g) for _ in range(2)])
-    return plain, weak, strong, y.numpy()
+    return plain, strong, y.numpy()
 
 
 def test_heads_learn_separated_clusters_and_min_loss_picks_a_good_head():
-    plain, weak, strong, y = _separated()
+    plain, strong, y = _separated()
     cfg = SpiceConfig(num_clusters=10, n_heads=3, batch_size=200, head_epochs=50)
-    res = train_heads(plain, weak, strong, cfg)
+    res = train_heads(plain, strong, cfg)
     accs = []
     for h in res.heads:
         with torch.no_grad():
@@ -73,6 +72,18 @@ def test_heads_learn_separated_clusters_and_min_loss_picks_a_good_head():
     # The minimum-loss head is the most accurate one (checked here with labels; chosen without).
     assert accs[res.best] == max(accs), f"accs {accs}, losses {res.losses.tolist()}"
     assert accs[res.best] >= 0.95, f"best head ACC {accs[res.best]:.3f}"
+
+
+def test_each_head_is_kept_at_the_epoch_of_its_lowest_whole_dataset_loss():
+    plain, strong, _ = _separated(k=4, n=40)
+    cfg = SpiceConfig(num_clusters=4, n_heads=2, batch_size=80, head_epochs=12, head_lr=0.05)
+    res = train_heads(plain, strong, cfg)
+    per_epoch = torch.tensor([r["dataset_loss"] for r in res.history])  # (epochs, heads)
+    for i in range(cfg.n_heads):
+        best = int(torch.argmin(per_epoch[:, i]))
+        assert res.kept_epochs[i] == best + 1, (i, res.kept_epochs, per_epoch[:, i].tolist())
+        assert float(res.losses[i]) == pytest.approx(float(per_epoch[best, i]), abs=1e-5)
+    assert res.best == int(torch.argmin(per_epoch.min(0).values))
 
 
 def test_fixmatch_loss_eq8_eq9():

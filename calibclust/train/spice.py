@@ -4,10 +4,11 @@ Stage 1 (representation learning) is the backbone the user brings (pretraining i
 
 * **Stage 2, SPICE_s** (§III-B, Algorithm 1): frozen backbone, ``n_heads`` MLP clustering heads
   trained at once on cached features. Per batch of M images: E-step = SPICE prototype
-  pseudo-labelling on the weak view (Eq. 2–4, :class:`~calibclust.train.selection_spice.PrototypeSelection`
+  pseudo-labelling on the un-augmented images (Alg. 1 line 6; Eq. 2–4, :class:`~calibclust.train.selection_spice.PrototypeSelection`
   through the selection seam); M-step = cross-entropy of the strong view with SPICE's double
   softmax (Eq. 5). The head kept is the one with the **lowest loss over the whole dataset** (M = N,
-  §III-B Remark) — never chosen by ground-truth labels.
+  §III-B Remark), each head taken at the epoch of its lowest loss, as the authors' code does — never
+  chosen by ground-truth labels.
 * **Stage 3, SPICE** (§III-C): reliable pseudo-labels by neighbourhood consistency (Eq. 6–7,
   :class:`~calibclust.train.selection_spice.ReliableSelection`), then FixMatch-style joint training
   of backbone + head (Eq. 8–9).
@@ -25,6 +26,7 @@ a resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -158,6 +160,7 @@ class HeadsResult:
     losses: torch.Tensor  # (n_heads,) whole-dataset loss of each head
     best: int
     history: list[dict] = field(default_factory=list)
+    kept_epochs: list[int] = field(default_factory=list)  # per head, the epoch of its lowest loss (0: initial)
 
     @property
     def best_head(self) -> MLPHead:
@@ -172,13 +175,12 @@ def _view(bank: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Te
 
 def train_heads(
     plain: torch.Tensor,
-    weak: torch.Tensor,
     strong: torch.Tensor,
     config: SpiceConfig,
     progress: bool = False,
     log=None,
 ) -> HeadsResult:
-    """Stage 2 (Algorithm 1) on cached features: ``plain`` (N, D), ``weak`` / ``strong`` (V, N, D).
+    """Stage 2 (Algorithm 1) on cached features: ``plain`` (N, D), ``strong`` (V, N, D).
     All ``n_heads`` heads see the same batches and views; each has its own Adam (independent)."""
     from tqdm.auto import tqdm
 
@@ -193,6 +195,8 @@ def train_heads(
     strategy = _prototype_strategy(config, max(1, score_m // k))
     steps_per_epoch = max(1, n // m)
     history = []
+    plain_f = plain.float()
+    kept_loss, kept_epoch, kept_state = [float("inf")] * len(heads), [0] * len(heads), [None] * len(heads)
     bar = tqdm(total=config.head_epochs * steps_per_epoch, desc="SPICE_s heads", unit="step", disable=not progress)
     for epoch in range(config.head_epochs):
         perm = torch.randperm(n, generator=g)
@@ -202,25 +206,37 @@ def train_heads(
                 idx = torch.randperm(n, generator=g)[:score_m]
             else:
                 idx = perm[step * m : (step + 1) * m]
-            zw, zs = _view(weak, idx, g), _view(strong, idx, g)
+            # E-step on the un-augmented images' features (Alg. 1 line 6, Fig. 3b, and the authors'
+            # code), M-step on a strong view of the selected rows.
+            zp, zs = plain[idx].float(), _view(strong, idx, g)
             for i, (head, opt) in enumerate(zip(heads, opts)):
                 head.train()
-                loss, npairs = estep_mstep_loss(head, zw, zs, strategy)
+                loss, npairs = estep_mstep_loss(head, zp, zs, strategy)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total[i] += float(loss.detach())
             pairs += npairs
             bar.update(1)
-        rec = {"epoch": epoch + 1, "mean_loss": (total / steps_per_epoch).tolist()}
+        # The authors' code keeps, over all epochs, the (epoch, head) pair with the lowest
+        # whole-dataset loss (§III-B Remark): each head keeps its best epoch, then the best head wins.
+        epoch_losses = head_losses(heads, plain_f, config)
+        for i, loss in enumerate(epoch_losses.tolist()):
+            if loss < kept_loss[i]:
+                kept_loss[i], kept_epoch[i] = loss, epoch + 1
+                kept_state[i] = copy.deepcopy(heads[i].state_dict())
+        rec = {"epoch": epoch + 1, "mean_loss": (total / steps_per_epoch).tolist(), "dataset_loss": epoch_losses.tolist()}
         history.append(rec)
         if log is not None:
             log(rec)
     bar.close()
-    losses = head_losses(heads, plain.float(), config)
+    for head, state in zip(heads, kept_state):
+        if state is not None:
+            head.load_state_dict(state)
+    losses = head_losses(heads, plain_f, config)
     for h in heads:
         h.eval()
-    return HeadsResult(heads, losses, select_head(losses), history)
+    return HeadsResult(heads, losses, select_head(losses), history, kept_epoch)
 
 
 # --- stage 3 ----------------------------------------------------------------------------------------
@@ -435,7 +451,7 @@ def train_spice(
     cache = feature_cache or view_features(model, images, config, view_config, progress, device)
     plain = cache.plain.float().cpu()
     if state is None:
-        heads = train_heads(plain, cache.weak.cpu(), cache.strong.cpu(), config, progress, log)
+        heads = train_heads(plain, cache.strong.cpu(), config, progress, log)
         if out_dir is not None:
             write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, identity), "stage": "heads"})
     else:
@@ -478,7 +494,7 @@ def _heads_tensors(heads: HeadsResult) -> dict[str, torch.Tensor]:
 
 def _heads_meta(heads: HeadsResult, config: SpiceConfig, identity: dict) -> dict:
     return {"format": STATE_FORMAT, "config": config.to_dict(), **identity, "best": heads.best,
-            "losses": heads.losses.tolist(), "heads_history": heads.history}
+            "losses": heads.losses.tolist(), "heads_history": heads.history, "kept_epochs": heads.kept_epochs}
 
 
 def _heads_from_state(state, dim: int, config: SpiceConfig) -> HeadsResult:
@@ -487,7 +503,8 @@ def _heads_from_state(state, dim: int, config: SpiceConfig) -> HeadsResult:
     heads.load_state_dict({k[len("heads.") :]: v for k, v in tensors.items() if k.startswith("heads.")})
     for h in heads:
         h.eval()
-    return HeadsResult(heads, torch.tensor(meta["losses"]), int(meta["best"]), list(meta["heads_history"]))
+    return HeadsResult(heads, torch.tensor(meta["losses"]), int(meta["best"]), list(meta["heads_history"]),
+                       list(meta.get("kept_epochs", [])))
 
 
 def spice_metadata(model: ClusteringModel, input_size, cluster_names=None, train_stats=None):

@@ -268,7 +268,7 @@ def _save_spice(args, data, config, result, pretrained, clusters_choice=None) ->
 
 
 def write_spice_report(result, path: Path, config, folder: str) -> None:
-    """``training.html``: stage 2's whole-batch loss of every head per epoch (the kept head marked)
+    """``training.html``: stage 2's whole-dataset loss of every head per epoch (the kept head marked)
     and stage 3's FixMatch loss and confident share per step."""
     from calibclust.report import HTMLReport, plot_training_curves
 
@@ -276,7 +276,7 @@ def write_spice_report(result, path: Path, config, folder: str) -> None:
                         f"joint steps · K = {config.num_clusters} · run.json holds the losses")
     heads = result.heads.history
     series = [(f"head {i}" + (" (kept: lowest loss)" if i == result.heads.best else ""),
-               lambda r, i=i: r["mean_loss"][i]) for i in range(config.n_heads)]
+               lambda r, i=i: (r.get("dataset_loss") or r["mean_loss"])[i]) for i in range(config.n_heads)]
     report.add_figure(plot_training_curves(heads, "Stage 2: loss of each clustering head (Eq. 5)", series, "loss"),
                       alt="stage 2 losses")
     if result.joint_history:
@@ -341,13 +341,15 @@ def run_spice(args) -> int:
         print(f"warning: training.html not written ({type(exc).__name__}: {exc})", file=sys.stderr)
     run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "clusters_choice": clusters_choice, "backbone": info or {"name": args.backbone},
            "head_losses": result.heads.losses.tolist(), "best_head": result.heads.best,
+           "kept_epochs": result.heads.kept_epochs,
            "reliable": result.reliable_report, "seconds": result.seconds}
     if data.labels is not None:
         run["metrics"] = {"spice_s": _report(result.spice_s_probs, data.labels), "spice": _report(result.probs, data.labels)}
         for name, m in run["metrics"].items():
             print(f"{name}: ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  ECE {m['ece']:.4f}  AURC {m['aurc']:.4f}")
     (Path(args.out) / "run.json").write_text(json.dumps(run, indent=2, default=str))
-    print(f"model: {model_dir}  (head {result.heads.best} of {config.n_heads} by minimum loss; "
+    kept = result.heads.kept_epochs[result.heads.best] if result.heads.kept_epochs else config.head_epochs
+    print(f"model: {model_dir}  (head {result.heads.best} of {config.n_heads} at epoch {kept}, by minimum loss; "
           f"{len(result.reliable_indices)} reliable images)")
     print(f"next: calibclust predict {args.folder} --model {model_dir} --out predictions.csv")
     return EXIT_OK
