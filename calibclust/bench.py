@@ -342,13 +342,17 @@ examples:
   calibclust bench zoo --out runs/zoo                  # every set with the full settings"""
 
 
-def _zoo_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sets", nargs="*", metavar="SET",
-                   help="zoo sets to run (default: all, in the order listed below)")
-    p.add_argument("--out", default="zoo-bench", help="working folder: data, runs, logs, zoo.json (default zoo-bench)")
+def _zoo_set_options(p: argparse.ArgumentParser, out: str, contents: str) -> None:
+    """The options every data-zoo bench shares: which sets, the working folder, settings, seed."""
+    p.add_argument("sets", nargs="*", metavar="SET", help="zoo sets to run (default: all, in the order listed below)")
+    p.add_argument("--out", default=out, help=f"working folder: {contents} (default {out})")
     p.add_argument("--fast", action="store_true", help="the quick start's --fast settings (15 MoCo epochs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage (default 0)")
     p.add_argument("--verbose", action="store_true", help="show each stage's output instead of logging it")
+
+
+def _zoo_options(p: argparse.ArgumentParser) -> None:
+    _zoo_set_options(p, "zoo-bench", "data, runs, logs, zoo.json")
 
 
 def _run_zoo(args) -> int:
@@ -380,16 +384,11 @@ def _class_counts(text: str) -> list[int]:
 def _choose_k_options(p: argparse.ArgumentParser) -> None:
     from calibclust.cluster.choose_k import DEFAULT_K_RANGE, argparse_type, parse_k_range
 
-    p.add_argument("sets", nargs="*", metavar="SET", help="zoo sets to run (default: all)")
-    p.add_argument("--out", default="choose-k-bench",
-                   help="working folder: data, pretraining, features, choose-k.json (default choose-k-bench)")
-    p.add_argument("--fast", action="store_true", help="the quick start's --fast pretraining (15 MoCo epochs)")
+    _zoo_set_options(p, "choose-k-bench", "data, pretraining, features, choose-k.json")
     p.add_argument("--k-range", type=argparse_type(parse_k_range), default=DEFAULT_K_RANGE, metavar="LOW..HIGH",
                    help=f"K values compared (default {DEFAULT_K_RANGE[0]}..{DEFAULT_K_RANGE[1]})")
     p.add_argument("--subsets", type=_class_counts, default=[5],
                    metavar="N,N", help="also choose K on the first N classes of each set (default 5; '' for none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, pretraining and criteria (default 0)")
-    p.add_argument("--verbose", action="store_true", help="show each stage's output instead of logging it")
 
 
 def _run_choose_k(args) -> int:
@@ -414,12 +413,7 @@ examples:
 
 
 def _calibration_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sets", nargs="*", metavar="SET", help="zoo sets to run (default: all)")
-    p.add_argument("--out", default="calibration-bench",
-                   help="working folder: data, pretraining, calibration.json (default calibration-bench)")
-    p.add_argument("--fast", action="store_true", help="the quick start's --fast pretraining (15 MoCo epochs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, pretraining and training (default 0)")
-    p.add_argument("--verbose", action="store_true", help="show the pretraining's output instead of logging it")
+    _zoo_set_options(p, "calibration-bench", "data, pretraining, calibration.json")
 
 
 def _run_calibration(args) -> int:

@@ -18,8 +18,10 @@ def _printed(capsys, argv) -> dict:
 
 
 @pytest.mark.parametrize("command", [
-    [*CDC, "--clusters", "7", "--epochs", "3", "--view-crop", "resized", "--no-flip", "--k-range", "3..9"],
-    ["train", "spice", "IMAGES", "--out", "OUT", "--clusters", "auto", "--lr-heads", "0.01", "--no-joint"],
+    [*CDC, "--clusters", "7", "--epochs", "3", "--view-crop", "resized", "--no-flip", "--k-range", "3..9",
+     "--minicluster-norm", "l1"],
+    ["train", "spice", "IMAGES", "--out", "OUT", "--clusters", "auto", "--lr-heads", "0.01", "--no-joint",
+     "--mstep-batch-size", "all"],  # a word that must not come back as null (= the default, 128)
     ["train", "compare", "IMAGES", "--out", "OUT", "--clusters", "4", "--cdc-epochs", "5"],
     ["train", "cdc-ablation", "IMAGES", "--out", "OUT", "--clusters", "3", "--variants", "cdc,no-init"],
     ["pretrain", "IMAGES", "--out", "OUT", "--epochs", "12", "--augment", "geometry", "--no-amp"],

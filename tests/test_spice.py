@@ -86,6 +86,24 @@ def test_each_head_is_kept_at_the_epoch_of_its_lowest_whole_dataset_loss():
     assert res.best == int(torch.argmin(per_epoch.min(0).values))
 
 
+def test_mstep_passes_over_the_selection_in_sub_batches_as_the_authors_code():
+    from calibclust.train.spice import mstep_batches
+
+    g = torch.Generator().manual_seed(0)
+    cfg = SpiceConfig(num_clusters=4, mstep_batch_size=128, mstep_repeats=8)
+    parts = mstep_batches(1000, cfg, g)
+    assert len(parts) == 8 * (1000 // 128)  # 7 Adam steps per pass, the remainder in the last
+    for r in range(8):
+        one_pass = torch.cat(parts[r * 7 : (r + 1) * 7])
+        assert sorted(one_pass.tolist()) == list(range(1000)), "each pass sees every selected row once"
+        assert min(len(p) for p in parts[r * 7 : (r + 1) * 7]) >= 128
+    assert [len(p) for p in mstep_batches(50, cfg, g)] == [50] * 8  # fewer rows than a sub-batch: one step a pass
+    whole = SpiceConfig(num_clusters=4, mstep_batch_size=None, mstep_repeats=3)  # --mstep-batch-size all
+    assert [p.tolist() for p in mstep_batches(5, whole, g)] == [[0, 1, 2, 3, 4]] * 3
+    with pytest.raises(ValueError, match="mstep_batch_size"):
+        SpiceConfig(num_clusters=4, mstep_batch_size=1)
+
+
 def test_fixmatch_loss_eq8_eq9():
     lab = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     y = torch.tensor([0, 0])

@@ -79,8 +79,7 @@ def aligned_agreement(pred, reference) -> np.ndarray:
     """Per image 1.0 where ``reference``'s cluster, mapped one-to-one onto ``pred``'s clusters by the
     Hungarian algorithm, equals ``pred``'s; else 0.0."""
     pred, reference = np.asarray(pred), np.asarray(reference)
-    mapping = hungarian_accuracy(pred, reference).mapping  # reference cluster → pred cluster
-    return (np.array([mapping.get(int(r), -1) for r in reference]) == pred).astype(np.float64)
+    return (hungarian_accuracy(pred, reference).map(reference) == pred).astype(np.float64)  # reference → pred
 
 
 def knn_agreement(features: torch.Tensor, pred, neighbours: int = NEIGHBOURS) -> np.ndarray:
@@ -106,18 +105,20 @@ def spearman(x, y) -> float:
 
 
 def _scored(probs: torch.Tensor, labels: np.ndarray) -> dict:
+    from calibclust.metrics import clustering_report
+
     conf, pred = probs.max(1)
-    pred, conf = pred.numpy(), conf.double().numpy()
-    hung = hungarian_accuracy(labels, pred)
-    correct = np.array([hung.mapping.get(int(p), -1) for p in pred]) == labels
-    return {"acc": hung.accuracy, "ece": calibration_error(conf, correct).ece, "confidence": float(conf.mean()),
-            "pred": pred, "conf": conf}
+    pred, conf = pred.numpy(), conf.double().clamp(0, 1).numpy()
+    report = clustering_report(labels, pred, conf)
+    return {"acc": report.acc, "ece": report.calibration.ece, "confidence": float(conf.mean()), "pred": pred, "conf": conf}
 
 
 def minicluster_purity(features: torch.Tensor, labels: np.ndarray, config, batches: int = 3, seed: int = 0) -> float:
-    """Mean share of each Eq. 1 mini-cluster in its majority class, over ``batches`` random train
-    batches clustered as the trainer does (diagnosis only: it reads the labels)."""
+    """Share of a batch's images that are in their mini-cluster's majority class (Eq. 1's
+    mini-clusters, formed as the trainer forms them), averaged over ``batches`` random train batches
+    (diagnosis only: it reads the labels)."""
     from calibclust.cluster.kmeans import kmeans
+    from calibclust.train.cdc import minicluster_features
 
     g = torch.Generator().manual_seed(seed)
     batch = config.effective_batch_size(len(features))
@@ -125,7 +126,7 @@ def minicluster_purity(features: torch.Tensor, labels: np.ndarray, config, batch
     shares = []
     for b in range(batches):
         idx = torch.randperm(len(features), generator=g)[:batch]
-        z = F.normalize(features[idx].float(), p=1 if config.minicluster_norm == "l1" else 2, dim=1)
+        z = minicluster_features(features[idx], config.minicluster_norm)
         assign = kmeans(z, k, n_init=config.minicluster_restarts, max_iter=config.minicluster_iters, seed=seed + b).labels.numpy()
         y = labels[idx.numpy()]
         shares.append(sum(np.bincount(y[assign == c]).max() for c in np.unique(assign)) / len(idx))
@@ -153,7 +154,7 @@ def calibration_rows(train, held, backbone, info: dict, settings, seed: int = 0,
     ``cdc_overrides`` / ``spice_overrides`` change settings the quick start does not name (tests: a
     small H, few SPICE epochs)."""
     from calibclust.cluster.kmeans import kmeans
-    from calibclust.train.cdc import CDCConfig, CDCTrainer, head_probabilities, prototype_init
+    from calibclust.train.cdc import CDCConfig, CDCTrainer, build_cdc_model, head_probabilities, prototype_init
     from calibclust.train.features import compute_feature_cache, derive_seed
     from calibclust.train.spice import SpiceConfig, train_heads
     from calibclust.train.spice_cli import kmeans_soft_assignment
@@ -165,9 +166,9 @@ def calibration_rows(train, held, backbone, info: dict, settings, seed: int = 0,
                      orth_steps=settings.orth_steps, freeze_backbone=True, recalibrate_bn="no",
                      views={"flip_p": 0.0}, seed=seed, **(cdc_overrides or {}))
     quiet = lambda msg: None  # noqa: E731
-    probe = CDCTrainer(base, train, None, backbone, info, device="cpu", progress=False, log=quiet)
-    probe._prepare_cache()
-    cache, model = probe.cache, probe.model
+    model = build_cdc_model(base, backbone, info.get("mean"), info.get("std")).eval()
+    cache = compute_feature_cache(model.embed, model.preprocess, train.images, base.num_views, base.seed, base.views,
+                                  base.eval_batch_size, "cpu", progress=False)
     held_views = compute_feature_cache(model.embed, model.preprocess, held.images, 4, derive_seed(seed, "held-out views"),
                                        base.views, base.eval_batch_size, "cpu", progress=False)
     z_held = held_views.plain

@@ -284,6 +284,11 @@ def minicluster_targets(probs: torch.Tensor, assignment: torch.Tensor, k: int) -
     return (sums / counts[:, None])[assignment]
 
 
+def minicluster_features(z: torch.Tensor, norm: str) -> torch.Tensor:
+    """The features Eq. 1's mini-cluster K-means runs on: L2- or (authors' code) L1-normalised rows."""
+    return F.normalize(z.float(), p=1 if norm == "l1" else 2, dim=1)
+
+
 def calibration_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_cal, L_en) of the calibration head on one (sub-)batch.
 
@@ -591,7 +596,7 @@ class CDCTrainer:
             p_clu = F.softmax(m.head_logits(z, "clustering"), 1)
         selection = self.strategy.select(SelectionInputs(p_sel, embeddings=z, indices=idx))
         pseudo = selection.dense_labels()  # (B,) label or -1
-        mini = kmeans(F.normalize(z.float(), p=1 if cfg.minicluster_norm == "l1" else 2, dim=1), self.k, n_init=cfg.minicluster_restarts,
+        mini = kmeans(minicluster_features(z, cfg.minicluster_norm), self.k, n_init=cfg.minicluster_restarts,
                       max_iter=cfg.minicluster_iters, seed=batch_seed)
         assignment = mini.labels
         targets = minicluster_targets(p_clu, assignment, self.k)

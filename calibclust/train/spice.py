@@ -53,7 +53,9 @@ from calibclust.train.state import (
     write_state,
 )
 
-STATE_FORMAT = "calibclust-spice-state/1"
+# /2: stage 2 scores un-augmented images, keeps each head's best epoch and runs the authors' M-step
+# passes; a /1 checkpoint's heads were trained otherwise, so it is refused rather than resumed.
+STATE_FORMAT = "calibclust-spice-state/2"
 from calibclust.train.views import ViewConfig, strong_view, weak_view
 
 
@@ -71,6 +73,10 @@ class SpiceConfig:
     overlap: bool = True  # overlap assignment (Eq. 4, Fig. 4; preferred in §IV-F2)
     head_lr: float = 0.005  # Adam (§IV-B)
     head_epochs: int = 100  # passes over the data of stage 2
+    # Authors' code: after each E-step, num_repeat = 8 passes over the selected rows in sub-batches
+    # of train_sub_batch_size = 128, one Adam step each; None = each pass is one step on all of them.
+    mstep_batch_size: int | None = 128
+    mstep_repeats: int = 8
     # --- stage 3 (SPICE, §III-C) ---
     num_neighbors: int = 100  # N_s (§IV-B)
     reliable_threshold: float = 0.95  # λ (Eq. 7, §IV-B)
@@ -94,6 +100,8 @@ class SpiceConfig:
             raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
         if self.n_heads < 1 or self.batch_size < self.num_clusters:
             raise ValueError("n_heads must be >= 1 and batch_size >= num_clusters")
+        if (self.mstep_batch_size is not None and self.mstep_batch_size < 2) or self.mstep_repeats < 1:
+            raise ValueError("mstep_batch_size must be >= 2 (BatchNorm) or None, and mstep_repeats >= 1")
         if not 0 < self.top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if not 0 <= self.reliable_threshold < 1 or not 0 <= self.joint_threshold <= 1:
@@ -120,17 +128,33 @@ def _prototype_strategy(config: SpiceConfig, per_cluster: int) -> PrototypeSelec
     )
 
 
-def estep_mstep_loss(
-    head: nn.Module, score_feats: torch.Tensor, train_feats: torch.Tensor, strategy: PrototypeSelection
-) -> tuple[torch.Tensor, int]:
-    """One E-step (Eq. 2–4 on ``score_feats``, no gradient) + the M-step loss (Eq. 5 on the same
-    rows' ``train_feats``). Returns (loss, number of (row, label) pairs)."""
+def estep(head: nn.Module, score_feats: torch.Tensor, strategy: PrototypeSelection):
+    """E-step (Eq. 2–4 on ``score_feats``, eval mode, no gradient) → the selection (rows, labels)."""
     was_training = head.training
     head.eval()
     with torch.no_grad():
         probs = torch.softmax(head(score_feats), 1)
     head.train(was_training)
-    sel = strategy.select(SelectionInputs(probs, embeddings=score_feats))
+    return strategy.select(SelectionInputs(probs, embeddings=score_feats))
+
+
+def mstep_batches(n_selected: int, config: SpiceConfig, g: torch.Generator) -> list[torch.Tensor]:
+    """Positions into the selection for each M-step Adam step: ``mstep_repeats`` shuffled passes in
+    sub-batches of about ``mstep_batch_size`` (the remainder joins the last one; None: the whole
+    selection is one step of each pass)."""
+    if config.mstep_batch_size is None:
+        return [torch.arange(n_selected) for _ in range(config.mstep_repeats)]
+    pieces = max(1, n_selected // config.mstep_batch_size)
+    return [chunk for _ in range(config.mstep_repeats)
+            for chunk in torch.tensor_split(torch.randperm(n_selected, generator=g), pieces)]
+
+
+def estep_mstep_loss(
+    head: nn.Module, score_feats: torch.Tensor, train_feats: torch.Tensor, strategy: PrototypeSelection
+) -> tuple[torch.Tensor, int]:
+    """One E-step (:func:`estep`) + the M-step loss (Eq. 5 on the same rows' ``train_feats``).
+    Returns (loss, number of (row, label) pairs)."""
+    sel = estep(head, score_feats, strategy)
     logits = head(train_feats[sel.indices])
     return double_softmax_ce(logits, sel.labels), len(sel)
 
@@ -160,7 +184,7 @@ class HeadsResult:
     losses: torch.Tensor  # (n_heads,) whole-dataset loss of each head
     best: int
     history: list[dict] = field(default_factory=list)
-    kept_epochs: list[int] = field(default_factory=list)  # per head, the epoch of its lowest loss (0: initial)
+    kept_epochs: list[int] = field(default_factory=list)  # per head, the epoch of its lowest loss (0: none ran)
 
     @property
     def best_head(self) -> MLPHead:
@@ -200,23 +224,26 @@ def train_heads(
     bar = tqdm(total=config.head_epochs * steps_per_epoch, desc="SPICE_s heads", unit="step", disable=not progress)
     for epoch in range(config.head_epochs):
         perm = torch.randperm(n, generator=g)
-        total, pairs = torch.zeros(len(heads)), 0
+        total, updates = torch.zeros(len(heads)), torch.zeros(len(heads))
         for step in range(steps_per_epoch):
             if score_m > m:  # "big batch" E-step: score score_m rows, train on the selected ones
                 idx = torch.randperm(n, generator=g)[:score_m]
             else:
                 idx = perm[step * m : (step + 1) * m]
             # E-step on the un-augmented images' features (Alg. 1 line 6, Fig. 3b, and the authors'
-            # code), M-step on a strong view of the selected rows.
+            # code), M-step (Eq. 5) on one strong view of the selected rows.
             zp, zs = plain[idx].float(), _view(strong, idx, g)
             for i, (head, opt) in enumerate(zip(heads, opts)):
+                sel = estep(head, zp, strategy)
                 head.train()
-                loss, npairs = estep_mstep_loss(head, zp, zs, strategy)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total[i] += float(loss.detach())
-            pairs += npairs
+                rows, labels = zs[sel.indices], sel.labels
+                for part in mstep_batches(len(labels), config, g):
+                    loss = double_softmax_ce(head(rows[part]), labels[part])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total[i] += float(loss.detach())
+                    updates[i] += 1
             bar.update(1)
         # The authors' code keeps, over all epochs, the (epoch, head) pair with the lowest
         # whole-dataset loss (§III-B Remark): each head keeps its best epoch, then the best head wins.
@@ -225,7 +252,7 @@ def train_heads(
             if loss < kept_loss[i]:
                 kept_loss[i], kept_epoch[i] = loss, epoch + 1
                 kept_state[i] = copy.deepcopy(heads[i].state_dict())
-        rec = {"epoch": epoch + 1, "mean_loss": (total / steps_per_epoch).tolist(), "dataset_loss": epoch_losses.tolist()}
+        rec = {"epoch": epoch + 1, "mean_loss": (total / updates.clamp_min(1)).tolist(), "dataset_loss": epoch_losses.tolist()}
         history.append(rec)
         if log is not None:
             log(rec)

@@ -36,11 +36,12 @@ SPICE_DESCRIPTION = """\
 Train SPICE ("SPICE: Semantic Pseudo-Labeling for Image Clustering") on a folder of images.
 
 Stage 2 (SPICE_s): with the backbone frozen, --heads clustering heads are trained at once on cached
-features of weak and strong views. Each batch of M images: the M/K most confident images of each
-cluster (weak view) define a prototype in feature space; the M/K images nearest to it get that
-cluster as pseudo label (Eq. 2-4, overlap assignment); the head learns them on the strong view
-with SPICE's double-softmax cross-entropy (Eq. 5). The head kept is the one with the lowest loss
-over the whole data set (never chosen with labels).
+features of the images and of strong views. Each batch of M images: the M/K most confident
+un-augmented images of each cluster define a prototype in feature space; the M/K images nearest to
+it get that cluster as pseudo label (Eq. 2-4, overlap assignment); the head learns them on strong
+views with SPICE's double-softmax cross-entropy (Eq. 5), in --mstep-repeats passes of
+--mstep-batch-size rows as the authors' code does. Each head is kept at the epoch of its lowest loss
+over the whole data set, and the head with the lowest such loss is the model (never chosen with labels).
 Stage 3 (SPICE): images whose predicted cluster is shared by more than --reliable-threshold of
 their --neighbors nearest neighbours are "reliable" (Eq. 6-7); backbone and head are then trained
 FixMatch-style (Eq. 8-9): reliable images on the weak view + confident weak→strong consistency.
@@ -114,7 +115,12 @@ def _add_data_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
     s.add_argument("--non-overlap", action="store_true", help="non-overlap assignment instead of Eq. 4's overlap (Fig. 4)")
     s.add_argument("--lr-heads", type=float, default=0.005, help="Adam lr of the heads (default %(default)s)")
     s.add_argument("--head-epochs", type=int, default=100, help="stage-2 epochs (default %(default)s)")
-    s.add_argument("--views", type=int, default=4, help="cached weak and strong views per image (default %(default)s)")
+    s.add_argument("--mstep-batch-size", type=_mstep_batch, default=128, metavar="N|all",
+                   help="M-step sub-batch: after each E-step, Adam steps on N selected rows at a time, as the "
+                        "authors' code does; 'all' = one step on every selected row (default %(default)s)")
+    s.add_argument("--mstep-repeats", type=_repeats, default=8, metavar="R",
+                   help="passes over the selected rows per E-step (authors' code: 8; default %(default)s)")
+    s.add_argument("--views", type=int, default=4, help="cached views per image (stage 2 trains on the strong ones; default %(default)s)")
     j = p.add_argument_group("SPICE stage 3 (defaults: paper §IV-B)")
     j.add_argument("--neighbors", type=int, default=100, metavar="N_S", help="neighbours for Eq. 6 (default %(default)s)")
     j.add_argument("--reliable-threshold", type=float, default=0.95, metavar="λ", help="Eq. 7 threshold (default %(default)s)")
@@ -171,12 +177,33 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
+def _mstep_batch(text: str) -> int | str:
+    # "all" stays a word here (settings.json must not read it back as null, i.e. the default).
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a sub-batch of at least 2 rows or 'all', got {text!r}")
+    return value
+
+
+def _repeats(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of passes >= 1, got {text!r}")
+    return int(text)
+
+
 def spice_config_from_args(args, num_clusters: int | None = None):
     from calibclust.train.spice import SpiceConfig
 
     return SpiceConfig(
         num_clusters=args.clusters if num_clusters is None else num_clusters, n_heads=args.heads, batch_size=args.batch_size, score_batch_size=args.score_batch_size,
         top_fraction=args.top_fraction, overlap=not args.non_overlap, head_lr=args.lr_heads, head_epochs=args.head_epochs,
+        mstep_batch_size=None if args.mstep_batch_size == "all" else args.mstep_batch_size,
+        mstep_repeats=args.mstep_repeats,
         num_neighbors=args.neighbors, reliable_threshold=args.reliable_threshold,
         reliable_min_confidence=args.reliable_min_confidence, reliable_balance=args.balance,
         reliable_fallback=args.empty_cluster, joint=not args.no_joint, joint_threshold=args.joint_threshold,
