@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibclust.metrics import calibration_error, hungarian_accuracy
+from calibclust.metrics import calibration_error, clustering_report, hungarian_accuracy
 
 # (row name, CDCConfig overrides)
 CDC_VARIANTS: list[tuple[str, dict]] = [
@@ -106,8 +106,6 @@ def spearman(x, y) -> float:
 
 
 def _scored(probs: torch.Tensor, labels: np.ndarray) -> dict:
-    from calibclust.metrics import clustering_report
-
     conf, pred = probs.max(1)
     pred, conf = pred.numpy(), conf.double().clamp(0, 1).numpy()
     report = clustering_report(labels, pred, conf)
@@ -259,8 +257,9 @@ def run_calibration_bench(args) -> int:
     for name in names:
         folder = out / name
         done = folder / "calibration.json"
-        if done.is_file() and json.loads(done.read_text()).get("settings") == wanted:
-            rows += json.loads(done.read_text())["rows"]  # a finished set's figures stand
+        finished = json.loads(done.read_text()) if done.is_file() else {}
+        if finished.get("settings") == wanted:
+            rows += finished["rows"]  # a finished set's figures stand
             continue
         heldout_features(name, folder, settings, args.seed, args.verbose)  # pretrains once per set
         data = folder / "data"
