@@ -168,8 +168,36 @@ def test_cli_ablation_command_prints_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     for row in ("K-means (same features)", "After proposed init", "Fixed thr. (0.95)", "CDC-Clu", "CDC-Cal"):
         assert row in printed
-    rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"]
+    saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    rows = saved["rows"]
     assert rows[0]["setting"].startswith("K-means") and all(0 <= r["acc"] <= 1 for r in rows)
+    # every fifth image of each class (30 a class → 6) is held out and scored, never trained on
+    assert saved["scored_on"] == "60 held-out images" and not saved["finetune_backbone"]
+    log = [json.loads(line) for line in (tmp_path / "abl" / "cdc" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["scored_on"] == "held-out images" and sum(log[-1]["heads"]["calibration"]["cluster_sizes"]) == 60
+    assert "60 held-out images" in printed
+
+
+def test_ablation_finetune_mode_trains_the_backbone_and_frozen_mode_does_not(tmp_path):
+    """Tab. 2-V needs the calibration loss to reach θ: with finetune_backbone every variant's
+    backbone moves away from the shared start; without it every variant keeps it bit for bit."""
+    import torch
+
+    from calibclust.models.backbones import build_backbone
+    from calibclust.train.cdc import CDCConfig, TrainingData, run_ablation
+
+    folder = make_digits_folder(tmp_path / "digits", limit=200)
+    data = TrainingData.from_folder(folder, 32, progress=False)
+    config = CDCConfig(num_clusters=10, epochs=1, batch_size=100, sub_batch_size=50, hidden_dim=32, orth_steps=10,
+                       num_views=1, recalibrate_bn="no")
+    start = build_backbone("small", input_size=32)
+    for finetune in (False, True):
+        result = run_ablation(data, config, tmp_path / f"abl-{finetune}", start, {"source": "test"}, progress=False,
+                              variants=["no-stop-grad"], finetune_backbone=finetune, log=lambda msg: None)
+        trained = result.runs["no-stop-grad"].model.backbone.cpu().state_dict()
+        moved = max(float((trained[k].float() - v.float()).abs().max()) for k, v in start.state_dict().items()
+                    if v.is_floating_point())
+        assert (moved > 0) == finetune, f"finetune={finetune}: largest backbone change {moved}"
 
 
 def test_train_group_accepts_other_methods_and_imports_no_torch():

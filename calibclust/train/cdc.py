@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibclust import __version__
-from calibclust.cluster.kmeans import kmeans
+from calibclust.cluster.kmeans import assign, kmeans
 from calibclust.device import resolve_device
 from calibclust.errors import InputError
 from calibclust.metadata import ModelMetadata
@@ -236,6 +236,12 @@ class TrainingData:
         rel = listing.relative_paths()
         labels = listing.labels[keep] if listing.has_labels else None
         return cls(np.concatenate(arrays), [rel[i] for i in keep], labels, listing.class_names, str(root), unreadable)
+
+    def subset(self, mask: np.ndarray) -> "TrainingData":
+        """The images where ``mask`` (N,) is true, with their paths and labels."""
+        idx = np.flatnonzero(mask)
+        labels = None if self.labels is None else self.labels[idx]
+        return TrainingData(self.images[idx], [self.paths[i] for i in idx], labels, self.class_names, self.root)
 
 
 # --- backbones --------------------------------------------------------------------------------------
@@ -467,8 +473,13 @@ class CDCTrainer:
         log: Callable[[str], None] | None = None,
         clusters_choice: dict | None = None,
         on_epoch: Callable[[dict], None] | None = None,
+        eval_data: TrainingData | None = None,
     ):
         self.config = config
+        # Labelled images never trained on: each epoch's ACC/ECE are measured on them (the
+        # ablation's and compare's held-out split); None: on the training images.
+        self.eval_data = eval_data
+        self._eval_features: torch.Tensor | None = None
         self.on_epoch = on_epoch  # called with every log.jsonl record (--tensorboard)
         self.clusters_choice = clusters_choice  # --clusters auto: KChoice.to_dict(), saved in run.json and metadata
         self.data = data
@@ -657,12 +668,26 @@ class CDCTrainer:
             stats["n_cal"] += 1
 
     # .. evaluation and logging ...................................................................
+    def scored_features(self) -> torch.Tensor:
+        """Features of the images the figures are measured on (``eval_data``, else the training
+        images); with a frozen backbone the held-out ones are embedded once."""
+        if self.eval_data is None:
+            return self.plain_features()
+        if self._eval_features is not None:
+            return self._eval_features
+        z = embed_images(self.model, self.eval_data.images, self.config.eval_batch_size, self.device)
+        if self.config.freeze_backbone:
+            self._eval_features = z
+        return z
+
     def evaluate(self, epoch: int, stats: dict | None = None, seconds: float = 0.0) -> dict:
-        z = self.plain_features()
-        record: dict[str, Any] = {"epoch": epoch, "seconds": round(seconds, 3)}
+        z = self.scored_features()
+        labels = self.labels if self.eval_data is None else self.eval_data.labels
+        record: dict[str, Any] = {"epoch": epoch, "seconds": round(seconds, 3),
+                                  "scored_on": "training images" if self.eval_data is None else "held-out images"}
         heads = {}
         for name in self.model.head_names:
-            heads[name] = _head_report(head_probabilities(self.model, z, name), self.labels)
+            heads[name] = _head_report(head_probabilities(self.model, z, name), labels)
         record["heads"] = heads
         if stats is not None:
             seen = max(1, stats["seen"])
@@ -997,12 +1022,18 @@ def run_ablation(
     progress: bool = True,
     variants: list[str] | None = None,
     log: Callable[[str], None] | None = None,
+    finetune_backbone: bool = False,
+    eval_data: TrainingData | None = None,
 ) -> AblationResult:
     """CDC paper Tab. 2 on ``data``: K-means on the same features, initialisation (2-I), fixed
     thresholds (2-II), CDC-Clu / CDC-Cal, single head (2-III/IV), no stop-gradient (2-V).
 
-    Needs ground-truth labels (it is an evaluation). Frozen-backbone mode is forced so that all
-    rows see exactly the same features; each variant trains under ``out_dir/<variant>/``.
+    Needs ground-truth labels (it is an evaluation); every figure is measured on ``eval_data``
+    (labelled images never trained on) when given, else on the training images. Every variant
+    starts from the same backbone, prototypes and seed and trains under ``out_dir/<variant>/``:
+    heads only on shared cached features by default (fast), or backbone and heads together with
+    ``finetune_backbone`` — the paper's setting, where Eq. 5 updates θ and, in 2-V, so does the
+    calibration loss.
     """
     import copy
 
@@ -1019,9 +1050,14 @@ def run_ablation(
     base._prepare_cache()
     z = base.cache.plain
     km = kmeans(F.normalize(z.float(), dim=1), config.num_clusters, n_init=10, seed=derive_seed(config.seed, "kmeans-baseline") & 0x7FFFFFFF)
+    truth = data.labels
     pred = km.labels.cpu().numpy()
-    rows = [{"setting": "K-means (same features)", "acc": hungarian_accuracy(data.labels, pred).accuracy,
-             "nmi": normalized_mutual_info(data.labels, pred), "ari": adjusted_rand_index(data.labels, pred)}]
+    if eval_data is not None:  # the held-out images go to the nearest centre
+        truth = eval_data.labels
+        z_eval = F.normalize(embed_images(base.model, eval_data.images, config.eval_batch_size, base.device).float(), dim=1)
+        pred = assign(z_eval, km.centers.to(z_eval))[0].cpu().numpy()
+    rows = [{"setting": "K-means (same features)", "acc": hungarian_accuracy(truth, pred).accuracy,
+             "nmi": normalized_mutual_info(truth, pred), "ari": adjusted_rand_index(truth, pred)}]
     log(f"K-means on the same features: ACC {rows[0]['acc']:.1%}")
     t0 = time.time()
     state = prototype_init(z, config.hidden_dim, config.num_clusters, config.seed, config.init_kmeans_restarts,
@@ -1032,7 +1068,7 @@ def run_ablation(
     chosen = [v for v in ABLATION_VARIANTS if variants is None or v[0] in variants]
     runs: dict[str, CDCResult] = {}
     for name, overrides in chosen:
-        cfg = dataclasses.replace(base_cfg, recalibrate_bn="no", **overrides)
+        cfg = dataclasses.replace(base_cfg, recalibrate_bn="no", freeze_backbone=not finetune_backbone, **overrides)
         log(f"--- {name}: {overrides or 'CDC defaults'}")
         vdir = out_dir / name
         if (vdir / "checkpoint").exists():  # rerunning the command redoes every variant
@@ -1040,7 +1076,8 @@ def run_ablation(
 
             shutil.rmtree(vdir)
         trainer = CDCTrainer(cfg, data, vdir, copy.deepcopy(base.model.backbone), prepared, backbone_name, device,
-                             progress, feature_cache=base.cache, prototype_state=state, log=log)
+                             progress, feature_cache=None if finetune_backbone else base.cache, prototype_state=state,
+                             log=log, eval_data=eval_data)
         runs[name] = trainer.fit()
     first = lambda n: runs[n].history[0] if n in runs else None  # noqa: E731
     last = lambda n: runs[n].history[-1] if n in runs else None  # noqa: E731
@@ -1064,11 +1101,15 @@ def run_ablation(
         rows.append(_row("Cal w/o stop-gradient", last("no-stop-grad"), "calibration"))
     title = (
         f"CDC ablation (our Tab. 2) on {data.root or 'the given images'}: N={data.num_images}, C={config.num_clusters}, "
-        f"backbone {prepared.get('source')} (frozen), epochs={config.epochs}, B={base.batch}, K={base.k}, "
-        f"seed={config.seed}. Percent; ECE 15 bins; sel% / selACC = last epoch's pseudo-label share / accuracy; "
+        f"backbone {prepared.get('source')} ({'fine-tuned' if finetune_backbone else 'frozen'}), epochs={config.epochs}, "
+        f"B={base.batch}, K={base.k}, seed={config.seed}. Scored on "
+        f"{'the training images' if eval_data is None else f'{eval_data.num_images} held-out images'}. Percent; "
+        f"ECE 15 bins; sel% / selACC = last epoch's pseudo-label share / accuracy (training images); "
         f"ECEclu = the same run's clustering head."
     )
     table = format_ablation_table(rows, title)
     (out_dir / "ablation.md").write_text(table + "\n")
-    (out_dir / "ablation.json").write_text(json.dumps({"rows": rows, "config": config.to_dict(), "backbone": prepared}, indent=2))
+    (out_dir / "ablation.json").write_text(json.dumps({
+        "rows": rows, "config": config.to_dict(), "backbone": prepared, "finetune_backbone": finetune_backbone,
+        "scored_on": "training images" if eval_data is None else f"{eval_data.num_images} held-out images"}, indent=2))
     return AblationResult(rows, table, runs)
