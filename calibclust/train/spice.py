@@ -423,7 +423,8 @@ class SpiceResult:
     reliable_labels: torch.Tensor
     reliable_report: dict
     joint_history: list[dict]
-    seconds: float
+    seconds: float  # both stages (the feature pass included when no cache was given)
+    heads_seconds: float = 0.0  # stage 2 alone (SPICE_s)
 
 
 def train_spice(
@@ -477,12 +478,14 @@ def train_spice(
                 raise InputError(f"--resume with different {key} than the checkpoint in {out_dir} was trained on")
     cache = feature_cache or view_features(model, images, config, view_config, progress, device)
     plain = cache.plain.float().cpu()
+    t_heads = time.time()
     if state is None:
         heads = train_heads(plain, cache.strong.cpu(), config, progress, log)
         if out_dir is not None:
             write_state(out_dir, _heads_tensors(heads), {**_heads_meta(heads, config, identity), "stage": "heads"})
     else:
         heads = _heads_from_state(state, plain.shape[1], config)
+    heads_seconds = time.time() - t_heads
     model.heads["clustering"].load_state_dict(heads.best_head.state_dict())
     with torch.no_grad():
         spice_s = torch.softmax(heads.best_head.eval()(plain), 1)
@@ -512,7 +515,7 @@ def train_spice(
             return None
         probs = predict_probs(model, images, device=device)
     return SpiceResult(model.cpu().eval(), heads, spice_s, probs, sel.indices.cpu(), sel.labels.cpu(), report,
-                       history, time.time() - t0)
+                       history, time.time() - t0, heads_seconds)
 
 
 def _heads_tensors(heads: HeadsResult) -> dict[str, torch.Tensor]:
