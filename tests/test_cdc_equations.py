@@ -244,3 +244,54 @@ def test_labels_are_not_used_for_training():
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert "acc" in a.history[-1]["heads"]["calibration"] and "acc" not in b.history[-1]["heads"]["calibration"]
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_minicluster_kmeans_sees_rows_normalised_as_configured(tmp_path, monkeypatch, norm):
+    """Eq. 1's per-batch K-means runs on the un-augmented embeddings, L2- or (the authors' code)
+    L1-normalised per --minicluster-norm."""
+    import calibclust.train.cdc as cdc
+
+    seen = []
+    real = cdc.kmeans
+
+    def spy(x, k, **kw):
+        seen.append(x.detach().clone())
+        return real(x, k, **kw)
+
+    monkeypatch.setattr(cdc, "kmeans", spy)
+    trainer = CDCTrainer(_cfg(freeze_backbone=True, minicluster_norm=norm, init="random"), _tiny_data(), tmp_path,
+                         progress=False, log=lambda m: None)
+    trainer.fit()
+    order = {"l2": 2, "l1": 1}[norm]
+    assert seen and all(len(x) == 48 for x in seen)  # one K-means per batch of B = 48 rows
+    for x in seen:
+        assert torch.allclose(x.norm(p=order, dim=1), torch.ones(len(x)), atol=1e-5), norm
+
+
+def test_paper_settings_and_the_hard_rule_set_k_and_the_encoder_lr():
+    """§4.1: B and K per benchmark, and the 1e-5 encoder lr of CIFAR-20 / Tiny-ImageNet, one name
+    away on the command line; the hard rule (CIFAR-20's B/K = 25) lowers the encoder lr too."""
+    import argparse
+
+    from calibclust.train.cli import _config_from_args, register_cli
+
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+
+    def config(*extra):
+        return _config_from_args(parser.parse_args(["train", "cdc", "f", "--out", "o", "--clusters", "10", *extra]))
+
+    c = config("--paper-setting", "cifar20")
+    assert (c.batch_size, c.sub_batch_size, c.resolved_mini_clusters(1000), c.resolved_lr_backbone()) == (1000, 500, 40, 1e-5)
+    c = config("--paper-setting", "stl10")
+    assert (c.batch_size, c.resolved_mini_clusters(1000), c.resolved_lr_backbone()) == (1000, 150, 5e-5)
+    c = config("--paper-setting", "tiny-imagenet", "--lr-backbone", "3e-5")  # an explicit flag wins
+    assert (c.batch_size, c.resolved_mini_clusters(5000), c.resolved_lr_backbone()) == (5000, 1000, 3e-5)
+    c = config()
+    assert (c.batch_size, c.resolved_mini_clusters(1000), c.resolved_lr_backbone()) == (1000, 500, 5e-5)
+    c = config("--difficulty", "hard", "--batch-size", "300")
+    assert (c.sub_batch_size, c.resolved_mini_clusters(300), c.resolved_lr_backbone()) == (150, 12, 1e-5)
+    trainer = CDCTrainer(_cfg(difficulty="hard", mini_clusters=None), _tiny_data(), None, progress=False,
+                         log=lambda m: None)
+    assert trainer.opt_clu.param_groups[0]["lr"] == 1e-5  # the encoder's group, fine-tuned mode

@@ -352,3 +352,81 @@ def test_cli_compare_table_on_digits_with_moco_backbone(quickstart_out, digits_m
     assert summary["files"] == 1797 and sum(summary["counts"].values()) == 1797, summary["counts"]
     # no calibration head: --target-accuracy warns that mean confidence may not estimate accuracy
     assert any("not calibrated" in w for w in summary["thresholds"]["warnings"]), summary["thresholds"]
+
+
+def test_estep_scores_the_plain_features_and_the_mstep_trains_on_strong_views(monkeypatch):
+    """Alg. 1 line 6 and the authors' code: prototypes and assignments come from embeddings of the
+    un-augmented images; Eq. 5 then trains on strong views of the selected rows."""
+    import calibclust.train.spice as spice
+
+    plain, strong, _ = _separated(k=4, n=30)
+    scored = []
+    real = spice.estep
+
+    def spy(head, score_feats, strategy):
+        scored.append(score_feats.clone())
+        return real(head, score_feats, strategy)
+
+    monkeypatch.setattr(spice, "estep", spy)
+    train_heads(plain, strong, SpiceConfig(num_clusters=4, n_heads=1, batch_size=60, head_epochs=2))
+    # two batches of M = 60 an epoch for two epochs, and the whole-dataset loss (M = N = 120) after
+    # each epoch and once at the end
+    assert [len(x) for x in scored] == [60, 60, 120, 60, 60, 120, 120]
+    rows = {tuple(r.tolist()) for r in plain}
+    assert all(tuple(r.tolist()) in rows for x in scored for r in x), "the E-step saw a row that is not a plain feature"
+
+
+def test_heads_without_batchnorm_as_the_authors_and_the_model_round_trips(tmp_path):
+    from calibclust.models.backbones import build_backbone
+    from calibclust.models.clustering import ClusteringModel, load_model, save_model
+
+    plain, strong, _ = _separated(k=4, n=30)
+    res = train_heads(plain, strong, SpiceConfig(num_clusters=4, n_heads=2, batch_size=60, head_epochs=1,
+                                                 head_batchnorm=False))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in res.best_head.modules())
+    model = ClusteringModel(build_backbone("small", input_size=16), 4, 32, head_names=("clustering",),
+                            predict_head="clustering", head_batchnorm=False)
+    assert not any(k.startswith("heads.clustering.bn") for k in model.state_dict())
+    meta = spice_metadata(model, (16, 16))
+    save_model(model, tmp_path / "m", meta)
+    loaded, _ = load_model(tmp_path / "m")
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        assert loaded.head_batchnorm is False and torch.allclose(model.eval()(x), loaded(x))
+
+
+def test_weight_average_follows_fixmatch_ema():
+    """ŵ ← d·ŵ + (1 − d)·w for parameters after every step; BatchNorm buffers copied."""
+    from calibclust.models.clustering import MLPHead
+    from calibclust.train.spice import WeightAverage
+
+    torch.manual_seed(0)
+    head = MLPHead(4, 8, 3)
+    start = {k: v.clone() for k, v in head.state_dict().items()}
+    average = WeightAverage(head, 0.9)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(1.0)
+    head.train()(torch.randn(16, 4))  # moves the BN running statistics
+    average.update(head)
+    now = head.state_dict()
+    assert torch.allclose(average.state["fc1.weight"], 0.9 * start["fc1.weight"] + 0.1 * now["fc1.weight"])
+    assert torch.equal(average.state["bn.running_mean"], now["bn.running_mean"])
+    with pytest.raises(ValueError, match="joint_ema"):
+        SpiceConfig(joint_ema=1.0)
+
+
+def test_joint_schedule_profiles_on_the_command_line():
+    """Stage 3's CPU reduction is the default; the paper's schedule (§IV-B: 16 reliable + 112
+    unlabelled images, 1,048,576 steps) is one name away; explicit flags win."""
+    from calibclust.cli import build_parser
+    from calibclust.train.spice_cli import spice_config_from_args
+
+    parser = build_parser()
+    base = ["train", "spice", "f", "--out", "o", "--clusters", "3"]
+    c = spice_config_from_args(parser.parse_args(base))
+    assert (c.joint_steps, c.labeled_batch, c.unlabeled_ratio, c.joint_ema) == (2000, 64, 7, 0.999)
+    c = spice_config_from_args(parser.parse_args([*base, "--joint-schedule", "paper"]))
+    assert (c.joint_steps, c.labeled_batch, c.unlabeled_ratio) == (1_048_576, 16, 7)
+    c = spice_config_from_args(parser.parse_args([*base, "--joint-schedule", "paper", "--joint-steps", "10"]))
+    assert (c.joint_steps, c.labeled_batch) == (10, 16)

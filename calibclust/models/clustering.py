@@ -31,12 +31,13 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 class MLPHead(nn.Module):
-    """D → H → BN → ReLU → C (CDC §3.3 and Tab. 6, H = 512 by default)."""
+    """D → H → BN → ReLU → C (CDC §3.3 and Tab. 6, H = 512 by default); ``batch_norm=False``
+    drops the BN, as SPICE's authors' head (D → 512 → ReLU → K) has none."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, num_clusters: int):
+    def __init__(self, in_dim: int, hidden_dim: int, num_clusters: int, batch_norm: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.bn = nn.BatchNorm1d(hidden_dim)
+        self.bn = nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity()
         self.fc2 = nn.Linear(hidden_dim, num_clusters)
 
     def hidden(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, H)
@@ -56,6 +57,7 @@ class ClusteringModel(nn.Module):
         predict_head: str = "calibration",
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.25, 0.25, 0.25),
+        head_batchnorm: bool = True,
     ):
         super().__init__()
         if predict_head not in head_names:
@@ -65,7 +67,9 @@ class ClusteringModel(nn.Module):
         self.hidden_dim = int(hidden_dim)
         self.head_names = tuple(head_names)
         self.predict_head = predict_head
-        self.heads = nn.ModuleDict({h: MLPHead(backbone.feature_dim, hidden_dim, num_clusters) for h in head_names})
+        self.head_batchnorm = bool(head_batchnorm)
+        self.heads = nn.ModuleDict({h: MLPHead(backbone.feature_dim, hidden_dim, num_clusters, head_batchnorm)
+                                    for h in head_names})
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -98,6 +102,7 @@ class ClusteringModel(nn.Module):
             "predict_head": self.predict_head,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
+            "head_batchnorm": self.head_batchnorm,
         }
 
     @classmethod
@@ -110,6 +115,7 @@ class ClusteringModel(nn.Module):
             predict_head=arch["predict_head"],
             mean=tuple(arch["mean"]),
             std=tuple(arch["std"]),
+            head_batchnorm=arch.get("head_batchnorm", True),  # checkpoints before the option had BN
         )
 
 

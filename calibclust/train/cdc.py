@@ -45,6 +45,7 @@ from torch import nn
 
 from calibclust import __version__
 from calibclust.cluster.kmeans import assign, kmeans
+from calibclust.train.paper_settings import BATCH_PER_MINICLUSTER, LR_BACKBONE
 from calibclust.device import resolve_device
 from calibclust.errors import InputError
 from calibclust.metadata import ModelMetadata
@@ -77,14 +78,6 @@ HEAD_MODES = ("dual", "clu", "clu+cal")
 INIT_MODES = ("prototype", "random")
 DIFFICULTIES = ("easy", "hard")
 MINICLUSTER_NORMS = ("l2", "l1")
-# Mini-cluster rule of thumb (§4.3-VI, appendix B.5 "Insight for K"): fewer mini-clusters (larger
-# B/K) penalise confidence more, which hard data needs. The text prints the ratios the other way
-# round ("B/K ≤ 5 hard, ≥ 10 easy") but the authors' configs and the argument beside it say easy →
-# many mini-clusters (CIFAR-10: B = 1000, K = 500, B/K = 2) and hard → few (CIFAR-20: K = 40,
-# B/K = 25); we take those configs' ratios. Measured on held-out zoo sets (calibclust bench
-# calibration): hard lowers CDC-Cal's ECE on letters in many fonts (0.155 → 0.103) and reframed
-# digits (0.183 → 0.102) but raises it on plain digits (0.119 → 0.171), so "easy" stays the default.
-BATCH_PER_MINICLUSTER = {"easy": 2, "hard": 25}
 STATE_FORMAT = "calibclust-cdc-state/1"
 
 
@@ -100,7 +93,7 @@ class CDCConfig:
     difficulty: str = "easy"  # rule of thumb for K (Tab. 5, appendix B.5)
     top_size: int | None = None  # |TOP(c)| in Eq. 4; None → ⌊B/C⌋ (authors' configs)
     hidden_dim: int = 512  # H (Tab. 6)
-    lr_backbone: float = 5e-5  # Adam, encoder (§4.1)
+    lr_backbone: float | None = None  # Adam, encoder (§4.1); None → LR_BACKBONE[difficulty]
     lr_heads: float = 1e-4  # Adam, MLP heads (§4.1)
     weight_decay: float = 0.0  # authors' configs
     w_en: float = 1.0  # weight of L_en (Eq. 3)
@@ -163,6 +156,9 @@ class CDCConfig:
         if self.mini_clusters is not None:
             return min(self.mini_clusters, batch)
         return max(1, min(batch, batch // BATCH_PER_MINICLUSTER[self.difficulty]))
+
+    def resolved_lr_backbone(self) -> float:
+        return self.lr_backbone if self.lr_backbone is not None else LR_BACKBONE[self.difficulty]
 
     def resolved_top_size(self, batch: int) -> int:
         return self.top_size if self.top_size is not None else max(1, batch // self.num_clusters)
@@ -517,7 +513,7 @@ class CDCTrainer:
             p.requires_grad_(not cfg.freeze_backbone)
         groups = [{"params": list(m.heads["clustering"].parameters()), "lr": cfg.lr_heads}]
         if not cfg.freeze_backbone:
-            groups.insert(0, {"params": list(m.backbone.parameters()), "lr": cfg.lr_backbone})
+            groups.insert(0, {"params": list(m.backbone.parameters()), "lr": cfg.resolved_lr_backbone()})
         # Two optimizers, as Algorithm 1 updates (θ, θ_clu) by Eq. 5 and θ_cal by Eq. 3 separately.
         self.opt_clu = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         self.opt_cal = (

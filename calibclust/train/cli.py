@@ -25,6 +25,7 @@ from calibclust.cli_names import device_arg
 from calibclust.models.names import BACKBONE_HELP, backbone_name, is_timm
 from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
+from calibclust.train.paper_settings import PAPER_SETTINGS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -133,7 +134,7 @@ examples (sklearn's digits, the small backbone, minutes on 2 CPU cores):
 """
 
 
-def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
+def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = True, paper_setting: bool = False) -> None:
     p.add_argument("folder", metavar="FOLDER", help="image folder (flat, or FOLDER/<class>/<image> for reporting)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_cluster_args(p, allow_auto=allow_auto)
@@ -153,8 +154,15 @@ def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = Tru
                         "(auto: only for randomly initialised backbones)")
     t = p.add_argument_group("training (defaults: paper §4.1 / appendix B)")
     t.add_argument("--epochs", type=int, default=100, help="epochs (default %(default)s)")
-    t.add_argument("--batch-size", type=int, default=1000, metavar="B", help="batch B (default %(default)s)")
-    t.add_argument("--sub-batch-size", type=int, default=500, metavar="BS", help="sub-batch B_s (default %(default)s)")
+    t.add_argument("--batch-size", type=int, metavar="B", help="batch B (default 1000, or by --paper-setting)")
+    t.add_argument("--sub-batch-size", type=int, metavar="BS", help="sub-batch B_s (default B/2: the authors' 500 for B = 1000)")
+    if paper_setting:
+        t.add_argument("--paper-setting", choices=sorted(PAPER_SETTINGS), metavar="NAME",
+                       help="the paper's B, K and encoder lr for one of its benchmarks (§4.1): " + "; ".join(
+                           f"{name} B={v['batch_size']} K={v['mini_clusters']}"
+                           + (f" lr {v['lr_backbone']:g}" if "lr_backbone" in v else "")
+                           for name, v in sorted(PAPER_SETTINGS.items()))
+                       + "; --batch-size, --mini-clusters and --lr-backbone override it")
     t.add_argument("--mini-clusters", type=int, metavar="K", help="mini-clusters K per batch for Eq. 1 (default: by --difficulty)")
     t.add_argument("--difficulty", choices=("easy", "hard"), default="easy",
                    help="K rule of thumb when --mini-clusters is absent: easy K=B/2, hard K=B/25 (held-out: hard "
@@ -165,7 +173,9 @@ def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = Tru
                         "authors' code does (held-out ECE within 0.005 of l2 on three zoo sets; default %(default)s)")
     t.add_argument("--top-size", type=int, metavar="T", help="|TOP(c)| of Eq. 4 (default ⌊B/C⌋)")
     t.add_argument("--hidden-dim", type=int, default=512, metavar="H", help="head hidden units H (default %(default)s)")
-    t.add_argument("--lr-backbone", type=float, default=5e-5, help="Adam lr of the backbone (default %(default)s)")
+    t.add_argument("--lr-backbone", type=float, metavar="LR",
+                   help="Adam lr of the backbone when it is trained (default 5e-5; 1e-5 with --difficulty hard, as "
+                        "the paper lowers it for CIFAR-20 and Tiny-ImageNet; or by --paper-setting)")
     t.add_argument("--lr-heads", type=float, default=1e-4, help="Adam lr of the heads (default %(default)s)")
     t.add_argument("--w-en", type=float, default=1.0, help="weight of the entropy term, Eq. 3 (default %(default)s)")
     t.add_argument("--orth-steps", type=int, default=2000, help="prototype separation steps at init (default %(default)s)")
@@ -201,7 +211,7 @@ def register_cli(subparsers) -> None:
     sub = train_subparsers(subparsers)
     p = sub.add_parser("cdc", help="Calibrated Deep Clustering (dual head)", description=CDC_DESCRIPTION,
                        epilog=CDC_EPILOG, formatter_class=_RAW)
-    _add_common_training_args(p)
+    _add_common_training_args(p, paper_setting=True)
     _add_ablation_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_features_arg(p)
@@ -267,10 +277,14 @@ def _config_from_args(args, **overrides):
     from calibclust.train.views import ViewConfig
 
     heads = getattr(args, "single_head", None) or "dual"
+    # explicit flags > --paper-setting > CDCConfig's defaults
+    chosen = {k: getattr(args, k) for k in ("batch_size", "mini_clusters", "lr_backbone") if getattr(args, k) is not None}
+    paper = {**PAPER_SETTINGS.get(getattr(args, "paper_setting", None) or "", {}), **chosen}
+    batch = paper.get("batch_size", 1000)
     fields = dict(
-        num_clusters=args.clusters, epochs=args.epochs, batch_size=args.batch_size, sub_batch_size=args.sub_batch_size,
-        mini_clusters=args.mini_clusters, difficulty=args.difficulty, minicluster_norm=args.minicluster_norm, top_size=args.top_size, hidden_dim=args.hidden_dim,
-        lr_backbone=args.lr_backbone, lr_heads=args.lr_heads, w_en=args.w_en, orth_steps=args.orth_steps,
+        num_clusters=args.clusters, epochs=args.epochs, sub_batch_size=args.sub_batch_size or max(2, batch // 2),
+        difficulty=args.difficulty, minicluster_norm=args.minicluster_norm, top_size=args.top_size, hidden_dim=args.hidden_dim,
+        lr_heads=args.lr_heads, w_en=args.w_en, orth_steps=args.orth_steps, **paper,
         select=getattr(args, "select", "cdc"), heads=heads, stop_gradient=not getattr(args, "no_stop_grad", False),
         init=getattr(args, "init", "prototype"), freeze_backbone=args.freeze_backbone, num_views=args.views,
         recalibrate_bn=args.recalibrate_bn, views=ViewConfig(flip_p=0.0 if args.no_flip else 0.5, crop=args.view_crop), seed=args.seed,

@@ -11,7 +11,8 @@ Stage 1 (representation learning) is the backbone the user brings (pretraining i
   chosen by ground-truth labels.
 * **Stage 3, SPICE** (§III-C): reliable pseudo-labels by neighbourhood consistency (Eq. 6–7,
   :class:`~calibclust.train.selection_spice.ReliableSelection`), then FixMatch-style joint training
-  of backbone + head (Eq. 8–9).
+  of backbone + head (Eq. 8–9); the model kept is the moving average of its weights
+  (``joint_ema``), as the authors' FixMatch code evaluates.
 
 The result is a :class:`~calibclust.models.clustering.ClusteringModel` with one head
 ``clustering`` (``predict_head="clustering"``), saved with :func:`save_model` and metadata
@@ -19,7 +20,7 @@ The result is a :class:`~calibclust.models.clustering.ClusteringModel` with one 
 
 Resume (``out_dir`` + ``resume``): the state in ``OUT/checkpoint/`` (:mod:`calibclust.train.state`)
 is written when stage 2 ends (all heads, their losses, the chosen one) and every
-``checkpoint_every`` joint steps (model, SGD state, schedule, the step generator). Everything else
+``checkpoint_every`` joint steps (model, its moving average, SGD state, schedule, the step generator). Everything else
 (features, SPICE_s probabilities, the reliable set) is recomputed deterministically from those, so
 a resumed run ends with the same weights as an uninterrupted one.
 """
@@ -54,8 +55,9 @@ from calibclust.train.state import (
 )
 
 # /2: stage 2 scores un-augmented images, keeps each head's best epoch and runs the authors' M-step
-# passes; a /1 checkpoint's heads were trained otherwise, so it is refused rather than resumed.
-STATE_FORMAT = "calibclust-spice-state/2"
+# passes; /3: heads with or without BatchNorm, stage 3's weight average saved. Older checkpoints' heads
+# were trained otherwise, so they are refused rather than resumed.
+STATE_FORMAT = "calibclust-spice-state/3"
 from calibclust.train.views import ViewConfig, strong_view, weak_view
 
 
@@ -67,6 +69,10 @@ class SpiceConfig:
     # --- stage 2 (SPICE_s, §III-B) ---
     n_heads: int = 10  # heads trained at once; best by minimum loss (§III-B Remark)
     hidden_dim: int = 512  # two-layer head, D → 512 → K (§IV-B)
+    # The authors' head has no BatchNorm (D → 512 → ReLU → K). Ours keeps it: held-out SPICE_s
+    # with 30 epochs on --fast zoo backbones, seeds 0/1, BN vs none: digits ACC 0.842/0.800 vs
+    # 0.685/0.713, letters in many fonts 0.543/0.500 vs 0.468/… (calibclust bench-style run).
+    head_batchnorm: bool = True
     batch_size: int = 1000  # M (§IV-B)
     score_batch_size: int | None = None  # authors' code: E-step scores a "big batch" (5,000–10,000); None = M
     top_fraction: float = 1.0  # prototype from top·M/K rows (Eq. 2 = 1.0; authors' code 0.5)
@@ -89,6 +95,9 @@ class SpiceConfig:
     joint_momentum: float = 0.9  # FixMatch's SGD (Nesterov)
     joint_weight_decay: float = 5e-4  # §IV-B
     joint_steps: int = 2000  # cosine schedule length; the paper's run is far longer, reduce on CPU
+    # The model kept is an exponential moving average of the trained weights, as the authors'
+    # FixMatch code evaluates (decay 0.999); 0 keeps the last step's weights.
+    joint_ema: float = 0.999
     labeled_batch: int = 64  # L per step (FixMatch B)
     unlabeled_ratio: int = 7  # U = ratio · L (FixMatch μ)
     # --- shared ---
@@ -106,9 +115,20 @@ class SpiceConfig:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if not 0 <= self.reliable_threshold < 1 or not 0 <= self.joint_threshold <= 1:
             raise ValueError("reliable_threshold must be in [0, 1) and joint_threshold in [0, 1]")
+        if not 0 <= self.joint_ema < 1:
+            raise ValueError(f"joint_ema must be in [0, 1), got {self.joint_ema}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Stage 3's schedule by name. "cpu" (the default) is our reduction: 2,000 steps of 64 reliable +
+# 448 unlabelled images, a few minutes of a CPU on small images; "paper" is §IV-B's, 16 reliable +
+# 112 unlabelled images per step for 1,048,576 steps (FixMatch's), days of GPU time.
+JOINT_SCHEDULES: dict[str, dict[str, int]] = {
+    "cpu": {"joint_steps": 2000, "labeled_batch": 64, "unlabeled_ratio": 7},
+    "paper": {"joint_steps": 1_048_576, "labeled_batch": 16, "unlabeled_ratio": 7},
+}
 
 
 # --- Eq. 5 ------------------------------------------------------------------------------------------
@@ -211,7 +231,7 @@ def train_heads(
     torch.manual_seed(config.seed)
     n, d = plain.shape
     k = config.num_clusters
-    heads = nn.ModuleList(MLPHead(d, config.hidden_dim, k) for _ in range(config.n_heads))
+    heads = nn.ModuleList(MLPHead(d, config.hidden_dim, k, config.head_batchnorm) for _ in range(config.n_heads))
     opts = [torch.optim.Adam(h.parameters(), lr=config.head_lr) for h in heads]
     g = torch.Generator().manual_seed(config.seed)
     m = min(config.batch_size, n)
@@ -299,6 +319,26 @@ def fixmatch_loss(
     return sup + cons, {"sup": float(sup.detach()), "cons": float(cons.detach()), "mask": float(mask.mean())}
 
 
+class WeightAverage:
+    """Exponential moving average of a model's parameters, ŵ ← d·ŵ + (1 − d)·w after every step
+    (the evaluation model of FixMatch, which SPICE's stage 3 adapts); buffers (BatchNorm
+    statistics) are copied from the model, as FixMatch's code does."""
+
+    def __init__(self, model: nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None):
+        self.decay = decay
+        self.params = {name for name, _ in model.named_parameters()}
+        source = state if state is not None else model.state_dict()
+        self.state = {k: v.detach().clone() for k, v in source.items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, value in model.state_dict().items():
+            if name in self.params:
+                self.state[name].lerp_(value.detach(), 1.0 - self.decay)
+            else:
+                self.state[name].copy_(value)
+
+
 @dataclass
 class JointState:
     """Where stage 3 stands: restored from a checkpoint, or fresh (step 0)."""
@@ -308,6 +348,7 @@ class JointState:
     optimizer: tuple[dict, dict] | None = None  # (tensors, meta) of optimizer_tensors
     scheduler: dict | None = None
     generator: torch.Tensor | None = None
+    average: dict[str, torch.Tensor] | None = None  # WeightAverage.state
 
 
 def joint_train(
@@ -324,10 +365,12 @@ def joint_train(
     checkpoint=None,
     checkpoint_every: int = 0,
     stop_after_steps: int | None = None,
+    average: WeightAverage | None = None,
 ) -> list[dict]:
     """Stage 3 joint training of backbone + head (Eq. 8–9), SGD + cosine schedule (§IV-B).
     ``start`` continues a checkpointed run; ``checkpoint(step, history, opt, sched, generator)`` is
-    called every ``checkpoint_every`` steps and at the end; ``stop_after_steps`` ends the call there."""
+    called every ``checkpoint_every`` steps and at the end; ``stop_after_steps`` ends the call there.
+    ``average`` (a :class:`WeightAverage`) is updated after every step."""
     from tqdm.auto import tqdm
 
     start = start or JointState()
@@ -371,6 +414,8 @@ def joint_train(
         loss.backward()
         opt.step()
         sched.step()
+        if average is not None:
+            average.update(model)
         rec = {"step": step + 1, "loss": float(loss.detach()), **parts}
         history.append(rec)
         if log is not None and ((step + 1) % 50 == 0 or step + 1 == steps):
@@ -462,7 +507,8 @@ def train_spice(
     if features_digest is not None:  # --features: the rows the heads train on
         identity["features"] = features_digest
     model = ClusteringModel(backbone, config.num_clusters, config.hidden_dim, head_names=("clustering",),
-                            predict_head="clustering", mean=tuple(mean), std=tuple(std))
+                            predict_head="clustering", mean=tuple(mean), std=tuple(std),
+                            head_batchnorm=config.head_batchnorm)
     state = None
     if out_dir is not None:
         if has_state(out_dir) and not resume:
@@ -499,20 +545,26 @@ def train_spice(
             tensors, meta = state
             model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
             start = JointState(meta["step"], meta["joint_history"], (tensors, meta["optimizer"]), meta["scheduler"],
-                               tensors["generator"])
+                               tensors["generator"],
+                               {k[len("average.") :]: v for k, v in tensors.items() if k.startswith("average.")})
+        average = (WeightAverage(model, config.joint_ema, (start.average or None) if start is not None else None)
+                   if config.joint_ema else None)
 
         def checkpoint(step, hist, opt, sched, gen):
             opt_t, opt_m = optimizer_tensors("joint", opt)
             tensors = {**_heads_tensors(heads), **opt_t, "generator": gen.get_state(),
-                       **{f"model.{k}": v for k, v in model.state_dict().items()}}
+                       **{f"model.{k}": v for k, v in model.state_dict().items()},
+                       **({f"average.{k}": v for k, v in average.state.items()} if average is not None else {})}
             write_state(out_dir, tensors, {**_heads_meta(heads, config, identity), "stage": "joint", "step": step,
                                            "joint_history": hist, "optimizer": opt_m, "scheduler": sched.state_dict()})
 
         history = joint_train(model, images, sel.indices.cpu(), sel.labels.cpu(), config, view_config, progress, log,
                               device, start, checkpoint if out_dir is not None else None, checkpoint_every,
-                              stop_after_joint_steps)
+                              stop_after_joint_steps, average)
         if stop_after_joint_steps is not None and len(history) < config.joint_steps:
             return None
+        if average is not None:
+            model.load_state_dict(average.state)
         probs = predict_probs(model, images, device=device)
     return SpiceResult(model.cpu().eval(), heads, spice_s, probs, sel.indices.cpu(), sel.labels.cpu(), report,
                        history, time.time() - t0, heads_seconds)
@@ -529,7 +581,8 @@ def _heads_meta(heads: HeadsResult, config: SpiceConfig, identity: dict) -> dict
 
 def _heads_from_state(state, dim: int, config: SpiceConfig) -> HeadsResult:
     tensors, meta = state
-    heads = nn.ModuleList(MLPHead(dim, config.hidden_dim, config.num_clusters) for _ in range(config.n_heads))
+    heads = nn.ModuleList(MLPHead(dim, config.hidden_dim, config.num_clusters, config.head_batchnorm)
+                          for _ in range(config.n_heads))
     heads.load_state_dict({k[len("heads.") :]: v for k, v in tensors.items() if k.startswith("heads.")})
     for h in heads:
         h.eval()
