@@ -23,7 +23,7 @@ from calibclust.cluster.kmeans import kmeans
 from calibclust.datasets import digits_images, make_digits_folder
 from calibclust.metrics import hungarian_accuracy
 from calibclust.train.cdc import CDCConfig, CDCTrainer, TrainingData, load_backbone_dir, prototype_init
-from calibclust.train.views import ViewConfig
+from calibclust.augment.views import ViewConfig
 
 
 # Small tensors on a shared 2-core machine: one torch thread (conftest.py restores the default).

@@ -126,7 +126,7 @@ def digits_features(digits_moco_backbone):
     from calibclust.models.clustering import ClusteringModel
     from calibclust.train.cdc import load_backbone_dir
     from calibclust.train.features import compute_feature_cache
-    from calibclust.train.views import ViewConfig
+    from calibclust.augment.views import ViewConfig
 
     torch.set_num_threads(1)
     images, labels = digits_images(32)
@@ -221,7 +221,7 @@ def test_resume_after_a_stop_ends_with_the_same_weights(tmp_path):
     from calibclust.errors import InputError
     from calibclust.models.backbones import build_backbone
     from calibclust.train.spice import train_spice
-    from calibclust.train.views import ViewConfig
+    from calibclust.augment.views import ViewConfig
 
     images, _ = digits_images(32)
     images = images[:240]

@@ -1,12 +1,12 @@
-"""Batched weak/strong views (calibclust.train.views) against PIL and by construction."""
+"""Batched weak/strong views (calibclust.augment.views) against PIL and by construction."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from calibclust.train import views as V
-from calibclust.train.views import ViewConfig, flip_and_shift, strong_view, weak_view
+from calibclust.augment import views as V
+from calibclust.augment.views import ViewConfig, flip_and_shift, strong_view, weak_view
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ from calibclust.train.state import (
     restore_optimizer,
     write_state,
 )
-from calibclust.train.views import ViewConfig, strong_view, weak_view
+from calibclust.augment.views import ViewConfig, strong_view, weak_view
 
 HEAD_MODES = ("dual", "clu", "clu+cal")
 INIT_MODES = ("prototype", "random")

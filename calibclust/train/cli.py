@@ -29,7 +29,7 @@ from calibclust.train.paper_settings import PAPER_SETTINGS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 _RAW = argparse.RawDescriptionHelpFormatter
-# Crop of CDC's views; set from the zoo measurements (calibclust/train/views.py describes both).
+# Crop of CDC's views; set from the zoo measurements (calibclust/augment/views.py describes both).
 CDC_VIEW_CROP = "shift"
 
 
@@ -274,7 +274,7 @@ def _set_threads(args) -> None:
 
 def _config_from_args(args, **overrides):
     from calibclust.train.cdc import CDCConfig
-    from calibclust.train.views import ViewConfig
+    from calibclust.augment.views import ViewConfig
 
     heads = getattr(args, "single_head", None) or "dual"
     # explicit flags > --paper-setting > CDCConfig's defaults

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibclust.train.views import ViewConfig, strong_view, weak_view
+from calibclust.augment.views import ViewConfig, strong_view, weak_view
 
 CACHE_FORMAT = "calibclust-feature-cache/1"
 

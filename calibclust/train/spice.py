@@ -58,7 +58,7 @@ from calibclust.train.state import (
 # passes; /3: heads with or without BatchNorm, stage 3's weight average saved. Older checkpoints' heads
 # were trained otherwise, so they are refused rather than resumed.
 STATE_FORMAT = "calibclust-spice-state/3"
-from calibclust.train.views import ViewConfig, strong_view, weak_view
+from calibclust.augment.views import ViewConfig, strong_view, weak_view
 
 
 @dataclass

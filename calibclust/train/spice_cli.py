@@ -239,7 +239,7 @@ def _prepare(args):
     from calibclust.models.backbones import build_backbone
     from calibclust.train.cdc import TrainingData, load_backbone_dir
     from calibclust.train.features import recalibrate_batchnorm
-    from calibclust.train.views import ViewConfig
+    from calibclust.augment.views import ViewConfig
 
     torch.manual_seed(args.seed)
     backbone, info = None, {}

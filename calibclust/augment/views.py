@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from calibclust.augment import adjust_brightness, adjust_contrast, adjust_saturation, blend
+
 # SCAN's RandAugment pool (Van Gansbeke et al. 2020, data/augment.py) with its magnitude ranges;
 # a magnitude is drawn uniformly in [lo, hi] per sample and op.
 RANDAUGMENT_OPS: dict[str, tuple[float, float]] = {
@@ -162,14 +164,8 @@ def strong_view(images: torch.Tensor, g: torch.Generator, cfg: ViewConfig | None
 
 
 # --- colour ops on float (n, 3, H, W) in 0..255 with per-sample magnitudes m (n,) -----------------
-def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    # PIL.ImageEnhance: out = degenerate + factor * (x - degenerate)
-    f = factor.view(-1, 1, 1, 1)
-    return (degenerate + f * (x - degenerate)).clamp(0, 255)
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:  # ITU-R 601-2 luma, as PIL's convert("L")
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+# PIL.ImageEnhance's blends (out = degenerate + m · (x − degenerate)) are the pretraining jitter's
+# (calibclust.augment), run on x / 255.
 
 
 def _autocontrast(x, m):
@@ -180,16 +176,15 @@ def _autocontrast(x, m):
 
 
 def _brightness(x, m):
-    return _blend(torch.zeros_like(x), x, m)
+    return adjust_brightness(x / 255.0, m) * 255.0
 
 
 def _color(x, m):
-    return _blend(_grey(x), x, m)
+    return adjust_saturation(x / 255.0, m) * 255.0
 
 
 def _contrast(x, m):
-    mean = _grey(x)[:, :1].mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
-    return _blend(mean.expand_as(x), x, m)
+    return adjust_contrast(x / 255.0, m) * 255.0
 
 
 def _sharpness(x, m):
@@ -198,7 +193,7 @@ def _sharpness(x, m):
     smooth = F.conv2d(x, k.expand(3, 1, 3, 3), padding=1, groups=3)
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth[:, :, 1:-1, 1:-1]
-    return _blend(degenerate, x, m)
+    return blend(x / 255.0, degenerate / 255.0, m) * 255.0
 
 
 def _posterize(x, m):

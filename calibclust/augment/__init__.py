@@ -18,6 +18,9 @@ blur is one grouped separable convolution.
 All random parameters are drawn on the CPU from a caller-supplied ``torch.Generator``, so a
 given generator state gives the same views on CPU and CUDA, and a training run can be resumed
 bit-for-bit by re-creating the generator (see :mod:`calibclust.pretrain`).
+
+The weak and strong views of CDC and SPICE (:mod:`calibclust.augment.views`) are built from the
+same crop (:class:`MoCoAugment`) and colour blends.
 """
 
 from __future__ import annotations
@@ -192,7 +195,8 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+def blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """ratio · a + (1 − ratio) · b per sample, clamped to [0, 1]."""
     r = ratio.view(-1, 1, 1, 1).to(a.dtype)
     return (r * a + (1.0 - r) * b).clamp_(0.0, 1.0)
 
@@ -203,11 +207,11 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, factor)
+    return blend(x, mean, factor)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x), factor)
+    return blend(x, grayscale(x), factor)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
