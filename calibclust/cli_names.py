@@ -51,6 +51,7 @@ DEPRECATED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("--input-size", "--image-size", ("pretrain", "bench pretrain", "bench model", "export bench")),
     ("--topk", "--top-k", ("predict",)),
     ("--head-lr", "--lr-heads", ("train spice", "train compare")),
+    ("--cdc-full", "--finetune-backbone", ("train compare",)),
     ("--checkpoint-every", "--checkpoint-every-steps", ("train spice",)),
     ("--checkpoint-every", "--checkpoint-every-images", ("label",)),
     ("--knn", "--neighbors", ("embed",)),

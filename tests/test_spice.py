@@ -396,7 +396,8 @@ def test_heads_without_batchnorm_as_the_authors_and_the_model_round_trips(tmp_pa
 
 
 def test_weight_average_follows_fixmatch_ema():
-    """ŵ ← d·ŵ + (1 − d)·w for parameters after every step; BatchNorm buffers copied."""
+    """ŵ ← d_t·ŵ + (1 − d_t)·w for parameters after every step, d_t = min(d, (1 + t)/(10 + t));
+    BatchNorm buffers copied."""
     from calibclust.models.clustering import MLPHead
     from calibclust.train.spice import WeightAverage
 
@@ -408,10 +409,13 @@ def test_weight_average_follows_fixmatch_ema():
         for p in head.parameters():
             p.add_(1.0)
     head.train()(torch.randn(16, 4))  # moves the BN running statistics
-    average.update(head)
+    average.update(head, step=1000)  # (1 + t)/(10 + t) > 0.9: d_t = d
     now = head.state_dict()
     assert torch.allclose(average.state["fc1.weight"], 0.9 * start["fc1.weight"] + 0.1 * now["fc1.weight"])
     assert torch.equal(average.state["bn.running_mean"], now["bn.running_mean"])
+    early = WeightAverage(MLPHead(4, 8, 3), 0.999, state=start)
+    early.update(head, step=1)  # warm-up: d_1 = 2/11, the first steps are not drowned by the start
+    assert torch.allclose(early.state["fc1.weight"], (2 / 11) * start["fc1.weight"] + (9 / 11) * now["fc1.weight"])
     with pytest.raises(ValueError, match="joint_ema"):
         SpiceConfig(joint_ema=1.0)
 

@@ -237,7 +237,8 @@ class TrainingData:
         """The images where ``mask`` (N,) is true, with their paths and labels."""
         idx = np.flatnonzero(mask)
         labels = None if self.labels is None else self.labels[idx]
-        return TrainingData(self.images[idx], [self.paths[i] for i in idx], labels, self.class_names, self.root)
+        return TrainingData(self.images[idx], [self.paths[i] for i in idx], labels, self.class_names, self.root,
+                            self.unreadable)
 
 
 # --- backbones --------------------------------------------------------------------------------------
@@ -700,13 +701,19 @@ class CDCTrainer:
                 "mean_selecting_confidence": stats["sel_conf"] / seen,
             }
             if self.labels is not None and sel.sum() > 0:
-                # Pseudo-label accuracy, judged through the selecting head's Hungarian map at the
-                # end of the epoch (reported only).
-                mapping = {int(k): v for k, v in heads[self.select_head]["mapping"].items()}
+                # Pseudo-label accuracy on the training images (reported only): through the
+                # selecting head's Hungarian map at the end of the epoch, or, when the figures are
+                # measured on held-out images, the pseudo-labels' own Hungarian map.
                 sidx = torch.cat(stats["selected_idx"]).numpy()
                 slab = torch.cat(stats["selected_labels"]).numpy()
-                mapped = np.array([mapping.get(int(c), -1) for c in slab])
-                record["selected"]["accuracy"] = float((mapped == self.labels[sidx]).mean())
+                if self.eval_data is None:
+                    mapping = {int(k): v for k, v in heads[self.select_head]["mapping"].items()}
+                    mapped = np.array([mapping.get(int(c), -1) for c in slab])
+                    record["selected"]["accuracy"] = float((mapped == self.labels[sidx]).mean())
+                else:
+                    from calibclust.metrics import hungarian_accuracy
+
+                    record["selected"]["accuracy"] = hungarian_accuracy(self.labels[sidx], slab).accuracy
         return record
 
     def _summary_line(self, r: dict) -> str:

@@ -25,7 +25,7 @@ from calibclust.cli_names import device_arg
 from calibclust.models.names import BACKBONE_HELP, backbone_name, is_timm
 from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
-from calibclust.train.paper_settings import PAPER_SETTINGS
+from calibclust.train.paper_settings import LR_BACKBONE, PAPER_SETTINGS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -221,7 +221,7 @@ def register_cli(subparsers) -> None:
     a = sub.add_parser("cdc-ablation", help="print our own CDC Tab. 2 on a labelled folder",
                        description=ABLATION_DESCRIPTION, epilog=ABLATION_EPILOG, formatter_class=_RAW)
     _add_common_training_args(a, allow_auto=False)
-    a.set_defaults(func=run_cdc_ablation, epochs=30, batch_size=300, sub_batch_size=150, orth_steps=500, views=4)
+    a.set_defaults(func=run_cdc_ablation, epochs=30, batch_size=300, orth_steps=500, views=4)
     a.add_argument("--finetune-backbone", action="store_true",
                    help="train backbone and heads in every row, as the paper does (Eq. 5 updates θ; in 'no-stop-grad' "
                         "the calibration loss does too, Tab. 2-V); default: heads on shared frozen features, much faster")
@@ -281,6 +281,8 @@ def _config_from_args(args, **overrides):
     chosen = {k: getattr(args, k) for k in ("batch_size", "mini_clusters", "lr_backbone") if getattr(args, k) is not None}
     paper = {**PAPER_SETTINGS.get(getattr(args, "paper_setting", None) or "", {}), **chosen}
     batch = paper.get("batch_size", 1000)
+    # A concrete lr in the saved settings, so a run started before the hard rule resumes.
+    paper.setdefault("lr_backbone", LR_BACKBONE[args.difficulty])
     fields = dict(
         num_clusters=args.clusters, epochs=args.epochs, sub_batch_size=args.sub_batch_size or max(2, batch // 2),
         difficulty=args.difficulty, minicluster_norm=args.minicluster_norm, top_size=args.top_size, hidden_dim=args.hidden_dim,
@@ -329,6 +331,8 @@ def split_heldout(args, data):
         raise InputError("--heldout FOLDER and --no-holdout contradict each other; give one")
     if args.no_holdout:
         return data, None, f"the {data.num_images} training images"
+    if data.labels is None:
+        raise InputError(f"{args.folder} has no class sub-folders (FOLDER/<class>/<image>): there is nothing to score")
     if args.heldout:
         held = TrainingData.from_folder(args.heldout, data.image_size, progress=not args.no_progress)
         if held.labels is None or held.class_names != data.class_names:

@@ -441,12 +441,12 @@ def run_compare(args) -> int:
     cdc_backbone = copy.deepcopy(backbone)  # SPICE's joint stage trains its backbone in place
     # The frozen start, for the scored images' features of K-means and SPICE_s.
     frozen = ClusteringModel(copy.deepcopy(backbone), args.clusters, head_names=("clustering",),
-                             predict_head="clustering", mean=norm[0], std=norm[1])
+                             predict_head="clustering", mean=norm[0], std=norm[1]).to(device).eval()
     config, cache, result = _spice_run(args, data, backbone, norm, view_config, device)
-    z_scored = cache.plain.float() if held is None else embed_images(frozen, held.images, device=device).float()
+    z_scored = (cache.plain if held is None else embed_images(frozen, held.images, device=device)).float().cpu()
     rows = []
     t0 = time.time()
-    km = kmeans(F.normalize(cache.plain.float(), dim=1), args.clusters, seed=args.seed)
+    km = kmeans(F.normalize(cache.plain.float().cpu(), dim=1), args.clusters, seed=args.seed)
     km_seconds = time.time() - t0
     rows.append({"method": "K-means", "seconds": km_seconds,
                  **_report(kmeans_soft_assignment(F.normalize(z_scored, dim=1), km.centers), scored.labels)})
