@@ -8,4 +8,13 @@ __version__ = "0.1.0"
 
 from calibclust.errors import CalibclustError, InputError  # noqa: E402
 
-__all__ = ["__version__", "CalibclustError", "InputError"]
+__all__ = ["__version__", "CalibclustError", "InputError", "FittedModel", "fit", "load"]
+
+
+def __getattr__(name: str):
+    # The Python API (calibclust.app) is resolved on first use, so `import calibclust` stays light.
+    if name in ("fit", "load", "FittedModel"):
+        import calibclust.app
+
+        return getattr(calibclust.app, name)
+    raise AttributeError(f"module 'calibclust' has no attribute {name!r}")

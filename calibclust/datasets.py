@@ -61,6 +61,39 @@ def make_digits_folder(
     return root
 
 
+def make_mixed_size_folder(root: str | os.PathLike, classes: int = 10, per_class: int | None = None, seed: int = 0,
+                           bad_files: int = 3) -> Path:
+    """The digits as a user's folder looks: JPEGs of different sizes and aspect ratios (a digit drawn
+    at 60–100 % of the canvas's short side, placed at random on a dark canvas 28–160 px wide),
+    nested ``root/<digit>/<batch>/<index>.jpg``, plus ``bad_files`` unreadable files (a truncated
+    JPEG, text named .png, an empty .jpg). ``per_class`` None = every digit of a class."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    images, labels = digits_images(64)
+    for c in range(classes):
+        index = np.flatnonzero(labels == c)
+        if per_class is not None:
+            index = rng.permutation(index)[:per_class]
+        for i in index:
+            width = int(rng.integers(28, 161))
+            height = int(np.clip(width / rng.uniform(0.6, 1.6), 28, 200))
+            side = max(8, int(min(width, height) * rng.uniform(0.6, 1.0)))
+            canvas = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 40, 3)))
+            digit = Image.fromarray(images[i]).resize((side, side), Image.BILINEAR)
+            canvas.paste(digit, (int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))))
+            path = root / str(c) / f"batch{i % 3}" / f"{i:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            canvas.save(path, quality=90)
+    bad = [("truncated.jpg", None), ("notes.png", b"not an image\n"), ("empty.jpg", b"")]
+    for name, content in bad[:bad_files]:
+        path = root / "0" / name
+        if content is None:
+            first = next(iter(sorted((root / "0").rglob("*.jpg"))))
+            content = first.read_bytes()[:200]
+        path.write_bytes(content)
+    return root
+
+
 def dejavu_font_files() -> list[str]:
     import matplotlib
 

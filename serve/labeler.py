@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from calibclust.errors import InputError
-from calibclust.io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from calibclust.io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_batch
 from calibclust.metadata import ModelMetadata
 from calibclust.serve.backends import CONTRACT_OUTPUTS, Backend, OrtOptions, create_backend
 from calibclust.serve.policy import Policy, Thresholds, decide, fit_thresholds
@@ -45,6 +45,7 @@ class Labeler:
         allow_spinning: bool = True,
     ):
         self.model_path = Path(model_path)
+        self.backend_request = backend  # what label_folder asks the pipeline for
         if not self.model_path.is_file():
             raise InputError(f"model file not found: {self.model_path}")
         self.backend: Backend = create_backend(
@@ -114,6 +115,35 @@ class Labeler:
             return {k: empty[k] for k in outputs if k in empty}
         return self.backend.run(np.ascontiguousarray(images), tuple(outputs))
 
+    def predict_proba(self, images) -> np.ndarray:
+        """Cluster probabilities (N, K) of ``images``: uint8 (N, H, W, 3) of any size (resized like
+        every image the model sees), or a sequence of file paths (decoded by THE decoder)."""
+        arrays = image_batch(images, self.input_size, self.max_pixels)
+        if len(arrays) == 0:
+            return np.zeros((0, self.num_clusters), np.float32)
+        batch = self.batch_size
+        return np.concatenate([self.predict(arrays[i : i + batch], ("probs",))["probs"] for i in range(0, len(arrays), batch)])
+
+    def label_folder(self, folder: str | os.PathLike, out: str | os.PathLike, target_accuracy: float | None = None,
+                     coverage: float | None = None, confidence_threshold: float | None = None,
+                     ood_threshold: float | None = None, **options):
+        """``calibclust label`` from Python: label every image under ``folder`` into ``out``
+        (predictions table, summary.json, report.html; resumable). At most one of
+        ``target_accuracy``, ``coverage`` and ``confidence_threshold`` sets the rejection policy;
+        ``options`` are :class:`calibclust.serve.pipeline.LabelOptions` fields (``resume``,
+        ``overwrite``, ``top_k``, ``progress``, …). Returns its :class:`LabelResult`."""
+        from calibclust.serve.pipeline import LabelOptions, label_folder
+
+        chosen = [(k, v) for k, v in (("target_accuracy", target_accuracy), ("coverage", coverage),
+                                      ("min_confidence", confidence_threshold)) if v is not None]
+        if len(chosen) > 1:
+            raise InputError(f"choose one rejection policy, got {', '.join(k for k, _ in chosen)}")
+        kind, value = chosen[0] if chosen else ("min_confidence", None)
+        options.setdefault("progress", False)
+        opts = LabelOptions(folder=os.fspath(folder), model=os.fspath(self.model_path), out_dir=os.fspath(out),
+                            backend=self.backend_request, policy=Policy(kind, value, ood_threshold), **options)
+        return label_folder(opts)
+
     def decode(self, path: str | os.PathLike | bytes) -> np.ndarray:
         """Decode one file with THE decoder at the model's input size (raises ImageDecodeError)."""
         return decode_image(path, size=self.input_size, max_pixels=self.max_pixels)
@@ -131,6 +161,9 @@ class Labeler:
         ood_score, error and ``top<k>_*``) and the resolved thresholds. Coverage and
         target-accuracy policies are fitted on these files.
         """
+        if isinstance(paths, (str, os.PathLike)):
+            raise InputError(f"label() takes a list of files; to label the folder {os.fspath(paths)!r} use "
+                             "label_folder(folder, out)")
         paths = [os.fspath(p) for p in paths]
         batch_size = batch_size or self.batch_size
         n = len(paths)

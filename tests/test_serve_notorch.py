@@ -93,3 +93,35 @@ def test_serve_modules_import_without_torch(blocked_env):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **blocked_env})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_python_api_load_labels_a_folder_without_torch(blocked_env, tmp_path):
+    """``calibclust.load`` (the Python API's torch-free half): probabilities of arrays of any size and
+    of paths, and a whole folder through the label pipeline, in a process where torch cannot load."""
+    import os
+
+    folder = tmp_path / "images"
+    write_good_images(folder, 12, seed=3)
+    model = make_contract_model(tmp_path / "model.onnx")
+    code = (
+        "import sys, numpy as np, calibclust\n"
+        f"labeller = calibclust.load({str(model)!r})\n"
+        "images = np.zeros((3, 40, 24, 3), np.uint8); images[1] = 255\n"
+        "probs = labeller.predict_proba(images)\n"
+        "assert probs.shape == (3, labeller.num_clusters) and np.allclose(probs.sum(1), 1, atol=1e-5), probs\n"
+        f"paths = sorted(p for p in __import__('pathlib').Path({str(folder)!r}).rglob('*.png'))\n"
+        "assert labeller.predict_proba(paths).shape == (12, labeller.num_clusters)\n"
+        f"result = labeller.label_folder({str(folder)!r}, out={str(tmp_path / 'out')!r}, target_accuracy=0.6)\n"
+        "assert result.exit_code == 0 and result.summary['files'] == 12, result.summary\n"
+        "try:\n"
+        f"    labeller.label({str(folder)!r})\n"
+        "except calibclust.InputError as exc:\n"
+        "    assert 'label_folder' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('a folder string was iterated as file names')\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **blocked_env})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -394,6 +394,33 @@ def resize_image(img: Image.Image | np.ndarray, size: tuple[int, int]) -> Image.
     return img.resize((width, height), Image.BILINEAR)
 
 
+def image_batch(images, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """What the Python API accepts as images → uint8 (N, H, W, 3) at ``size``: an array of any image
+    size (each resized as above) or a sequence of paths (decoded; unreadable ones raise one
+    ``InputError`` that counts them and names the first)."""
+    from calibclust.errors import InputError
+
+    size = tuple(size)
+    if isinstance(images, (str, os.PathLike)):
+        raise InputError("expected a list of paths or an image array, not one path; for a whole folder use "
+                         "label_folder(folder, out)")
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise InputError(f"images must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
+        if images.shape[1:3] == size or len(images) == 0:
+            return images
+        return np.stack([np.asarray(resize_image(img, size)) for img in images])
+    arrays, failed = [], []
+    for path in images:
+        try:
+            arrays.append(decode_image(path, size=size, max_pixels=max_pixels))
+        except ImageDecodeError as err:
+            failed.append(f"{os.fspath(path)}: {err.reason}")
+    if failed:
+        raise InputError(f"{len(failed)} image(s) could not be read, e.g. {failed[0]}")
+    return np.stack(arrays) if arrays else np.zeros((0, *size, 3), np.uint8)
+
+
 def load_image(path: ImageSource, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode and resize one file to ``(H, W, 3)`` uint8 (see :func:`decode_image`)."""
     return decode_image(path, size=size, max_pixels=max_pixels)

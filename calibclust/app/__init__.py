@@ -1,0 +1,115 @@
+"""The Python API: :func:`fit` a folder, :func:`load` an exported model (torch-free).
+
+::
+
+    import calibclust
+    model = calibclust.fit("images/", out="runs/x", clusters=10)   # a FittedModel
+    probs = model.predict_proba(images)                            # uint8 (N, H, W, 3) or paths
+    model.export("model.onnx")
+    labeller = calibclust.load("runs/x/model.onnx")                # no torch imported
+    result = labeller.label_folder("new_images/", out="labelled/", target_accuracy=0.95)
+
+This package is the application layer (with :mod:`calibclust.cli`): it may call training,
+:mod:`calibclust.export` and :mod:`calibclust.serve`; nothing below it imports it. Every import of
+torch happens inside the functions that need it, so ``import calibclust`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from calibclust.app.fitting import DEFAULT_BUDGET_MINUTES, DEFAULT_HELDOUT_FRACTION, FitPlan
+from calibclust.errors import InputError
+
+
+class FittedModel:
+    """The result of :func:`fit`: the run folder, its exported model and its torch checkpoint."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        run_json = self.out / "run.json"
+        if not run_json.is_file():
+            raise InputError(f"{self.out} is not a fit run (no run.json)")
+        self.run = json.loads(run_json.read_text())
+        if "evaluate" not in self.run.get("stages", {}):
+            raise InputError(f"the fit run in {self.out} has not finished; continue it with resume=True")
+        self.plan = FitPlan(**self.run["plan"])
+        self.model_path = self.out / "model.onnx"
+        self.checkpoint = self.out / "cdc" / "model"
+        self._torch_model = None
+
+    def __repr__(self) -> str:
+        return f"FittedModel({str(self.out)!r}, clusters={self.plan.clusters})"
+
+    @property
+    def heldout(self) -> dict:
+        """The held-out figures of ``run.json`` (label-free; ACC/ECE per head when labelled)."""
+        return self.run["stages"]["evaluate"]["heldout"]
+
+    def _model(self):
+        if self._torch_model is None:
+            from calibclust.models.clustering import load_model
+
+            self._torch_model = load_model(self.checkpoint)
+        return self._torch_model
+
+    def predict_proba(self, images, head: str = "calibration") -> np.ndarray:
+        """Cluster probabilities (N, K) from the torch checkpoint: ``images`` uint8 (N, H, W, 3) of any
+        size, or a sequence of paths; ``head`` "calibration" (what the exported model returns) or
+        "clustering"."""
+        from calibclust.io.images import image_batch
+        from calibclust.train.cdc import embed_images, head_probabilities
+
+        model, metadata = self._model()
+        if head not in model.heads:
+            raise InputError(f"head must be one of {sorted(model.heads)}, got {head!r}")
+        arrays = image_batch(images, tuple(metadata.input_size))
+        return head_probabilities(model, embed_images(model, arrays), head).numpy()
+
+    def export(self, path: str | os.PathLike, int8: bool = False):
+        """Export the checkpoint to a contract ONNX file at ``path`` (the OOD threshold refitted on the
+        run's training split); ``int8`` also writes ``<path stem>.int8.onnx`` when its gate passes
+        (``QuantizationError`` otherwise). Returns the export result."""
+        from calibclust.app.fitting import heldout_mask
+        from calibclust.export.int8 import Int8Config, quantize_int8
+        from calibclust.export.onnx import OnnxExportConfig, export_onnx
+        from calibclust.train.cdc import TrainingData
+
+        model, metadata = self._model()
+        data = TrainingData.from_folder(self.plan.folder, self.plan.input_size, progress=False)
+        train = data.subset(~heldout_mask(data.paths, self.plan.heldout_fraction))
+        result = export_onnx(model, metadata, train.images, path, OnnxExportConfig(seed=self.plan.seed), log=lambda m: None)
+        if int8:
+            quantize_int8(result.path, result.path.with_suffix(".int8.onnx"), result.train_images,
+                          Int8Config(seed=self.plan.seed), log=lambda m: None)
+        return result
+
+    def labeller(self, backend: str = "auto"):
+        """The exported model as a torch-free :class:`calibclust.serve.labeler.Labeler`."""
+        return load(self.model_path, backend=backend)
+
+
+def fit(folder: str | os.PathLike, out: str | os.PathLike, clusters: int, budget_minutes: float = DEFAULT_BUDGET_MINUTES,
+        device: str = "auto", resume: bool = False, backbone_weights: str | None = None,
+        heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, progress: bool = True) -> FittedModel:
+    """``calibclust fit`` from Python (same stages, same outputs): returns the :class:`FittedModel`."""
+    from calibclust.app.fitting import fit as run_fit
+
+    result = run_fit(folder, out, clusters, budget_minutes=budget_minutes, device=device, resume=resume,
+                     backbone_weights=backbone_weights, heldout_fraction=heldout_fraction, seed=seed, progress=progress)
+    return FittedModel(result.out)
+
+
+def load(model_path: str | os.PathLike, backend: str = "auto"):
+    """An exported model as a torch-free :class:`calibclust.serve.labeler.Labeler`
+    (``predict_proba``, ``label_folder``, ``predict``)."""
+    from calibclust.serve.labeler import Labeler
+
+    return Labeler(model_path, backend=backend)
+
+
+__all__ = ["FittedModel", "fit", "load"]

@@ -1,0 +1,620 @@
+"""``calibclust fit FOLDER``: from a user's own image folder to a deployable, calibrated model.
+
+One command and one Python call (:func:`fit`) run, in this process, the stages the quick start
+runs as separate commands:
+
+1. **data**: list and decode the folder once (nested folders, mixed sizes, unreadable files
+   skipped and listed); keep a held-out split (default 10 %, chosen by a hash of each file's
+   relative path, so it is the same on every resume and independent of listing order);
+2. **plan**: look at the images (count, sizes, aspect ratios), the device and the CPU's bf16
+   support, and size the pretraining to the time budget (printed before anything trains, saved);
+3. **pretrain**: MoCo-v2 on the training split (or ``--backbone-weights``);
+4. **train**: CDC on the frozen backbone (the quick start's measured settings);
+5. **export**: ONNX with the OOD threshold (+ INT8 when its agreement gate passes);
+6. **exemplars**: each cluster's most confident training images in a sidecar (the demo's gallery);
+7. **evaluate**: the held-out split through the exported model: label-free diagnostics always,
+   ACC / NMI / ARI / ECE of both CDC heads when the folder has class sub-folders.
+
+Outputs in ``--out``: ``model.onnx`` (+ sidecar, ``model-base.onnx``, ``model-base.int8.onnx``),
+``report.html``, ``run.json`` (plan, stages, figures), ``commands.sh``, ``pretrain/``, ``cdc/``.
+Ctrl-C keeps every finished stage; ``--resume`` continues at the stage (and, inside pretraining and
+CDC, at the epoch) where the run stopped.
+
+This module is the application layer: it alone (with :mod:`calibclust.cli`) calls into
+training, :mod:`calibclust.export` and :mod:`calibclust.serve` together; the core never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibclust.errors import InputError
+
+RUN_FORMAT = "calibclust-fit/1"
+DEFAULT_BUDGET_MINUTES = 10.0
+DEFAULT_HELDOUT_FRACTION = 0.1
+STAGES = ("pretrain", "train", "export", "exemplars", "evaluate")
+
+# The small backbone at 32 px is what 2 CPU cores can pretrain in minutes (the quick start's
+# measured setting); larger inputs cost quadratically more per image.
+INPUT_SIZE = 32
+# Measured with `calibclust fit` on 1,607 training images (small backbone, 32 px, batch 64, bf16
+# autocast on a CPU with native bf16): 160 epochs in 256 s on 2 cores, 0.001 s per image and epoch.
+CPU_SECONDS_PER_IMAGE_EPOCH_2_THREADS = 0.001
+# The same run after pretraining: CDC on the frozen backbone (8 cached views, 40 epochs) 27 s,
+# export with its parity and INT8 gates 6 s, exemplars and evaluation 1 s, for 1,797 images.
+CPU_SECONDS_AFTER_PRETRAIN_PER_IMAGE = 0.016
+FIXED_SECONDS = 10.0
+MIN_PRETRAIN_EPOCHS, MAX_PRETRAIN_EPOCHS = 5, 200
+# The quick start's CDC settings (measured there on digits: ACC ~0.8, CDC-Cal ECE ~0.05).
+CDC_EPOCHS, CDC_BATCH, CDC_VIEWS, CDC_ORTH_STEPS, CDC_HIDDEN = 40, 300, 8, 500, 512
+
+
+# --- the plan ------------------------------------------------------------------------------------
+@dataclass
+class FitPlan:
+    """What ``fit`` decided before training, and why (saved in ``run.json``)."""
+
+    folder: str
+    clusters: int
+    n_images: int
+    n_unreadable: int
+    n_train: int
+    n_heldout: int
+    labelled: bool
+    class_names: list[str]
+    image_sizes: dict  # median / min / max width and height, aspect-ratio range (of a sample)
+    device: str
+    cpu_bf16: bool
+    threads: int
+    backbone: str
+    backbone_weights: str | None
+    input_size: int
+    resize: str
+    pretrain_epochs: int
+    pretrain_batch: int
+    cdc_epochs: int
+    cdc_batch: int
+    cdc_hidden: int
+    budget_minutes: float
+    estimated_minutes: float
+    heldout_fraction: float
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        sizes = self.image_sizes
+        lines = [
+            f"plan for {self.folder}:",
+            f"  images      {self.n_images} readable ({self.n_unreadable} unreadable, skipped); "
+            f"{self.n_train} train / {self.n_heldout} held out ({100 * self.heldout_fraction:.0f} %, by path hash)",
+            f"  labels      " + (f"{len(self.class_names)} class sub-folders: used for the report only, never to train"
+                                 if self.labelled else "none (label-free diagnostics only)"),
+            f"  sizes       median {sizes['median_width']}×{sizes['median_height']} px "
+            f"(width {sizes['min_width']}–{sizes['max_width']}, aspect {sizes['min_aspect']:.2f}–{sizes['max_aspect']:.2f})",
+            f"  input       {self.input_size}×{self.input_size}, resize: {self.resize}",
+            f"  device      {self.device}, {self.threads} thread(s), CPU bf16 {'native' if self.cpu_bf16 else 'not native (fp32)'}",
+            f"  backbone    {self.backbone}: " + (f"weights from {self.backbone_weights}" if self.backbone_weights
+                                                  else f"MoCo-v2 pretraining, {self.pretrain_epochs} epochs, batch {self.pretrain_batch}"),
+            f"  clustering  CDC, {self.clusters} clusters, frozen backbone, {self.cdc_epochs} epochs, batch {self.cdc_batch}, "
+            f"hidden {self.cdc_hidden}",
+            f"  budget      {self.budget_minutes:g} min; estimated {self.estimated_minutes:.1f} min",
+        ]
+        lines += [f"  note        {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def heldout_mask(paths: list[str], fraction: float) -> np.ndarray:
+    """True for the held-out files: a hash of each relative path below ``fraction`` (stable across
+    runs, listing order and added files; about ``fraction`` of any folder)."""
+    def unit(path: str) -> float:
+        return int.from_bytes(hashlib.sha1(path.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+    return np.array([unit(p) < fraction for p in paths], dtype=bool)
+
+
+def _image_sizes(root: str, paths: list[str], sample: int = 200) -> dict:
+    """Sizes read from file headers only (PIL's lazy open) of a fixed sample of the files."""
+    from PIL import Image
+
+    chosen = paths if len(paths) <= sample else [paths[i] for i in np.linspace(0, len(paths) - 1, sample).astype(int)]
+    widths, heights = [], []
+    for rel in chosen:
+        try:
+            with Image.open(Path(root) / rel) as img:
+                widths.append(img.width)
+                heights.append(img.height)
+        except Exception:  # noqa: BLE001 - unreadable files are listed by the decoder, not here
+            continue
+    if not widths:
+        widths, heights = [INPUT_SIZE], [INPUT_SIZE]
+    w, h = np.asarray(widths), np.asarray(heights)
+    aspect = w / h
+    return {"sampled": len(widths), "median_width": int(np.median(w)), "median_height": int(np.median(h)),
+            "min_width": int(w.min()), "max_width": int(w.max()), "min_height": int(h.min()), "max_height": int(h.max()),
+            "min_aspect": float(aspect.min()), "max_aspect": float(aspect.max())}
+
+
+def make_plan(folder: str, data, heldout: np.ndarray, clusters: int, budget_minutes: float, device: str,
+              backbone_weights: str | None, heldout_fraction: float, seed: int) -> FitPlan:
+    import torch
+
+    from calibclust.precision import cpu_bf16_supported
+
+    n_train = int((~heldout).sum())
+    sizes = _image_sizes(data.root, data.paths)
+    threads = torch.get_num_threads()
+    notes = []
+    if device.startswith("cuda"):
+        # Not measured on a GPU here: the small backbone at 32 px is far below a GPU's budget, so
+        # the cap decides.
+        per_epoch = 0.0
+    else:
+        per_epoch = n_train * CPU_SECONDS_PER_IMAGE_EPOCH_2_THREADS * 2 / max(1, threads)
+    after = FIXED_SECONDS + CPU_SECONDS_AFTER_PRETRAIN_PER_IMAGE * len(data.paths) * (0.1 if device.startswith("cuda") else 1)
+    if backbone_weights:
+        epochs = 0
+    else:
+        available = budget_minutes * 60 - after
+        epochs = MAX_PRETRAIN_EPOCHS if per_epoch == 0 else int(available // per_epoch)
+        if epochs < MIN_PRETRAIN_EPOCHS:
+            notes.append(f"the budget allows {max(epochs, 0)} pretraining epochs; running the minimum of {MIN_PRETRAIN_EPOCHS} "
+                         f"(raise --budget for better features)")
+        epochs = int(min(MAX_PRETRAIN_EPOCHS, max(MIN_PRETRAIN_EPOCHS, epochs)))
+    short = min(sizes["median_width"], sizes["median_height"])
+    if short > 4 * INPUT_SIZE:
+        notes.append(f"images (median short side {short} px) are resized to {INPUT_SIZE}×{INPUT_SIZE}: fine detail is lost; "
+                     f"the small backbone at {INPUT_SIZE} px is what the budget on this machine allows")
+    if sizes["max_aspect"] / sizes["min_aspect"] > 1.5:
+        notes.append(f"aspect ratios vary ({sizes['min_aspect']:.2f}–{sizes['max_aspect']:.2f}); images are squashed to a "
+                     f"square, which changes shapes (center-crop / letterbox policies are not built yet)")
+    return FitPlan(
+        folder=str(Path(folder).resolve()), clusters=clusters, n_images=len(data.paths), n_unreadable=len(data.unreadable),
+        n_train=n_train, n_heldout=int(heldout.sum()), labelled=data.labels is not None, class_names=list(data.class_names),
+        image_sizes=sizes, device=device, cpu_bf16=bool(cpu_bf16_supported()), threads=threads, backbone="small",
+        backbone_weights=backbone_weights, input_size=INPUT_SIZE, resize="squash",
+        pretrain_epochs=epochs, pretrain_batch=int(min(64, max(2, n_train // 2))), cdc_epochs=CDC_EPOCHS,
+        cdc_batch=int(min(CDC_BATCH, n_train)),
+        # Eq. 6's K-means over H prototypes needs at least H images; Tab. 6's H = 512 when there are.
+        cdc_hidden=int(min(CDC_HIDDEN, 2 ** int(np.log2(n_train)))), budget_minutes=float(budget_minutes),
+        estimated_minutes=(epochs * per_epoch + after) / 60, heldout_fraction=float(heldout_fraction), seed=seed, notes=notes,
+    )
+
+
+# --- the run ---------------------------------------------------------------------------------------
+class FitRun:
+    """The state of one ``fit`` output folder: plan, finished stages and figures (``run.json``)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / "run.json"
+        self.record: dict = {"format": RUN_FORMAT, "stages": {}}
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> None:
+        record = json.loads(self.path.read_text())
+        if record.get("format") != RUN_FORMAT:
+            raise InputError(f"{self.path}: format {record.get('format')!r}, expected {RUN_FORMAT!r}; use a new --out")
+        self.record = record
+
+    def save(self) -> None:
+        from calibclust.serve.resume import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps(self.record, indent=2, default=_json_default))
+
+    def done(self, stage: str) -> bool:
+        return stage in self.record["stages"]
+
+    def finish(self, stage: str, seconds: float, **info) -> None:
+        self.record["stages"][stage] = {"seconds": round(seconds, 2), **info}
+        self.save()
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@dataclass
+class FitResult:
+    out: Path
+    model_path: Path
+    checkpoint: Path
+    plan: FitPlan
+    run: dict
+
+
+def _progress(index: int, name: str, started: float, plan: FitPlan) -> None:
+    elapsed = (time.perf_counter() - started) / 60
+    print(f"[{index}/{len(STAGES)}] {name}  (elapsed {elapsed:.1f} of ~{plan.estimated_minutes:.1f} min)", flush=True)
+
+
+def fit(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    clusters: int,
+    budget_minutes: float = DEFAULT_BUDGET_MINUTES,
+    device: str = "auto",
+    resume: bool = False,
+    backbone_weights: str | None = None,
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    seed: int = 0,
+    progress: bool = True,
+) -> FitResult:
+    """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring)."""
+    from calibclust.device import resolve_device
+    from calibclust.train.cdc import TrainingData
+
+    folder, out = Path(folder), Path(out)
+    _validate(folder, clusters, budget_minutes, heldout_fraction)
+    run = FitRun(out)
+    if run.exists() and not resume:
+        raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
+    if resume and not run.exists():
+        raise InputError(f"nothing to resume: {run.path} does not exist")
+    started = time.perf_counter()
+    print(f"[0/{len(STAGES)}] data: reading {folder}", flush=True)
+    data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress)
+    heldout = heldout_mask(data.paths, heldout_fraction)
+    device = str(resolve_device(device))
+    if resume:
+        run.load()
+        plan = FitPlan(**run.record["plan"])
+        if (plan.clusters, plan.n_images, plan.seed) != (clusters, len(data.paths), seed):
+            raise InputError(f"--resume with different settings or images: the run has {plan.clusters} clusters, "
+                             f"{plan.n_images} images, seed {plan.seed}; now {clusters}, {len(data.paths)}, {seed}")
+        print(f"resuming {out}: finished stages {', '.join(run.record['stages']) or 'none'}", flush=True)
+    else:
+        plan = make_plan(str(folder), data, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
+        run.save()
+        _write_commands(out, plan)
+    print(plan.describe(), flush=True)
+    if data.unreadable:
+        print(f"warning: skipped {len(data.unreadable)} unreadable file(s), e.g. {data.unreadable[0][0]}: "
+              f"{data.unreadable[0][1]} (all listed in run.json)", file=sys.stderr)
+    train, held = data.subset(~heldout), data.subset(heldout)
+    if train.num_images < max(20, 2 * clusters):
+        raise InputError(f"{train.num_images} training images for {clusters} clusters; fit needs at least "
+                         f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
+
+    _progress(1, "pretrain", started, plan)
+    backbone, info = _pretrain_stage(run, plan, train, progress)
+    _progress(2, "train (CDC)", started, plan)
+    checkpoint = _train_stage(run, plan, train, held, backbone, info, progress)
+    _progress(3, "export (ONNX + INT8 gate)", started, plan)
+    base = _export_stage(run, plan, train, checkpoint)
+    _progress(4, "exemplars", started, plan)
+    model_path = _exemplars_stage(run, plan, train, base)
+    _progress(5, "evaluate (held-out split)", started, plan)
+    _evaluate_stage(run, plan, held, checkpoint, model_path)
+    run.record["minutes"] = round(sum(s["seconds"] for s in run.record["stages"].values()) / 60, 2)
+    run.save()
+    print(format_summary(run.record), flush=True)
+    print(f"model: {model_path}\nreport: {out / 'report.html'}\n"
+          f"label a folder: calibclust label NEW_FOLDER --model {model_path} --out labelled/", flush=True)
+    return FitResult(out, model_path, checkpoint, plan, run.record)
+
+
+def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float) -> None:
+    problems = []
+    if not folder.is_dir():
+        problems.append(f"not a folder: {folder}")
+    if not isinstance(clusters, (int, np.integer)) or clusters < 2:
+        problems.append(f"clusters must be an integer >= 2, got {clusters!r}")
+    if not budget_minutes > 0:
+        problems.append(f"budget must be > 0 minutes, got {budget_minutes}")
+    if not 0 < heldout_fraction < 0.5:
+        problems.append(f"held-out fraction must be in (0, 0.5), got {heldout_fraction}")
+    if problems:
+        raise InputError("; ".join(problems))
+
+
+def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
+    from calibclust.pretrain import MoCoConfig, pretrain
+    from calibclust.train.cdc import load_backbone_dir
+    from calibclust.train.state import has_state
+
+    if plan.backbone_weights:
+        return load_backbone_dir(plan.backbone_weights, input_size=plan.input_size)
+    pretrain_dir = run.out / "pretrain"
+    if not run.done("pretrain"):
+        start = time.perf_counter()
+        # The quick start's measured pretraining settings (small batches and a narrow projector
+        # learn in a few epochs; the paper's 4096-wide projector at batch 256 barely moves).
+        config = MoCoConfig(backbone=plan.backbone, input_size=plan.input_size, epochs=plan.pretrain_epochs,
+                            batch_size=plan.pretrain_batch, lr=0.06, proj_hidden_dim=512, proj_dim=128,
+                            seed=plan.seed, device=plan.device)
+        result = pretrain(train.images, config, pretrain_dir, resume=has_state(pretrain_dir), progress=progress,
+                          data_info={"folder": plan.folder, "split": "fit train split", "n_images": train.num_images})
+        run.finish("pretrain", time.perf_counter() - start, final_loss=result.history[-1]["loss"] if result.history else None)
+    return load_backbone_dir(pretrain_dir)
+
+
+def _train_stage(run: FitRun, plan: FitPlan, train, held, backbone, info, progress: bool) -> Path:
+    from calibclust.augment.views import ViewConfig
+    from calibclust.train.cdc import CDCConfig, train_cdc
+    from calibclust.train.paper_settings import LR_BACKBONE
+    from calibclust.train.state import has_state
+
+    cdc_dir = run.out / "cdc"
+    if not run.done("train"):
+        start = time.perf_counter()
+        config = CDCConfig(num_clusters=plan.clusters, epochs=plan.cdc_epochs, batch_size=plan.cdc_batch,
+                           sub_batch_size=max(2, plan.cdc_batch // 2), hidden_dim=plan.cdc_hidden, freeze_backbone=True, num_views=CDC_VIEWS,
+                           orth_steps=CDC_ORTH_STEPS, lr_backbone=LR_BACKBONE["easy"], views=ViewConfig(flip_p=0.0),
+                           seed=plan.seed)
+        eval_data = held if (held.labels is not None and held.num_images) else None
+        result = train_cdc(config, train, cdc_dir, backbone, info, plan.backbone, resume=has_state(cdc_dir),
+                           device=plan.device, progress=progress, eval_data=eval_data)
+        run.finish("train", time.perf_counter() - start, model_dir=str(result.model_dir),
+                   mean_confidence=result.metadata.train_stats.get("mean_confidence"))
+    return cdc_dir / "model"
+
+
+def _export_stage(run: FitRun, plan: FitPlan, train, checkpoint: Path) -> Path:
+    from calibclust.export.int8 import Int8Config, QuantizationError, quantize_int8
+    from calibclust.export.onnx import OnnxExportConfig, export_onnx
+    from calibclust.models.clustering import load_model
+
+    base = run.out / "model-base.onnx"
+    if run.done("export"):
+        return base
+    start = time.perf_counter()
+    model, metadata = load_model(checkpoint)
+    result = export_onnx(model, metadata, train.images, base, OnnxExportConfig(seed=plan.seed), log=_log)
+    info = {"parity": result.parity.summary(), "ood_threshold": result.metadata.ood.threshold}
+    try:
+        int8 = quantize_int8(base, base.with_suffix(".int8.onnx"), result.train_images, Int8Config(seed=plan.seed), log=_log)
+        info["int8"] = {"path": str(int8.path), "label_agreement": int8.agreement.label_agreement}
+    except QuantizationError as exc:
+        # The fp32 model passed its own gate; a refused INT8 model is a finding, not a failure.
+        info["int8"] = {"refused": str(exc)}
+        print(f"      INT8 model refused by its gate (fp32 model kept): {exc}", flush=True)
+    run.finish("export", time.perf_counter() - start, **info)
+    return base
+
+
+def _log(message: str) -> None:
+    print(f"      {message}", flush=True)
+
+
+def _exemplars_stage(run: FitRun, plan: FitPlan, train, base: Path) -> Path:
+    from calibclust.exemplars import attach_exemplars, build_exemplars, thumbnail_size_for
+    from calibclust.serve.labeler import Labeler
+
+    model_path = run.out / "model.onnx"
+    if run.done("exemplars"):
+        return model_path
+    start = time.perf_counter()
+    labeler = Labeler(base)
+    out = labeler.predict(train.images, ("confidence", "label", "ood_score"))
+    eligible = out["ood_score"] <= labeler.metadata.ood.threshold
+    root = Path(train.root)
+    exemplars, errors = build_exemplars(
+        [root / p for p in train.paths], out["label"], out["confidence"], labeler.num_clusters,
+        thumbnail_size_for(labeler.input_size, 96), eligible=eligible, display_paths=train.paths,
+        info={"source_folder": plan.folder, "weights_digest": labeler.metadata.weights_digest},
+    )
+    # A stage interrupted after writing its files runs again: attach_exemplars never overwrites.
+    model_path.unlink(missing_ok=True)
+    (run.out / "model.exemplars.npz").unlink(missing_ok=True)
+    attach_exemplars(base, exemplars, model_path)
+    run.finish("exemplars", time.perf_counter() - start, per_cluster=exemplars.counts().tolist(), unreadable=len(errors))
+    return model_path
+
+
+def _evaluate_stage(run: FitRun, plan: FitPlan, held, checkpoint: Path, model_path: Path) -> None:
+    """The held-out split through the exported model (and both heads of the checkpoint)."""
+    from calibclust.metrics import clustering_report
+    from calibclust.models.clustering import load_model
+    from calibclust.serve.labeler import Labeler
+    from calibclust.train.cdc import embed_images, head_probabilities
+
+    if run.done("evaluate"):
+        return
+    start = time.perf_counter()
+    if held.num_images == 0:
+        run.finish("evaluate", time.perf_counter() - start, heldout={"n": 0})
+        write_report(run.out, run.record, None, None)
+        return
+    labeler = Labeler(model_path)
+    meta = labeler.metadata
+    out = labeler.predict(held.images, ("probs", "confidence", "label", "ood_score"))
+    model, _ = load_model(checkpoint)
+    z = embed_images(model, held.images)
+    clu = head_probabilities(model, z, "clustering").numpy()
+    cal_torch = head_probabilities(model, z, "calibration").numpy()
+    ood = out["ood_score"] > meta.ood.threshold
+    accepted = ~ood & (out["confidence"] >= meta.confidence_threshold)
+    sizes = np.bincount(out["label"], minlength=meta.num_clusters)
+    # Label-free: what a user without labels can still check on images the model never trained on.
+    heldout = {
+        "n": int(held.num_images),
+        "mean_confidence": float(out["confidence"].mean()),
+        "accepted_share": float(accepted.mean()),
+        "confidence_threshold": float(meta.confidence_threshold),
+        "ood_share": float(ood.mean()),
+        "cluster_share_min": float(sizes.min() / len(out["label"])),
+        "cluster_share_max": float(sizes.max() / len(out["label"])),
+        "empty_clusters": int((sizes == 0).sum()),
+        "heads_agree": float((clu.argmax(1) == out["label"]).mean()),
+        "onnx_torch_label_agreement": float((cal_torch.argmax(1) == out["label"]).mean()),
+    }
+    reports = {}
+    if held.labels is not None:
+        for name, probs in (("CDC-Clu", clu), ("CDC-Cal", out["probs"])):
+            rep = clustering_report(held.labels, probs.argmax(1), probs.max(1))
+            heldout[name] = {"acc": rep.acc, "nmi": rep.nmi, "ari": rep.ari, "ece": rep.calibration.ece,
+                             "aurc": rep.rejection.aurc}
+            reports[name] = rep
+        correct = reports["CDC-Cal"].mapping
+        mapped = np.array([correct.get(int(c), -1) for c in out["label"]])
+        heldout["accepted_accuracy"] = float((mapped[accepted] == held.labels[accepted]).mean()) if accepted.any() else None
+    run.finish("evaluate", time.perf_counter() - start, heldout=heldout)
+    write_report(run.out, run.record, reports.get("CDC-Cal"), (held, out))
+
+
+def format_summary(record: dict) -> str:
+    h = record["stages"].get("evaluate", {}).get("heldout", {})
+    if not h.get("n"):
+        return "no held-out images: nothing measured (raise the held-out fraction)"
+
+    def pct(v):
+        return "  –  " if v is None else f"{100 * v:5.1f}"
+
+    lines = [f"held-out split ({h['n']} images never trained on):",
+             f"  mean confidence {pct(h['mean_confidence'])} %   accepted at confidence >= {h['confidence_threshold']:.2f}: "
+             f"{pct(h['accepted_share'])} %   flagged OOD {pct(h['ood_share'])} %",
+             f"  cluster sizes {pct(h['cluster_share_min'])}–{pct(h['cluster_share_max'])} % of images "
+             f"({h['empty_clusters']} empty); heads agree on {pct(h['heads_agree'])} %"]
+    if "CDC-Cal" in h:
+        lines += ["  head      ACC %  NMI %  ARI %  ECE %  AURC %"]
+        for name in ("CDC-Clu", "CDC-Cal"):
+            r = h[name]
+            lines.append(f"  {name:<8} {pct(r['acc'])}  {pct(r['nmi'])}  {pct(r['ari'])}  {pct(r['ece'])}  {pct(r['aurc'])}")
+        lines.append(f"  accuracy of the accepted images {pct(h['accepted_accuracy'])} %")
+    minutes = record.get("minutes")
+    if minutes is not None:
+        lines.append(f"finished in {minutes:.1f} min (" + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in record['stages'].items()) + ")")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -> Path:
+    """``report.html``: the plan, held-out figures, reliability diagram (with labels), clusters."""
+    from calibclust.metrics import CalibrationResult
+    from calibclust.report import HTMLReport, plot_reliability_diagram
+
+    plan = record["plan"]
+    report = HTMLReport("calibclust fit", f"{plan['folder']} → {plan['clusters']} clusters")
+    report.add_heading("Plan")
+    report.add_html("<pre>" + _escape(FitPlan(**plan).describe()) + "</pre>")
+    h = record["stages"].get("evaluate", {}).get("heldout", {})
+    report.add_heading("Held-out split")
+    if h.get("n"):
+        report.add_table([[k, v] for k, v in h.items() if not isinstance(v, dict)], header=["label-free figure", "value"],
+                         caption=f"{h['n']} held-out images, never trained on, through the exported model")
+        if "CDC-Cal" in h:
+            report.add_table([[name, *(h[name][m] for m in ("acc", "nmi", "ari", "ece", "aurc"))] for name in ("CDC-Clu", "CDC-Cal")],
+                             header=["head", "ACC", "NMI", "ARI", "ECE", "AURC"],
+                             caption="both CDC heads on the held-out images (class sub-folders as labels)")
+        else:
+            report.add_paragraph("The folder has no class sub-folders, so accuracy and ECE cannot be measured; "
+                                 "the figures above need no labels.")
+    else:
+        report.add_warning("No image was held out; nothing was measured on unseen images.")
+    if calibration_report is not None:
+        cal = calibration_report.calibration
+        report.add_figure(plot_reliability_diagram(CalibrationResult(**cal.to_dict()), title=None),
+                          alt="reliability diagram", caption="CDC-Cal (the exported model) on the held-out images")
+    if heldout_outputs is not None:
+        held, outputs = heldout_outputs
+        report.add_heading("Clusters: most confident held-out images")
+        for c in range(plan["clusters"]):
+            idx = np.flatnonzero(outputs["label"] == c)
+            idx = idx[np.argsort(-outputs["confidence"][idx])][:10]
+            report.add_paragraph(f"cluster {c}: {int((outputs['label'] == c).sum())} held-out images")
+            if len(idx):
+                report.add_thumbnails([held.images[i] for i in idx], captions=[f"{outputs['confidence'][i]:.2f}" for i in idx],
+                                      size=48, alt=f"cluster {c} thumbnails")
+    report.add_heading("Stages")
+    report.add_table([[k, v["seconds"]] for k, v in record["stages"].items()], header=["stage", "seconds"])
+    return report.write(out / "report.html")
+
+
+def _escape(text: str) -> str:
+    from calibclust.report import escape
+
+    return escape(text)
+
+
+def fit_command(plan: FitPlan, out: Path) -> list[str]:
+    argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters),
+            "--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
+    if plan.backbone_weights:
+        argv += ["--backbone-weights", plan.backbone_weights]
+    return argv
+
+
+def _write_commands(out: Path, plan: FitPlan) -> None:
+    model = out.resolve() / "model.onnx"
+    text = (
+        "#!/usr/bin/env bash\n# This run, and what to do with its model.\nset -e\n"
+        f"calibclust {shlex.join(fit_command(plan, out))}\n"
+        f"# continue it after an interruption:\n# calibclust {shlex.join(fit_command(plan, out))} --resume\n"
+        f"# label a new folder (torch-free), keeping what the model should not be trusted on apart:\n"
+        f"# calibclust label NEW_FOLDER --model {shlex.quote(str(model))} --out labelled/ --target-accuracy 0.9\n"
+        f"# try it in a browser:\n# calibclust demo --model {shlex.quote(str(model))}\n"
+    )
+    path = out / "commands.sh"
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+DESCRIPTION = """From your own image folder to a deployable, calibrated clustering model in one command: read the
+folder (nested sub-folders, any sizes; unreadable files are skipped and listed), hold out a split,
+pretrain a backbone with MoCo-v2 sized to --budget, train CDC, export ONNX (+ INT8 when its gate
+passes) with an OOD threshold and exemplars, and check the model on the held-out images.
+
+If FOLDER holds only class sub-folders, their names are used as labels for the report (accuracy,
+ECE); they never reach training. Without labels the report shows label-free figures."""
+
+EPILOG = """outputs in OUT: model.onnx (+ .exemplars.npz; label folders with it, no torch needed),
+model-base.onnx, model-base.int8.onnx (when its gate passes), report.html, run.json (plan, stages,
+held-out figures), commands.sh, pretrain/, cdc/ (torch checkpoint in cdc/model/).
+
+examples:
+  calibclust fit photos/ --out runs/photos --clusters 8
+  calibclust fit photos/ --out runs/photos --clusters 8 --budget 30     # more pretraining
+  calibclust fit photos/ --out runs/photos --clusters 8 --resume        # after Ctrl-C
+  calibclust label new_photos/ --model runs/photos/model.onnx --out labelled/ --target-accuracy 0.9"""
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("fit", help="one command from your image folder to a calibrated, exported model",
+                              description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="image folder (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder (new, or an interrupted run with --resume)")
+    p.add_argument("--clusters", type=int, required=True, help="number of clusters K (>= 2)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_MINUTES, metavar="MINUTES",
+                   help=f"time to aim for on this machine; sizes the pretraining (default {DEFAULT_BUDGET_MINUTES:g}, "
+                        "sized for 2 CPU cores)")
+    p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
+    p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
+                   help=f"share of the images kept out of training for the report (default {DEFAULT_HELDOUT_FRACTION:g})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars inside stages")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
+                 backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
+                 progress=not args.no_progress)
+    return 3 if result.run.get("unreadable") else 0

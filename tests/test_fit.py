@@ -1,0 +1,139 @@
+"""``calibclust fit`` and the Python API on a folder as users have them: JPEGs of mixed sizes and
+aspect ratios in nested sub-folders, with a few unreadable files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import calibclust
+from calibclust.app import fitting as fit_module
+from calibclust.datasets import make_mixed_size_folder
+
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def mixed_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    train = make_mixed_size_folder(root / "train", classes=CLASSES, per_class=45, seed=0)
+    new = make_mixed_size_folder(root / "new", classes=CLASSES, per_class=10, seed=1, bad_files=0)
+    return train, new
+
+
+@pytest.fixture(scope="module")
+def cli_run(mixed_folders, tmp_path_factory):
+    """``calibclust fit`` with only --out and --clusters (plus a small budget, so CI stays short)."""
+    train, _ = mixed_folders
+    out = tmp_path_factory.mktemp("fit") / "run"
+    proc = subprocess.run([sys.executable, "-m", "calibclust", "fit", str(train), "--out", str(out), "--clusters",
+                           str(CLASSES), "--budget", "0.5", "--no-progress"], capture_output=True, text=True, timeout=900)
+    return proc, out
+
+
+def test_fit_cli_on_mixed_size_jpegs_writes_a_model_that_labels_a_new_folder(cli_run, mixed_folders, tmp_path):
+    proc, out = cli_run
+    # 3 unreadable files: the run finishes, and says so with exit code 3 (ARCHITECTURE: some inputs failed).
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "plan for" in proc.stdout and "held out" in proc.stdout and "resize: squash" in proc.stdout
+    assert "aspect ratios vary" in proc.stdout, proc.stdout
+    assert "skipped 3 unreadable" in proc.stderr
+    for name in ("model.onnx", "model-base.onnx", "report.html", "run.json", "commands.sh"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "run.json").read_text())
+    plan = run["plan"]
+    assert plan["n_images"] == 3 * 45 and plan["n_unreadable"] == 3 and len(run["unreadable"]) == 3
+    assert plan["n_heldout"] + plan["n_train"] == plan["n_images"] and 3 <= plan["n_heldout"] <= 30, plan
+    # The pretraining is sized to the budget: as many epochs as the measured cost per image allows.
+    assert fit_module.MIN_PRETRAIN_EPOCHS < plan["pretrain_epochs"] <= fit_module.MAX_PRETRAIN_EPOCHS, plan
+    assert plan["estimated_minutes"] <= plan["budget_minutes"] + 1e-9, plan
+    assert set(run["stages"]) == set(fit_module.STAGES)
+    held = run["stages"]["evaluate"]["heldout"]
+    assert held["n"] == plan["n_heldout"]
+    assert held["onnx_torch_label_agreement"] >= 0.99, held
+    # Three clearly different digits: even 5 MoCo epochs must beat chance (1/3) on unseen images.
+    assert held["CDC-Cal"]["acc"] > 0.45, held
+    assert 0 <= held["CDC-Cal"]["ece"] <= 1
+    commands = (out / "commands.sh").read_text()
+    assert "calibclust fit" in commands and "--clusters 3" in commands and "calibclust label" in commands
+    report = (out / "report.html").read_text()
+    assert "Held-out split" in report and "CDC-Cal" in report and "reliability" in report
+    # The exported model labels a second folder of the same kind (torch-free command).
+    _, new = mixed_folders
+    labelled = tmp_path / "labelled"
+    proc = subprocess.run([sys.executable, "-m", "calibclust", "label", str(new), "--model", str(out / "model.onnx"),
+                           "--out", str(labelled), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((labelled / "summary.json").read_text())
+    assert summary["files"] == 3 * 10 and summary["counts"]["error"] == 0
+
+
+def test_fit_refuses_an_existing_run_and_bad_settings(cli_run, mixed_folders, tmp_path):
+    _, out = cli_run
+    train, _ = mixed_folders
+    with pytest.raises(calibclust.InputError, match="--resume"):
+        fit_module.fit(train, out, CLASSES)
+    with pytest.raises(calibclust.InputError, match="nothing to resume"):
+        fit_module.fit(train, tmp_path / "new", CLASSES, resume=True)
+    with pytest.raises(calibclust.InputError) as err:
+        fit_module.fit(tmp_path / "missing", tmp_path / "x", 1, budget_minutes=0, heldout_fraction=0.7)
+    message = str(err.value)  # every problem at once
+    assert "not a folder" in message and "clusters" in message and "budget" in message and "held-out" in message
+
+
+def test_heldout_split_is_stable_and_about_the_fraction():
+    paths = [f"class{i % 7}/img{i}.jpg" for i in range(5000)]
+    mask = fit_module.heldout_mask(paths, 0.1)
+    assert 0.085 < mask.mean() < 0.115, mask.mean()
+    shuffled = list(reversed(paths))
+    again = dict(zip(shuffled, fit_module.heldout_mask(shuffled, 0.1)))
+    assert all(again[p] == m for p, m in zip(paths, mask)), "the split does not depend on listing order"
+
+
+def test_python_api_fit_predict_export_load(cli_run, mixed_folders, tmp_path, monkeypatch):
+    """The README's Python example, and Ctrl-C in a late stage then ``resume=True``: finished stages
+    are not run again."""
+    _, first = cli_run
+    train, new = mixed_folders
+    out = tmp_path / "api"
+    calls = {"export": 0, "train": 0}
+    real_export, real_train = fit_module._export_stage, fit_module._train_stage
+
+    def export_interrupted_once(*args, **kwargs):
+        calls["export"] += 1
+        if calls["export"] == 1:
+            raise KeyboardInterrupt
+        return real_export(*args, **kwargs)
+
+    def counting_train(*args, **kwargs):
+        calls["train"] += 1
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "_export_stage", export_interrupted_once)
+    monkeypatch.setattr(fit_module, "_train_stage", counting_train)
+    weights = str(first / "pretrain")
+    with pytest.raises(KeyboardInterrupt):
+        calibclust.fit(train, out=out, clusters=CLASSES, backbone_weights=weights, progress=False)
+    assert json.loads((out / "run.json").read_text())["stages"].keys() == {"train"}
+    trained = (out / "cdc" / "model" / "model.safetensors").stat().st_mtime_ns
+    model = calibclust.fit(train, out=out, clusters=CLASSES, backbone_weights=weights, progress=False, resume=True)
+    assert (out / "cdc" / "model" / "model.safetensors").stat().st_mtime_ns == trained, "CDC was not trained again"
+    assert calls == {"export": 2, "train": 2}  # the train stage was entered, found done, and returned
+    assert isinstance(model, calibclust.FittedModel) and model.heldout["n"] > 0
+
+    images = np.zeros((4, 50, 70, 3), np.uint8)  # any size: resized like every image the model sees
+    probs = model.predict_proba(images)
+    assert probs.shape == (4, CLASSES) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    paths = sorted(new.rglob("*.jpg"))[:6]
+    from_paths = model.predict_proba(paths)
+    exported = model.export(tmp_path / "exported.onnx")
+    assert exported.parity.passed, exported.parity.summary()
+    labeller = calibclust.load(tmp_path / "exported.onnx")
+    assert np.allclose(labeller.predict_proba(paths), from_paths, atol=1e-4), "ONNX and torch agree on the same files"
+    result = labeller.label_folder(new, out=tmp_path / "labelled", target_accuracy=0.9)
+    assert result.exit_code == 0 and result.summary["files"] == 3 * 10
+    assert result.summary["thresholds"]["policy"] == "target_accuracy"
