@@ -19,7 +19,7 @@ from calibclust.cli_config import check_config_was_read, load_config_defaults, s
 from calibclust.cli_names import add_deprecated_aliases, resolve_legacy_model
 from calibclust.errors import CalibclustError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+from calibclust.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,11 +29,10 @@ from pathlib import Path
 
 from calibclust.cli_names import device_arg, warn_deprecated
 from calibclust.models.names import is_timm
+from calibclust.errors import EXIT_OK, EXIT_PARTIAL
 
 # Architectures --backbone may name here: those third-party and torchvision weights come in.
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
-
-EXIT_OK, EXIT_PARTIAL = 0, 3
 
 
 def sidecar_paths(out: str | os.PathLike) -> dict[str, Path]:

@@ -1,4 +1,8 @@
-"""Exceptions that the CLI turns into a message and an exit code instead of a traceback."""
+"""Exceptions that the CLI turns into a message and an exit code instead of a traceback, and the
+exit codes themselves (one definition for every command)."""
+
+# 0 ok, 1 failure, 2 bad usage, 3 finished with some inputs failed (e.g. unreadable images).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 class CalibclustError(Exception):
@@ -7,13 +11,13 @@ class CalibclustError(Exception):
     The CLI prints ``str(exc)`` and exits with ``exit_code``.
     """
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class InputError(CalibclustError):
     """Bad usage or arguments that argparse could not catch (exit code 2)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class MissingDependencyError(CalibclustError):

@@ -44,8 +44,8 @@ from calibclust.device import resolve_device
 from calibclust.models.names import BACKBONE_HELP, backbone_name
 from calibclust.tensorboard import add_tensorboard_arg, open_writer
 from calibclust.precision import training_precision
+from calibclust.errors import EXIT_OK, EXIT_PARTIAL
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 STATE_FORMAT = "calibclust-pretrain-state/2"  # /2: written by calibclust.train.state
 # Config fields that may change between a run and its resumption (they do not alter the math).
 RESUMABLE_CHANGES = ("checkpoint_every_steps",)

@@ -50,8 +50,8 @@ from calibclust.serve.policy import (
     target_accuracy_threshold,
 )
 from calibclust.serve.resume import Journal, PartBuffer, ResumeError, RunLock, atomic_write_text, file_sha256
+from calibclust.errors import EXIT_OK, EXIT_PARTIAL
 
-EXIT_OK, EXIT_PARTIAL = 0, 3
 TABLE_STEM = "predictions"
 PREFETCH_BYTES = 1 << 30  # decoded batches waiting for inference, at most (but always 2 batches)
 EMBEDDINGS_FILE = "embeddings.npy"

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibclust.errors import InputError
+from calibclust.errors import EXIT_OK, EXIT_PARTIAL, InputError
 
 RUN_FORMAT = "calibclust-fit/1"
 DEFAULT_BUDGET_MINUTES = 10.0
@@ -617,4 +617,4 @@ def _run_cli(args) -> int:
     result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
                  backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
                  progress=not args.no_progress)
-    return 3 if result.run.get("unreadable") else 0
+    return EXIT_PARTIAL if result.run.get("unreadable") else EXIT_OK

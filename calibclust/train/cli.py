@@ -26,8 +26,8 @@ from calibclust.models.names import BACKBONE_HELP, backbone_name, is_timm
 from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
 from calibclust.train.paper_settings import LR_BACKBONE, PAPER_SETTINGS
+from calibclust.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 _RAW = argparse.RawDescriptionHelpFormatter
 # Crop of CDC's views; set from the zoo measurements (calibclust/augment/views.py describes both).
 CDC_VIEW_CROP = "shift"

@@ -29,8 +29,8 @@ from calibclust.train.cli import (
     train_subparsers,
     weights_arch,
 )
+from calibclust.errors import EXIT_OK
 
-EXIT_OK = 0
 _RAW = argparse.RawDescriptionHelpFormatter
 
 SPICE_DESCRIPTION = """\
