@@ -26,6 +26,8 @@ MAX_METADATA_CHARS = 4 << 20  # exemplar thumbnails live in a sidecar; real meta
 ONNX_METADATA_KEY = "calibclust"
 OUTPUT_NAMES = ("probs", "confidence", "label", "ood_score", "embedding")
 METHODS = ("cdc", "spice", "kmeans")
+# How the decoder (calibclust.io.images.resize_image) brings an image to the model's input size.
+RESIZE_POLICIES = ("squash", "center-crop", "letterbox")
 PROBS_HEADS = ("calibration", "clustering", "spice")
 
 
@@ -63,6 +65,7 @@ class ModelMetadata:
     weights_digest: str = ""
     exemplars: str | None = None  # sidecar file name (relative to the model file) with thumbnails
     precision: str = "fp32"  # fp32 | int8 | fp16
+    resize: str = "squash"  # how images reach input_size (calibclust.io.images.RESIZE_POLICIES)
     schema_version: int = SCHEMA_VERSION
     calibclust_version: str = ""
 
@@ -108,6 +111,8 @@ class ModelMetadata:
             problems.append("mean and std need 3 values each, std > 0")
         if self.method not in METHODS:
             problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.resize not in RESIZE_POLICIES:
+            problems.append(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
         if self.probs_head not in PROBS_HEADS:
             problems.append(f"probs_head must be one of {PROBS_HEADS}, got {self.probs_head!r}")
         _check_number(problems, "confidence_threshold", self.confidence_threshold, 0.0, 1.0)

@@ -81,7 +81,7 @@ def predict_folder(
     with PredictionsWriter(out, columns) as writer, torch.no_grad():
         for start in range(0, len(paths), batch_size):
             part = paths[start : start + batch_size]
-            batch, errors = load_images(part, size)
+            batch, errors = load_images(part, size, resize=metadata.resize)
             reasons = {e.path: e.reason for e in errors}
             ok = [p for p in part if str(p) not in reasons]
             if len(ok):

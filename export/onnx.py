@@ -309,7 +309,7 @@ def export_checkpoint(
         raise InputError(f"{images_folder}: no images found")
     # Decode only the subsample that will be used (the gate and the OOD fit both draw from it).
     chosen = [paths[i] for i in _sample(len(paths), config.max_images, config.seed)]
-    images, errors = load_images(chosen, metadata.input_size)
+    images, errors = load_images(chosen, metadata.input_size, resize=metadata.resize)
     if errors:
         log(f"{len(errors)} of {len(chosen)} training images could not be read (first: {errors[0]})")
     if len(images) == 0:

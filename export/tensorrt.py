@@ -369,7 +369,7 @@ def build_engine(
         paths = list(discover_images(images_folder))[: config.parity_images * 4]
         rng = np.random.default_rng(0)
         chosen = [paths[i] for i in sorted(rng.permutation(len(paths))[: config.parity_images])]
-        images, _ = load_images(chosen, metadata.input_size)
+        images, _ = load_images(chosen, metadata.input_size, resize=metadata.resize)
         if len(images) == 0:
             raise InputError(f"{images_folder}: no readable images for the parity gate")
 

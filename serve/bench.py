@@ -201,7 +201,8 @@ def time_ceiling(folder: Path, model: str, args, min_seconds: float = 5.0) -> di
 
     labeler = Labeler(model, threads=args.threads)
     paths = sorted(str(p) for p in folder.rglob("*.jpg"))[: args.batch_size]
-    _, batch, _ = decode_batch(paths, labeler.input_size, labeler.max_pixels)
+    _, batch, _ = decode_batch(paths, labeler.input_size, labeler.max_pixels,
+                               resize=labeler.metadata.resize)
     labeler.predict(batch)  # warm-up
     n, c0, t0 = 0, _cpu_seconds(), time.perf_counter()
     while time.perf_counter() - t0 < min_seconds:

@@ -557,7 +557,8 @@ class DemoSession:
         out = []
         for p in self.example_paths:
             try:
-                out.append(decode_image(p, size=self.labeler.input_size, max_pixels=self.config.max_pixels))
+                out.append(decode_image(p, size=self.labeler.input_size, max_pixels=self.config.max_pixels,
+                                        resize=self.labeler.metadata.resize))
             except ImageDecodeError:
                 out.append(np.full((*self.labeler.input_size, 3), 128, np.uint8))
         return out

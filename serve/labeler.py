@@ -118,7 +118,7 @@ class Labeler:
     def predict_proba(self, images) -> np.ndarray:
         """Cluster probabilities (N, K) of ``images``: uint8 (N, H, W, 3) of any size (resized like
         every image the model sees), or a sequence of file paths (decoded by THE decoder)."""
-        arrays = image_batch(images, self.input_size, self.max_pixels)
+        arrays = image_batch(images, self.input_size, self.max_pixels, self.metadata.resize)
         if len(arrays) == 0:
             return np.zeros((0, self.num_clusters), np.float32)
         batch = self.batch_size
@@ -146,7 +146,7 @@ class Labeler:
 
     def decode(self, path: str | os.PathLike | bytes) -> np.ndarray:
         """Decode one file with THE decoder at the model's input size (raises ImageDecodeError)."""
-        return decode_image(path, size=self.input_size, max_pixels=self.max_pixels)
+        return decode_image(path, size=self.input_size, max_pixels=self.max_pixels, resize=self.metadata.resize)
 
     def label(
         self,

@@ -139,13 +139,13 @@ def _ignore_sigint() -> None:
 
 
 def decode_batch(
-    paths: list[str], size: tuple[int, int], max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES
+    paths: list[str], size: tuple[int, int], max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES, resize: str = "squash"
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Decode a batch with THE decoder: (indices of readable files, their uint8 stack, errors)."""
     ok, arrays, errors = [], [], []
     for i, path in enumerate(paths):
         try:
-            arrays.append(decode_image(path, size=size, max_pixels=max_pixels, max_bytes=max_bytes))
+            arrays.append(decode_image(path, size=size, max_pixels=max_pixels, max_bytes=max_bytes, resize=resize))
             ok.append(i)
         except ImageDecodeError as err:
             errors.append((i, err.reason))
@@ -439,7 +439,7 @@ def _run_local(
     size = labeler.input_size
     # A partial of a module-level function: process workers must be able to pickle it.
     decode = functools.partial(decode_batch, size=size, max_pixels=opts.max_pixels,
-                               max_bytes=int(opts.max_file_mb * 2**20))
+                               max_bytes=int(opts.max_file_mb * 2**20), resize=labeler.metadata.resize)
     root = str(Path(opts.folder).absolute()).rstrip(os.sep) + os.sep
     buffer = PartBuffer(journal, done, max_rows=max(1, opts.checkpoint_every))
     count = {"total": None}

@@ -48,7 +48,7 @@ class LabelActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rel = [str(p) for p in batch["path"]]
         ok, images, errors = decode_batch([str(self.folder / r) for r in rel], self.labeler.input_size,
-                                          self.labeler.max_pixels, self.max_bytes)
+                                          self.labeler.max_pixels, self.max_bytes, self.labeler.metadata.resize)
         outputs = self.labeler.predict(images, self.wanted) if len(ok) else {}
         rows = build_rows(rel, ok, outputs, errors, self.labeler.num_clusters, self.keep_probs, self.embedding_dim)
         result = {"index": np.asarray(batch["index"], np.int64)}

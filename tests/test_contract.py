@@ -277,3 +277,16 @@ def test_engine_sidecar_round_trip_and_compat(tmp_path):
 def test_contract_module_is_torch_free():
     code = "import sys, calibclust.contract; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resize_policy_travels_in_the_metadata_and_old_models_read_as_squash(tmp_path):
+    from calibclust.metadata import MetadataError, ModelMetadata
+
+    base = dict(num_clusters=3, input_size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert ModelMetadata(**base).resize == "squash"
+    letterbox = ModelMetadata(**base, resize="letterbox")
+    assert ModelMetadata.from_json(letterbox.to_json()).resize == "letterbox"
+    old = {k: v for k, v in letterbox.to_dict().items() if k != "resize"}
+    assert ModelMetadata.from_dict(old).resize == "squash"
+    with pytest.raises(MetadataError, match="resize"):
+        ModelMetadata(**base, resize="zoom")

@@ -453,3 +453,58 @@ def remove_deep_tree(folder: str) -> None:
                 os.unlink(os.path.join(deepest, name))
         os.rmdir(deepest)
         deepest = deepest.rpartition("/")[0]
+
+
+# --- resize policies -------------------------------------------------------------------------------
+def _three_band_image(width: int = 90, height: int = 30) -> np.ndarray:
+    """Left third red, middle green, right blue."""
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:, : width // 3, 0] = 255
+    img[:, width // 3 : 2 * width // 3, 1] = 255
+    img[:, 2 * width // 3 :, 2] = 255
+    return img
+
+
+def test_center_crop_keeps_the_middle_of_a_wide_image():
+    from calibclust.io.images import resize_image
+
+    out = np.asarray(resize_image(_three_band_image(), (10, 10), "center-crop"))
+    assert out.shape == (10, 10, 3)
+    assert (out[:, 1:-1, 1] == 255).all() and out[:, 1:-1, [0, 2]].max() == 0, "only the green middle third remains"
+
+
+def test_letterbox_keeps_the_whole_image_and_pads_black():
+    from calibclust.io.images import resize_image
+
+    wide = np.asarray(resize_image(_three_band_image(), (30, 30), "letterbox"))
+    assert wide.shape == (30, 30, 3)
+    assert wide[:10].max() == 0 and wide[20:].max() == 0, "a 3:1 image fills the middle 10 rows"
+    row = wide[15]
+    assert row[2, 0] == 255 and row[15, 1] == 255 and row[27, 2] == 255, "all three bands are kept"
+    tall = np.asarray(resize_image(_three_band_image().transpose(1, 0, 2), (30, 30), "letterbox"))
+    assert tall[:, :10].max() == 0 and tall[:, 20:].max() == 0
+
+
+def test_squash_is_the_default_and_unknown_policies_are_refused():
+    from calibclust.io.images import resize_image
+
+    img = _three_band_image()
+    assert np.array_equal(np.asarray(resize_image(img, (10, 10))), np.asarray(resize_image(img, (10, 10), "squash")))
+    assert np.asarray(resize_image(img, (10, 10)))[:, 0, 0].min() == 255, "squash keeps the red left edge"
+    with pytest.raises(ValueError, match="resize policy"):
+        resize_image(img, (10, 10), "zoom")
+
+
+@pytest.mark.parametrize("policy", ["squash", "center-crop", "letterbox"])
+def test_decoder_applies_the_policy_on_both_jpeg_paths(tmp_path, policy):
+    """A JPEG decoded by the fast path (when simplejpeg is present) and a PNG by Pillow end up resized
+    by the same policy: same layout of colours."""
+    from calibclust.io.images import decode_image, resize_image
+
+    img = _three_band_image(240, 80)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    Image.fromarray(img).save(tmp_path / "x.jpg", quality=95)
+    want = np.asarray(resize_image(img, (16, 16), policy)).astype(int)
+    for name in ("x.png", "x.jpg"):
+        got = decode_image(tmp_path / name, size=(16, 16), resize=policy).astype(int)
+        assert np.abs(got - want).mean() < 8, (name, policy, np.abs(got - want).mean())

@@ -211,3 +211,18 @@ def test_plugin_backend_hook(tmp_path, monkeypatch):
     assert lab.backend_name == "fake-engine" and lab.batch_size == 7 and lab.num_clusters == 3
     out = lab.predict(np.stack([colour_image((0, 1, 0))]))
     assert out["label"].tolist() == [1] and lab.backend.calls == 1
+
+
+def test_labeler_resizes_by_the_models_policy(tmp_path):
+    """The policy named in the metadata is what label / demo / predict_proba apply to every file."""
+    from PIL import Image
+
+    wide = np.zeros((20, 80, 3), np.uint8)
+    wide[:, :, 1] = 200
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    squash = Labeler(make_contract_model(tmp_path / "squash.onnx"))
+    letterbox = Labeler(make_contract_model(tmp_path / "letterbox.onnx", metadata={"resize": "letterbox"}))
+    assert squash.decode(tmp_path / "wide.png")[:, :, 1].min() == 200, "squash stretches the image over the frame"
+    boxed = letterbox.decode(tmp_path / "wide.png")
+    assert boxed[:5].max() == 0 and boxed[-5:].max() == 0 and boxed[8, :, 1].min() == 200, "letterbox pads top and bottom"
+    assert not np.allclose(squash.predict_proba([tmp_path / "wide.png"]), letterbox.predict_proba([tmp_path / "wide.png"]))

@@ -67,7 +67,7 @@ class FittedModel:
         model, metadata = self._model()
         if head not in model.heads:
             raise InputError(f"head must be one of {sorted(model.heads)}, got {head!r}")
-        arrays = image_batch(images, tuple(metadata.input_size))
+        arrays = image_batch(images, tuple(metadata.input_size), resize=metadata.resize)
         return head_probabilities(model, embed_images(model, arrays), head).numpy()
 
     def export(self, path: str | os.PathLike, int8: bool = False):
@@ -80,7 +80,7 @@ class FittedModel:
         from calibclust.train.cdc import TrainingData
 
         model, metadata = self._model()
-        data = TrainingData.from_folder(self.plan.folder, self.plan.input_size, progress=False)
+        data = TrainingData.from_folder(self.plan.folder, self.plan.input_size, progress=False, resize=self.plan.resize)
         train = data.subset(~heldout_mask(data.paths, self.plan.heldout_fraction))
         result = export_onnx(model, metadata, train.images, path, OnnxExportConfig(seed=self.plan.seed), log=lambda m: None)
         if int8:
@@ -95,12 +95,14 @@ class FittedModel:
 
 def fit(folder: str | os.PathLike, out: str | os.PathLike, clusters: int, budget_minutes: float = DEFAULT_BUDGET_MINUTES,
         device: str = "auto", resume: bool = False, backbone_weights: str | None = None,
-        heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, progress: bool = True) -> FittedModel:
+        heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, progress: bool = True,
+        resize: str = "auto") -> FittedModel:
     """``calibclust fit`` from Python (same stages, same outputs): returns the :class:`FittedModel`."""
     from calibclust.app.fitting import fit as run_fit
 
     result = run_fit(folder, out, clusters, budget_minutes=budget_minutes, device=device, resume=resume,
-                     backbone_weights=backbone_weights, heldout_fraction=heldout_fraction, seed=seed, progress=progress)
+                     backbone_weights=backbone_weights, heldout_fraction=heldout_fraction, seed=seed, progress=progress,
+                     resize=resize)
     return FittedModel(result.out)
 
 

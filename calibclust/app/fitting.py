@@ -123,15 +123,18 @@ def heldout_mask(paths: list[str], fraction: float) -> np.ndarray:
     return np.array([unit(p) < fraction for p in paths], dtype=bool)
 
 
-def _image_sizes(root: str, paths: list[str], sample: int = 200) -> dict:
+def image_sizes(folder: Path, sample: int = 200) -> dict:
     """Sizes read from file headers only (PIL's lazy open) of a fixed sample of the files."""
     from PIL import Image
 
+    from calibclust.io.images import discover_images
+
+    paths = list(discover_images(folder))
     chosen = paths if len(paths) <= sample else [paths[i] for i in np.linspace(0, len(paths) - 1, sample).astype(int)]
     widths, heights = [], []
-    for rel in chosen:
+    for path in chosen:
         try:
-            with Image.open(Path(root) / rel) as img:
+            with Image.open(path) as img:
                 widths.append(img.width)
                 heights.append(img.height)
         except Exception:  # noqa: BLE001 - unreadable files are listed by the decoder, not here
@@ -145,14 +148,20 @@ def _image_sizes(root: str, paths: list[str], sample: int = 200) -> dict:
             "min_aspect": float(aspect.min()), "max_aspect": float(aspect.max())}
 
 
-def make_plan(folder: str, data, heldout: np.ndarray, clusters: int, budget_minutes: float, device: str,
+def choose_resize(sizes: dict) -> str:
+    """``squash`` when every image has about the same shape (nothing is distorted relative to the
+    others), else ``letterbox``: it keeps each image whole and undistorted. Measured on digits pasted
+    at random places on canvases of random aspect ratio (RESIZE_MEASUREMENT in docs)."""
+    return "squash" if sizes["max_aspect"] / sizes["min_aspect"] <= 1.1 else "letterbox"
+
+
+def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int, budget_minutes: float, device: str,
               backbone_weights: str | None, heldout_fraction: float, seed: int) -> FitPlan:
     import torch
 
     from calibclust.precision import cpu_bf16_supported
 
     n_train = int((~heldout).sum())
-    sizes = _image_sizes(data.root, data.paths)
     threads = torch.get_num_threads()
     notes = []
     if device.startswith("cuda"):
@@ -175,14 +184,14 @@ def make_plan(folder: str, data, heldout: np.ndarray, clusters: int, budget_minu
     if short > 4 * INPUT_SIZE:
         notes.append(f"images (median short side {short} px) are resized to {INPUT_SIZE}×{INPUT_SIZE}: fine detail is lost; "
                      f"the small backbone at {INPUT_SIZE} px is what the budget on this machine allows")
-    if sizes["max_aspect"] / sizes["min_aspect"] > 1.5:
-        notes.append(f"aspect ratios vary ({sizes['min_aspect']:.2f}–{sizes['max_aspect']:.2f}); images are squashed to a "
-                     f"square, which changes shapes (center-crop / letterbox policies are not built yet)")
+    if data.resize == "squash" and sizes["max_aspect"] / sizes["min_aspect"] > 1.1:
+        notes.append(f"aspect ratios vary ({sizes['min_aspect']:.2f}–{sizes['max_aspect']:.2f}) and images are squashed to a "
+                     f"square, which changes shapes differently per image (--resize letterbox keeps them)")
     return FitPlan(
         folder=str(Path(folder).resolve()), clusters=clusters, n_images=len(data.paths), n_unreadable=len(data.unreadable),
         n_train=n_train, n_heldout=int(heldout.sum()), labelled=data.labels is not None, class_names=list(data.class_names),
         image_sizes=sizes, device=device, cpu_bf16=bool(cpu_bf16_supported()), threads=threads, backbone="small",
-        backbone_weights=backbone_weights, input_size=INPUT_SIZE, resize="squash",
+        backbone_weights=backbone_weights, input_size=INPUT_SIZE, resize=data.resize,
         pretrain_epochs=epochs, pretrain_batch=int(min(64, max(2, n_train // 2))), cdc_epochs=CDC_EPOCHS,
         cdc_batch=int(min(CDC_BATCH, n_train)),
         # Eq. 6's K-means over H prototypes needs at least H images; Tab. 6's H = 512 when there are.
@@ -257,13 +266,14 @@ def fit(
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
     seed: int = 0,
     progress: bool = True,
+    resize: str = "auto",
 ) -> FitResult:
     """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring)."""
     from calibclust.device import resolve_device
     from calibclust.train.cdc import TrainingData
 
     folder, out = Path(folder), Path(out)
-    _validate(folder, clusters, budget_minutes, heldout_fraction)
+    _validate(folder, clusters, budget_minutes, heldout_fraction, resize)
     run = FitRun(out)
     if run.exists() and not resume:
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
@@ -271,18 +281,23 @@ def fit(
         raise InputError(f"nothing to resume: {run.path} does not exist")
     started = time.perf_counter()
     print(f"[0/{len(STAGES)}] data: reading {folder}", flush=True)
-    data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress)
+    if resume:
+        run.load()
+        sizes, resize = run.record["plan"]["image_sizes"], run.record["plan"]["resize"]
+    else:
+        sizes = image_sizes(folder)
+        resize = choose_resize(sizes) if resize == "auto" else resize
+    data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress, resize=resize)
     heldout = heldout_mask(data.paths, heldout_fraction)
     device = str(resolve_device(device))
     if resume:
-        run.load()
         plan = FitPlan(**run.record["plan"])
         if (plan.clusters, plan.n_images, plan.seed) != (clusters, len(data.paths), seed):
             raise InputError(f"--resume with different settings or images: the run has {plan.clusters} clusters, "
                              f"{plan.n_images} images, seed {plan.seed}; now {clusters}, {len(data.paths)}, {seed}")
         print(f"resuming {out}: finished stages {', '.join(run.record['stages']) or 'none'}", flush=True)
     else:
-        plan = make_plan(str(folder), data, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed)
+        plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed)
         out.mkdir(parents=True, exist_ok=True)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
         run.save()
@@ -314,8 +329,12 @@ def fit(
     return FitResult(out, model_path, checkpoint, plan, run.record)
 
 
-def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float) -> None:
+def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float, resize: str) -> None:
+    from calibclust.metadata import RESIZE_POLICIES
+
     problems = []
+    if resize not in ("auto", *RESIZE_POLICIES):
+        problems.append(f"resize must be auto or one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
     if not folder.is_dir():
         problems.append(f"not a folder: {folder}")
     if not isinstance(clusters, (int, np.integer)) or clusters < 2:
@@ -549,6 +568,7 @@ def _escape(text: str) -> str:
 def fit_command(plan: FitPlan, out: Path) -> list[str]:
     argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters),
             "--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
+    argv += ["--resize", plan.resize]
     if plan.backbone_weights:
         argv += ["--backbone-weights", plan.backbone_weights]
     return argv
@@ -601,6 +621,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
     p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
                    help=f"share of the images kept out of training for the report (default {DEFAULT_HELDOUT_FRACTION:g})")
+    p.add_argument("--resize", default="auto", choices=("auto", "squash", "center-crop", "letterbox"),
+                   help="how images reach the input size: squash (stretch), center-crop, letterbox (fit + pad); "
+                        "auto = squash when all images share an aspect ratio, else letterbox (default auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -616,5 +639,5 @@ def _run_cli(args) -> int:
         torch.set_num_threads(args.threads)
     result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
                  backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, resize=args.resize)
     return EXIT_PARTIAL if result.run.get("unreadable") else EXIT_OK

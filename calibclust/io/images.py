@@ -9,8 +9,10 @@ Design choices (documented because training, export calibration and serving must
   transparency key) are alpha-composited onto a white background; 16-bit/32-bit integer and float
   greyscale are rescaled to 0–255 rather than clipped; CMYK goes through Pillow's conversion.
 * **Orientation** – the EXIF orientation tag is applied before anything else.
-* **Resize** – the whole image is resized to the model's H×W (no crop, aspect ratio not kept) with
-  Pillow's bilinear filter, which antialiases when shrinking. JPEGs are first decoded at a reduced
+* **Resize** – to the model's H×W with Pillow's bilinear filter, which antialiases when shrinking,
+  by the policy the model metadata names (:data:`RESIZE_POLICIES`): ``squash`` (the whole image,
+  aspect ratio not kept; the default and what models before the policy used), ``center-crop`` or
+  ``letterbox``. JPEGs are first decoded at a reduced
   scale (``Image.draft``) when much larger than the target, which is what makes 224-px serving fast.
 * **Fast JPEG path** – when the optional ``simplejpeg`` (libjpeg-turbo) is installed, plain YCbCr
   JPEGs of at least 16 px without an APP1 segment (EXIF/XMP, which may carry an orientation) are
@@ -34,6 +36,8 @@ from typing import BinaryIO, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from calibclust.metadata import RESIZE_POLICIES
 
 try:  # optional accelerator (extra "serve"); see "Fast JPEG path" above
     import simplejpeg as _simplejpeg
@@ -254,7 +258,7 @@ def _has_app1_segment(data: bytes) -> bool:
 
 
 def _decode_jpeg_fast(
-    source: ImageSource, size: tuple[int, int] | None, max_pixels: int
+    source: ImageSource, size: tuple[int, int] | None, max_pixels: int, resize: str = "squash"
 ) -> tuple[np.ndarray | None, bytes | None]:
     """(the fast path's array, or None when the file is not one it handles exactly like Pillow;
     the bytes it read from a path, or None) — Pillow then decodes those bytes, not the file again."""
@@ -286,7 +290,8 @@ def _decode_jpeg_fast(
     except Exception:  # truncated, corrupt, unsupported: Pillow decides and names the reason
         return None, read
     if size is not None and arr.shape[:2] != tuple(size):
-        arr = np.array(resize_image(arr, size), dtype=np.uint8)
+        # libjpeg's draft keeps both sides >= the target's, which every policy's region needs.
+        arr = np.array(resize_image(arr, size, resize), dtype=np.uint8)
     return np.ascontiguousarray(arr), read
 
 
@@ -329,8 +334,10 @@ def decode_image(
     size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    resize: str = "squash",
 ) -> np.ndarray:
-    """Decode one image to an ``(H, W, 3)`` uint8 RGB array, optionally resized to ``size=(H, W)``.
+    """Decode one image to an ``(H, W, 3)`` uint8 RGB array, optionally resized to ``size=(H, W)``
+    by the ``resize`` policy (:func:`resize_image`).
 
     Raises :class:`ImageDecodeError` for anything that is not a readable image within ``max_pixels``,
     and, for a path, for anything but a regular file of at most ``max_bytes`` (checked before reading).
@@ -341,7 +348,7 @@ def decode_image(
         # Read once, checked on the open file; both decoders below work on these bytes.
         read = _read_file(source, max_bytes)
     if _simplejpeg is not None:
-        fast, _ = _decode_jpeg_fast(read if read is not None else source, size, max_pixels)
+        fast, _ = _decode_jpeg_fast(read if read is not None else source, size, max_pixels, resize)
         if fast is not None:
             return fast
     if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
@@ -367,7 +374,7 @@ def decode_image(
                 img = ImageOps.exif_transpose(img)
                 img = _to_rgb(img)
                 if size is not None:
-                    img = resize_image(img, size)
+                    img = resize_image(img, size, resize)
                 return np.asarray(img, dtype=np.uint8).copy()
     except ImageDecodeError:
         raise
@@ -384,17 +391,38 @@ def decode_image(
         raise ImageDecodeError(name, f"unreadable image: {reason}") from None
 
 
-def resize_image(img: Image.Image | np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """Resize to ``size=(H, W)`` with Pillow's bilinear filter (antialiased when shrinking)."""
+def resize_image(img: Image.Image | np.ndarray, size: tuple[int, int], policy: str = "squash") -> Image.Image:
+    """Resize to ``size=(H, W)`` with Pillow's bilinear filter (antialiased when shrinking), by
+    ``policy``: ``squash`` stretches the whole image to the size; ``center-crop`` keeps the largest
+    central region of the target's aspect ratio; ``letterbox`` fits the whole image inside and pads
+    the rest with black. The model metadata names the policy, so training, export's parity check
+    and serving all resize the same way."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
     height, width = size
     if img.size == (width, height):
         return img
-    return img.resize((width, height), Image.BILINEAR)
+    if policy == "squash":
+        return img.resize((width, height), Image.BILINEAR)
+    w, h = img.size
+    if policy == "center-crop":
+        if w * height > h * width:  # wider than the target: crop the sides
+            crop_w = h * width / height
+            box = ((w - crop_w) / 2, 0, (w + crop_w) / 2, h)
+        else:
+            crop_h = w * height / width
+            box = (0, (h - crop_h) / 2, w, (h + crop_h) / 2)
+        return img.resize((width, height), Image.BILINEAR, box=box)
+    if policy == "letterbox":
+        scale = min(width / w, height / h)
+        inner = (max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale))))
+        canvas = Image.new("RGB", (width, height))
+        canvas.paste(img.convert("RGB").resize(inner, Image.BILINEAR), ((width - inner[0]) // 2, (height - inner[1]) // 2))
+        return canvas
+    raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
 
 
-def image_batch(images, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def image_batch(images, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "squash") -> np.ndarray:
     """What the Python API accepts as images → uint8 (N, H, W, 3) at ``size``: an array of any image
     size (each resized as above) or a sequence of paths (decoded; unreadable ones raise one
     ``InputError`` that counts them and names the first)."""
@@ -409,11 +437,11 @@ def image_batch(images, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIX
             raise InputError(f"images must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
         if images.shape[1:3] == size or len(images) == 0:
             return images
-        return np.stack([np.asarray(resize_image(img, size)) for img in images])
+        return np.stack([np.asarray(resize_image(img, size, resize)) for img in images])
     arrays, failed = [], []
     for path in images:
         try:
-            arrays.append(decode_image(path, size=size, max_pixels=max_pixels))
+            arrays.append(decode_image(path, size=size, max_pixels=max_pixels, resize=resize))
         except ImageDecodeError as err:
             failed.append(f"{os.fspath(path)}: {err.reason}")
     if failed:
@@ -421,15 +449,17 @@ def image_batch(images, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIX
     return np.stack(arrays) if arrays else np.zeros((0, *size, 3), np.uint8)
 
 
-def load_image(path: ImageSource, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(path: ImageSource, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+               resize: str = "squash") -> np.ndarray:
     """Decode and resize one file to ``(H, W, 3)`` uint8 (see :func:`decode_image`)."""
-    return decode_image(path, size=size, max_pixels=max_pixels)
+    return decode_image(path, size=size, max_pixels=max_pixels, resize=resize)
 
 
 def load_images(
     paths: Sequence[str | os.PathLike],
     size: tuple[int, int],
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize: str = "squash",
 ) -> tuple[np.ndarray, list[ImageDecodeError]]:
     """Decode many files into one ``(N_ok, H, W, 3)`` uint8 batch.
 
@@ -439,7 +469,7 @@ def load_images(
     arrays, errors = [], []
     for path in paths:
         try:
-            arrays.append(decode_image(path, size=size, max_pixels=max_pixels))
+            arrays.append(decode_image(path, size=size, max_pixels=max_pixels, resize=resize))
         except ImageDecodeError as err:
             errors.append(err)
     height, width = size

@@ -185,6 +185,7 @@ class TrainingData:
     class_names: list[str] = field(default_factory=list)
     root: str = ""
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    resize: str = "squash"  # how the files were brought to the image size (model metadata records it)
 
     def __post_init__(self):
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -203,9 +204,10 @@ class TrainingData:
         return int(self.images.shape[1]), int(self.images.shape[2])
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike, size: int | tuple[int, int], progress: bool = True) -> "TrainingData":
-        """Decode an image folder with the one decoder (:mod:`calibclust.io.images`); unreadable
-        files are skipped and listed. Class sub-folders give labels used for reporting only."""
+    def from_folder(cls, root: str | os.PathLike, size: int | tuple[int, int], progress: bool = True,
+                    resize: str = "squash") -> "TrainingData":
+        """Decode an image folder with the one decoder (:mod:`calibclust.io.images`, ``resize`` policy);
+        unreadable files are skipped and listed. Class sub-folders give labels used for reporting only."""
         from tqdm.auto import tqdm
 
         from calibclust.io.images import list_image_folder, load_images
@@ -220,7 +222,7 @@ class TrainingData:
         bar = tqdm(total=len(listing.paths), desc="decoding images", unit="img", disable=not progress)
         for start in range(0, len(listing.paths), chunk):
             part = listing.paths[start : start + chunk]
-            batch, errors = load_images(part, size)
+            batch, errors = load_images(part, size, resize=resize)
             bad = {e.path for e in errors}
             unreadable += [(e.path, e.reason) for e in errors]
             keep += [start + i for i, p in enumerate(part) if str(p) not in bad]
@@ -231,14 +233,15 @@ class TrainingData:
             raise InputError(f"none of the {len(listing.paths)} images under {root} could be read")
         rel = listing.relative_paths()
         labels = listing.labels[keep] if listing.has_labels else None
-        return cls(np.concatenate(arrays), [rel[i] for i in keep], labels, listing.class_names, str(root), unreadable)
+        return cls(np.concatenate(arrays), [rel[i] for i in keep], labels, listing.class_names, str(root), unreadable,
+                   resize)
 
     def subset(self, mask: np.ndarray) -> "TrainingData":
         """The images where ``mask`` (N,) is true, with their paths and labels."""
         idx = np.flatnonzero(mask)
         labels = None if self.labels is None else self.labels[idx]
         return TrainingData(self.images[idx], [self.paths[i] for i in idx], labels, self.class_names, self.root,
-                            self.unreadable)
+                            self.unreadable, self.resize)
 
 
 # --- backbones --------------------------------------------------------------------------------------
@@ -898,6 +901,7 @@ class CDCTrainer:
             mean=tuple(self.model.mean.flatten().tolist()),
             std=tuple(self.model.std.flatten().tolist()),
             method="cdc",
+            resize=self.data.resize,
             probs_head=self.model.predict_head,
             calibrated=self.dual,
             backbone=backbone_label(self.model.backbone),

@@ -600,7 +600,7 @@ def _heads_from_state(state, dim: int, config: SpiceConfig) -> HeadsResult:
                        list(meta.get("kept_epochs", [])))
 
 
-def spice_metadata(model: ClusteringModel, input_size, cluster_names=None, train_stats=None):
+def spice_metadata(model: ClusteringModel, input_size, cluster_names=None, train_stats=None, resize: str = "squash"):
     """Model metadata of a SPICE model: probs from the single head, not calibrated."""
     from calibclust.metadata import ModelMetadata
 
@@ -610,6 +610,7 @@ def spice_metadata(model: ClusteringModel, input_size, cluster_names=None, train
         mean=tuple(model.mean.flatten().tolist()),
         std=tuple(model.std.flatten().tolist()),
         method="spice",
+        resize=resize,
         cluster_names=list(cluster_names or []),
         probs_head="spice",
         calibrated=False,

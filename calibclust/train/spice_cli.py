@@ -309,7 +309,7 @@ def _save_spice(args, data, config, result, pretrained, clusters_choice=None) ->
              "reliable": result.reliable_report, "pretrained_backbone": pretrained}
     if clusters_choice:
         stats["clusters_choice"] = clusters_choice
-    meta = spice_metadata(result.model, data.image_size, train_stats=stats)
+    meta = spice_metadata(result.model, data.image_size, train_stats=stats, resize=data.resize)
     return save_model(result.model, Path(args.out) / "model", meta)
 
 
