@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from calibclust.errors import CalibclustError, InputError
+from calibclust.io.files import write_json_atomic
 
 OOD_LABELS = frozenset({"ood", "_ood"})
 MAX_EXAMPLES = 20  # paths listed per problem kind in metrics.json / report.html
@@ -186,12 +187,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def evaluate_predictions(
     pred_path: str | os.PathLike,
     truth: str | os.PathLike,
@@ -325,7 +320,7 @@ def evaluate_predictions(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, report_path = out_dir / "metrics.json", out_dir / "report.html"
-    _write_json_atomic(metrics_path, metrics)
+    write_json_atomic(metrics_path, metrics, allow_nan=False)
     _write_report(report_path, metrics, report, curve, y_true, y_pred, conf, correct,
                   class_names, cluster_names, ood_score, evaluated, is_ood)
     metrics["outputs"] = {"metrics": str(metrics_path), "report": str(report_path)}

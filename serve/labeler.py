@@ -45,7 +45,7 @@ class Labeler:
         allow_spinning: bool = True,
     ):
         self.model_path = Path(model_path)
-        self.backend_request = backend  # what label_folder asks the pipeline for
+        self.backend_request, self.threads = backend, threads  # what label_folder passes on
         if not self.model_path.is_file():
             raise InputError(f"model file not found: {self.model_path}")
         self.backend: Backend = create_backend(
@@ -132,8 +132,15 @@ class Labeler:
         ``target_accuracy``, ``coverage`` and ``confidence_threshold`` sets the rejection policy;
         ``options`` are :class:`calibclust.serve.pipeline.LabelOptions` fields (``resume``,
         ``overwrite``, ``top_k``, ``progress``, …). Returns its :class:`LabelResult`."""
+        import dataclasses
+
         from calibclust.serve.pipeline import LabelOptions, label_folder
 
+        allowed = {f.name for f in dataclasses.fields(LabelOptions)} - {"folder", "model", "out_dir", "backend", "policy"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise InputError(f"label_folder: unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
+        options.setdefault("threads", self.threads)
         chosen = [(k, v) for k, v in (("target_accuracy", target_accuracy), ("coverage", coverage),
                                       ("min_confidence", confidence_threshold)) if v is not None]
         if len(chosen) > 1:
@@ -162,8 +169,8 @@ class Labeler:
         target-accuracy policies are fitted on these files.
         """
         if isinstance(paths, (str, os.PathLike)):
-            raise InputError(f"label() takes a list of files; to label the folder {os.fspath(paths)!r} use "
-                             "label_folder(folder, out)")
+            raise InputError(f"label() takes a list of files, got the single path {os.fspath(paths)!r}: wrap one file "
+                             "in a list, or label a whole folder with label_folder(folder, out)")
         paths = [os.fspath(p) for p in paths]
         batch_size = batch_size or self.batch_size
         n = len(paths)

@@ -49,8 +49,9 @@ from calibclust.serve.policy import (
     ood_threshold_for,
     target_accuracy_threshold,
 )
-from calibclust.serve.resume import Journal, PartBuffer, ResumeError, RunLock, atomic_write_text, file_sha256
+from calibclust.serve.resume import Journal, PartBuffer, ResumeError, RunLock, file_sha256
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL
+from calibclust.io.files import atomic_write_text, json_default
 
 TABLE_STEM = "predictions"
 PREFETCH_BYTES = 1 << 30  # decoded batches waiting for inference, at most (but always 2 batches)
@@ -634,7 +635,7 @@ def finalise(
                                      thumbnails=thumbnails.lookup() if thumbnails is not None else None,
                                      max_pixels=opts.max_pixels)
         summary["report"] = {"thumbnails_decoded_again": decoded_again}
-    atomic_write_text(Path(opts.out_dir) / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    atomic_write_text(Path(opts.out_dir) / "summary.json", json.dumps(summary, indent=2, default=json_default))
     # An --overwrite in another format must not leave the previous run's table beside this one.
     for other in OUTPUT_FILES:
         if other.startswith(TABLE_STEM) and other != table.name:
@@ -644,13 +645,3 @@ def finalise(
     if not opts.write_embeddings:
         (Path(opts.out_dir) / EMBEDDINGS_FILE).unlink(missing_ok=True)
     return LabelResult(exit_code, table, summary)
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return None if not math.isfinite(value) else float(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from calibclust.errors import CalibclustError
+from calibclust.io.files import atomic_write_text
 
 JOURNAL_DIR = ".calibclust-label"
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.npz$")
@@ -46,22 +47,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return "sha256:" + h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file + rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class RunLock:

@@ -39,13 +39,14 @@ def test_fit_cli_on_mixed_size_jpegs_writes_a_model_that_labels_a_new_folder(cli
     proc, out = cli_run
     # 3 unreadable files: the run finishes, and says so with exit code 3 (ARCHITECTURE: some inputs failed).
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "plan for" in proc.stdout and "held out" in proc.stdout and "resize: squash" in proc.stdout
-    assert "aspect ratios vary" in proc.stdout, proc.stdout
+    # Aspect ratios from 0.6 to 1.6: the plan letterboxes (keeps each image whole and undistorted).
+    assert "plan for" in proc.stdout and "held out" in proc.stdout and "resize: letterbox" in proc.stdout, proc.stdout
     assert "skipped 3 unreadable" in proc.stderr
     for name in ("model.onnx", "model-base.onnx", "report.html", "run.json", "commands.sh"):
         assert (out / name).is_file(), name
     run = json.loads((out / "run.json").read_text())
     plan = run["plan"]
+    assert plan["resize"] == "letterbox" and "--resize letterbox" in (out / "commands.sh").read_text()
     assert plan["n_images"] == 3 * 45 and plan["n_unreadable"] == 3 and len(run["unreadable"]) == 3
     assert plan["n_heldout"] + plan["n_train"] == plan["n_images"] and 3 <= plan["n_heldout"] <= 30, plan
     # The pretraining is sized to the budget: as many epochs as the measured cost per image allows.
@@ -79,6 +80,9 @@ def test_fit_refuses_an_existing_run_and_bad_settings(cli_run, mixed_folders, tm
         fit_module.fit(train, out, CLASSES)
     with pytest.raises(calibclust.InputError, match="nothing to resume"):
         fit_module.fit(train, tmp_path / "new", CLASSES, resume=True)
+    with pytest.raises(calibclust.InputError, match="training images for 200 clusters"):
+        fit_module.fit(train, tmp_path / "few", 200)
+    assert not (tmp_path / "few").exists(), "a refused run leaves nothing that blocks the next try"
     with pytest.raises(calibclust.InputError) as err:
         fit_module.fit(tmp_path / "missing", tmp_path / "x", 1, budget_minutes=0, heldout_fraction=0.7)
     message = str(err.value)  # every problem at once
@@ -87,10 +91,10 @@ def test_fit_refuses_an_existing_run_and_bad_settings(cli_run, mixed_folders, tm
 
 def test_heldout_split_is_stable_and_about_the_fraction():
     paths = [f"class{i % 7}/img{i}.jpg" for i in range(5000)]
-    mask = fit_module.heldout_mask(paths, 0.1)
+    mask = fit_module.heldout_by_path_hash(paths, 0.1)
     assert 0.085 < mask.mean() < 0.115, mask.mean()
     shuffled = list(reversed(paths))
-    again = dict(zip(shuffled, fit_module.heldout_mask(shuffled, 0.1)))
+    again = dict(zip(shuffled, fit_module.heldout_by_path_hash(shuffled, 0.1)))
     assert all(again[p] == m for p, m in zip(paths, mask)), "the split does not depend on listing order"
 
 

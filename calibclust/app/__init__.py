@@ -74,14 +74,17 @@ class FittedModel:
         """Export the checkpoint to a contract ONNX file at ``path`` (the OOD threshold refitted on the
         run's training split); ``int8`` also writes ``<path stem>.int8.onnx`` when its gate passes
         (``QuantizationError`` otherwise). Returns the export result."""
-        from calibclust.app.fitting import heldout_mask
+        from calibclust.app.fitting import heldout_by_path_hash
         from calibclust.export.int8 import Int8Config, quantize_int8
         from calibclust.export.onnx import OnnxExportConfig, export_onnx
         from calibclust.train.cdc import TrainingData
 
+        target = Path(path).resolve()
+        if target.parent == self.out.resolve() and target.name.startswith(("model.", "model-base.")):
+            raise InputError(f"{path} is this run's own model; export to another path")
         model, metadata = self._model()
         data = TrainingData.from_folder(self.plan.folder, self.plan.input_size, progress=False, resize=self.plan.resize)
-        train = data.subset(~heldout_mask(data.paths, self.plan.heldout_fraction))
+        train = data.subset(~heldout_by_path_hash(data.paths, self.plan.heldout_fraction))
         result = export_onnx(model, metadata, train.images, path, OnnxExportConfig(seed=self.plan.seed), log=lambda m: None)
         if int8:
             quantize_int8(result.path, result.path.with_suffix(".int8.onnx"), result.train_images,

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, InputError
+from calibclust.io.files import atomic_write_text, write_json_atomic
 
 RUN_FORMAT = "calibclust-fit/1"
 DEFAULT_BUDGET_MINUTES = 10.0
@@ -54,6 +55,9 @@ CPU_SECONDS_PER_IMAGE_EPOCH_2_THREADS = 0.001
 # The same run after pretraining: CDC on the frozen backbone (8 cached views, 40 epochs) 27 s,
 # export with its parity and INT8 gates 6 s, exemplars and evaluation 1 s, for 1,797 images.
 CPU_SECONDS_AFTER_PRETRAIN_PER_IMAGE = 0.016
+# Pretraining without native bf16 (fp32), relative to the bf16 figure above: measured side by side
+# on this machine with autocast off (FP32_MEASUREMENT below).
+CPU_FP32_SLOWDOWN = 2.0
 FIXED_SECONDS = 10.0
 MIN_PRETRAIN_EPOCHS, MAX_PRETRAIN_EPOCHS = 5, 200
 # The quick start's CDC settings (measured there on digits: ACC ~0.8, CDC-Cal ECE ~0.05).
@@ -90,6 +94,7 @@ class FitPlan:
     estimated_minutes: float
     heldout_fraction: float
     seed: int
+    files_digest: str  # of the readable files' relative paths: --resume refuses other files
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -114,13 +119,17 @@ class FitPlan:
         return "\n".join(lines)
 
 
-def heldout_mask(paths: list[str], fraction: float) -> np.ndarray:
+def heldout_by_path_hash(paths: list[str], fraction: float) -> np.ndarray:
     """True for the held-out files: a hash of each relative path below ``fraction`` (stable across
     runs, listing order and added files; about ``fraction`` of any folder)."""
     def unit(path: str) -> float:
         return int.from_bytes(hashlib.sha1(path.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
     return np.array([unit(p) < fraction for p in paths], dtype=bool)
+
+
+def files_digest(paths: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(paths)).encode("utf-8")).hexdigest()
 
 
 def image_sizes(folder: Path, sample: int = 200) -> dict:
@@ -155,6 +164,12 @@ def choose_resize(sizes: dict) -> str:
     return "squash" if sizes["max_aspect"] / sizes["min_aspect"] <= 1.1 else "letterbox"
 
 
+def _absolute(weights: str | None) -> str | None:
+    """A weights path made absolute (so commands.sh and --resume work from anywhere); other
+    specifications (``torchvision:...``) as given."""
+    return str(Path(weights).resolve()) if weights and Path(weights).exists() else weights
+
+
 def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int, budget_minutes: float, device: str,
               backbone_weights: str | None, heldout_fraction: float, seed: int) -> FitPlan:
     import torch
@@ -164,12 +179,17 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
     n_train = int((~heldout).sum())
     threads = torch.get_num_threads()
     notes = []
+    bf16 = bool(cpu_bf16_supported())
     if device.startswith("cuda"):
-        # Not measured on a GPU here: the small backbone at 32 px is far below a GPU's budget, so
-        # the cap decides.
         per_epoch = 0.0
+        notes.append(f"the budget is not enforced on a GPU (its pretraining cost is not measured here): "
+                     f"{MAX_PRETRAIN_EPOCHS} epochs, the cap")
     else:
-        per_epoch = n_train * CPU_SECONDS_PER_IMAGE_EPOCH_2_THREADS * 2 / max(1, threads)
+        # Measured on 2 cores only; more threads are not assumed to help (small batches of 32 px
+        # images scale poorly), so a larger machine finishes early rather than late.
+        per_epoch = n_train * CPU_SECONDS_PER_IMAGE_EPOCH_2_THREADS * 2 / min(2, max(1, threads))
+        if not bf16:
+            per_epoch *= CPU_FP32_SLOWDOWN
     after = FIXED_SECONDS + CPU_SECONDS_AFTER_PRETRAIN_PER_IMAGE * len(data.paths) * (0.1 if device.startswith("cuda") else 1)
     if backbone_weights:
         epochs = 0
@@ -190,13 +210,14 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
     return FitPlan(
         folder=str(Path(folder).resolve()), clusters=clusters, n_images=len(data.paths), n_unreadable=len(data.unreadable),
         n_train=n_train, n_heldout=int(heldout.sum()), labelled=data.labels is not None, class_names=list(data.class_names),
-        image_sizes=sizes, device=device, cpu_bf16=bool(cpu_bf16_supported()), threads=threads, backbone="small",
-        backbone_weights=backbone_weights, input_size=INPUT_SIZE, resize=data.resize,
+        image_sizes=sizes, device=device, cpu_bf16=bf16, threads=threads, backbone="small",
+        backbone_weights=_absolute(backbone_weights), input_size=INPUT_SIZE, resize=data.resize,
         pretrain_epochs=epochs, pretrain_batch=int(min(64, max(2, n_train // 2))), cdc_epochs=CDC_EPOCHS,
         cdc_batch=int(min(CDC_BATCH, n_train)),
         # Eq. 6's K-means over H prototypes needs at least H images; Tab. 6's H = 512 when there are.
         cdc_hidden=int(min(CDC_HIDDEN, 2 ** int(np.log2(n_train)))), budget_minutes=float(budget_minutes),
-        estimated_minutes=(epochs * per_epoch + after) / 60, heldout_fraction=float(heldout_fraction), seed=seed, notes=notes,
+        estimated_minutes=(epochs * per_epoch + after) / 60, heldout_fraction=float(heldout_fraction), seed=seed,
+        files_digest=files_digest(data.paths), notes=notes,
     )
 
 
@@ -219,9 +240,7 @@ class FitRun:
         self.record = record
 
     def save(self) -> None:
-        from calibclust.serve.resume import atomic_write_text
-
-        atomic_write_text(self.path, json.dumps(self.record, indent=2, default=_json_default))
+        write_json_atomic(self.path, self.record)
 
     def done(self, stage: str) -> bool:
         return stage in self.record["stages"]
@@ -229,16 +248,6 @@ class FitRun:
     def finish(self, stage: str, seconds: float, **info) -> None:
         self.record["stages"][stage] = {"seconds": round(seconds, 2), **info}
         self.save()
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 @dataclass
@@ -281,35 +290,42 @@ def fit(
         raise InputError(f"nothing to resume: {run.path} does not exist")
     started = time.perf_counter()
     print(f"[0/{len(STAGES)}] data: reading {folder}", flush=True)
+    device = str(resolve_device(device))
     if resume:
+        # The run's own plan decides the split, resize policy and sizes; only the device may change.
         run.load()
-        sizes, resize = run.record["plan"]["image_sizes"], run.record["plan"]["resize"]
+        plan = FitPlan(**run.record["plan"])
+        data = TrainingData.from_folder(folder, plan.input_size, progress=progress, resize=plan.resize)
+        found = (plan.clusters, plan.seed, files_digest(data.paths))
+        if found != (clusters, seed, plan.files_digest):
+            raise InputError(f"--resume with other settings or files: the run has {plan.clusters} clusters, seed "
+                             f"{plan.seed} and {plan.n_images} readable files; now {clusters} clusters, seed {seed} and "
+                             f"{len(data.paths)} readable files" + ("" if len(data.paths) != plan.n_images else " (not the same ones)"))
+        if device != plan.device:
+            print(f"note: the run was planned for {plan.device}; it continues on {device}", flush=True)
+            plan.device = device
+        print(f"resuming {out}: finished stages {', '.join(run.record['stages']) or 'none'} "
+              f"(the saved plan is kept: its budget, split and resize policy)", flush=True)
+        heldout = heldout_by_path_hash(data.paths, plan.heldout_fraction)
     else:
         sizes = image_sizes(folder)
         resize = choose_resize(sizes) if resize == "auto" else resize
-    data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress, resize=resize)
-    heldout = heldout_mask(data.paths, heldout_fraction)
-    device = str(resolve_device(device))
-    if resume:
-        plan = FitPlan(**run.record["plan"])
-        if (plan.clusters, plan.n_images, plan.seed) != (clusters, len(data.paths), seed):
-            raise InputError(f"--resume with different settings or images: the run has {plan.clusters} clusters, "
-                             f"{plan.n_images} images, seed {plan.seed}; now {clusters}, {len(data.paths)}, {seed}")
-        print(f"resuming {out}: finished stages {', '.join(run.record['stages']) or 'none'}", flush=True)
-    else:
+        data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress, resize=resize)
+        heldout = heldout_by_path_hash(data.paths, heldout_fraction)
+        n_train = int((~heldout).sum())
+        if n_train < max(20, 2 * clusters):  # before anything is written: a new try needs no clean-up
+            raise InputError(f"{n_train} training images for {clusters} clusters; fit needs at least "
+                             f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
         plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed)
         out.mkdir(parents=True, exist_ok=True)
+        _write_commands(out, plan)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
         run.save()
-        _write_commands(out, plan)
     print(plan.describe(), flush=True)
     if data.unreadable:
         print(f"warning: skipped {len(data.unreadable)} unreadable file(s), e.g. {data.unreadable[0][0]}: "
               f"{data.unreadable[0][1]} (all listed in run.json)", file=sys.stderr)
     train, held = data.subset(~heldout), data.subset(heldout)
-    if train.num_images < max(20, 2 * clusters):
-        raise InputError(f"{train.num_images} training images for {clusters} clusters; fit needs at least "
-                         f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
 
     _progress(1, "pretrain", started, plan)
     backbone, info = _pretrain_stage(run, plan, train, progress)
@@ -442,54 +458,56 @@ def _exemplars_stage(run: FitRun, plan: FitPlan, train, base: Path) -> Path:
 
 
 def _evaluate_stage(run: FitRun, plan: FitPlan, held, checkpoint: Path, model_path: Path) -> None:
-    """The held-out split through the exported model (and both heads of the checkpoint)."""
-    from calibclust.metrics import clustering_report
+    """The held-out split through the exported model (and both heads of the checkpoint). The report
+    is written before the stage is recorded as done, so a resumed run never lacks it."""
+    import torch
+
     from calibclust.models.clustering import load_model
     from calibclust.serve.labeler import Labeler
-    from calibclust.train.cdc import embed_images, head_probabilities
+    from calibclust.train.cdc import embed_images, head_probabilities, head_report
 
     if run.done("evaluate"):
         return
     start = time.perf_counter()
-    if held.num_images == 0:
-        run.finish("evaluate", time.perf_counter() - start, heldout={"n": 0})
-        write_report(run.out, run.record, None, None)
-        return
-    labeler = Labeler(model_path)
-    meta = labeler.metadata
-    out = labeler.predict(held.images, ("probs", "confidence", "label", "ood_score"))
-    model, _ = load_model(checkpoint)
-    z = embed_images(model, held.images)
-    clu = head_probabilities(model, z, "clustering").numpy()
-    cal_torch = head_probabilities(model, z, "calibration").numpy()
-    ood = out["ood_score"] > meta.ood.threshold
-    accepted = ~ood & (out["confidence"] >= meta.confidence_threshold)
-    sizes = np.bincount(out["label"], minlength=meta.num_clusters)
-    # Label-free: what a user without labels can still check on images the model never trained on.
-    heldout = {
-        "n": int(held.num_images),
-        "mean_confidence": float(out["confidence"].mean()),
-        "accepted_share": float(accepted.mean()),
-        "confidence_threshold": float(meta.confidence_threshold),
-        "ood_share": float(ood.mean()),
-        "cluster_share_min": float(sizes.min() / len(out["label"])),
-        "cluster_share_max": float(sizes.max() / len(out["label"])),
-        "empty_clusters": int((sizes == 0).sum()),
-        "heads_agree": float((clu.argmax(1) == out["label"]).mean()),
-        "onnx_torch_label_agreement": float((cal_torch.argmax(1) == out["label"]).mean()),
-    }
-    reports = {}
-    if held.labels is not None:
-        for name, probs in (("CDC-Clu", clu), ("CDC-Cal", out["probs"])):
-            rep = clustering_report(held.labels, probs.argmax(1), probs.max(1))
-            heldout[name] = {"acc": rep.acc, "nmi": rep.nmi, "ari": rep.ari, "ece": rep.calibration.ece,
-                             "aurc": rep.rejection.aurc}
-            reports[name] = rep
-        correct = reports["CDC-Cal"].mapping
-        mapped = np.array([correct.get(int(c), -1) for c in out["label"]])
-        heldout["accepted_accuracy"] = float((mapped[accepted] == held.labels[accepted]).mean()) if accepted.any() else None
-    run.finish("evaluate", time.perf_counter() - start, heldout=heldout)
-    write_report(run.out, run.record, reports.get("CDC-Cal"), (held, out))
+    heldout, reports, outputs = {"n": int(held.num_images)}, {}, None
+    if held.num_images:
+        labeler = Labeler(model_path)
+        meta = labeler.metadata
+        step = labeler.batch_size
+        parts = [labeler.predict(held.images[i : i + step], ("probs", "confidence", "label", "ood_score"))
+                 for i in range(0, held.num_images, step)]
+        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        model, _ = load_model(checkpoint)
+        z = embed_images(model, held.images)
+        clu = head_probabilities(model, z, "clustering")
+        cal_torch = head_probabilities(model, z, "calibration")
+        ood = outputs["ood_score"] > meta.ood.threshold
+        accepted = ~ood & (outputs["confidence"] >= meta.confidence_threshold)
+        sizes = np.bincount(outputs["label"], minlength=meta.num_clusters)
+        # Label-free: what a user without labels can still check on images the model never trained on.
+        heldout.update(
+            mean_confidence=float(outputs["confidence"].mean()),
+            accepted_share=float(accepted.mean()),
+            confidence_threshold=float(meta.confidence_threshold),
+            ood_share=float(ood.mean()),
+            cluster_share_min=float(sizes.min() / held.num_images),
+            cluster_share_max=float(sizes.max() / held.num_images),
+            empty_clusters=int((sizes == 0).sum()),
+            heads_agree=float((clu.argmax(1).numpy() == outputs["label"]).mean()),
+            onnx_torch_label_agreement=float((cal_torch.argmax(1).numpy() == outputs["label"]).mean()),
+        )
+        if held.labels is not None:
+            for name, probs in (("CDC-Clu", clu), ("CDC-Cal", torch.from_numpy(outputs["probs"]))):
+                reports[name] = head_report(probs, held.labels, reliability=True)
+                heldout[name] = {k: reports[name][k] for k in ("acc", "nmi", "ari", "ece", "aurc")}
+            mapping = reports["CDC-Cal"]["mapping"]
+            mapped = np.array([mapping.get(str(int(c)), -1) for c in outputs["label"]])
+            heldout["accepted_accuracy"] = (float((mapped[accepted] == held.labels[accepted]).mean())
+                                            if accepted.any() else None)
+    stage = {"seconds": round(time.perf_counter() - start, 2), "heldout": heldout}
+    record = {**run.record, "stages": {**run.record["stages"], "evaluate": stage}}
+    write_report(run.out, record, reports.get("CDC-Cal"), (held, outputs) if outputs is not None else None)
+    run.finish("evaluate", stage["seconds"], heldout=heldout)
 
 
 def format_summary(record: dict) -> str:
@@ -541,8 +559,7 @@ def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -
     else:
         report.add_warning("No image was held out; nothing was measured on unseen images.")
     if calibration_report is not None:
-        cal = calibration_report.calibration
-        report.add_figure(plot_reliability_diagram(CalibrationResult(**cal.to_dict()), title=None),
+        report.add_figure(plot_reliability_diagram(CalibrationResult(**calibration_report["calibration"]), title=None),
                           alt="reliability diagram", caption="CDC-Cal (the exported model) on the held-out images")
     if heldout_outputs is not None:
         held, outputs = heldout_outputs
@@ -585,7 +602,7 @@ def _write_commands(out: Path, plan: FitPlan) -> None:
         f"# try it in a browser:\n# calibclust demo --model {shlex.quote(str(model))}\n"
     )
     path = out / "commands.sh"
-    path.write_text(text)
+    atomic_write_text(path, text)
     path.chmod(0o755)
 
 

@@ -424,8 +424,8 @@ def resize_image(img: Image.Image | np.ndarray, size: tuple[int, int], policy: s
 
 def image_batch(images, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "squash") -> np.ndarray:
     """What the Python API accepts as images → uint8 (N, H, W, 3) at ``size``: an array of any image
-    size (each resized as above) or a sequence of paths (decoded; unreadable ones raise one
-    ``InputError`` that counts them and names the first)."""
+    size (each resized by ``resize``), or a sequence of paths (decoded; unreadable ones raise one
+    ``InputError`` that counts them and names the first) and/or uint8 (H, W, 3) arrays."""
     from calibclust.errors import InputError
 
     size = tuple(size)
@@ -439,11 +439,16 @@ def image_batch(images, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIX
             return images
         return np.stack([np.asarray(resize_image(img, size, resize)) for img in images])
     arrays, failed = [], []
-    for path in images:
+    for item in images:
+        if isinstance(item, np.ndarray):  # a list of arrays of different sizes (a notebook's usual input)
+            if item.dtype != np.uint8 or item.ndim != 3 or item.shape[-1] != 3:
+                raise InputError(f"each image array must be uint8 (H, W, 3); got {item.dtype} {item.shape}")
+            arrays.append(np.asarray(resize_image(item, size, resize)))
+            continue
         try:
-            arrays.append(decode_image(path, size=size, max_pixels=max_pixels, resize=resize))
+            arrays.append(decode_image(item, size=size, max_pixels=max_pixels, resize=resize))
         except ImageDecodeError as err:
-            failed.append(f"{os.fspath(path)}: {err.reason}")
+            failed.append(f"{os.fspath(item)}: {err.reason}")
     if failed:
         raise InputError(f"{len(failed)} image(s) could not be read, e.g. {failed[0]}")
     return np.stack(arrays) if arrays else np.zeros((0, *size, 3), np.uint8)

@@ -425,7 +425,9 @@ def embed_images(model: ClusteringModel, images: np.ndarray, batch_size: int = 5
     return torch.cat(out) if out else torch.zeros(0, model.feature_dim, device=device)
 
 
-def _head_report(probs: torch.Tensor, labels: np.ndarray | None) -> dict:
+def head_report(probs: torch.Tensor, labels: np.ndarray | None, reliability: bool = False) -> dict:
+    """Cluster sizes and mean confidence of one head's probabilities; with ``labels``, ACC / NMI /
+    ARI / ECE / AURC and the Hungarian map (and with ``reliability`` the reliability-diagram bins)."""
     conf, pred = probs.max(1)
     report = {
         "cluster_sizes": torch.bincount(pred, minlength=probs.shape[1]).tolist(),
@@ -435,7 +437,10 @@ def _head_report(probs: torch.Tensor, labels: np.ndarray | None) -> dict:
         from calibclust.metrics import clustering_report
 
         r = clustering_report(labels, pred.numpy(), conf.double().clamp(0, 1).numpy())
-        report.update(acc=r.acc, nmi=r.nmi, ari=r.ari, ece=r.calibration.ece, mapping={str(k): v for k, v in r.mapping.items()})
+        report.update(acc=r.acc, nmi=r.nmi, ari=r.ari, ece=r.calibration.ece, aurc=r.rejection.aurc,
+                      mapping={str(k): v for k, v in r.mapping.items()})
+        if reliability:
+            report["calibration"] = r.calibration.to_dict()
     return report
 
 
@@ -687,7 +692,7 @@ class CDCTrainer:
                                   "scored_on": "training images" if self.eval_data is None else "held-out images"}
         heads = {}
         for name in self.model.head_names:
-            heads[name] = _head_report(head_probabilities(self.model, z, name), labels)
+            heads[name] = head_report(head_probabilities(self.model, z, name), labels)
         record["heads"] = heads
         if stats is not None:
             seen = max(1, stats["seen"])
