@@ -99,13 +99,13 @@ class FittedModel:
 def fit(folder: str | os.PathLike, out: str | os.PathLike, clusters: int, budget_minutes: float = DEFAULT_BUDGET_MINUTES,
         device: str = "auto", resume: bool = False, backbone_weights: str | None = None,
         heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, progress: bool = True,
-        resize: str = "auto") -> FittedModel:
+        resize: str = "auto", pretrain_epochs: int | None = None) -> FittedModel:
     """``calibclust fit`` from Python (same stages, same outputs): returns the :class:`FittedModel`."""
     from calibclust.app.fitting import fit as run_fit
 
     result = run_fit(folder, out, clusters, budget_minutes=budget_minutes, device=device, resume=resume,
                      backbone_weights=backbone_weights, heldout_fraction=heldout_fraction, seed=seed, progress=progress,
-                     resize=resize)
+                     resize=resize, pretrain_epochs=pretrain_epochs)
     return FittedModel(result.out)
 
 

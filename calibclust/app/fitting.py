@@ -171,7 +171,7 @@ def _absolute(weights: str | None) -> str | None:
 
 
 def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int, budget_minutes: float, device: str,
-              backbone_weights: str | None, heldout_fraction: float, seed: int) -> FitPlan:
+              backbone_weights: str | None, heldout_fraction: float, seed: int, pretrain_epochs: int | None = None) -> FitPlan:
     import torch
 
     from calibclust.precision import cpu_bf16_supported
@@ -193,6 +193,9 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
     after = FIXED_SECONDS + CPU_SECONDS_AFTER_PRETRAIN_PER_IMAGE * len(data.paths) * (0.1 if device.startswith("cuda") else 1)
     if backbone_weights:
         epochs = 0
+    elif pretrain_epochs is not None:
+        epochs = int(pretrain_epochs)
+        notes.append(f"{epochs} pretraining epochs as asked (--pretrain-epochs), whatever the budget")
     else:
         available = budget_minutes * 60 - after
         epochs = MAX_PRETRAIN_EPOCHS if per_epoch == 0 else int(available // per_epoch)
@@ -276,13 +279,14 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     resize: str = "auto",
+    pretrain_epochs: int | None = None,
 ) -> FitResult:
     """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring)."""
     from calibclust.device import resolve_device
     from calibclust.train.cdc import TrainingData
 
     folder, out = Path(folder), Path(out)
-    _validate(folder, clusters, budget_minutes, heldout_fraction, resize)
+    _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs)
     run = FitRun(out)
     if run.exists() and not resume:
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
@@ -316,7 +320,8 @@ def fit(
         if n_train < max(20, 2 * clusters):  # before anything is written: a new try needs no clean-up
             raise InputError(f"{n_train} training images for {clusters} clusters; fit needs at least "
                              f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
-        plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed)
+        plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed,
+                         pretrain_epochs)
         out.mkdir(parents=True, exist_ok=True)
         _write_commands(out, plan)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
@@ -345,7 +350,8 @@ def fit(
     return FitResult(out, model_path, checkpoint, plan, run.record)
 
 
-def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float, resize: str) -> None:
+def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float, resize: str,
+              pretrain_epochs: int | None = None) -> None:
     from calibclust.metadata import RESIZE_POLICIES
 
     problems = []
@@ -355,6 +361,8 @@ def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: f
         problems.append(f"not a folder: {folder}")
     if not isinstance(clusters, (int, np.integer)) or clusters < 2:
         problems.append(f"clusters must be an integer >= 2, got {clusters!r}")
+    if pretrain_epochs is not None and not (isinstance(pretrain_epochs, (int, np.integer)) and pretrain_epochs >= 1):
+        problems.append(f"pretrain epochs must be an integer >= 1, got {pretrain_epochs!r}")
     if not budget_minutes > 0:
         problems.append(f"budget must be > 0 minutes, got {budget_minutes}")
     if not 0 < heldout_fraction < 0.5:
@@ -586,8 +594,8 @@ def fit_command(plan: FitPlan, out: Path) -> list[str]:
     argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters),
             "--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
     argv += ["--resize", plan.resize]
-    if plan.backbone_weights:
-        argv += ["--backbone-weights", plan.backbone_weights]
+    # The epochs the plan chose, so the same run repeats on a machine of another speed.
+    argv += ["--backbone-weights", plan.backbone_weights] if plan.backbone_weights else ["--pretrain-epochs", str(plan.pretrain_epochs)]
     return argv
 
 
@@ -636,6 +644,7 @@ def register_cli(subparsers) -> None:
                    help=f"time to aim for on this machine; sizes the pretraining (default {DEFAULT_BUDGET_MINUTES:g}, "
                         "sized for 2 CPU cores)")
     p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
+    p.add_argument("--pretrain-epochs", type=int, metavar="N", help="MoCo-v2 epochs, instead of sizing them to --budget")
     p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
                    help=f"share of the images kept out of training for the report (default {DEFAULT_HELDOUT_FRACTION:g})")
     p.add_argument("--resize", default="auto", choices=("auto", "squash", "center-crop", "letterbox"),
@@ -656,5 +665,5 @@ def _run_cli(args) -> int:
         torch.set_num_threads(args.threads)
     result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
                  backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
-                 progress=not args.no_progress, resize=args.resize)
+                 progress=not args.no_progress, resize=args.resize, pretrain_epochs=args.pretrain_epochs)
     return EXIT_PARTIAL if result.run.get("unreadable") else EXIT_OK
