@@ -39,14 +39,14 @@ def test_fit_cli_on_mixed_size_jpegs_writes_a_model_that_labels_a_new_folder(cli
     proc, out = cli_run
     # 3 unreadable files: the run finishes, and says so with exit code 3 (ARCHITECTURE: some inputs failed).
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # Aspect ratios from 0.6 to 1.6: the plan letterboxes (keeps each image whole and undistorted).
-    assert "plan for" in proc.stdout and "held out" in proc.stdout and "resize: letterbox" in proc.stdout, proc.stdout
+    # Aspect ratios from 0.6 to 1.6: the plan crops the centre (the measured best of the three policies).
+    assert "plan for" in proc.stdout and "held out" in proc.stdout and "resize: center-crop" in proc.stdout, proc.stdout
     assert "skipped 3 unreadable" in proc.stderr
     for name in ("model.onnx", "model-base.onnx", "report.html", "run.json", "commands.sh"):
         assert (out / name).is_file(), name
     run = json.loads((out / "run.json").read_text())
     plan = run["plan"]
-    assert plan["resize"] == "letterbox" and "--resize letterbox" in (out / "commands.sh").read_text()
+    assert plan["resize"] == "center-crop" and "--resize center-crop" in (out / "commands.sh").read_text()
     assert plan["n_images"] == 3 * 45 and plan["n_unreadable"] == 3 and len(run["unreadable"]) == 3
     assert plan["n_heldout"] + plan["n_train"] == plan["n_images"] and 3 <= plan["n_heldout"] <= 30, plan
     # The pretraining is sized to the budget: as many epochs as the measured cost per image allows.
