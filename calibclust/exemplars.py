@@ -269,11 +269,13 @@ def build_exemplars(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     display_paths: Sequence[str] | None = None,
     info: dict | None = None,
+    resize: str = "squash",
 ) -> tuple[Exemplars, list[ImageDecodeError]]:
     """Pick each cluster's ``per_cluster`` most typical images by the caller's ``score`` and
     decode them as thumbnails with THE decoder. A chosen file that cannot be read is replaced by
     the next candidate of its cluster; the errors are returned. ``display_paths`` (default:
-    ``paths``) is what the sidecar records as each thumbnail's source."""
+    ``paths``) is what the sidecar records as each thumbnail's source; ``resize`` is the model's
+    policy, so a thumbnail shows what the model saw."""
     paths = [os.fspath(p) for p in paths]
     cluster = np.asarray(cluster, np.int64)
     score = np.asarray(score, np.float64)
@@ -288,7 +290,7 @@ def build_exemplars(
             if kept == per_cluster:
                 break
             try:
-                images.append(decode_image(paths[i], size=tuple(thumbnail_size), max_pixels=max_pixels))
+                images.append(decode_image(paths[i], size=tuple(thumbnail_size), max_pixels=max_pixels, resize=resize))
             except ImageDecodeError as err:
                 errors.append(err)
                 continue

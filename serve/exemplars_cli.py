@@ -136,6 +136,7 @@ def run(args) -> int:
         paths, cluster, score, labeler.num_clusters, size, per_cluster=args.per_cluster,
         score_name="confidence", max_pixels=labeler.max_pixels, display_paths=shown,
         info={"source_folder": str(folder.resolve()), "weights_digest": labeler.metadata.weights_digest},
+        resize=labeler.metadata.resize,
     )
     new_model, sidecar = attach_exemplars(args.model, exemplars, args.out)
     counts = exemplars.counts()

@@ -106,7 +106,7 @@ class Labeler:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
             raise InputError(
                 f"predict needs uint8 images of shape (N, {h}, {w}, 3); got {images.dtype} {images.shape}. "
-                f"Decode and resize with calibclust.io.images.decode_image(path, size=({h}, {w}))."
+                f"Decode files with labeler.decode(path) (the model's resize policy), or pass any images to predict_proba."
             )
         if len(images) == 0:
             c = self.num_clusters
@@ -141,6 +141,7 @@ class Labeler:
         if unknown:
             raise InputError(f"label_folder: unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
         options.setdefault("threads", self.threads)
+        options.setdefault("max_pixels", self.max_pixels)
         chosen = [(k, v) for k, v in (("target_accuracy", target_accuracy), ("coverage", coverage),
                                       ("min_confidence", confidence_threshold)) if v is not None]
         if len(chosen) > 1:

@@ -508,3 +508,20 @@ def test_decoder_applies_the_policy_on_both_jpeg_paths(tmp_path, policy):
     for name in ("x.png", "x.jpg"):
         got = decode_image(tmp_path / name, size=(16, 16), resize=policy).astype(int)
         assert np.abs(got - want).mean() < 8, (name, policy, np.abs(got - want).mean())
+
+
+def test_image_batch_takes_arrays_of_any_size_paths_and_lists_of_arrays(tmp_path):
+    from calibclust.errors import InputError
+    from calibclust.io.images import image_batch
+
+    Image.fromarray(_three_band_image()).save(tmp_path / "x.png")
+    mixed = [_three_band_image(), np.zeros((5, 7, 3), np.uint8), tmp_path / "x.png"]
+    batch = image_batch(mixed, (8, 8), resize="center-crop")
+    assert batch.shape == (3, 8, 8, 3) and batch.dtype == np.uint8
+    assert np.array_equal(batch[0], batch[2]), "an array and the same image as a file give the same pixels"
+    with pytest.raises(InputError, match="not one path"):
+        image_batch(tmp_path / "x.png", (8, 8))
+    with pytest.raises(InputError, match="could not be read"):
+        image_batch([tmp_path / "missing.png"], (8, 8))
+    with pytest.raises(InputError, match="uint8"):
+        image_batch([np.zeros((4, 4), np.float32)], (8, 8))

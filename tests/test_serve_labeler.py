@@ -51,7 +51,7 @@ def test_predict_refuses_wrong_input(model):
     lab = Labeler(model)
     with pytest.raises(InputError, match=r"uint8 images of shape \(N, 16, 16, 3\)"):
         lab.predict(np.zeros((2, 16, 16, 3), np.float32))
-    with pytest.raises(InputError, match="decode_image"):
+    with pytest.raises(InputError, match=r"labeler.decode\(path\)"):
         lab.predict(np.zeros((2, 32, 32, 3), np.uint8))
 
 
@@ -226,3 +226,11 @@ def test_labeler_resizes_by_the_models_policy(tmp_path):
     boxed = letterbox.decode(tmp_path / "wide.png")
     assert boxed[:5].max() == 0 and boxed[-5:].max() == 0 and boxed[8, :, 1].min() == 200, "letterbox pads top and bottom"
     assert not np.allclose(squash.predict_proba([tmp_path / "wide.png"]), letterbox.predict_proba([tmp_path / "wide.png"]))
+
+
+def test_label_folder_names_unknown_options(tmp_path):
+    labeler = Labeler(make_contract_model(tmp_path / "m.onnx"))
+    with pytest.raises(InputError, match="unknown option.*colour"):
+        labeler.label_folder(tmp_path, tmp_path / "out", colour=True)
+    with pytest.raises(InputError, match="one rejection policy"):
+        labeler.label_folder(tmp_path, tmp_path / "out", target_accuracy=0.9, coverage=0.5)

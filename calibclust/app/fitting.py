@@ -95,7 +95,7 @@ class FitPlan:
     estimated_minutes: float
     heldout_fraction: float
     seed: int
-    files_digest: str  # of the readable files' relative paths: --resume refuses other files
+    files_digest: str = ""  # of the readable files' relative paths: --resume refuses other files
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -186,8 +186,9 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
     bf16 = bool(cpu_bf16_supported())
     if device.startswith("cuda"):
         per_epoch = 0.0
-        notes.append(f"the budget is not enforced on a GPU (its pretraining cost is not measured here): "
-                     f"{MAX_PRETRAIN_EPOCHS} epochs, the cap")
+        if not (backbone_weights or pretrain_epochs):
+            notes.append(f"the budget is not enforced on a GPU (its pretraining cost is not measured here): "
+                         f"{MAX_PRETRAIN_EPOCHS} epochs, the cap")
     else:
         # Measured on 2 cores only; more threads are not assumed to help (small batches of 32 px
         # images scale poorly), so a larger machine finishes early rather than late.
@@ -304,14 +305,19 @@ def fit(
         run.load()
         plan = FitPlan(**run.record["plan"])
         data = TrainingData.from_folder(folder, plan.input_size, progress=progress, resize=plan.resize)
-        found = (plan.clusters, plan.seed, files_digest(data.paths))
-        if found != (clusters, seed, plan.files_digest):
-            raise InputError(f"--resume with other settings or files: the run has {plan.clusters} clusters, seed "
-                             f"{plan.seed} and {plan.n_images} readable files; now {clusters} clusters, seed {seed} and "
-                             f"{len(data.paths)} readable files" + ("" if len(data.paths) != plan.n_images else " (not the same ones)"))
+        differences = [f"{name}: the run has {then}, now {now}" for name, then, now in (
+            ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed)) if then != now]
+        if plan.files_digest and files_digest(data.paths) != plan.files_digest:
+            differences.append(f"files: the run had {plan.n_images} readable files, now {len(data.paths)}"
+                               + (" (not the same ones)" if len(data.paths) == plan.n_images else ""))
+        if differences:
+            raise InputError("--resume with other settings or files (" + "; ".join(differences) + "); use a new --out")
         if device != plan.device:
             print(f"note: the run was planned for {plan.device}; it continues on {device}", flush=True)
-            plan.device = device
+        # Same files (the digest covers relative paths): a moved folder continues from its new place.
+        plan.device, plan.folder = device, str(folder.resolve())
+        run.record["plan"].update(device=plan.device, folder=plan.folder)
+        run.save()
         print(f"resuming {out}: finished stages {', '.join(run.record['stages']) or 'none'} "
               f"(the saved plan is kept: its budget, split and resize policy)", flush=True)
         heldout = heldout_by_path_hash(data.paths, plan.heldout_fraction)
@@ -460,6 +466,7 @@ def _exemplars_stage(run: FitRun, plan: FitPlan, train, base: Path) -> Path:
         [root / p for p in train.paths], out["label"], out["confidence"], labeler.num_clusters,
         thumbnail_size_for(labeler.input_size, 96), eligible=eligible, display_paths=train.paths,
         info={"source_folder": plan.folder, "weights_digest": labeler.metadata.weights_digest},
+        resize=labeler.metadata.resize,
     )
     # A stage interrupted after writing its files runs again: attach_exemplars never overwrites.
     model_path.unlink(missing_ok=True)

@@ -29,8 +29,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def json_default(value: Any):
-    """``json.dumps(default=...)`` for numpy scalars and arrays and paths; non-finite floats become
-    null (JSON has no NaN)."""
+    """``json.dumps(default=...)`` for numpy scalars and arrays and paths. Non-finite numpy floats that
+    are not Python floats (float32, float16) become null; Python floats and float64 never reach a
+    ``default`` and follow ``json.dumps``'s ``allow_nan``."""
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.floating):
