@@ -115,14 +115,20 @@ class Labeler:
             return {k: empty[k] for k in outputs if k in empty}
         return self.backend.run(np.ascontiguousarray(images), tuple(outputs))
 
+    def predict_all(self, images: np.ndarray, outputs: Sequence[str] = CONTRACT_OUTPUTS) -> dict[str, np.ndarray]:
+        """:meth:`predict` on any number of images, in batches of the backend's size (memory stays
+        bounded, and engines with a maximum batch accept every call)."""
+        step = self.batch_size
+        if len(images) <= step:
+            return self.predict(images, outputs)
+        parts = [self.predict(images[i : i + step], outputs) for i in range(0, len(images), step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def predict_proba(self, images) -> np.ndarray:
         """Cluster probabilities (N, K) of ``images``: uint8 (N, H, W, 3) of any size (resized like
         every image the model sees), or a sequence of file paths (decoded by THE decoder)."""
         arrays = image_batch(images, self.input_size, self.max_pixels, self.metadata.resize)
-        if len(arrays) == 0:
-            return np.zeros((0, self.num_clusters), np.float32)
-        batch = self.batch_size
-        return np.concatenate([self.predict(arrays[i : i + batch], ("probs",))["probs"] for i in range(0, len(arrays), batch)])
+        return self.predict_all(arrays, ("probs",))["probs"]
 
     def label_folder(self, folder: str | os.PathLike, out: str | os.PathLike, target_accuracy: float | None = None,
                      coverage: float | None = None, confidence_threshold: float | None = None,
@@ -142,14 +148,10 @@ class Labeler:
             raise InputError(f"label_folder: unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
         options.setdefault("threads", self.threads)
         options.setdefault("max_pixels", self.max_pixels)
-        chosen = [(k, v) for k, v in (("target_accuracy", target_accuracy), ("coverage", coverage),
-                                      ("min_confidence", confidence_threshold)) if v is not None]
-        if len(chosen) > 1:
-            raise InputError(f"choose one rejection policy, got {', '.join(k for k, _ in chosen)}")
-        kind, value = chosen[0] if chosen else ("min_confidence", None)
+        policy = Policy.choose(target_accuracy, coverage, confidence_threshold, ood_threshold)
         options.setdefault("progress", False)
         opts = LabelOptions(folder=os.fspath(folder), model=os.fspath(self.model_path), out_dir=os.fspath(out),
-                            backend=self.backend_request, policy=Policy(kind, value, ood_threshold), **options)
+                            backend=self.backend_request, policy=policy, **options)
         return label_folder(opts)
 
     def decode(self, path: str | os.PathLike | bytes) -> np.ndarray:

@@ -62,6 +62,18 @@ class Policy:
             if self.kind == "coverage" and v == 0.0:
                 raise InputError("--coverage must be > 0 (coverage 0 accepts nothing)")
 
+    @classmethod
+    def choose(cls, target_accuracy: float | None = None, coverage: float | None = None,
+               confidence_threshold: float | None = None, ood_threshold: float | None = None) -> "Policy":
+        """The policy of at most one of ``--target-accuracy``, ``--coverage`` and
+        ``--confidence-threshold`` (none: the model's default confidence threshold)."""
+        chosen = [(kind, value) for kind, value in (("target_accuracy", target_accuracy), ("coverage", coverage),
+                                                    ("min_confidence", confidence_threshold)) if value is not None]
+        if len(chosen) > 1:
+            raise InputError(f"choose one rejection policy, got {', '.join(kind for kind, _ in chosen)}")
+        kind, value = chosen[0] if chosen else ("min_confidence", None)
+        return cls(kind, value, ood_threshold)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -459,7 +459,7 @@ def _exemplars_stage(run: FitRun, plan: FitPlan, train, base: Path) -> Path:
         return model_path
     start = time.perf_counter()
     labeler = Labeler(base)
-    out = labeler.predict(train.images, ("confidence", "label", "ood_score"))
+    out = labeler.predict_all(train.images, ("confidence", "label", "ood_score"))
     eligible = out["ood_score"] <= labeler.metadata.ood.threshold
     root = Path(train.root)
     exemplars, errors = build_exemplars(
@@ -492,10 +492,7 @@ def _evaluate_stage(run: FitRun, plan: FitPlan, held, checkpoint: Path, model_pa
     if held.num_images:
         labeler = Labeler(model_path)
         meta = labeler.metadata
-        step = labeler.batch_size
-        parts = [labeler.predict(held.images[i : i + step], ("probs", "confidence", "label", "ood_score"))
-                 for i in range(0, held.num_images, step)]
-        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        outputs = labeler.predict_all(held.images, ("probs", "confidence", "label", "ood_score"))
         model, _ = load_model(checkpoint)
         z = embed_images(model, held.images)
         clu = head_probabilities(model, z, "clustering")
