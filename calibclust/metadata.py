@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -25,7 +26,9 @@ SCHEMA_VERSION = 1
 MAX_METADATA_CHARS = 4 << 20  # exemplar thumbnails live in a sidecar; real metadata is a few kB
 ONNX_METADATA_KEY = "calibclust"
 OUTPUT_NAMES = ("probs", "confidence", "label", "ood_score", "embedding")
-METHODS = ("cdc", "spice", "kmeans")
+# A method's registry name (calibclust.train.methods): serving does not depend on which method trained
+# a model, so any well-formed name is accepted and a new method needs no change here.
+METHOD_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # How the decoder (calibclust.io.images.resize_image) brings an image to the model's input size.
 RESIZE_POLICIES = ("squash", "center-crop", "letterbox")
 PROBS_HEADS = ("calibration", "clustering", "spice")
@@ -109,8 +112,9 @@ class ModelMetadata:
             problems.append(f"input_size must be (H, W), got {self.input_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             problems.append("mean and std need 3 values each, std > 0")
-        if self.method not in METHODS:
-            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.method, str) or not METHOD_NAME.fullmatch(self.method):
+            problems.append(f"method must be a method's registry name (lower-case letters, digits, - or _), "
+                            f"got {self.method!r}")
         if self.resize not in RESIZE_POLICIES:
             problems.append(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
         if self.probs_head not in PROBS_HEADS:

@@ -33,12 +33,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from calibclust.augment import AUGMENT_PRESETS, AugmentConfig
 from calibclust.cli_config import add_config_args
+from calibclust.config import Config
 from calibclust.cli_names import device_arg
 from calibclust.device import resolve_device
 from calibclust.models.names import BACKBONE_HELP, backbone_name
@@ -47,13 +48,14 @@ from calibclust.precision import training_precision
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL
 
 STATE_FORMAT = "calibclust-pretrain-state/2"  # /2: written by calibclust.train.state
-# Config fields that may change between a run and its resumption (they do not alter the math).
-RESUMABLE_CHANGES = ("checkpoint_every_steps",)
 
 
 @dataclass
-class MoCoConfig:
+class MoCoConfig(Config):
     """MoCo-v2 pretraining. Defaults follow CDC appendix B.1 unless a comment says otherwise."""
+
+    TITLE: ClassVar[str] = "pretraining configuration"
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"checkpoint_every_steps"})  # do not alter the math
 
     backbone: str = "resnet34"  # CDC B.1 (SPICE uses ResNet-18/34); "small" for CPU runs
     stem: str = "auto"  # CIFAR stem for inputs <= 64 px (CDC B.1), ImageNet stem above
@@ -79,35 +81,23 @@ class MoCoConfig:
     checkpoint_every_steps: int = 0  # extra resume checkpoints inside an epoch (0 = at epoch ends)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
-    def __post_init__(self):
-        if isinstance(self.augment, dict):
-            self.augment = AugmentConfig.from_dict(self.augment)
+    def problems(self) -> list[str]:
+        problems = []
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum μ must be in [0, 1), got {self.momentum}")
+            problems.append(f"momentum μ must be in [0, 1), got {self.momentum}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            problems.append(f"temperature must be > 0, got {self.temperature}")
         for name in ("epochs", "batch_size", "queue_size", "proj_dim", "proj_hidden_dim", "input_size", "width"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+            problems.append(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        return problems
 
     @property
     def resolved_warmup_epochs(self) -> float:
         return 0.05 * self.epochs if self.warmup_epochs is None else float(self.warmup_epochs)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["augment"] = self.augment.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MoCoConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown pretraining option(s): {', '.join(unknown)}")
-        return cls(**d)
 
 
 @dataclass
@@ -396,14 +386,7 @@ def pretrain(
     global_step = 0
     if resume:
         doc = read_state(out_dir)
-        saved = MoCoConfig.from_dict(doc["config"]).to_dict()
-        now = config.to_dict()
-        diff = [k for k in now if now[k] != saved[k] and k not in RESUMABLE_CHANGES]
-        if diff:
-            raise InputError(
-                "--resume with different settings: "
-                + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff)
-            )
+        config.check_resume(doc["config"], f"the checkpoint in {out_dir}")
         if doc["n_images"] != n:
             raise CalibclustError(f"the checkpoint was trained on {doc['n_images']} images, this folder has {n}")
         digest = (data_info or {}).get("files_digest")

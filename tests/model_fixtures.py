@@ -19,7 +19,7 @@ def randomise(module, seed: int = 0, scale: float = 1.0):
 
 def three_shapes(n: int = 96, size: int = 16, seed: int = 0):
     """TrainingData of three visually distinct classes: vertical bars, a bright block, noise."""
-    from calibclust.train.cdc import TrainingData
+    from calibclust.train.data import TrainingData
 
     rng = np.random.default_rng(seed)
     imgs = np.zeros((n, size, size, 3), np.uint8)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from calibclust.cluster.kmeans import kmeans
 from calibclust.datasets import digits_images, make_digits_folder
 from calibclust.metrics import hungarian_accuracy
-from calibclust.train.cdc import CDCConfig, CDCTrainer, TrainingData, load_backbone_dir, prototype_init
+from calibclust.train.cdc import CDCConfig, CDCTrainer, prototype_init
+from calibclust.train.data import TrainingData, load_backbone_dir
 from calibclust.augment.views import ViewConfig
 
 
@@ -184,7 +185,9 @@ def test_ablation_finetune_mode_trains_the_backbone_and_frozen_mode_does_not(tmp
     import torch
 
     from calibclust.models.backbones import build_backbone
-    from calibclust.train.cdc import CDCConfig, TrainingData, run_ablation
+    from calibclust.train.cdc import CDCConfig
+    from calibclust.train.cdc_ablation import run_ablation
+    from calibclust.train.data import TrainingData
 
     folder = make_digits_folder(tmp_path / "digits", limit=200)
     data = TrainingData.from_folder(folder, 32, progress=False)
@@ -209,8 +212,9 @@ def test_train_group_accepts_other_methods_and_imports_no_torch():
         "from calibclust.train.cli import register_cli, train_subparsers\n"
         "p = argparse.ArgumentParser(); sub = p.add_subparsers(dest='command')\n"
         "train_subparsers(sub).add_parser('spice')\n"  # another method attaching first
+        # every registered method without a command of its own gets the generic one (K-means)
         "register_cli(sub)\n"
-        "assert set(train_subparsers(sub).choices) == {'spice', 'cdc', 'cdc-ablation'}\n"
+        "assert set(train_subparsers(sub).choices) == {'spice', 'cdc', 'cdc-ablation', 'kmeans'}\n"
         "assert 'torch' not in sys.modules, 'building the parser imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,13 +12,13 @@ from calibclust.metrics import hungarian_accuracy
 from calibclust.train.cdc import (
     CDCConfig,
     CDCTrainer,
-    TrainingData,
     calibration_losses,
     clustering_loss,
     minicluster_targets,
     prototype_init,
     separate_prototypes,
 )
+from calibclust.train.data import TrainingData
 from model_fixtures import three_shapes
 
 

@@ -124,7 +124,7 @@ def digits_features(digits_moco_backbone):
     stage 1, §III-A): the plain images and 4 weak + 4 strong views (the CLI's default; no flips: digits)."""
     from calibclust.datasets import digits_images
     from calibclust.models.clustering import ClusteringModel
-    from calibclust.train.cdc import load_backbone_dir
+    from calibclust.train.data import load_backbone_dir
     from calibclust.train.features import compute_feature_cache
     from calibclust.augment.views import ViewConfig
 
@@ -340,7 +340,9 @@ def test_cli_compare_table_on_digits_with_moco_backbone(quickstart_out, digits_m
 
     digits = quickstart_out / "data" / "digits"
     run = [sys.executable, "-m", "calibclust"]
-    proc = subprocess.run([*run, "export", "onnx", "--model", str(out / "model"), "--images", str(digits),
+    # every method's model sits in OUT/METHOD/model (the method interface saves them alike)
+    assert all((out / name / "model" / "config.json").is_file() for name in ("kmeans", "spice", "cdc"))
+    proc = subprocess.run([*run, "export", "onnx", "--model", str(out / "spice" / "model"), "--images", str(digits),
                            "--out", str(tmp_path / "spice.onnx")], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([*run, "label", str(digits), "--model", str(tmp_path / "spice.onnx"), "--out",

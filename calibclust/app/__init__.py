@@ -62,7 +62,7 @@ class FittedModel:
         size, or a sequence of paths; ``head`` "calibration" (what the exported model returns) or
         "clustering"."""
         from calibclust.io.images import image_batch
-        from calibclust.train.cdc import embed_images, head_probabilities
+        from calibclust.train.data import embed_images, head_probabilities
 
         model, metadata = self._model()
         if head not in model.heads:
@@ -77,7 +77,7 @@ class FittedModel:
         from calibclust.app.fitting import heldout_by_path_hash
         from calibclust.export.int8 import Int8Config, quantize_int8
         from calibclust.export.onnx import OnnxExportConfig, export_onnx
-        from calibclust.train.cdc import TrainingData
+        from calibclust.train.data import TrainingData
 
         target = Path(path).resolve()
         if target.parent == self.out.resolve() and target.name.startswith(("model.", "model-base.")):

@@ -288,7 +288,7 @@ def fit(
 ) -> FitResult:
     """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring)."""
     from calibclust.device import resolve_device
-    from calibclust.train.cdc import TrainingData
+    from calibclust.train.data import TrainingData
 
     folder, out = Path(folder), Path(out)
     _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs)
@@ -383,7 +383,7 @@ def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: f
 
 def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
     from calibclust.pretrain import MoCoConfig, pretrain
-    from calibclust.train.cdc import load_backbone_dir
+    from calibclust.train.data import load_backbone_dir
     from calibclust.train.state import has_state
 
     if plan.backbone_weights:
@@ -483,7 +483,7 @@ def _evaluate_stage(run: FitRun, plan: FitPlan, held, checkpoint: Path, model_pa
 
     from calibclust.models.clustering import load_model
     from calibclust.serve.labeler import Labeler
-    from calibclust.train.cdc import embed_images, head_probabilities, head_report
+    from calibclust.train.data import embed_images, head_probabilities, head_report
 
     if run.done("evaluate"):
         return

@@ -26,11 +26,13 @@ same crop (:class:`MoCoAugment`) and colour blends.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:  # annotations only
     import torch
+
+from calibclust.config import Config
 
 # torch is imported inside the functions: the CLI imports AugmentConfig (via calibclust.pretrain)
 # and must start without loading torch.
@@ -44,8 +46,10 @@ _GRAY = (0.2989, 0.587, 0.114)
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Config):
     """MoCo-v2 augmentation set (Chen et al. 2020b; CDC appendix B.1). Defaults are MoCo-v2's."""
+
+    TITLE: ClassVar[str] = "augmentation settings"
 
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop(scale=(0.2, 1.)) in MoCo-v2
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # torchvision's default aspect range
@@ -74,39 +78,40 @@ class AugmentConfig:
     invert_p: float = 0.0
     preset: str = "mocov2"  # the AUGMENT_PRESETS entry these values started from (recorded in runs)
 
-    def __post_init__(self):
+    def _coerce(self) -> None:
         for name in ("crop_scale", "crop_ratio", "blur_sigma", "mean", "std", "zoom_out_scale"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+
+    def problems(self) -> list[str]:
+        problems = []
         lo, hi = self.zoom_out_scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"zoom_out_scale must satisfy 0 < lo <= hi <= 1, got {self.zoom_out_scale}")
+            problems.append(f"zoom_out_scale must satisfy 0 < lo <= hi <= 1, got {self.zoom_out_scale}")
         if (self.rotation > 0 or self.translate > 0) and self.zoom_out_p == 0:
-            raise ValueError("rotation and translate apply with the geometric jitter's probability zoom_out_p; "
-                             "set zoom_out_p > 0")
+            problems.append("rotation and translate apply with the geometric jitter's probability zoom_out_p; "
+                            "set zoom_out_p > 0")
         if not 0.0 <= self.rotation <= 180.0 or not 0.0 <= self.translate <= 0.5:
-            raise ValueError(f"rotation must be in [0, 180] degrees and translate in [0, 0.5], got "
-                             f"{self.rotation} and {self.translate}")
+            problems.append(f"rotation must be in [0, 180] degrees and translate in [0, 0.5], got "
+                            f"{self.rotation} and {self.translate}")
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "zoom_out_p", "channel_shuffle_p", "invert_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+                problems.append(f"{name} must be a probability in [0, 1], got {p}")
         if self.blur not in ("auto", "on", "off"):
-            raise ValueError(f"blur must be 'auto', 'on' or 'off', got {self.blur!r}")
+            problems.append(f"blur must be 'auto', 'on' or 'off', got {self.blur!r}")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+            problems.append(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
         if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+            problems.append(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
         if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+            problems.append(f"hue must be in [0, 0.5], got {self.hue}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("mean and std need 3 values each, std > 0")
+            problems.append("mean and std need 3 values each, std > 0")
+        return problems
 
     def blur_enabled(self, image_size: int) -> bool:
         return self.blur == "on" or (self.blur == "auto" and image_size > 32)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "AugmentConfig":
@@ -118,14 +123,6 @@ class AugmentConfig:
     @property
     def geometric(self) -> bool:
         return self.zoom_out_p > 0 and (self.zoom_out_scale[0] < 1 or self.rotation > 0 or self.translate > 0)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AugmentConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown augmentation option(s): {', '.join(unknown)}")
-        return cls(**d)
 
 
 _GEOMETRY = {"zoom_out_p": 0.5, "zoom_out_scale": (0.6, 1.0), "rotation": 15.0, "translate": 0.1}

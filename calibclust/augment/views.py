@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from calibclust.config import Config
 
 from calibclust.augment import adjust_brightness, adjust_contrast, adjust_saturation, blend
 
@@ -58,8 +61,10 @@ _GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
 @dataclass
-class ViewConfig:
+class ViewConfig(Config):
     """Augmentation settings (SCAN/SPICE defaults for 32 px images; scale with the image)."""
+
+    TITLE: ClassVar[str] = "view settings"
 
     flip_p: float = 0.5
     crop: str = "shift"  # "shift": RandomCrop(32, padding=4) (SCAN/SPICE); "resized": RandomResizedCrop (CDC code)
@@ -71,16 +76,20 @@ class ViewConfig:
     cutout_fill: int = 127  # SCAN cuts after normalisation (fills the mean); mid-grey here
     fill: int = 0  # fill of pixels uncovered by shifts/rotations (PIL's default, black)
 
-    def __post_init__(self):
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
-        if self.num_ops < 0:
-            raise ValueError(f"num_ops must be >= 0, got {self.num_ops}")
-        if self.crop not in ("shift", "resized"):
-            raise ValueError(f"crop must be 'shift' or 'resized', got {self.crop!r}")
+    def _coerce(self) -> None:
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not 0.0 <= self.flip_p <= 1.0:
+            problems.append(f"flip_p must be in [0, 1], got {self.flip_p}")
+        if self.num_ops < 0:
+            problems.append(f"num_ops must be >= 0, got {self.num_ops}")
+        if self.crop not in ("shift", "resized"):
+            problems.append(f"crop must be 'shift' or 'resized', got {self.crop!r}")
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+            problems.append(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        return problems
 
 
 def _check(images: torch.Tensor) -> None:

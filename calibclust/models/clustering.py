@@ -1,8 +1,9 @@
 """The clustering model every method trains, exports and evaluates through one small surface.
 
-``ClusteringModel`` = backbone f(θ) + named MLP heads g(θ_head). CDC has a ``clustering`` and a
+``ClusteringModel`` = backbone f(θ) + named heads g(θ_head). CDC has a ``clustering`` and a
 ``calibration`` head and predicts with the calibration one ("Towards Calibrated Deep Clustering Network" §3.4, "Final
-Prediction"); SPICE keeps one ``clustering`` head. Training engine, export and evaluation only use:
+Prediction"); SPICE keeps one ``clustering`` head; the K-means baseline's one head holds its centres
+(``head_kind="prototype"``). Training engine, export and evaluation only use:
 
 * ``preprocess(uint8 NHWC)`` → normalised float NCHW (the exact ops the ONNX graph fuses),
 * ``embed(x)`` → backbone features (N, D),
@@ -20,6 +21,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calibclust.errors import CalibclustError
@@ -47,6 +49,33 @@ class MLPHead(nn.Module):
         return self.fc2(self.hidden(z))
 
 
+class PrototypeHead(nn.Module):
+    """Cluster centres μ_k as a head: DEC's Student-t soft assignment q_k ∝ (1 + ‖ẑ − μ_k‖²)^-1
+    ("Unsupervised Deep Embedding for Clustering Analysis", Eq. 1, α = 1) on L2-normalised features ẑ.
+    ``forward`` returns log(1 + ‖ẑ − μ_k‖²)^-1, so its softmax is q exactly; plain matrix products,
+    so the ONNX graph needs no distance op."""
+
+    def __init__(self, in_dim: int, num_clusters: int):
+        super().__init__()
+        self.centers = nn.Parameter(torch.zeros(num_clusters, in_dim))
+
+    @classmethod
+    def from_centers(cls, centers: torch.Tensor) -> "PrototypeHead":
+        """A head holding ``centers`` (K, D), e.g. k-means centres of L2-normalised features."""
+        head = cls(centers.shape[1], centers.shape[0]).to(centers.device)
+        with torch.no_grad():
+            head.centers.copy_(centers)
+        return head
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, C)
+        z = F.normalize(z, dim=1)
+        sq_dist = (1.0 - 2.0 * z @ self.centers.T + (self.centers * self.centers).sum(1)).clamp_min(0.0)
+        return -torch.log1p(sq_dist)
+
+
+HEAD_KINDS = ("mlp", "prototype")
+
+
 class ClusteringModel(nn.Module):
     def __init__(
         self,
@@ -58,20 +87,28 @@ class ClusteringModel(nn.Module):
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.25, 0.25, 0.25),
         head_batchnorm: bool = True,
+        head_kind: str = "mlp",
     ):
         super().__init__()
         if predict_head not in head_names:
             raise ValueError(f"predict_head {predict_head!r} is not one of the heads {head_names}")
+        if head_kind not in HEAD_KINDS:
+            raise ValueError(f"head_kind must be one of {HEAD_KINDS}, got {head_kind!r}")
         self.backbone = backbone
         self.num_clusters = int(num_clusters)
         self.hidden_dim = int(hidden_dim)
         self.head_names = tuple(head_names)
         self.predict_head = predict_head
         self.head_batchnorm = bool(head_batchnorm)
-        self.heads = nn.ModuleDict({h: MLPHead(backbone.feature_dim, hidden_dim, num_clusters, head_batchnorm)
-                                    for h in head_names})
+        self.head_kind = head_kind
+        self.heads = nn.ModuleDict({h: self._make_head(backbone.feature_dim) for h in head_names})
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def _make_head(self, in_dim: int) -> nn.Module:
+        if self.head_kind == "prototype":
+            return PrototypeHead(in_dim, self.num_clusters)
+        return MLPHead(in_dim, self.hidden_dim, self.num_clusters, self.head_batchnorm)
 
     @property
     def feature_dim(self) -> int:
@@ -103,6 +140,7 @@ class ClusteringModel(nn.Module):
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
             "head_batchnorm": self.head_batchnorm,
+            "head_kind": self.head_kind,
         }
 
     @classmethod
@@ -116,6 +154,7 @@ class ClusteringModel(nn.Module):
             mean=tuple(arch["mean"]),
             std=tuple(arch["std"]),
             head_batchnorm=arch.get("head_batchnorm", True),  # checkpoints before the option had BN
+            head_kind=arch.get("head_kind", "mlp"),  # checkpoints before K-means models had MLP heads
         )
 
 

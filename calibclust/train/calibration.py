@@ -148,15 +148,16 @@ def _view_agreement(head_probs, weak: torch.Tensor, pred) -> np.ndarray:
 def calibration_rows(train, held, backbone, info: dict, settings, seed: int = 0, log=print,
                      cdc_overrides: dict | None = None, spice_overrides: dict | None = None) -> list[dict]:
     """Every row of the bench for one set: ``train`` / ``held`` are labelled
-    :class:`~calibclust.train.cdc.TrainingData`, ``backbone`` the set's pretrained backbone, and
+    :class:`~calibclust.train.data.TrainingData`, ``backbone`` the set's pretrained backbone, and
     ``settings`` the quick start's (:class:`calibclust.quickstart.QuickstartSettings`);
     ``cdc_overrides`` / ``spice_overrides`` change settings the quick start does not name (tests: a
     small H, few SPICE epochs)."""
     from calibclust.cluster.kmeans import kmeans
-    from calibclust.train.cdc import CDCConfig, CDCTrainer, build_cdc_model, head_probabilities, prototype_init
+    from calibclust.models.clustering import PrototypeHead
+    from calibclust.train.cdc import CDCConfig, CDCTrainer, build_cdc_model, prototype_init
+    from calibclust.train.data import head_probabilities
     from calibclust.train.features import compute_feature_cache, derive_seed
     from calibclust.train.spice import SpiceConfig, train_heads
-    from calibclust.train.spice_cli import kmeans_soft_assignment
 
     C = len(train.class_names)
     y = held.labels
@@ -181,8 +182,9 @@ def calibration_rows(train, held, backbone, info: dict, settings, seed: int = 0,
     t0 = time.perf_counter()
     z_train = F.normalize(cache.plain.float(), dim=1)
     km = kmeans(z_train, C, n_init=10, seed=derive_seed(seed, "kmeans-baseline") & 0x7FFFFFFF)
-    row("K-means (Student-t)", _scored(kmeans_soft_assignment(F.normalize(z_held.float(), dim=1), km.centers), y),
-        time.perf_counter() - t0)
+    with torch.no_grad():
+        km_probs = torch.softmax(PrototypeHead.from_centers(km.centers)(z_held.float()), 1)
+    row("K-means (Student-t)", _scored(km_probs, y), time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     spice = train_heads(cache.plain, cache.strong,
@@ -247,7 +249,7 @@ def estimate_rank_correlations(rows: list[dict]) -> dict[str, float]:
 def run_calibration_bench(args) -> int:
     """``calibclust bench calibration`` (options in :mod:`calibclust.bench`)."""
     from calibclust.bench import print_table
-    from calibclust.train.cdc import TrainingData, load_backbone_dir
+    from calibclust.train.data import TrainingData, load_backbone_dir
     from calibclust.zoo import SIZE, _bench_sets, heldout_features
 
     torch.manual_seed(args.seed)

@@ -28,15 +28,14 @@ has it, is only evaluated and logged.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -44,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibclust import __version__
-from calibclust.cluster.kmeans import assign, kmeans
+from calibclust.cluster.kmeans import kmeans
+from calibclust.config import Config
 from calibclust.train.paper_settings import BATCH_PER_MINICLUSTER, LR_BACKBONE
 from calibclust.device import resolve_device
 from calibclust.errors import InputError
@@ -52,6 +52,7 @@ from calibclust.metadata import ModelMetadata
 from calibclust.models.backbones import backbone_label, build_backbone
 from calibclust.models.clustering import ClusteringModel, save_model
 from calibclust.shortcut import shortcut_check
+from calibclust.train.methods import ClusteringMethod
 from calibclust.train.features import (
     FeatureCache,
     cache_key,
@@ -63,9 +64,9 @@ from calibclust.train.features import (
     recalibrate_batchnorm,
     save_feature_cache,
 )
+from calibclust.train.data import TrainingData, embed_images, head_probabilities, head_report
 from calibclust.train.selection import SelectionInputs, build_strategy
 from calibclust.train.state import (
-    check_same_settings,
     has_state,
     optimizer_tensors,
     read_state,
@@ -82,8 +83,11 @@ STATE_FORMAT = "calibclust-cdc-state/1"
 
 
 @dataclass
-class CDCConfig:
+class CDCConfig(Config):
     """CDC hyper-parameters; defaults are the paper's (section / equation in each comment)."""
+
+    TITLE: ClassVar[str] = "CDC configuration"
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"epochs"})  # a finished run can be extended
 
     num_clusters: int = 10  # C, predefined number of clusters (§3 "Notation")
     epochs: int = 100  # §4.1 "Implementation Details"
@@ -115,9 +119,7 @@ class CDCConfig:
     seed: int = 0
     eval_batch_size: int = 512
 
-    def __post_init__(self):
-        if isinstance(self.views, dict):
-            self.views = ViewConfig(**self.views)
+    def problems(self) -> list[str]:
         problems = []
         if self.num_clusters < 2:
             problems.append(f"num_clusters must be >= 2, got {self.num_clusters}")
@@ -145,8 +147,7 @@ class CDCConfig:
             build_strategy(self.select)
         except ValueError as exc:
             problems.append(str(exc))
-        if problems:
-            raise InputError("invalid CDC configuration: " + "; ".join(problems))
+        return problems
 
     # Values that depend on the data size are resolved against the effective batch size.
     def effective_batch_size(self, n_images: int) -> int:
@@ -163,104 +164,7 @@ class CDCConfig:
     def resolved_top_size(self, batch: int) -> int:
         return self.top_size if self.top_size is not None else max(1, batch // self.num_clusters)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "CDCConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown CDC config keys: {', '.join(unknown)}")
-        return cls(**data)
-
-
-@dataclass
-class TrainingData:
-    """Decoded training images plus what is only ever *reported* (labels)."""
-
-    images: np.ndarray  # (N, H, W, 3) uint8
-    paths: list[str]
-    labels: np.ndarray | None = None  # ground truth for reporting only; never used to train
-    class_names: list[str] = field(default_factory=list)
-    root: str = ""
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
-    resize: str = "squash"  # how the files were brought to the image size (model metadata records it)
-
-    def __post_init__(self):
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 (N, H, W, 3), got {self.images.dtype} {self.images.shape}")
-        if len(self.paths) != len(self.images):
-            raise ValueError("one path per image is needed")
-        if self.labels is not None and len(self.labels) != len(self.images):
-            raise ValueError("labels and images differ in length")
-
-    @property
-    def num_images(self) -> int:
-        return int(len(self.images))
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return int(self.images.shape[1]), int(self.images.shape[2])
-
-    @classmethod
-    def from_folder(cls, root: str | os.PathLike, size: int | tuple[int, int], progress: bool = True,
-                    resize: str = "squash") -> "TrainingData":
-        """Decode an image folder with the one decoder (:mod:`calibclust.io.images`, ``resize`` policy);
-        unreadable files are skipped and listed. Class sub-folders give labels used for reporting only."""
-        from tqdm.auto import tqdm
-
-        from calibclust.io.images import list_image_folder, load_images
-
-        try:
-            listing = list_image_folder(root)
-        except FileNotFoundError as exc:
-            raise InputError(str(exc)) from None
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        arrays, keep, unreadable = [], [], []
-        chunk = 512
-        bar = tqdm(total=len(listing.paths), desc="decoding images", unit="img", disable=not progress)
-        for start in range(0, len(listing.paths), chunk):
-            part = listing.paths[start : start + chunk]
-            batch, errors = load_images(part, size, resize=resize)
-            bad = {e.path for e in errors}
-            unreadable += [(e.path, e.reason) for e in errors]
-            keep += [start + i for i, p in enumerate(part) if str(p) not in bad]
-            arrays.append(batch)
-            bar.update(len(part))
-        bar.close()
-        if not keep:
-            raise InputError(f"none of the {len(listing.paths)} images under {root} could be read")
-        rel = listing.relative_paths()
-        labels = listing.labels[keep] if listing.has_labels else None
-        return cls(np.concatenate(arrays), [rel[i] for i in keep], labels, listing.class_names, str(root), unreadable,
-                   resize)
-
-    def subset(self, mask: np.ndarray) -> "TrainingData":
-        """The images where ``mask`` (N,) is true, with their paths and labels."""
-        idx = np.flatnonzero(mask)
-        labels = None if self.labels is None else self.labels[idx]
-        return TrainingData(self.images[idx], [self.paths[i] for i in idx], labels, self.class_names, self.root,
-                            self.unreadable, self.resize)
-
-
-# --- backbones --------------------------------------------------------------------------------------
-def load_backbone_dir(path: str | os.PathLike, arch: str | None = None, input_size: int | None = None) -> tuple[nn.Module, dict]:
-    """Pretrained backbone weights → (backbone, info with ``source``, ``spec``, ``mean``, ``std``).
-
-    ``path`` is anything :func:`calibclust.models.weights.load_backbone` reads: a backbone directory
-    written by ``calibclust pretrain`` (``backbone.safetensors`` + ``backbone.json``), a trained
-    clustering model directory, ``torchvision[:WEIGHTS]`` (with ``arch``), or a third-party MoCo /
-    torchvision checkpoint. The input normalisation the weights were trained with is kept.
-    """
-    from calibclust.models.weights import load_backbone
-
-    backbone = load_backbone(path, arch=arch, input_size=input_size)
-    norm = getattr(backbone, "normalization", None) or {}
-    info = {"source": os.fspath(path), "spec": dict(backbone.spec), "weights": getattr(backbone, "weights_source", {})}
-    if norm.get("mean") and norm.get("std"):
-        info["mean"], info["std"] = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
-    return backbone, info
 
 
 def build_cdc_model(config: CDCConfig, backbone: nn.Module, mean=None, std=None) -> ClusteringModel:
@@ -402,46 +306,6 @@ def prototype_init(
     }
 
 
-@torch.no_grad()
-def head_probabilities(model: ClusteringModel, z: torch.Tensor, head: str, batch_size: int = 4096) -> torch.Tensor:
-    """Eval-mode softmax of one head on features ``z`` (N, D) → (N, C) on the CPU."""
-    was = model.heads[head].training
-    model.heads[head].eval()
-    out = torch.cat([F.softmax(model.head_logits(z[i : i + batch_size], head), 1).cpu() for i in range(0, len(z), batch_size)])
-    model.heads[head].train(was)
-    return out
-
-
-@torch.no_grad()
-def embed_images(model: ClusteringModel, images: np.ndarray, batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
-    """Eval-mode backbone features of un-augmented uint8 images → (N, D) float32 on ``device``."""
-    was = model.backbone.training
-    model.backbone.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device)
-        out.append(model.embed(model.preprocess(x)).float())
-    model.backbone.train(was)
-    return torch.cat(out) if out else torch.zeros(0, model.feature_dim, device=device)
-
-
-def head_report(probs: torch.Tensor, labels: np.ndarray | None, reliability: bool = False) -> dict:
-    """Cluster sizes and mean confidence of one head's probabilities; with ``labels``, ACC / NMI /
-    ARI / ECE / AURC and the Hungarian map (and with ``reliability`` the reliability-diagram bins)."""
-    conf, pred = probs.max(1)
-    report = {
-        "cluster_sizes": torch.bincount(pred, minlength=probs.shape[1]).tolist(),
-        "mean_confidence": float(conf.mean()) if len(conf) else float("nan"),
-    }
-    if labels is not None:
-        from calibclust.metrics import clustering_report
-
-        r = clustering_report(labels, pred.numpy(), conf.double().clamp(0, 1).numpy())
-        report.update(acc=r.acc, nmi=r.nmi, ari=r.ari, ece=r.calibration.ece, aurc=r.rejection.aurc,
-                      mapping={str(k): v for k, v in r.mapping.items()})
-        if reliability:
-            report["calibration"] = r.calibration.to_dict()
-    return report
 
 
 # --- optimizer state <-> safetensors ---------------------------------------------------------------
@@ -762,10 +626,7 @@ class CDCTrainer:
         if state is None:
             return None
         tensors, meta = state
-        # Through from_dict: JSON turned tuples into lists, and options added since the checkpoint
-        # take their defaults (as the run had them).
-        saved = CDCConfig.from_dict(dict(meta["config"])).to_dict()
-        check_same_settings(saved, self.config.to_dict(), self.out_dir, ignore=("epochs",))
+        self.config.check_resume(meta["config"], f"the checkpoint in {self.out_dir}")
         if meta.get("images") != images_digest(self.data.images):
             raise InputError(f"--resume on different images than the checkpoint in {self.out_dir}")
         if meta.get("features") != self.backbone_info.get("features_digest"):
@@ -972,156 +833,26 @@ def train_cdc(
     return trainer.fit(resume=resume)
 
 
-# --- our own Tab. 2 ---------------------------------------------------------------------------------
-# (row name, config overrides, which record/head to report). Every variant is a real code path
-# of the trainer above, run on the same cached features, prototypes and seed.
-ABLATION_VARIANTS: list[tuple[str, dict]] = [
-    ("cdc", {}),
-    ("no-init", {"init": "random"}),
-    ("fixed-0.99", {"select": "fixed:0.99"}),
-    ("fixed-0.95", {"select": "fixed:0.95"}),
-    ("fixed-0.90", {"select": "fixed:0.9"}),
-    ("fixed-0.80", {"select": "fixed:0.8"}),
-    ("single-clu", {"heads": "clu"}),
-    ("single-clu+cal", {"heads": "clu+cal"}),
-    ("no-stop-grad", {"stop_gradient": False}),
-]
+class CDCMethod(ClusteringMethod):
+    """CDC on the method interface (:mod:`calibclust.train.methods`): the trainer above with
+    ``self.config``; predicts with the calibration head (§3.4) and reports both heads."""
 
+    name = "cdc"
+    config_class = CDCConfig
 
-@dataclass
-class AblationResult:
-    rows: list[dict]
-    table: str
-    runs: dict[str, CDCResult]
+    def row_names(self) -> list[str]:
+        heads = self.model.head_names if self.model is not None else (
+            ("clustering", "calibration") if self.config.heads == "dual" else ("clustering",))
+        return ["CDC-Clu", "CDC-Cal"] if "calibration" in heads else ["CDC"]
 
+    def _fit(self, data, backbone, backbone_info, out_dir, eval_data) -> None:
+        result = train_cdc(self.config, data, out_dir, backbone, backbone_info, device=self.device,
+                           progress=self.progress, eval_data=eval_data)
+        self.model, self.metadata, self.history = result.model, result.metadata, result.history
 
-def _row(setting: str, rec: dict | None, head: str | None, extra: dict | None = None) -> dict:
-    row = {"setting": setting}
-    if rec is not None and head is not None:
-        h = rec["heads"][head]
-        row.update(acc=h.get("acc"), nmi=h.get("nmi"), ari=h.get("ari"), ece=h.get("ece"), confidence=h["mean_confidence"])
-        sel = rec.get("selected")
-        if sel:
-            row.update(selected_share=sel["share"], selected_accuracy=sel.get("accuracy"))
-        if head == "calibration" and "clustering" in rec["heads"]:
-            row["ece_clu_head"] = rec["heads"]["clustering"].get("ece")
-    row.update(extra or {})
-    return row
-
-
-def format_ablation_table(rows: list[dict], title: str = "") -> str:
-    def pct(v):
-        return "  n/a" if v is None else f"{100 * v:5.1f}"
-
-    header = f"{'Setting':<28} {'ACC':>5} {'NMI':>5} {'ARI':>5} {'ECE':>5} | {'conf':>5} {'sel%':>5} {'selACC':>6} {'ECEclu':>6}"
-    lines = ([title] if title else []) + [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['setting']:<28} {pct(r.get('acc'))} {pct(r.get('nmi'))} {pct(r.get('ari'))} {pct(r.get('ece'))} | "
-            f"{pct(r.get('confidence'))} {pct(r.get('selected_share'))} {pct(r.get('selected_accuracy')):>6} {pct(r.get('ece_clu_head')):>6}"
-        )
-    return "\n".join(lines)
-
-
-def run_ablation(
-    data: TrainingData,
-    config: CDCConfig,
-    out_dir: str | os.PathLike,
-    backbone: nn.Module | None = None,
-    backbone_info: dict | None = None,
-    backbone_name: str = "small",
-    device: str = "auto",
-    progress: bool = True,
-    variants: list[str] | None = None,
-    log: Callable[[str], None] | None = None,
-    finetune_backbone: bool = False,
-    eval_data: TrainingData | None = None,
-) -> AblationResult:
-    """CDC paper Tab. 2 on ``data``: K-means on the same features, initialisation (2-I), fixed
-    thresholds (2-II), CDC-Clu / CDC-Cal, single head (2-III/IV), no stop-gradient (2-V).
-
-    Needs ground-truth labels (it is an evaluation); every figure is measured on ``eval_data``
-    (labelled images never trained on) when given, else on the training images. Every variant
-    starts from the same backbone, prototypes and seed and trains under ``out_dir/<variant>/``:
-    heads only on shared cached features by default (fast), or backbone and heads together with
-    ``finetune_backbone`` — the paper's setting, where Eq. 5 updates θ and, in 2-V, so does the
-    calibration loss.
-    """
-    import copy
-
-    from calibclust.metrics import adjusted_rand_index, hungarian_accuracy, normalized_mutual_info
-
-    if data.labels is None:
-        raise InputError("the ablation table needs ground-truth labels: give a folder in ImageFolder layout (root/<class>/<image>)")
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_cfg = dataclasses.replace(config, freeze_backbone=True)
-    base = CDCTrainer(base_cfg, data, out_dir, backbone, backbone_info, backbone_name, device, progress, log=log)
-    base._prepare_backbone()
-    base._prepare_cache()
-    z = base.cache.plain
-    km = kmeans(F.normalize(z.float(), dim=1), config.num_clusters, n_init=10, seed=derive_seed(config.seed, "kmeans-baseline") & 0x7FFFFFFF)
-    truth = data.labels
-    pred = km.labels.cpu().numpy()
-    if eval_data is not None:  # the held-out images go to the nearest centre
-        truth = eval_data.labels
-        z_eval = F.normalize(embed_images(base.model, eval_data.images, config.eval_batch_size, base.device).float(), dim=1)
-        pred = assign(z_eval, km.centers.to(z_eval))[0].cpu().numpy()
-    rows = [{"setting": "K-means (same features)", "acc": hungarian_accuracy(truth, pred).accuracy,
-             "nmi": normalized_mutual_info(truth, pred), "ari": adjusted_rand_index(truth, pred)}]
-    log(f"K-means on the same features: ACC {rows[0]['acc']:.1%}")
-    t0 = time.time()
-    state = prototype_init(z, config.hidden_dim, config.num_clusters, config.seed, config.init_kmeans_restarts,
-                           config.orth_steps, config.orth_scale, config.orth_lr)
-    log(f"prototype initialisation (Eq. 6 + separation) in {time.time() - t0:.1f}s")
-    prepared = {**base.backbone_info, "source": base.backbone_info.get("source", backbone_name),
-                "bn_recalibrated": base._should_recalibrate()}
-    chosen = [v for v in ABLATION_VARIANTS if variants is None or v[0] in variants]
-    runs: dict[str, CDCResult] = {}
-    for name, overrides in chosen:
-        cfg = dataclasses.replace(base_cfg, recalibrate_bn="no", freeze_backbone=not finetune_backbone, **overrides)
-        log(f"--- {name}: {overrides or 'CDC defaults'}")
-        vdir = out_dir / name
-        if (vdir / "checkpoint").exists():  # rerunning the command redoes every variant
-            import shutil
-
-            shutil.rmtree(vdir)
-        trainer = CDCTrainer(cfg, data, vdir, copy.deepcopy(base.model.backbone), prepared, backbone_name, device,
-                             progress, feature_cache=None if finetune_backbone else base.cache, prototype_state=state,
-                             log=log, eval_data=eval_data)
-        runs[name] = trainer.fit()
-    first = lambda n: runs[n].history[0] if n in runs else None  # noqa: E731
-    last = lambda n: runs[n].history[-1] if n in runs else None  # noqa: E731
-    if "no-init" in runs:
-        rows.append(_row("After random init", first("no-init"), "calibration"))
-    if "cdc" in runs:
-        rows.append(_row("After proposed init", first("cdc"), "calibration"))
-    if "no-init" in runs:
-        rows.append(_row("w/o Init + CDC", last("no-init"), "calibration"))
-    for t in ("0.99", "0.95", "0.90", "0.80"):
-        if f"fixed-{t}" in runs:
-            rows.append(_row(f"Fixed thr. ({t})", last(f"fixed-{t}"), "calibration"))
-    if "cdc" in runs:
-        rows.append(_row("CDC-Clu", last("cdc"), "clustering"))
-        rows.append(_row("CDC-Cal", last("cdc"), "calibration"))
-    if "single-clu" in runs:
-        rows.append(_row("Single head (Clu)", last("single-clu"), "clustering"))
-    if "single-clu+cal" in runs:
-        rows.append(_row("Single head (Clu+Cal)", last("single-clu+cal"), "clustering"))
-    if "no-stop-grad" in runs:
-        rows.append(_row("Cal w/o stop-gradient", last("no-stop-grad"), "calibration"))
-    title = (
-        f"CDC ablation (our Tab. 2) on {data.root or 'the given images'}: N={data.num_images}, C={config.num_clusters}, "
-        f"backbone {prepared.get('source')} ({'fine-tuned' if finetune_backbone else 'frozen'}), epochs={config.epochs}, "
-        f"B={base.batch}, K={base.k}, seed={config.seed}. Scored on "
-        f"{'the training images' if eval_data is None else f'{eval_data.num_images} held-out images'}. Percent; "
-        f"ECE 15 bins; sel% / selACC = last epoch's pseudo-label share / accuracy (training images); "
-        f"ECEclu = the same run's clustering head."
-    )
-    table = format_ablation_table(rows, title)
-    (out_dir / "ablation.md").write_text(table + "\n")
-    (out_dir / "ablation.json").write_text(json.dumps({
-        "rows": rows, "config": config.to_dict(), "backbone": prepared, "finetune_backbone": finetune_backbone,
-        "scored_on": "training images" if eval_data is None else f"{eval_data.num_images} held-out images"}, indent=2))
-    return AblationResult(rows, table, runs)
+    def predictions(self, images) -> dict:
+        rows = self.row_names()
+        if len(rows) == 1:
+            return super().predictions(images)
+        probs = self.head_probabilities(images, ("clustering", "calibration"))
+        return {"CDC-Clu": probs["clustering"], "CDC-Cal": probs["calibration"]}

@@ -33,20 +33,22 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibclust.config import Config
 from calibclust.errors import InputError
 from calibclust.models.backbones import backbone_label
 from calibclust.models.clustering import ClusteringModel, MLPHead
 from calibclust.train import selection_spice  # noqa: F401  (registers the SPICE strategies)
+from calibclust.train.methods import ClusteringMethod
 from calibclust.train.selection import SelectionInputs, build_strategy
 from calibclust.train.selection_spice import PrototypeSelection, ReliableSelection
 from calibclust.train.state import (
-    check_same_settings,
     has_state,
     optimizer_tensors,
     read_state,
@@ -62,8 +64,10 @@ from calibclust.augment.views import ViewConfig, strong_view, weak_view
 
 
 @dataclass
-class SpiceConfig:
+class SpiceConfig(Config):
     """SPICE settings; defaults are the paper's ("SPICE: Semantic Pseudo-Labeling for Image Clustering" §IV-B) unless noted."""
+
+    TITLE: ClassVar[str] = "SPICE configuration"
 
     num_clusters: int = 10
     # --- stage 2 (SPICE_s, §III-B) ---
@@ -106,22 +110,21 @@ class SpiceConfig:
     views: int = 4  # cached weak/strong views per image for frozen-feature stage 2
     seed: int = 0
 
-    def __post_init__(self):
+    def problems(self) -> list[str]:
+        problems = []
         if self.num_clusters < 2:
-            raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
+            problems.append(f"num_clusters must be >= 2, got {self.num_clusters}")
         if self.n_heads < 1 or self.batch_size < self.num_clusters:
-            raise ValueError("n_heads must be >= 1 and batch_size >= num_clusters")
+            problems.append("n_heads must be >= 1 and batch_size >= num_clusters")
         if (self.mstep_batch_size is not None and self.mstep_batch_size < 2) or self.mstep_repeats < 1:
-            raise ValueError("mstep_batch_size must be >= 2 (BatchNorm) or None, and mstep_repeats >= 1")
+            problems.append("mstep_batch_size must be >= 2 (BatchNorm) or None, and mstep_repeats >= 1")
         if not 0 < self.top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+            problems.append(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if not 0 <= self.reliable_threshold < 1 or not 0 <= self.joint_threshold <= 1:
-            raise ValueError("reliable_threshold must be in [0, 1) and joint_threshold in [0, 1]")
+            problems.append("reliable_threshold must be in [0, 1) and joint_threshold in [0, 1]")
         if not 0 <= self.joint_ema < 1:
-            raise ValueError(f"joint_ema must be in [0, 1), got {self.joint_ema}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+            problems.append(f"joint_ema must be in [0, 1), got {self.joint_ema}")
+        return problems
 
 
 # Stage 3's schedule by name. "cpu" (the default) is our reduction: 2,000 steps of 64 reliable +
@@ -528,7 +531,7 @@ def train_spice(
         if resume and state is None and log is not None:
             log({"resume": f"no checkpoint in {out_dir}; starting from scratch"})
     if state is not None:
-        check_same_settings(state[1]["config"], config.to_dict(), out_dir)
+        config.check_resume(state[1]["config"], f"the checkpoint in {out_dir}")
         for key, value in identity.items():
             if state[1].get(key) != value:
                 raise InputError(f"--resume with different {key} than the checkpoint in {out_dir} was trained on")
@@ -618,3 +621,59 @@ def spice_metadata(model: ClusteringModel, input_size, cluster_names=None, train
         embedding_dim=model.feature_dim,
         train_stats=dict(train_stats or {}),
     )
+
+
+def spice_train_stats(result: SpiceResult, config: SpiceConfig, n_images: int, pretrained: bool,
+                      clusters_choice: dict | None = None) -> dict:
+    """What a SPICE model's metadata records about its training (``train_stats``)."""
+    conf, pred = result.probs.max(1)
+    stats = {"n_images": n_images, "mean_confidence": float(conf.mean()),
+             "cluster_sizes": [int(v) for v in pred.bincount(minlength=config.num_clusters).tolist()],
+             "best_head": result.heads.best, "head_losses": result.heads.losses.tolist(),
+             "reliable": result.reliable_report, "pretrained_backbone": pretrained}
+    if clusters_choice:
+        stats["clusters_choice"] = clusters_choice
+    return stats
+
+
+class SpiceMethod(ClusteringMethod):
+    """SPICE on the method interface (:mod:`calibclust.train.methods`): :func:`train_spice` with
+    ``self.config``. Reports SPICE_s (the best stage-2 head on the frozen backbone) and, when stage 3
+    runs, SPICE (the jointly trained model, the one saved and exported)."""
+
+    name = "spice"
+    config_class = SpiceConfig
+
+    def __init__(self, n_clusters: int, config: SpiceConfig | None = None, *, view_config: ViewConfig | None = None,
+                 **kwargs):
+        super().__init__(n_clusters, config, **kwargs)
+        self.view_config = view_config
+        self.stage2_model: ClusteringModel | None = None  # SPICE_s; set by fit, not saved
+
+    def row_names(self) -> list[str]:
+        return ["SPICE_s", "SPICE"] if self.config.joint else ["SPICE_s"]
+
+    def _fit(self, data, backbone, backbone_info, out_dir, eval_data) -> None:
+        mean, std = backbone_info.get("mean", (0.5, 0.5, 0.5)), backbone_info.get("std", (0.25, 0.25, 0.25))
+        frozen = copy.deepcopy(backbone)  # stage 3 trains `backbone` in place; SPICE_s keeps the start
+        result = train_spice(backbone, data.images, self.config, mean=mean, std=std, view_config=self.view_config,
+                             progress=self.progress, device=self.device, out_dir=out_dir,
+                             features_digest=backbone_info.get("features_digest"))
+        self.stage2_model = ClusteringModel(frozen, self.n_clusters, self.config.hidden_dim, head_names=("clustering",),
+                                            predict_head="clustering", mean=tuple(mean), std=tuple(std),
+                                            head_batchnorm=self.config.head_batchnorm).to(self.device).eval()
+        self.stage2_model.heads["clustering"].load_state_dict(result.heads.best_head.state_dict())
+        self.model = result.model.to(self.device)
+        stats = spice_train_stats(result, self.config, data.num_images, bool(backbone_info.get("source")))
+        self.metadata = spice_metadata(result.model, data.image_size, train_stats=stats, resize=data.resize)
+        self.seconds["SPICE_s"] = result.heads_seconds
+
+    def predictions(self, images) -> dict:
+        if self.stage2_model is None:  # loaded from disk: only the saved model
+            return {self.row_names()[-1]: self.predict_proba(images)}
+        stage2 = SpiceMethod(self.n_clusters, self.config, device=self.device)
+        stage2.model = self.stage2_model
+        out = {"SPICE_s": stage2.predict_proba(images)}
+        if self.config.joint:
+            out["SPICE"] = self.predict_proba(images)
+        return out

@@ -7,7 +7,6 @@ Attached to the ``train`` command group of :mod:`calibclust.train.cli` through i
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from calibclust.cli_names import device_arg
 from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
 from calibclust.models.names import BACKBONE_HELP, backbone_name
+from calibclust.train.methods import method_names
 from calibclust.train.cli import (
     add_features_arg,
     add_heldout_args,
@@ -27,7 +27,6 @@ from calibclust.train.cli import (
     refuse_auto_without_backbone,
     refuse_features_without_backbone,
     train_subparsers,
-    weights_arch,
 )
 from calibclust.errors import EXIT_OK
 
@@ -68,14 +67,18 @@ examples:
 """
 
 COMPARE_DESCRIPTION = """\
-Train K-means, SPICE_s, SPICE and CDC (both heads: CDC-Clu, CDC-Cal) on the same labelled folder
-and backbone, and print one table: method × ACC / NMI / ARI / ECE / AURC (ECE: 15 bins; AURC:
+Train every registered method (--methods; built in: K-means, SPICE, CDC) on the same labelled
+folder and backbone, and print one table: one row per prediction a method reports (SPICE: SPICE_s
+after stage 2 and SPICE after stage 3; CDC: both heads, CDC-Clu and CDC-Cal) × ACC / NMI / ARI /
+ECE / AURC (ECE: 15 bins; AURC:
 area under the risk-coverage curve, lower is better; correctness after the Hungarian
 cluster→class mapping). FOLDER must have the ImageFolder layout (FOLDER/<class>/<image>).
 
 K-means runs on the L2-normalised frozen features; its confidence is the Student-t soft
-assignment of DEC, q_k ∝ (1 + ||z - μ_k||²)^-1. CDC runs through its library function
-(calibclust.train.cdc.train_cdc), with a frozen backbone unless --finetune-backbone.
+assignment of DEC, q_k ∝ (1 + ||z - μ_k||²)^-1. CDC runs with a frozen backbone unless
+--finetune-backbone. Each method trains through the one method interface
+(calibclust.train.methods) and saves its model to OUT/METHOD/model, which 'calibclust export onnx
+--model' takes like any other.
 
 Every fifth image of each class is held out: no method trains on it, and every figure is measured
 on those images (or on --heldout FOLDER; --no-holdout scores the training images). The seconds
@@ -170,7 +173,7 @@ def register_cli(subparsers) -> None:
                     help="joint-training steps between resume checkpoints (default %(default)s; stage 2 is saved when it ends)")
     p.set_defaults(func=run_spice)
 
-    c = sub.add_parser("compare", help="one table: K-means, SPICE_s, SPICE, CDC-Clu, CDC-Cal on one folder",
+    c = sub.add_parser("compare", help="one table of held-out figures: every registered method on one folder",
                        description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG, formatter_class=_RAW)
     _add_data_args(c, allow_auto=False)
     c.add_argument("--cdc-epochs", type=int, default=40, help="CDC epochs (default %(default)s)")
@@ -184,6 +187,8 @@ def register_cli(subparsers) -> None:
                    help="train CDC's backbone with its heads, as the paper does, so Eq. 5 updates θ (default: heads "
                         "on frozen features, much faster; SPICE's stage 3 always trains its backbone)")
     add_heldout_args(c)
+    c.add_argument("--methods", type=_method_list, default=",".join(method_names()), metavar="NAME[,NAME...]",
+                   help="registered methods to train and score, in this order (default %(default)s)")
     c.set_defaults(func=run_compare)  # SPICE's settings and defaults are train spice's
 
 
@@ -205,6 +210,15 @@ def _mstep_batch(text: str) -> int | str:
     if value < 2:
         raise argparse.ArgumentTypeError(f"expected a sub-batch of at least 2 rows or 'all', got {text!r}")
     return value
+
+
+def _method_list(text: str) -> str:
+    # Kept as one comma-separated string, so --print-config / --config round-trip it as written.
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in method_names()]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct method names from {', '.join(method_names())}, got {text!r}")
+    return ",".join(names)
 
 
 def _repeats(text: str) -> int:
@@ -232,36 +246,15 @@ def spice_config_from_args(args, num_clusters: int | None = None):
 
 
 def _prepare(args):
-    """Decoded data, a backbone (pretrained or random, BatchNorm re-estimated per --recalibrate-bn),
-    its normalisation, and the view settings."""
-    import torch
-
-    from calibclust.models.backbones import build_backbone
-    from calibclust.train.cdc import TrainingData, load_backbone_dir
-    from calibclust.train.features import recalibrate_batchnorm
+    """Decoded data, a backbone (see :func:`calibclust.train.cli.load_data_and_backbone`), its
+    normalisation, and the view settings."""
     from calibclust.augment.views import ViewConfig
+    from calibclust.train.cli import load_data_and_backbone
 
-    torch.manual_seed(args.seed)
-    backbone, info = None, {}
-    if args.backbone_weights:
-        backbone, info = load_backbone_dir(args.backbone_weights, arch=weights_arch(args), input_size=args.image_size)
-    size = args.image_size or (backbone.spec.get("input_size") if backbone is not None else None) or 32
-    data = TrainingData.from_folder(args.folder, size, progress=not args.no_progress)
-    pretrained = backbone is not None
-    if backbone is None:
-        backbone = build_backbone(args.backbone, input_size=size)
-        # Measured on digits: SPICE_s 0.29 ACC on random features vs 0.84 on a MoCo-v2 backbone.
-        print("warning: no --backbone-weights: SPICE starts from a randomly initialised backbone; its prototype "
-              "pseudo-labels assume a pretrained embedding and tend to collapse on random features. Pretrain "
-              "first ('calibclust pretrain FOLDER --out DIR') and pass --backbone-weights DIR.", file=sys.stderr)
-    mean, std = info.get("mean", (0.5, 0.5, 0.5)), info.get("std", (0.25, 0.25, 0.25))
-    if args.recalibrate_bn == "yes" or (args.recalibrate_bn == "auto" and not pretrained):
-        from calibclust.models.clustering import ClusteringModel
-
-        pre = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", mean=mean, std=std).preprocess
-        recalibrate_batchnorm(backbone, pre, data.images)
+    data, backbone, info, pretrained = load_data_and_backbone(args, "SPICE's prototype pseudo-labels assume a pretrained "
+                                                              "embedding and tend to collapse on random features")
     view_config = ViewConfig(flip_p=0.0 if args.no_flip else 0.5)
-    return data, backbone, info, (mean, std), view_config, pretrained
+    return data, backbone, info, (info["mean"], info["std"]), view_config, pretrained
 
 
 def _report(probs, labels):
@@ -300,15 +293,9 @@ def _spice_run(args, data, backbone, norm, view_config, device, out_dir=None, bo
 
 def _save_spice(args, data, config, result, pretrained, clusters_choice=None) -> Path:
     from calibclust.models.clustering import save_model
-    from calibclust.train.spice import spice_metadata
+    from calibclust.train.spice import spice_metadata, spice_train_stats
 
-    conf, pred = result.probs.max(1)
-    stats = {"n_images": data.num_images, "mean_confidence": float(conf.mean()),
-             "cluster_sizes": [int(v) for v in (pred.bincount(minlength=config.num_clusters)).tolist()],
-             "best_head": result.heads.best, "head_losses": result.heads.losses.tolist(),
-             "reliable": result.reliable_report, "pretrained_backbone": pretrained}
-    if clusters_choice:
-        stats["clusters_choice"] = clusters_choice
+    stats = spice_train_stats(result, config, data.num_images, pretrained, clusters_choice)
     meta = spice_metadata(result.model, data.image_size, train_stats=stats, resize=data.resize)
     return save_model(result.model, Path(args.out) / "model", meta)
 
@@ -401,14 +388,6 @@ def run_spice(args) -> int:
     return EXIT_OK
 
 
-def kmeans_soft_assignment(z, centers):
-    """DEC's Student-t soft assignment q_ik ∝ (1 + ||z_i − μ_k||²)^-1 (Xie et al. 2016, Eq. 1)."""
-    import torch
-
-    q = 1.0 / (1.0 + torch.cdist(z, centers) ** 2)
-    return q / q.sum(1, keepdim=True)
-
-
 def format_table(rows: list[dict], title: str = "") -> str:
     head = "| method | ACC | NMI | ARI | ECE | AURC | seconds |\n|---|---|---|---|---|---|---|"
     lines = [f"| {r['method']} | {r['acc']:.4f} | {r['nmi']:.4f} | {r['ari']:.4f} | {r['ece']:.4f} | {r['aurc']:.4f} "
@@ -417,18 +396,14 @@ def format_table(rows: list[dict], title: str = "") -> str:
 
 
 def run_compare(args) -> int:
-    import time
-
     import torch
-    import torch.nn.functional as F
 
-    from calibclust.cluster.kmeans import kmeans
     from calibclust.errors import InputError
-    from calibclust.models.clustering import ClusteringModel
-    from calibclust.train.cdc import CDCConfig, embed_images, head_probabilities, train_cdc
+    from calibclust.train.cdc import CDCConfig
     from calibclust.train.cli import split_heldout
-    from calibclust.train.spice import predict_probs
+    from calibclust.train.methods import get_method
 
+    methods = [get_method(name) for name in args.methods.split(",")]  # unknown names fail before any decoding
     device = _device(args.device)
     data, backbone, info, norm, view_config, pretrained = _prepare(args)
     if data.labels is None:
@@ -438,43 +413,35 @@ def run_compare(args) -> int:
     print(f"scoring every method on {where}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cdc_backbone = copy.deepcopy(backbone)  # SPICE's joint stage trains its backbone in place
-    # The frozen start, for the scored images' features of K-means and SPICE_s.
-    frozen = ClusteringModel(copy.deepcopy(backbone), args.clusters, head_names=("clustering",),
-                             predict_head="clustering", mean=norm[0], std=norm[1]).to(device).eval()
-    config, cache, result = _spice_run(args, data, backbone, norm, view_config, device)
-    z_scored = (cache.plain if held is None else embed_images(frozen, held.images, device=device)).float().cpu()
-    rows = []
-    t0 = time.time()
-    km = kmeans(F.normalize(cache.plain.float().cpu(), dim=1), args.clusters, seed=args.seed)
-    km_seconds = time.time() - t0
-    rows.append({"method": "K-means", "seconds": km_seconds,
-                 **_report(kmeans_soft_assignment(F.normalize(z_scored, dim=1), km.centers), scored.labels)})
-    with torch.no_grad():
-        spice_s = result.spice_s_probs if held is None else result.heads.best_head.eval()(z_scored).softmax(1)
-    rows.append({"method": "SPICE_s", "seconds": result.heads_seconds, **_report(spice_s, scored.labels)})
-    if config.joint:
-        probs = result.probs if held is None else predict_probs(result.model, held.images, device=device)
-        rows.append({"method": "SPICE", "seconds": result.seconds, **_report(probs, scored.labels)})
-    _save_spice(args, data, config, result, pretrained)
-    cdc_cfg = CDCConfig(num_clusters=args.clusters, epochs=args.cdc_epochs, batch_size=args.cdc_batch_size,
-                        sub_batch_size=max(2, args.cdc_batch_size // 2), freeze_backbone=not args.finetune_backbone,
-                        num_views=args.cdc_views, orth_steps=args.cdc_orth_steps, recalibrate_bn="no", views=view_config, seed=args.seed)
-    t0 = time.time()
-    cdc = train_cdc(cdc_cfg, data, out / "cdc", cdc_backbone, info, args.backbone, device=device,
-                    progress=not args.no_progress, eval_data=held)
-    cdc_seconds = time.time() - t0
-    zc = embed_images(cdc.model, scored.images, device=device)
-    for head, name in (("clustering", "CDC-Clu"), ("calibration", "CDC-Cal")):
-        rows.append({"method": name, "seconds": cdc_seconds, **_report(head_probabilities(cdc.model, zc, head), scored.labels)})
+    # _prepare re-estimated BatchNorm where asked; the methods must not redo it on their copies.
+    info = {**info, "mean": norm[0], "std": norm[1], "source": info.get("source") or f"random init ({args.backbone})"}
+    # Settings of the methods this command has options for; any other registered method runs with its defaults.
+    configs = {
+        "spice": spice_config_from_args(args),
+        "cdc": CDCConfig(num_clusters=args.clusters, epochs=args.cdc_epochs, batch_size=args.cdc_batch_size,
+                         sub_batch_size=max(2, args.cdc_batch_size // 2), freeze_backbone=not args.finetune_backbone,
+                         num_views=args.cdc_views, orth_steps=args.cdc_orth_steps, recalibrate_bn="no",
+                         views=view_config, seed=args.seed),
+    }
+    options = {"spice": {"view_config": view_config}}
+    rows, settings = [], {}
+    for cls in methods:
+        method = cls(args.clusters, configs.get(cls.name), seed=args.seed, device=device,
+                     progress=not args.no_progress, **options.get(cls.name, {}))
+        print(f"--- {cls.name}", file=sys.stderr)
+        method.fit(data, backbone, info, out_dir=out / cls.name, eval_data=held)
+        method.save(out / cls.name / "model")
+        settings[cls.name] = method.config.to_dict() if hasattr(method.config, "to_dict") else None
+        for row, probs in method.predictions(scored.images).items():
+            rows.append({"method": row, "seconds": method.seconds[row], **_report(torch.from_numpy(probs), scored.labels)})
     title = (f"Scored on {where}; trained on {data.num_images} images of {args.folder}, K={args.clusters}, backbone "
              f"{'pretrained ' + str(args.backbone_weights) if pretrained else args.backbone + ' (random init, BN re-estimated)'}"
              f", CDC's {'fine-tuned with its heads' if args.finetune_backbone else 'frozen'}, seed {args.seed}. "
-             f"Seconds: training (SPICE: stages 2 and 3; CDC-Clu and CDC-Cal are one run).")
+             f"Seconds: training (SPICE_s: stage 2; SPICE: stages 2 and 3; CDC-Clu and CDC-Cal are one run).")
     table = format_table(rows, title)
     print(table)
     (out / "compare.md").write_text(table + "\n")
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "scored_on": where, "spice_config": config.to_dict(),
-                                                  "cdc_config": cdc_cfg.to_dict()}, indent=2, default=str))
-    print(f"\n(written to {out}/compare.md and compare.json; models in {out}/model and {out}/cdc/model)")
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "scored_on": where, "methods": args.methods.split(","),
+                                                  "configs": settings}, indent=2, default=str))
+    print(f"\n(written to {out}/compare.md and compare.json; each method's model in {out}/METHOD/model)")
     return EXIT_OK

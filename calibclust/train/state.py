@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from calibclust.errors import CalibclustError, InputError
+from calibclust.errors import CalibclustError
 
 STATE_JSON = "state.json"
 LEGACY_TENSORS = "state.safetensors"  # CDC states written before the tensors file was named per save
@@ -76,16 +76,6 @@ def read_state(out_dir: str | os.PathLike, state_format: str) -> tuple[dict[str,
     if not weights.is_file():
         raise CalibclustError(f"{state_json(out_dir)} names {weights.name}, which is missing: the checkpoint is incomplete")
     return load_file(str(weights), device="cpu"), meta
-
-
-def check_same_settings(saved: dict, current: dict, out_dir, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse a resume whose settings differ from the checkpoint's (naming every difference)."""
-    diff = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
-    if diff:
-        raise InputError(
-            f"--resume with different settings than the checkpoint in {out_dir}: "
-            + ", ".join(f"{k} ({saved.get(k)!r} → {current[k]!r})" for k in diff)
-        )
 
 
 def optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,184 @@
+"""One interface for every clustering method, and the registry ``train compare`` and ``fit`` are built from.
+
+A method turns decoded images (:class:`calibclust.train.data.TrainingData`) and a backbone into a
+:class:`calibclust.models.clustering.ClusteringModel` with its :class:`calibclust.metadata.ModelMetadata`
+— the model contract — so everything after training (``predict``, ``export``, ``label``, the demo)
+works for every method without knowing which one trained it::
+
+    from calibclust.train.methods import get_method
+
+    method = get_method("kmeans")(n_clusters=10, seed=0).fit(data, backbone, info)
+    probs = method.predict_proba(heldout_images)  # (N, K) numpy
+    method.save("runs/kmeans/model")              # what `calibclust export onnx` reads
+
+**Adding a method is one module and one line**: a module with a :class:`ClusteringMethod` subclass
+(``_fit`` sets ``self.model`` and ``self.metadata``), and its ``"module:Class"`` in :data:`METHODS`
+(:mod:`calibclust.train.kmeans_method` is the smallest example). Third-party packages add methods
+without editing this file through the ``calibclust.methods`` entry-point group, name = registry name,
+value = ``module:Class``.
+
+This module imports no torch, so the CLI can list the methods (``--method`` choices) cheaply.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+from calibclust.errors import InputError
+
+# Registry name → "module:Class". Order = the rows' order in `train compare`.
+METHODS: dict[str, str] = {
+    "kmeans": "calibclust.train.kmeans_method:KMeansMethod",
+    "spice": "calibclust.train.spice:SpiceMethod",
+    "cdc": "calibclust.train.cdc:CDCMethod",
+}
+ENTRY_POINT_GROUP = "calibclust.methods"
+# Methods with a `calibclust train NAME` command of their own (many method-specific options); every
+# other registered method gets the generic one (calibclust.train.cli), with its default settings.
+DEDICATED_COMMANDS = frozenset({"cdc", "spice"})
+
+
+def _registry() -> dict[str, str]:
+    found = dict(METHODS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep.value)  # a plugin cannot replace a built-in method
+    return found
+
+
+def method_names() -> list[str]:
+    """Every registered method, built-in first (registry order), then plugins by name."""
+    registry = _registry()
+    return list(METHODS) + sorted(set(registry) - set(METHODS))
+
+
+def get_method(name: str) -> type["ClusteringMethod"]:
+    """The :class:`ClusteringMethod` subclass registered as ``name``."""
+    registry = _registry()
+    if name not in registry:
+        raise InputError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+    module_name, _, class_name = registry[name].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, ClusteringMethod)) or cls.name != name:
+        raise InputError(f"method {name!r} ({registry[name]}) is not a ClusteringMethod named {name!r}")
+    return cls
+
+
+class ClusteringMethod:
+    """Base of every method: ``fit`` / ``predict_proba`` / ``save`` / ``load``.
+
+    Subclasses set :attr:`name` (the registry name, also ``ModelMetadata.method``), :attr:`config_class`
+    (a dataclass whose ``num_clusters`` and ``seed`` this class fills) and implement :meth:`_fit`.
+    ``fit`` never changes the backbone it is given (methods that train it train a copy), so one
+    pretrained backbone can be handed to several methods in turn, as ``train compare`` does.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type | None] = None
+
+    def __init__(self, n_clusters: int, config: Any = None, *, seed: int = 0, device: str = "cpu",
+                 progress: bool = False):
+        self.n_clusters = int(n_clusters)
+        self.seed = int(seed)
+        self.device = device
+        self.progress = progress
+        self.config = self._resolve_config(config)
+        self.model = None  # ClusteringModel once fitted
+        self.metadata = None  # ModelMetadata once fitted
+        self.seconds: dict[str, float] = {}  # training seconds of each row of predictions()
+
+    def _resolve_config(self, config: Any) -> Any:
+        if self.config_class is None:
+            return config
+        if config is None:
+            return self.config_class(num_clusters=self.n_clusters, seed=self.seed)
+        if not isinstance(config, self.config_class):
+            raise InputError(f"{self.name}: config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        if config.num_clusters != self.n_clusters:
+            raise InputError(f"{self.name}: config.num_clusters={config.num_clusters} but n_clusters={self.n_clusters}")
+        return config
+
+    # --- training ---------------------------------------------------------------------------------
+    def fit(self, data, backbone, backbone_info: dict | None = None, out_dir: str | os.PathLike | None = None,
+            eval_data=None) -> "ClusteringMethod":
+        """Train on ``data`` (TrainingData) from ``backbone`` (pretrained, weights as ``backbone_info``
+        describes: ``mean``/``std``/``source``); ``out_dir`` keeps checkpoints and logs where the method
+        has any; ``eval_data`` is scored in the logs only, never trained on."""
+        if data.num_images < self.n_clusters:
+            raise InputError(f"{self.name}: {data.num_images} images cannot form {self.n_clusters} clusters")
+        start = time.perf_counter()
+        self._fit(data, copy.deepcopy(backbone), dict(backbone_info or {}),
+                  None if out_dir is None else Path(out_dir), eval_data)
+        if self.model is None or self.metadata is None:
+            raise RuntimeError(f"{type(self).__name__}._fit must set model and metadata")
+        self.model.eval()
+        for row in self.row_names():  # one training run gives every row unless _fit timed them apart
+            self.seconds.setdefault(row, time.perf_counter() - start)
+        return self
+
+    def _fit(self, data, backbone, backbone_info: dict, out_dir: Path | None, eval_data) -> None:
+        raise NotImplementedError
+
+    # --- inference --------------------------------------------------------------------------------
+    def _fitted(self):
+        if self.model is None:
+            raise InputError(f"{self.name}: not fitted; call fit() or ClusteringMethod.load() first")
+        return self.model
+
+    def predict_proba(self, images, head: str | None = None):
+        """Cluster probabilities (N, K) numpy float32 of uint8 (N, H, W, 3) images at the model's
+        input size, from the predicting head (or ``head``)."""
+        head = head or self._fitted().predict_head
+        return self.head_probabilities(images, (head,))[head]
+
+    def head_probabilities(self, images, heads: tuple[str, ...], batch_size: int = 512) -> dict:
+        """Probabilities of several heads from one pass of the backbone, by head name."""
+        import numpy as np
+        import torch
+
+        from calibclust.train.data import embed_images, head_probabilities
+
+        model = self._fitted()
+        images = np.asarray(images)
+        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] != 3:
+            raise InputError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        unknown = [h for h in heads if h not in model.head_names]
+        if unknown:
+            raise InputError(f"{self.name}: no head {unknown[0]!r}; the model has {', '.join(model.head_names)}")
+        with torch.no_grad():
+            z = embed_images(model, images, batch_size=batch_size, device=self.device)
+            return {h: head_probabilities(model, z, h).numpy() for h in heads}
+
+    def predictions(self, images) -> dict[str, Any]:
+        """Every prediction the method reports, by row name (``train compare`` prints one row each);
+        one row, the model's, unless a method has more (CDC's two heads, SPICE's two stages)."""
+        return {self.row_names()[0]: self.predict_proba(images)}
+
+    def row_names(self) -> list[str]:
+        return [self.name]
+
+    # --- persistence ------------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """The model directory every command reads (``model.safetensors`` + ``config.json``)."""
+        from calibclust.models.clustering import save_model
+
+        model = self._fitted()
+        device = next(model.parameters()).device
+        path = save_model(model.cpu(), out_dir, self.metadata)
+        model.to(device)
+        return path
+
+    @staticmethod
+    def load(path: str | os.PathLike, device: str = "cpu") -> "ClusteringMethod":
+        """A saved model as the method that trained it (``ModelMetadata.method``), ready to predict."""
+        from calibclust.models.clustering import load_model
+
+        model, metadata = load_model(path)
+        method = get_method(metadata.method)(metadata.num_clusters, device=device)
+        method.model, method.metadata = model.to(device).eval(), metadata
+        return method
