@@ -30,8 +30,11 @@ class ConfigError(InputError, ValueError):
     Also a ``ValueError``, which is what invalid arguments raise in Python code."""
 
     def __init__(self, title: str, problems: list[str]):
-        self.problems = list(problems)
+        self.title, self.problems = title, list(problems)
         super().__init__(f"invalid {title}: " + "; ".join(self.problems))
+
+    def __reduce__(self):  # picklable across processes despite the two-argument constructor
+        return (type(self), (self.title, self.problems))
 
 
 class Config:
@@ -60,9 +63,10 @@ class Config:
                 setattr(self, name, value)
             elif not isinstance(value, kind):
                 found.append(f"{name} must be a {kind.__name__} or a dict, got {type(value).__name__}")
-        if not found:  # a subclass's checks may read its nested configs
-            self._coerce()
-            found += self.problems()
+        # The subclass's own checks run even when a nested config is invalid (every problem in one
+        # pass); they must not rely on nested configs being built.
+        self._coerce()
+        found += self.problems()
         if found:
             raise ConfigError(self.TITLE, found)
 
@@ -92,7 +96,10 @@ class Config:
         """Refuse to resume a run saved with ``saved`` (its ``to_dict()``) under these settings,
         naming every field that differs, except :attr:`RESUMABLE` ones. Fields added since the
         checkpoint was written take their defaults (through :meth:`from_dict`)."""
-        then = type(self).from_dict(dict(saved)).to_dict()
+        try:
+            then = type(self).from_dict(dict(saved)).to_dict()
+        except ConfigError as exc:
+            raise InputError(f"{where} was saved with settings this version cannot read ({exc}); start a new run") from None
         now = self.to_dict()
         diff = sorted(k for k in now if k not in self.RESUMABLE and then.get(k) != now[k])
         if diff:
@@ -107,8 +114,8 @@ def _unknown(keys: list[str], fields: dict) -> str:
 def _hints(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation that cannot be resolved: no conversions
-        return {}
+    except (NameError, TypeError) as exc:  # nested configs and tuples could not be rebuilt: say so
+        raise TypeError(f"{cls.__name__}: its field annotations must resolve at run time ({exc})") from None
 
 
 def _nested_fields(cls: type) -> dict[str, type]:

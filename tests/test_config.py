@@ -25,6 +25,14 @@ def test_every_problem_is_reported_at_once_nested_ones_by_path():
 
     with pytest.raises(ConfigError, match=r"views\.flip_p must be in \[0, 1\], got 2; views\.num_ops must be >= 0"):
         CDCConfig.from_dict({"views": {"flip_p": 2, "num_ops": -1}})
+    with pytest.raises(ConfigError) as info:  # nested and top-level problems in the same message
+        CDCConfig(num_clusters=1, views={"flip_p": 2})
+    assert info.value.problems == ["views.flip_p must be in [0, 1], got 2", "num_clusters must be >= 2, got 1"]
+
+    import pickle
+
+    again = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries (bench children, Ray)
+    assert str(again) == str(info.value) and again.problems == info.value.problems
 
 
 def test_from_dict_refuses_unknown_keys_and_round_trips_through_json():
@@ -55,6 +63,8 @@ def test_resume_names_every_changed_setting_except_resumable_ones():
     old = {k: v for k, v in saved.items() if k != "minicluster_norm"}  # a checkpoint older than the option
     CDCConfig(num_clusters=3, epochs=10).check_resume(old)
     MoCoConfig(checkpoint_every_steps=5).check_resume(MoCoConfig().to_dict())
+    with pytest.raises(InputError, match="the checkpoint in x was saved with settings this version cannot read"):
+        CDCConfig(num_clusters=3).check_resume({**saved, "from_the_future": 1}, "the checkpoint in x")
 
 
 def test_cli_defaults_are_the_configs_defaults():

@@ -61,6 +61,7 @@ def test_kmeans_method_is_dec_soft_assignment_on_its_centres(tmp_path):
     acc = hungarian_accuracy(held.labels, probs.argmax(1)).accuracy
     assert acc >= 0.9, f"K-means on three distinct shapes, 48 held-out images: ACC {acc:.3f}"
     assert method.metadata.method == "kmeans" and not method.metadata.calibrated
+    assert method.metadata.confidence_threshold == 0.0  # no default confidence cut on an uncalibrated soft assignment
     assert method.row_names() == ["K-means"] and method.seconds["K-means"] > 0
 
     method.save(tmp_path / "model")
@@ -114,9 +115,17 @@ def test_cdc_and_spice_methods_report_their_rows_and_round_trip(tmp_path):
     rows = spice.predictions(held.images)
     assert list(rows) == ["SPICE_s", "SPICE"] and spice.seconds["SPICE_s"] <= spice.seconds["SPICE"]
     spice.save(tmp_path / "spice")  # the API saves SPICE too, not only its CLI
-    loaded = ClusteringMethod.load(tmp_path / "spice")
-    assert loaded.metadata.method == "spice"
+    loaded = ClusteringMethod.load(tmp_path / "spice", device="auto")
+    assert loaded.metadata.method == "spice" and loaded.device == "cpu" and loaded.config == spice.config
     np.testing.assert_allclose(loaded.predict_proba(held.images), rows["SPICE"], atol=1e-5)
+
+    import dataclasses
+
+    stage2_only = get_method("spice")(3, dataclasses.replace(spice.config, joint=False), device="auto")
+    stage2_only.fit(train, backbone, {"source": "test"})
+    assert list(stage2_only.predictions(held.images)) == ["SPICE_s"]
+    stage2_only.save(tmp_path / "spice2")  # loaded with the settings it was trained with: still named SPICE_s
+    assert list(ClusteringMethod.load(tmp_path / "spice2").predictions(held.images)) == ["SPICE_s"]
 
 
 def test_every_registered_method_without_its_own_command_gets_train_name(digits_folder, tmp_path, capsys):

@@ -747,6 +747,7 @@ class CDCTrainer:
             "init": self.config.init,
             "frozen_backbone": self.config.freeze_backbone,
             "checkpoint_choice": "last epoch (label-free)",
+            "config": self.config.to_dict(),  # ClusteringMethod.load rebuilds the method with it
         }
         if self.clusters_choice:
             stats["clusters_choice"] = self.clusters_choice
@@ -845,8 +846,8 @@ class CDCMethod(ClusteringMethod):
             ("clustering", "calibration") if self.config.heads == "dual" else ("clustering",))
         return ["CDC-Clu", "CDC-Cal"] if "calibration" in heads else ["CDC"]
 
-    def _fit(self, data, backbone, backbone_info, out_dir, eval_data) -> None:
-        result = train_cdc(self.config, data, out_dir, backbone, backbone_info, device=self.device,
+    def _fit(self, data, backbone, backbone_info, out_dir, eval_data, resume) -> None:
+        result = train_cdc(self.config, data, out_dir, backbone, backbone_info, resume=resume, device=self.device,
                            progress=self.progress, eval_data=eval_data)
         self.model, self.metadata, self.history = result.model, result.metadata, result.history
 

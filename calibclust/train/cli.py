@@ -1,7 +1,8 @@
 """``calibclust train ...`` and ``calibclust predict`` (argparse; imports no torch at module level).
 
-``train`` is a command group: this module adds ``train cdc`` and ``train cdc-ablation``; other
-methods attach their own subcommand to the same group from their own ``register_cli``::
+``train`` is a command group: this module adds ``train cdc``, ``train cdc-ablation`` and, for every
+registered method without a command of its own (:mod:`calibclust.train.methods`), a generic
+``train NAME``; a method with its own options attaches its subcommand from its own ``register_cli``::
 
     from calibclust.train.cli import train_subparsers
 
@@ -10,7 +11,7 @@ methods attach their own subcommand to the same group from their own ``register_
         ...
 
 :func:`train_subparsers` creates the group on first use and returns the same one afterwards,
-whatever order the entry points load in.
+whatever order the modules register in.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def _register_method_commands(sub) -> None:
     for name in method_names():
         if name in DEDICATED_COMMANDS or name in sub.choices:
             continue
-        p = sub.add_parser(name, help=f"{name} on frozen backbone features (the method's default settings)",
+        p = sub.add_parser(name, help=f"train the registered method {name!r} (its default settings)",
                            description=METHOD_DESCRIPTION.format(name=name), epilog=METHOD_EPILOG.format(name=name),
                            formatter_class=_RAW)
         p.add_argument("folder", metavar="FOLDER", help="image folder (flat, or FOLDER/<class>/<image> for reporting)")

@@ -40,7 +40,7 @@ class KMeansMethod(ClusteringMethod):
     def row_names(self) -> list[str]:
         return ["K-means"]
 
-    def _fit(self, data, backbone, backbone_info, out_dir, eval_data) -> None:
+    def _fit(self, data, backbone, backbone_info, out_dir, eval_data, resume) -> None:  # fast: never resumes
         import torch
         import torch.nn.functional as F
 
@@ -64,6 +64,9 @@ class KMeansMethod(ClusteringMethod):
             num_clusters=self.n_clusters, input_size=data.image_size, mean=tuple(model.mean.flatten().tolist()),
             std=tuple(model.std.flatten().tolist()), method=self.name, resize=data.resize, probs_head="clustering",
             calibrated=False, backbone=backbone_label(backbone), embedding_dim=model.feature_dim,
+            # The soft assignment is no probability of being right (held-out digits: mean 0.12 at ACC
+            # 0.77), so labelling cuts nothing by confidence unless asked (--coverage still ranks by it).
+            confidence_threshold=0.0,
             train_stats={"n_images": data.num_images, "cluster_sizes": sizes, "inertia": float(result.inertia),
                          "config": self.config.to_dict(), "backbone_source": backbone_info.get("source", "")},
         )

@@ -17,7 +17,8 @@ works for every method without knowing which one trained it::
 without editing this file through the ``calibclust.methods`` entry-point group, name = registry name,
 value = ``module:Class``.
 
-This module imports no torch, so the CLI can list the methods (``--method`` choices) cheaply.
+This module imports no torch, so the CLI can list the methods (``fit --method``, ``train compare
+--methods``) cheaply.
 """
 
 from __future__ import annotations
@@ -44,28 +45,34 @@ ENTRY_POINT_GROUP = "calibclust.methods"
 DEDICATED_COMMANDS = frozenset({"cdc", "spice"})
 
 
-def _registry() -> dict[str, str]:
-    found = dict(METHODS)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep.value)  # a plugin cannot replace a built-in method
-    return found
+def _plugins() -> dict[str, object]:
+    """Methods of other packages (entry points), by name; a built-in name cannot be taken."""
+    from calibclust.metadata import METHOD_NAME
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)
+            if ep.name not in METHODS and METHOD_NAME.fullmatch(ep.name)}
 
 
 def method_names() -> list[str]:
     """Every registered method, built-in first (registry order), then plugins by name."""
-    registry = _registry()
-    return list(METHODS) + sorted(set(registry) - set(METHODS))
+    return list(METHODS) + sorted(_plugins())
 
 
 def get_method(name: str) -> type["ClusteringMethod"]:
     """The :class:`ClusteringMethod` subclass registered as ``name``."""
-    registry = _registry()
-    if name not in registry:
-        raise InputError(f"unknown method {name!r}; available: {', '.join(method_names())}")
-    module_name, _, class_name = registry[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        if name in METHODS:
+            module_name, _, class_name = METHODS[name].partition(":")
+            cls = getattr(importlib.import_module(module_name), class_name)
+        else:
+            plugins = _plugins()
+            if name not in plugins:
+                raise InputError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+            cls = plugins[name].load()
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"method {name!r} could not be loaded ({type(exc).__name__}: {exc})") from None
     if not (isinstance(cls, type) and issubclass(cls, ClusteringMethod)) or cls.name != name:
-        raise InputError(f"method {name!r} ({registry[name]}) is not a ClusteringMethod named {name!r}")
+        raise InputError(f"method {name!r} is not a ClusteringMethod named {name!r}")
     return cls
 
 
@@ -83,9 +90,11 @@ class ClusteringMethod:
 
     def __init__(self, n_clusters: int, config: Any = None, *, seed: int = 0, device: str = "cpu",
                  progress: bool = False):
+        from calibclust.device import resolve_device
+
         self.n_clusters = int(n_clusters)
         self.seed = int(seed)
-        self.device = device
+        self.device = str(resolve_device(device))
         self.progress = progress
         self.config = self._resolve_config(config)
         self.model = None  # ClusteringModel once fitted
@@ -105,15 +114,17 @@ class ClusteringMethod:
 
     # --- training ---------------------------------------------------------------------------------
     def fit(self, data, backbone, backbone_info: dict | None = None, out_dir: str | os.PathLike | None = None,
-            eval_data=None) -> "ClusteringMethod":
+            eval_data=None, resume: bool = False) -> "ClusteringMethod":
         """Train on ``data`` (TrainingData) from ``backbone`` (pretrained, weights as ``backbone_info``
         describes: ``mean``/``std``/``source``); ``out_dir`` keeps checkpoints and logs where the method
-        has any; ``eval_data`` is scored in the logs only, never trained on."""
+        has any, and ``resume`` continues from them (methods without checkpoints start over);
+        ``eval_data`` is scored in the logs only, never trained on."""
         if data.num_images < self.n_clusters:
             raise InputError(f"{self.name}: {data.num_images} images cannot form {self.n_clusters} clusters")
         start = time.perf_counter()
+        self.seconds = {}
         self._fit(data, copy.deepcopy(backbone), dict(backbone_info or {}),
-                  None if out_dir is None else Path(out_dir), eval_data)
+                  None if out_dir is None else Path(out_dir), eval_data, resume)
         if self.model is None or self.metadata is None:
             raise RuntimeError(f"{type(self).__name__}._fit must set model and metadata")
         self.model.eval()
@@ -121,7 +132,7 @@ class ClusteringMethod:
             self.seconds.setdefault(row, time.perf_counter() - start)
         return self
 
-    def _fit(self, data, backbone, backbone_info: dict, out_dir: Path | None, eval_data) -> None:
+    def _fit(self, data, backbone, backbone_info: dict, out_dir: Path | None, eval_data, resume: bool) -> None:
         raise NotImplementedError
 
     # --- inference --------------------------------------------------------------------------------
@@ -179,6 +190,9 @@ class ClusteringMethod:
         from calibclust.models.clustering import load_model
 
         model, metadata = load_model(path)
-        method = get_method(metadata.method)(metadata.num_clusters, device=device)
-        method.model, method.metadata = model.to(device).eval(), metadata
+        cls = get_method(metadata.method)
+        saved = metadata.train_stats.get("config")  # the settings it was trained with (older models: none)
+        config = cls.config_class.from_dict(saved) if saved and cls.config_class is not None else None
+        method = cls(metadata.num_clusters, config, device=device)
+        method.model, method.metadata = model.to(method.device).eval(), metadata
         return method

@@ -630,7 +630,8 @@ def spice_train_stats(result: SpiceResult, config: SpiceConfig, n_images: int, p
     stats = {"n_images": n_images, "mean_confidence": float(conf.mean()),
              "cluster_sizes": [int(v) for v in pred.bincount(minlength=config.num_clusters).tolist()],
              "best_head": result.heads.best, "head_losses": result.heads.losses.tolist(),
-             "reliable": result.reliable_report, "pretrained_backbone": pretrained}
+             "reliable": result.reliable_report, "pretrained_backbone": pretrained,
+             "config": config.to_dict()}  # ClusteringMethod.load rebuilds the method with it
     if clusters_choice:
         stats["clusters_choice"] = clusters_choice
     return stats
@@ -653,18 +654,19 @@ class SpiceMethod(ClusteringMethod):
     def row_names(self) -> list[str]:
         return ["SPICE_s", "SPICE"] if self.config.joint else ["SPICE_s"]
 
-    def _fit(self, data, backbone, backbone_info, out_dir, eval_data) -> None:
+    def _fit(self, data, backbone, backbone_info, out_dir, eval_data, resume) -> None:
         mean, std = backbone_info.get("mean", (0.5, 0.5, 0.5)), backbone_info.get("std", (0.25, 0.25, 0.25))
         frozen = copy.deepcopy(backbone)  # stage 3 trains `backbone` in place; SPICE_s keeps the start
         result = train_spice(backbone, data.images, self.config, mean=mean, std=std, view_config=self.view_config,
                              progress=self.progress, device=self.device, out_dir=out_dir,
-                             features_digest=backbone_info.get("features_digest"))
+                             resume=resume and out_dir is not None, features_digest=backbone_info.get("features_digest"))
         self.stage2_model = ClusteringModel(frozen, self.n_clusters, self.config.hidden_dim, head_names=("clustering",),
                                             predict_head="clustering", mean=tuple(mean), std=tuple(std),
                                             head_batchnorm=self.config.head_batchnorm).to(self.device).eval()
         self.stage2_model.heads["clustering"].load_state_dict(result.heads.best_head.state_dict())
         self.model = result.model.to(self.device)
-        stats = spice_train_stats(result, self.config, data.num_images, bool(backbone_info.get("source")))
+        stats = spice_train_stats(result, self.config, data.num_images,
+                                  backbone_info.get("pretrained", bool(backbone_info.get("source"))))
         self.metadata = spice_metadata(result.model, data.image_size, train_stats=stats, resize=data.resize)
         self.seconds["SPICE_s"] = result.heads_seconds
 

@@ -1,18 +1,19 @@
 """``calibclust train spice`` and ``calibclust train compare`` (argparse; no torch at module level).
 
 Attached to the ``train`` command group of :mod:`calibclust.train.cli` through its documented hook
-:func:`~calibclust.train.cli.train_subparsers` (entry point ``train-spice`` in pyproject).
+:func:`~calibclust.train.cli.train_subparsers` (``train-spice`` in the command table of :mod:`calibclust.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
-# Imported at module level (it imports no torch) so that, if the train group is missing, the
-# entry point fails at load time and `calibclust` reports and skips it instead of crashing.
+# Imported at module level (it imports no torch) so that, if the train group is missing, this
+# module fails at load time and `calibclust` reports and skips it instead of crashing.
 from calibclust.cli_config import add_config_args
 from calibclust.cli_names import device_arg
 from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
@@ -372,7 +373,7 @@ def run_spice(args) -> int:
         write_spice_report(result, Path(args.out) / "training.html", config, str(args.folder))
     except Exception as exc:  # the curves are a convenience; the model is what the run is for
         print(f"warning: training.html not written ({type(exc).__name__}: {exc})", file=sys.stderr)
-    run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "clusters_choice": clusters_choice, "backbone": info or {"name": args.backbone},
+    run = {"method": "spice", "folder": str(args.folder), "config": config.to_dict(), "clusters_choice": clusters_choice, "backbone": info if pretrained else {"name": args.backbone},
            "head_losses": result.heads.losses.tolist(), "best_head": result.heads.best,
            "kept_epochs": result.heads.kept_epochs,
            "reliable": result.reliable_report, "seconds": result.seconds}
@@ -414,7 +415,7 @@ def run_compare(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # _prepare re-estimated BatchNorm where asked; the methods must not redo it on their copies.
-    info = {**info, "mean": norm[0], "std": norm[1], "source": info.get("source") or f"random init ({args.backbone})"}
+    info = {**info, "pretrained": pretrained, "source": info.get("source") or f"random init ({args.backbone})"}
     # Settings of the methods this command has options for; any other registered method runs with its defaults.
     configs = {
         "spice": spice_config_from_args(args),
@@ -429,6 +430,8 @@ def run_compare(args) -> int:
         method = cls(args.clusters, configs.get(cls.name), seed=args.seed, device=device,
                      progress=not args.no_progress, **options.get(cls.name, {}))
         print(f"--- {cls.name}", file=sys.stderr)
+        if (out / cls.name / "checkpoint").exists():  # rerunning the command redoes every method
+            shutil.rmtree(out / cls.name / "checkpoint")
         method.fit(data, backbone, info, out_dir=out / cls.name, eval_data=held)
         method.save(out / cls.name / "model")
         settings[cls.name] = method.config.to_dict() if hasattr(method.config, "to_dict") else None
@@ -436,8 +439,10 @@ def run_compare(args) -> int:
             rows.append({"method": row, "seconds": method.seconds[row], **_report(torch.from_numpy(probs), scored.labels)})
     title = (f"Scored on {where}; trained on {data.num_images} images of {args.folder}, K={args.clusters}, backbone "
              f"{'pretrained ' + str(args.backbone_weights) if pretrained else args.backbone + ' (random init, BN re-estimated)'}"
-             f", CDC's {'fine-tuned with its heads' if args.finetune_backbone else 'frozen'}, seed {args.seed}. "
-             f"Seconds: training (SPICE_s: stage 2; SPICE: stages 2 and 3; CDC-Clu and CDC-Cal are one run).")
+             + (f", CDC's {'fine-tuned with its heads' if args.finetune_backbone else 'frozen'}"
+                if "cdc" in args.methods.split(",") else "")
+             + f", seed {args.seed}. Seconds: training, each method's own feature pass included (SPICE_s: stage 2; "
+               "SPICE: stages 2 and 3; CDC-Clu and CDC-Cal are one run).")
     table = format_table(rows, title)
     print(table)
     (out / "compare.md").write_text(table + "\n")
