@@ -2,14 +2,16 @@
 
 Targets register through one helper, so any module can add its own without touching this file:
 
-    # in mymodule.py, listed under [project.entry-points."calibclust.commands"]
+    # in mymodule.py, listed in calibclust.cli.COMMANDS (or, in another package, under
+    # [project.entry-points."calibclust.commands"])
     def register_cli(subparsers):
         from calibclust.bench import add_bench_target
         add_bench_target(subparsers, "model", help="...", configure=_add_options, run=_run)
 
 :func:`add_bench_target` finds (or creates) the ``bench`` command on the top-level subparsers and
 adds ``bench model`` under it; entry-point load order does not matter. This module itself
-registers ``bench pretrain`` (MoCo-v2 step throughput), ``bench kmeans`` (ours vs scikit-learn) and
+registers ``bench pretrain`` (MoCo-v2 step throughput), ``bench data`` (:mod:`calibclust.data_bench`:
+memory and speed against the number of images), ``bench kmeans`` (ours vs scikit-learn) and
 ``bench zoo`` (:mod:`calibclust.zoo`: quality on held-out splits of the data zoo).
 Nothing heavy is imported at module level.
 """
@@ -426,6 +428,18 @@ def _run_calibration(args) -> int:
 
 
 def register_cli(subparsers) -> None:
+    from calibclust import data_bench  # imports nothing heavy at module level
+
+    add_bench_target(
+        subparsers,
+        "data",
+        help="peak memory and images/s of training's data path against the number of images (cache vs memory)",
+        description=data_bench.__doc__,
+        configure=data_bench.options,
+        run=data_bench.run,
+        epilog=("examples:\n  calibclust bench data                                   # 1k, 10k, 100k images at 64 px\n"
+                "  calibclust bench data --sizes 2000,20000 --modes cache --threads 2"),
+    )
     add_bench_target(
         subparsers,
         "pretrain",

@@ -310,12 +310,16 @@ def pretrain(
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
     data_info: dict | None = None,
+    stop_after_steps: int | None = None,
 ) -> PretrainResult:
     """Run (or resume) MoCo-v2 on ``images`` (uint8 (N, H, W, 3), array or tensor, already at
     ``config.input_size``) and write checkpoints to ``out_dir``.
 
     ``stop_after_epochs`` ends this call after that many epochs in total (checkpoint written),
-    for splitting a run across jobs: a later ``resume=True`` call continues it exactly.
+    for splitting a run across jobs: a later ``resume=True`` call continues it exactly;
+    ``stop_after_steps`` the same after that many steps (``calibclust bench data`` times a few steps).
+    ``images`` may be a :class:`calibclust.io.cache.CachedImages`: each step then reads its batch
+    from disk, and memory does not grow with the number of images.
     Under ``torch.distributed`` every rank calls this with the same images; rank 0 writes files.
     """
     import numpy as np
@@ -332,14 +336,16 @@ def pretrain(
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    data = torch.as_tensor(np.ascontiguousarray(images)) if not torch.is_tensor(images) else images
-    if data.dtype != torch.uint8 or data.ndim != 4 or data.shape[-1] != 3:
+    on_disk = hasattr(images, "subset")  # calibclust.io.cache.CachedImages: batches are read as they are needed
+    data = images if on_disk or torch.is_tensor(images) else torch.as_tensor(np.ascontiguousarray(images))
+    if data.dtype not in (torch.uint8, np.uint8) or data.ndim != 4 or data.shape[-1] != 3:
         raise InputError(f"images must be uint8 (N, H, W, 3), got {data.dtype} {tuple(data.shape)}")
     if data.shape[1] != config.input_size or data.shape[2] != config.input_size:
         raise InputError(f"images are {data.shape[1]}x{data.shape[2]}, config.input_size is {config.input_size}")
-    data = data.cpu()
-    if device.type == "cuda":
-        data = data.pin_memory()
+    if not on_disk:
+        data = data.cpu()
+        if device.type == "cuda":
+            data = data.pin_memory()
     n = data.shape[0]
     batch = min(config.batch_size, n - n % world)
     if batch < 2 * world:
@@ -439,7 +445,7 @@ def pretrain(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 idx = perm[step * batch + rank * local : step * batch + (rank + 1) * local]
-                x = data[idx].to(device, non_blocking=True)
+                x = (torch.from_numpy(data[idx.numpy()]) if on_disk else data[idx]).to(device, non_blocking=True)
                 gen = torch.Generator().manual_seed(_seed_of(config.seed, epoch, step, rank))
                 views = augment(torch.cat([x, x]), gen)  # both views in one batched call
                 if precision.channels_last:
@@ -491,6 +497,11 @@ def pretrain(
                     save(global_step)
                     print(f"\npretrain: interrupted; state saved at step {global_step}, continue with --resume", file=sys.stderr)
                     raise KeyboardInterrupt
+                if stop_after_steps is not None and global_step >= stop_after_steps:
+                    break
+            if stop_after_steps is not None and global_step >= stop_after_steps and step + 1 < steps_per_epoch:
+                save(global_step)  # mid-epoch, like an interruption: resume continues at this step
+                break
             seconds = time.perf_counter() - t0
             history.append(
                 {
@@ -504,6 +515,8 @@ def pretrain(
             save(global_step)
             if on_epoch is not None and _rank() == 0:
                 on_epoch(history[-1])
+            if stop_after_steps is not None and global_step >= stop_after_steps:
+                break
     finally:
         interrupted.restore()
         if bar is not None:
@@ -539,51 +552,25 @@ class _Interrupt:
             self._previous = None
 
 
-def load_folder_images(folder: str | os.PathLike, size: int, progress: bool = True, chunk: int = 1024):
-    """Decode every image of ``folder`` once into uint8 (N, size, size, 3).
-
-    Returns ``(images, relative_paths, errors)``; unreadable files are skipped and reported.
-    """
-    import hashlib
-
-    import numpy as np
-
-    from calibclust.io.images import list_image_folder, load_images
-
-    listing = list_image_folder(folder)
-    paths = listing.paths
-    parts, errors = [], []
-    iterator = range(0, len(paths), chunk)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="decode", unit="chunk", total=math.ceil(len(paths) / chunk), dynamic_ncols=True)
-    for start in iterator:
-        batch, errs = load_images(paths[start : start + chunk], (size, size))
-        parts.append(batch)
-        errors.extend(errs)
-    images = np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
-    bad = {e.path for e in errors}
-    rel = [p.relative_to(listing.root).as_posix() for p in paths if str(p) not in bad]
-    return images, rel, errors, hashlib.sha256("\n".join(rel).encode()).hexdigest()
-
-
 def pretrain_folder(folder, config: MoCoConfig, out_dir, resume: bool = False, stop_after_epochs=None, progress: bool = True,
                     on_epoch=None) -> PretrainResult:
-    """Decode ``folder`` once at ``config.input_size`` and run :func:`pretrain` on it."""
-    from calibclust.errors import CalibclustError
+    """Decode ``folder`` once at ``config.input_size`` (the one folder decoder,
+    :meth:`calibclust.train.data.TrainingData.from_folder`) and run :func:`pretrain` on it."""
+    import hashlib
 
-    images, rel, errors, digest = load_folder_images(folder, config.input_size, progress=progress and _rank() == 0)
+    from calibclust.train.data import TrainingData
+
+    data = TrainingData.from_folder(folder, config.input_size, progress=progress and _rank() == 0)
+    errors = data.unreadable
     if _rank() == 0:
-        for err in errors[:20]:
-            print(f"pretrain: skipped {err.path}: {err.reason}", file=sys.stderr)
+        for path, reason in errors[:20]:
+            print(f"pretrain: skipped {path}: {reason}", file=sys.stderr)
         if len(errors) > 20:
             print(f"pretrain: ... {len(errors) - 20} more unreadable files", file=sys.stderr)
-    if len(images) == 0:
-        raise CalibclustError(f"no readable images under {folder}")
+    digest = hashlib.sha256("\n".join(data.paths).encode()).hexdigest()
     info = {"folder": str(Path(folder).resolve()), "n_failed": len(errors), "files_digest": digest}
-    result = pretrain(images, config, out_dir, resume=resume, stop_after_epochs=stop_after_epochs, progress=progress,
-                      data_info=info, on_epoch=on_epoch)
+    result = pretrain(data.images, config, out_dir, resume=resume, stop_after_epochs=stop_after_epochs,
+                      progress=progress, data_info=info, on_epoch=on_epoch)
     result.n_failed = len(errors)
     return result
 

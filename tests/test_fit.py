@@ -44,6 +44,8 @@ def test_fit_cli_on_mixed_size_jpegs_writes_a_model_that_labels_a_new_folder(cli
     assert "skipped 3 unreadable" in proc.stderr
     for name in ("model.onnx", "model-base.onnx", "report.html", "run.json", "commands.sh"):
         assert (out / name).is_file(), name
+    # training read the images from the on-disk cache (every listed file has a row, bad ones too)
+    assert (out / "cache" / "images.u8").stat().st_size == (3 * 45 + 3) * 32 * 32 * 3
     run = json.loads((out / "run.json").read_text())
     plan = run["plan"]
     assert plan["resize"] == "center-crop" and "--resize center-crop" in (out / "commands.sh").read_text()
@@ -141,3 +143,38 @@ def test_python_api_fit_predict_export_load(cli_run, mixed_folders, tmp_path, mo
     result = labeller.label_folder(new, out=tmp_path / "labelled", target_accuracy=0.9)
     assert result.exit_code == 0 and result.summary["files"] == 3 * 10
     assert result.summary["thresholds"]["policy"] == "target_accuracy"
+
+
+def test_fit_any_registered_method_kmeans(cli_run, mixed_folders, tmp_path):
+    """``fit --method`` comes from the registry: the K-means baseline runs every stage and writes the
+    same outputs, its held-out row named as the method reports it."""
+    _, first = cli_run
+    train, new = mixed_folders
+    out = tmp_path / "kmeans"
+    model = calibclust.fit(train, out=out, clusters=CLASSES, backbone_weights=str(first / "pretrain"), progress=False,
+                           method="kmeans")
+    held = model.heldout
+    assert model.plan.method == "kmeans" and held["rows"] == ["K-means"] and "heads_agree" not in held, held
+    assert 0 < held["K-means"]["acc"] <= 1 and held["onnx_torch_label_agreement"] >= 0.99, held
+    assert (out / "kmeans" / "model" / "config.json").is_file() and "--method kmeans" in (out / "commands.sh").read_text()
+    assert "K-means" in (out / "report.html").read_text()
+    labeller = calibclust.load(out / "model.onnx")
+    assert labeller.metadata.method == "kmeans" and not labeller.metadata.calibrated
+    assert model.predict_proba(sorted(new.rglob("*.jpg"))[:3]).shape == (3, CLASSES)
+    with pytest.raises(calibclust.InputError, match="method: the run has kmeans, now cdc"):
+        calibclust.fit(train, out=out, clusters=CLASSES, resume=True)
+    with pytest.raises(calibclust.InputError, match="method must be one of kmeans, spice, cdc, got 'dbscan'"):
+        calibclust.fit(train, out=tmp_path / "x", clusters=CLASSES, method="dbscan")
+
+
+@pytest.mark.parametrize("n, views", [(1_600, 8), (20_000, 4), (100_000, 1)])
+def test_plan_caches_fewer_views_per_image_for_large_folders(n, views):
+    """CDC's cached view features are 2 × views × images × D floats: above 10,000 images fewer views
+    per image keep them at ~80,000 of each kind, so memory stays bounded as the folder grows."""
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(paths=[f"{i}.png" for i in range(n)], unreadable=[], labels=None, class_names=[],
+                           resize="squash")
+    sizes = {"median_width": 32, "median_height": 32, "min_width": 32, "max_width": 32, "min_aspect": 1.0, "max_aspect": 1.0}
+    plan = fit_module.make_plan("f", data, sizes, np.zeros(n, bool), 10, 10.0, "cpu", None, 0.1, 0)
+    assert plan.cdc_views == views and f"{views} cached views per image" in plan.describe()

@@ -39,8 +39,8 @@ class FittedModel:
             raise InputError(f"the fit run in {self.out} has not finished; continue it with resume=True")
         self.plan = FitPlan(**self.run["plan"])
         self.model_path = self.out / "model.onnx"
-        self.checkpoint = self.out / "cdc" / "model"
-        self._torch_model = None
+        self.checkpoint = self.out / self.plan.method / "model"
+        self._loaded = None
 
     def __repr__(self) -> str:
         return f"FittedModel({str(self.out)!r}, clusters={self.plan.clusters})"
@@ -50,25 +50,22 @@ class FittedModel:
         """The held-out figures of ``run.json`` (label-free; ACC/ECE per head when labelled)."""
         return self.run["stages"]["evaluate"]["heldout"]
 
-    def _model(self):
-        if self._torch_model is None:
-            from calibclust.models.clustering import load_model
+    def _method(self):
+        if self._loaded is None:
+            from calibclust.train.methods import ClusteringMethod
 
-            self._torch_model = load_model(self.checkpoint)
-        return self._torch_model
+            self._loaded = ClusteringMethod.load(self.checkpoint)
+        return self._loaded
 
-    def predict_proba(self, images, head: str = "calibration") -> np.ndarray:
+    def predict_proba(self, images, head: str | None = None) -> np.ndarray:
         """Cluster probabilities (N, K) from the torch checkpoint: ``images`` uint8 (N, H, W, 3) of any
-        size, or a sequence of paths; ``head`` "calibration" (what the exported model returns) or
-        "clustering"."""
+        size, or a sequence of paths; ``head`` None for the head the exported model returns (CDC: the
+        calibration head), or another head's name (CDC: "clustering")."""
         from calibclust.io.images import image_batch
-        from calibclust.train.data import embed_images, head_probabilities
 
-        model, metadata = self._model()
-        if head not in model.heads:
-            raise InputError(f"head must be one of {sorted(model.heads)}, got {head!r}")
-        arrays = image_batch(images, tuple(metadata.input_size), resize=metadata.resize)
-        return head_probabilities(model, embed_images(model, arrays), head).numpy()
+        method = self._method()
+        arrays = image_batch(images, tuple(method.metadata.input_size), resize=method.metadata.resize)
+        return method.predict_proba(arrays, head)
 
     def export(self, path: str | os.PathLike, int8: bool = False):
         """Export the checkpoint to a contract ONNX file at ``path`` (the OOD threshold refitted on the
@@ -82,8 +79,12 @@ class FittedModel:
         target = Path(path).resolve()
         if target.parent == self.out.resolve() and target.name.startswith(("model.", "model-base.")):
             raise InputError(f"{path} is this run's own model; export to another path")
-        model, metadata = self._model()
-        data = TrainingData.from_folder(self.plan.folder, self.plan.input_size, progress=False, resize=self.plan.resize)
+        method = self._method()
+        model, metadata = method.model, method.metadata
+        from calibclust.app.fitting import CACHE_DIR
+
+        data = TrainingData.from_folder(self.plan.folder, self.plan.input_size, progress=False, resize=self.plan.resize,
+                                        cache_dir=self.out / CACHE_DIR)  # reused while the folder is unchanged
         train = data.subset(~heldout_by_path_hash(data.paths, self.plan.heldout_fraction))
         result = export_onnx(model, metadata, train.images, path, OnnxExportConfig(seed=self.plan.seed), log=lambda m: None)
         if int8:
@@ -99,13 +100,14 @@ class FittedModel:
 def fit(folder: str | os.PathLike, out: str | os.PathLike, clusters: int, budget_minutes: float = DEFAULT_BUDGET_MINUTES,
         device: str = "auto", resume: bool = False, backbone_weights: str | None = None,
         heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, progress: bool = True,
-        resize: str = "auto", pretrain_epochs: int | None = None) -> FittedModel:
-    """``calibclust fit`` from Python (same stages, same outputs): returns the :class:`FittedModel`."""
+        resize: str = "auto", pretrain_epochs: int | None = None, method: str = "cdc") -> FittedModel:
+    """``calibclust fit`` from Python (same stages, same outputs): returns the :class:`FittedModel`;
+    ``method`` any registered method (``calibclust.train.methods.method_names()``)."""
     from calibclust.app.fitting import fit as run_fit
 
     result = run_fit(folder, out, clusters, budget_minutes=budget_minutes, device=device, resume=resume,
                      backbone_weights=backbone_weights, heldout_fraction=heldout_fraction, seed=seed, progress=progress,
-                     resize=resize, pretrain_epochs=pretrain_epochs)
+                     resize=resize, pretrain_epochs=pretrain_epochs, method=method)
     return FittedModel(result.out)
 
 

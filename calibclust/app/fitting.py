@@ -9,14 +9,17 @@ runs as separate commands:
 2. **plan**: look at the images (count, sizes, aspect ratios), the device and the CPU's bf16
    support, and size the pretraining to the time budget (printed before anything trains, saved);
 3. **pretrain**: MoCo-v2 on the training split (or ``--backbone-weights``);
-4. **train**: CDC on the frozen backbone (the quick start's measured settings);
+4. **train**: CDC on the frozen backbone (the quick start's measured settings), or any registered
+   method (``--method``; :mod:`calibclust.train.methods`);
 5. **export**: ONNX with the OOD threshold (+ INT8 when its agreement gate passes);
 6. **exemplars**: each cluster's most confident training images in a sidecar (the demo's gallery);
 7. **evaluate**: the held-out split through the exported model: label-free diagnostics always,
-   ACC / NMI / ARI / ECE of both CDC heads when the folder has class sub-folders.
+   ACC / NMI / ARI / ECE of every prediction the method reports (CDC: both heads) when the folder
+   has class sub-folders.
 
 Outputs in ``--out``: ``model.onnx`` (+ sidecar, ``model-base.onnx``, ``model-base.int8.onnx``),
-``report.html``, ``run.json`` (plan, stages, figures), ``commands.sh``, ``pretrain/``, ``cdc/``.
+``report.html``, ``run.json`` (plan, stages, figures), ``commands.sh``, ``pretrain/``, ``METHOD/``,
+``cache/`` (the decoded images; delete it once the run is finished to free the disk).
 Ctrl-C keeps every finished stage; ``--resume`` continues at the stage (and, inside pretraining and
 CDC, at the epoch) where the run stopped.
 
@@ -31,6 +34,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,8 +44,12 @@ import numpy as np
 
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, InputError
 from calibclust.io.files import atomic_write_text, write_json_atomic
+from calibclust.train.methods import method_names
 
 RUN_FORMAT = "calibclust-fit/1"
+# The decoded images at the input size (calibclust.io.cache): training reads them from disk, so
+# memory does not grow with the folder; a resumed run or FittedModel.export reuses them.
+CACHE_DIR = "cache"
 DEFAULT_BUDGET_MINUTES = 10.0
 DEFAULT_HELDOUT_FRACTION = 0.1
 STAGES = ("pretrain", "train", "export", "exemplars", "evaluate")
@@ -63,6 +71,15 @@ FIXED_SECONDS = 10.0
 MIN_PRETRAIN_EPOCHS, MAX_PRETRAIN_EPOCHS = 5, 200
 # The quick start's CDC settings (measured there on digits: ACC ~0.8, CDC-Cal ECE ~0.05).
 CDC_EPOCHS, CDC_BATCH, CDC_VIEWS, CDC_ORTH_STEPS, CDC_HIDDEN = 40, 300, 8, 500, 512
+# CDC on a frozen backbone caches the features of its views (2 × views × images × D floats). Above
+# 10,000 images fewer views per image keep that cache at ~80,000 views of each kind (D = 128: 80 MB):
+# a large folder brings its variety in images rather than in views. Not measured at that scale.
+MAX_CACHED_VIEWS = 80_000
+# fit --method spice: `train compare`'s CPU example (batch 300, 20 neighbours), stage 2 shortened to
+# SPICE_HEAD_EPOCHS passes (the paper's 100 took ~7 min for 1,610 digits on 2 cores with the authors'
+# M-step schedule) and stage 3 to SPICE_JOINT_STEPS steps.
+SPICE_HEAD_EPOCHS, SPICE_JOINT_STEPS, SPICE_NEIGHBORS = 30, 300, 20
+SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH, SPICE_SECONDS_PER_JOINT_STEP = 0.0028, 0.4
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -97,6 +114,17 @@ class FitPlan:
     seed: int
     files_digest: str = ""  # of the readable files' relative paths: --resume refuses other files
     notes: list[str] = field(default_factory=list)
+    method: str = "cdc"  # the registry name (calibclust.train.methods); runs before the option trained CDC
+    cdc_views: int = CDC_VIEWS  # cached weak/strong views per image (fewer for large folders)
+
+    def describe_method(self) -> str:
+        if self.method == "cdc":
+            return (f"CDC, {self.clusters} clusters, frozen backbone, {self.cdc_epochs} epochs, batch {self.cdc_batch}, "
+                    f"hidden {self.cdc_hidden}, {self.cdc_views} cached views per image")
+        if self.method == "spice":
+            return (f"SPICE, {self.clusters} clusters, stage 2 on the frozen backbone ({SPICE_HEAD_EPOCHS} epochs, batch "
+                    f"{self.cdc_batch}), stage 3 {SPICE_JOINT_STEPS} steps training the backbone")
+        return f"{self.method}, {self.clusters} clusters, its default settings"
 
     def describe(self) -> str:
         sizes = self.image_sizes
@@ -112,8 +140,7 @@ class FitPlan:
             f"  device      {self.device}, {self.threads} thread(s), CPU bf16 {'native' if self.cpu_bf16 else 'not native (fp32)'}",
             f"  backbone    {self.backbone}: " + (f"weights from {self.backbone_weights}" if self.backbone_weights
                                                   else f"MoCo-v2 pretraining, {self.pretrain_epochs} epochs, batch {self.pretrain_batch}"),
-            f"  clustering  CDC, {self.clusters} clusters, frozen backbone, {self.cdc_epochs} epochs, batch {self.cdc_batch}, "
-            f"hidden {self.cdc_hidden}",
+            f"  clustering  {self.describe_method()}",
             f"  budget      {self.budget_minutes:g} min; estimated {self.estimated_minutes:.1f} min",
         ]
         lines += [f"  note        {n}" for n in self.notes]
@@ -175,7 +202,8 @@ def _absolute(weights: str | None) -> str | None:
 
 
 def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int, budget_minutes: float, device: str,
-              backbone_weights: str | None, heldout_fraction: float, seed: int, pretrain_epochs: int | None = None) -> FitPlan:
+              backbone_weights: str | None, heldout_fraction: float, seed: int, pretrain_epochs: int | None = None,
+              method: str = "cdc") -> FitPlan:
     import torch
 
     from calibclust.precision import cpu_bf16_supported
@@ -196,6 +224,9 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         if not bf16:
             per_epoch *= CPU_FP32_SLOWDOWN
     after = FIXED_SECONDS + CPU_SECONDS_AFTER_PRETRAIN_PER_IMAGE * len(data.paths) * (0.1 if device.startswith("cuda") else 1)
+    if method == "spice":
+        spice = SPICE_HEAD_EPOCHS * n_train * SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH + SPICE_JOINT_STEPS * SPICE_SECONDS_PER_JOINT_STEP
+        after += spice * (0.1 if device.startswith("cuda") else 1)
     if backbone_weights:
         epochs = 0
     elif pretrain_epochs is not None:
@@ -225,7 +256,8 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         # Eq. 6's K-means over H prototypes needs at least H images; Tab. 6's H = 512 when there are.
         cdc_hidden=int(min(CDC_HIDDEN, 2 ** int(np.log2(n_train)))), budget_minutes=float(budget_minutes),
         estimated_minutes=(epochs * per_epoch + after) / 60, heldout_fraction=float(heldout_fraction), seed=seed,
-        files_digest=files_digest(data.paths), notes=notes,
+        files_digest=files_digest(data.paths), notes=notes, method=method,
+        cdc_views=int(min(CDC_VIEWS, max(1, MAX_CACHED_VIEWS // max(1, n_train)))),
     )
 
 
@@ -285,13 +317,15 @@ def fit(
     progress: bool = True,
     resize: str = "auto",
     pretrain_epochs: int | None = None,
+    method: str = "cdc",
 ) -> FitResult:
-    """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring)."""
+    """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring);
+    ``method`` is any registered method (:func:`calibclust.train.methods.method_names`)."""
     from calibclust.device import resolve_device
     from calibclust.train.data import TrainingData
 
     folder, out = Path(folder), Path(out)
-    _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs)
+    _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs, method)
     run = FitRun(out)
     if run.exists() and not resume:
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
@@ -304,9 +338,11 @@ def fit(
         # The run's own plan decides the split, resize policy and sizes; only the device may change.
         run.load()
         plan = FitPlan(**run.record["plan"])
-        data = TrainingData.from_folder(folder, plan.input_size, progress=progress, resize=plan.resize)
+        data = TrainingData.from_folder(folder, plan.input_size, progress=progress, resize=plan.resize,
+                                        cache_dir=out / CACHE_DIR)
         differences = [f"{name}: the run has {then}, now {now}" for name, then, now in (
-            ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed)) if then != now]
+            ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed), ("method", plan.method, method))
+            if then != now]
         if plan.files_digest and files_digest(data.paths) != plan.files_digest:
             differences.append(f"files: the run had {plan.n_images} readable files, now {len(data.paths)}"
                                + (" (not the same ones)" if len(data.paths) == plan.n_images else ""))
@@ -324,14 +360,17 @@ def fit(
     else:
         sizes = image_sizes(folder)
         resize = choose_resize(sizes) if resize == "auto" else resize
-        data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress, resize=resize)
+        new_out = not out.exists()
+        data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress, resize=resize, cache_dir=out / CACHE_DIR)
         heldout = heldout_by_path_hash(data.paths, heldout_fraction)
         n_train = int((~heldout).sum())
-        if n_train < max(20, 2 * clusters):  # before anything is written: a new try needs no clean-up
+        if n_train < max(20, 2 * clusters):
+            if new_out:  # a refused run leaves nothing behind that would block the next try
+                shutil.rmtree(out, ignore_errors=True)
             raise InputError(f"{n_train} training images for {clusters} clusters; fit needs at least "
                              f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
         plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed,
-                         pretrain_epochs)
+                         pretrain_epochs, method)
         out.mkdir(parents=True, exist_ok=True)
         _write_commands(out, plan)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
@@ -344,7 +383,7 @@ def fit(
 
     _progress(1, "pretrain", started, plan)
     backbone, info = _pretrain_stage(run, plan, train, progress)
-    _progress(2, "train (CDC)", started, plan)
+    _progress(2, f"train ({plan.method})", started, plan)
     checkpoint = _train_stage(run, plan, train, held, backbone, info, progress)
     _progress(3, "export (ONNX + INT8 gate)", started, plan)
     base = _export_stage(run, plan, train, checkpoint)
@@ -361,10 +400,13 @@ def fit(
 
 
 def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float, resize: str,
-              pretrain_epochs: int | None = None) -> None:
+              pretrain_epochs: int | None = None, method: str = "cdc") -> None:
     from calibclust.metadata import RESIZE_POLICIES
+    from calibclust.train.methods import method_names
 
     problems = []
+    if method not in method_names():
+        problems.append(f"method must be one of {', '.join(method_names())}, got {method!r}")
     if resize not in ("auto", *RESIZE_POLICIES):
         problems.append(f"resize must be auto or one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
     if not folder.is_dir():
@@ -402,25 +444,45 @@ def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
     return load_backbone_dir(pretrain_dir)
 
 
+def method_config(plan: FitPlan):
+    """The settings ``fit`` trains its method with (None: the method's defaults)."""
+    from calibclust.augment.views import ViewConfig
+
+    # Flips off: a mirrored image is not always the same class (digits, letters), and the
+    # measurements behind these settings were made without them.
+    if plan.method == "cdc":
+        from calibclust.train.cdc import CDCConfig
+        from calibclust.train.paper_settings import LR_BACKBONE
+
+        return CDCConfig(num_clusters=plan.clusters, epochs=plan.cdc_epochs, batch_size=plan.cdc_batch,
+                         sub_batch_size=max(2, plan.cdc_batch // 2), hidden_dim=plan.cdc_hidden, freeze_backbone=True,
+                         num_views=plan.cdc_views, orth_steps=CDC_ORTH_STEPS, lr_backbone=LR_BACKBONE["easy"],
+                         views=ViewConfig(flip_p=0.0), seed=plan.seed)
+    if plan.method == "spice":
+        from calibclust.train.spice import SpiceConfig
+
+        return SpiceConfig(num_clusters=plan.clusters, batch_size=plan.cdc_batch, num_neighbors=SPICE_NEIGHBORS,
+                           head_epochs=SPICE_HEAD_EPOCHS, joint_steps=SPICE_JOINT_STEPS, seed=plan.seed)
+    return None
+
+
 def _train_stage(run: FitRun, plan: FitPlan, train, held, backbone, info, progress: bool) -> Path:
     from calibclust.augment.views import ViewConfig
-    from calibclust.train.cdc import CDCConfig, train_cdc
-    from calibclust.train.paper_settings import LR_BACKBONE
+    from calibclust.train.methods import get_method
     from calibclust.train.state import has_state
 
-    cdc_dir = run.out / "cdc"
+    method_dir = run.out / plan.method
     if not run.done("train"):
         start = time.perf_counter()
-        config = CDCConfig(num_clusters=plan.clusters, epochs=plan.cdc_epochs, batch_size=plan.cdc_batch,
-                           sub_batch_size=max(2, plan.cdc_batch // 2), hidden_dim=plan.cdc_hidden, freeze_backbone=True, num_views=CDC_VIEWS,
-                           orth_steps=CDC_ORTH_STEPS, lr_backbone=LR_BACKBONE["easy"], views=ViewConfig(flip_p=0.0),
-                           seed=plan.seed)
+        options = {"view_config": ViewConfig(flip_p=0.0)} if plan.method == "spice" else {}
+        method = get_method(plan.method)(plan.clusters, method_config(plan), seed=plan.seed, device=plan.device,
+                                         progress=progress, **options)
         eval_data = held if (held.labels is not None and held.num_images) else None
-        result = train_cdc(config, train, cdc_dir, backbone, info, plan.backbone, resume=has_state(cdc_dir),
-                           device=plan.device, progress=progress, eval_data=eval_data)
-        run.finish("train", time.perf_counter() - start, model_dir=str(result.model_dir),
-                   mean_confidence=result.metadata.train_stats.get("mean_confidence"))
-    return cdc_dir / "model"
+        method.fit(train, backbone, info, out_dir=method_dir, eval_data=eval_data, resume=has_state(method_dir))
+        model_dir = method.save(method_dir / "model")
+        run.finish("train", time.perf_counter() - start, model_dir=str(model_dir),
+                   mean_confidence=method.metadata.train_stats.get("mean_confidence"))
+    return method_dir / "model"
 
 
 def _export_stage(run: FitRun, plan: FitPlan, train, checkpoint: Path) -> Path:
@@ -477,13 +539,14 @@ def _exemplars_stage(run: FitRun, plan: FitPlan, train, base: Path) -> Path:
 
 
 def _evaluate_stage(run: FitRun, plan: FitPlan, held, checkpoint: Path, model_path: Path) -> None:
-    """The held-out split through the exported model (and both heads of the checkpoint). The report
-    is written before the stage is recorded as done, so a resumed run never lacks it."""
+    """The held-out split through the exported model (and every row the method reports, from its
+    checkpoint: CDC's clustering head beside the calibration head it exports). The report is written
+    before the stage is recorded as done, so a resumed run never lacks it."""
     import torch
 
-    from calibclust.models.clustering import load_model
     from calibclust.serve.labeler import Labeler
-    from calibclust.train.data import embed_images, head_probabilities, head_report
+    from calibclust.train.data import head_report
+    from calibclust.train.methods import ClusteringMethod
 
     if run.done("evaluate"):
         return
@@ -493,10 +556,9 @@ def _evaluate_stage(run: FitRun, plan: FitPlan, held, checkpoint: Path, model_pa
         labeler = Labeler(model_path)
         meta = labeler.metadata
         outputs = labeler.predict_all(held.images, ("probs", "confidence", "label", "ood_score"))
-        model, _ = load_model(checkpoint)
-        z = embed_images(model, held.images)
-        clu = head_probabilities(model, z, "clustering")
-        cal_torch = head_probabilities(model, z, "calibration")
+        method = ClusteringMethod.load(checkpoint)
+        rows = method.predictions(held.images)  # the last row is the model's own prediction, the one exported
+        exported = list(rows)[-1]
         ood = outputs["ood_score"] > meta.ood.threshold
         accepted = ~ood & (outputs["confidence"] >= meta.confidence_threshold)
         sizes = np.bincount(outputs["label"], minlength=meta.num_clusters)
@@ -509,20 +571,27 @@ def _evaluate_stage(run: FitRun, plan: FitPlan, held, checkpoint: Path, model_pa
             cluster_share_min=float(sizes.min() / held.num_images),
             cluster_share_max=float(sizes.max() / held.num_images),
             empty_clusters=int((sizes == 0).sum()),
-            heads_agree=float((clu.argmax(1).numpy() == outputs["label"]).mean()),
-            onnx_torch_label_agreement=float((cal_torch.argmax(1).numpy() == outputs["label"]).mean()),
+            onnx_torch_label_agreement=float((rows[exported].argmax(1) == outputs["label"]).mean()),
         )
+        if len(rows) > 1:  # e.g. CDC's clustering head: how often it agrees with what is exported
+            heldout["heads_agree"] = float(np.mean([(p.argmax(1) == outputs["label"]).mean()
+                                                    for name, p in rows.items() if name != exported]))
+        heldout["rows"] = list(rows)
         if held.labels is not None:
-            for name, probs in (("CDC-Clu", clu), ("CDC-Cal", torch.from_numpy(outputs["probs"]))):
-                reports[name] = head_report(probs, held.labels, reliability=True)
+            rows[exported] = outputs["probs"]  # the exported model's figures are the ones that count
+            for name, probs in rows.items():
+                reports[name] = head_report(torch.from_numpy(probs), held.labels, reliability=True)
                 heldout[name] = {k: reports[name][k] for k in ("acc", "nmi", "ari", "ece", "aurc")}
-            mapping = reports["CDC-Cal"]["mapping"]
+            mapping = reports[exported]["mapping"]
             mapped = np.array([mapping.get(str(int(c)), -1) for c in outputs["label"]])
             heldout["accepted_accuracy"] = (float((mapped[accepted] == held.labels[accepted]).mean())
                                             if accepted.any() else None)
+        exported_report = reports.get(exported)
+    else:
+        exported_report = None
     stage = {"seconds": round(time.perf_counter() - start, 2), "heldout": heldout}
     record = {**run.record, "stages": {**run.record["stages"], "evaluate": stage}}
-    write_report(run.out, record, reports.get("CDC-Cal"), (held, outputs) if outputs is not None else None)
+    write_report(run.out, record, exported_report, (held, outputs) if outputs is not None else None)
     run.finish("evaluate", stage["seconds"], heldout=heldout)
 
 
@@ -538,10 +607,11 @@ def format_summary(record: dict) -> str:
              f"  mean confidence {pct(h['mean_confidence'])} %   accepted at confidence >= {h['confidence_threshold']:.2f}: "
              f"{pct(h['accepted_share'])} %   flagged OOD {pct(h['ood_share'])} %",
              f"  cluster sizes {pct(h['cluster_share_min'])}–{pct(h['cluster_share_max'])} % of images "
-             f"({h['empty_clusters']} empty); heads agree on {pct(h['heads_agree'])} %"]
-    if "CDC-Cal" in h:
-        lines += ["  head      ACC %  NMI %  ARI %  ECE %  AURC %"]
-        for name in ("CDC-Clu", "CDC-Cal"):
+             f"({h['empty_clusters']} empty)" + (f"; heads agree on {pct(h['heads_agree'])} %" if "heads_agree" in h else "")]
+    scored = [name for name in _rows(h) if name in h]
+    if scored:
+        lines += ["  model     ACC %  NMI %  ARI %  ECE %  AURC %"]
+        for name in scored:
             r = h[name]
             lines.append(f"  {name:<8} {pct(r['acc'])}  {pct(r['nmi'])}  {pct(r['ari'])}  {pct(r['ece'])}  {pct(r['aurc'])}")
         lines.append(f"  accuracy of the accepted images {pct(h['accepted_accuracy'])} %")
@@ -549,6 +619,11 @@ def format_summary(record: dict) -> str:
     if minutes is not None:
         lines.append(f"finished in {minutes:.1f} min (" + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in record['stages'].items()) + ")")
     return "\n".join(lines)
+
+
+def _rows(heldout: dict) -> list[str]:
+    # Runs written before fit --method scored CDC's two heads and did not list them.
+    return heldout.get("rows", ["CDC-Clu", "CDC-Cal"])
 
 
 def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -> Path:
@@ -565,10 +640,12 @@ def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -
     if h.get("n"):
         report.add_table([[k, v] for k, v in h.items() if not isinstance(v, dict)], header=["label-free figure", "value"],
                          caption=f"{h['n']} held-out images, never trained on, through the exported model")
-        if "CDC-Cal" in h:
-            report.add_table([[name, *(h[name][m] for m in ("acc", "nmi", "ari", "ece", "aurc"))] for name in ("CDC-Clu", "CDC-Cal")],
-                             header=["head", "ACC", "NMI", "ARI", "ECE", "AURC"],
-                             caption="both CDC heads on the held-out images (class sub-folders as labels)")
+        scored = [name for name in _rows(h) if name in h]
+        if scored:
+            report.add_table([[name, *(h[name][m] for m in ("acc", "nmi", "ari", "ece", "aurc"))] for name in scored],
+                             header=["model", "ACC", "NMI", "ARI", "ECE", "AURC"],
+                             caption=f"on the held-out images (class sub-folders as labels); {scored[-1]} is the exported "
+                                     "model" + (", the others the method's other predictions" if len(scored) > 1 else ""))
         else:
             report.add_paragraph("The folder has no class sub-folders, so accuracy and ECE cannot be measured; "
                                  "the figures above need no labels.")
@@ -576,7 +653,7 @@ def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -
         report.add_warning("No image was held out; nothing was measured on unseen images.")
     if calibration_report is not None:
         report.add_figure(plot_reliability_diagram(CalibrationResult(**calibration_report["calibration"]), title=None),
-                          alt="reliability diagram", caption="CDC-Cal (the exported model) on the held-out images")
+                          alt="reliability diagram", caption=f"{_rows(h)[-1]} (the exported model) on the held-out images")
     if heldout_outputs is not None:
         held, outputs = heldout_outputs
         report.add_heading("Clusters: most confident held-out images")
@@ -601,7 +678,7 @@ def _escape(text: str) -> str:
 def fit_command(plan: FitPlan, out: Path) -> list[str]:
     argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters),
             "--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
-    argv += ["--resize", plan.resize]
+    argv += ["--resize", plan.resize, "--method", plan.method]
     # The epochs the plan chose, so the same run repeats on a machine of another speed.
     argv += ["--backbone-weights", plan.backbone_weights] if plan.backbone_weights else ["--pretrain-epochs", str(plan.pretrain_epochs)]
     return argv
@@ -625,20 +702,22 @@ def _write_commands(out: Path, plan: FitPlan) -> None:
 # --- CLI ---------------------------------------------------------------------------------------------
 DESCRIPTION = """From your own image folder to a deployable, calibrated clustering model in one command: read the
 folder (nested sub-folders, any sizes; unreadable files are skipped and listed), hold out a split,
-pretrain a backbone with MoCo-v2 sized to --budget, train CDC, export ONNX (+ INT8 when its gate
-passes) with an OOD threshold and exemplars, and check the model on the held-out images.
+pretrain a backbone with MoCo-v2 sized to --budget, train CDC (or another --method), export ONNX
+(+ INT8 when its gate passes) with an OOD threshold and exemplars, and check the model on the
+held-out images.
 
 If FOLDER holds only class sub-folders, their names are used as labels for the report (accuracy,
 ECE); they never reach training. Without labels the report shows label-free figures."""
 
 EPILOG = """outputs in OUT: model.onnx (+ .exemplars.npz; label folders with it, no torch needed),
 model-base.onnx, model-base.int8.onnx (when its gate passes), report.html, run.json (plan, stages,
-held-out figures), commands.sh, pretrain/, cdc/ (torch checkpoint in cdc/model/).
+held-out figures), commands.sh, pretrain/, METHOD/ (torch checkpoint in METHOD/model/, e.g. cdc/model/).
 
 examples:
   calibclust fit photos/ --out runs/photos --clusters 8
   calibclust fit photos/ --out runs/photos --clusters 8 --budget 30     # more pretraining
   calibclust fit photos/ --out runs/photos --clusters 8 --resume        # after Ctrl-C
+  calibclust fit photos/ --out runs/kmeans --clusters 8 --method kmeans # a baseline, same outputs
   calibclust label new_photos/ --model runs/photos/model.onnx --out labelled/ --target-accuracy 0.9"""
 
 
@@ -651,6 +730,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_MINUTES, metavar="MINUTES",
                    help=f"time to aim for on this machine; sizes the pretraining (default {DEFAULT_BUDGET_MINUTES:g}, "
                         "sized for 2 CPU cores)")
+    p.add_argument("--method", default="cdc", choices=method_names(),
+                   help="clustering method (default cdc: calibrated confidence from its calibration head; spice and "
+                        "kmeans are uncalibrated baselines, their confidence is not an accuracy estimate)")
     p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
     p.add_argument("--pretrain-epochs", type=int, metavar="N", help="MoCo-v2 epochs, instead of sizing them to --budget")
     p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
@@ -673,5 +755,5 @@ def _run_cli(args) -> int:
         torch.set_num_threads(args.threads)
     result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
                  backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
-                 progress=not args.no_progress, resize=args.resize, pretrain_epochs=args.pretrain_epochs)
+                 progress=not args.no_progress, resize=args.resize, pretrain_epochs=args.pretrain_epochs, method=args.method)
     return EXIT_PARTIAL if result.run.get("unreadable") else EXIT_OK

@@ -20,7 +20,7 @@ from calibclust.models.clustering import ClusteringModel
 class TrainingData:
     """Decoded training images plus what is only ever *reported* (labels)."""
 
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8, in memory or read from disk (calibclust.io.cache.CachedImages)
     paths: list[str]
     labels: np.ndarray | None = None  # ground truth for reporting only; never used to train
     class_names: list[str] = field(default_factory=list)
@@ -46,10 +46,18 @@ class TrainingData:
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, size: int | tuple[int, int], progress: bool = True,
-                    resize: str = "squash") -> "TrainingData":
+                    resize: str = "squash", cache_dir: str | os.PathLike | None = None) -> "TrainingData":
         """Decode an image folder with the one decoder (:mod:`calibclust.io.images`, ``resize`` policy);
-        unreadable files are skipped and listed. Class sub-folders give labels used for reporting only."""
+        unreadable files are skipped and listed. Class sub-folders give labels used for reporting only.
+        With ``cache_dir`` the images go to an on-disk cache (:mod:`calibclust.io.cache`: built once,
+        reused, resumable) and are read by index, so memory does not grow with the folder."""
         from tqdm.auto import tqdm
+
+        if cache_dir is not None:
+            from calibclust.io.cache import build_image_cache
+
+            cached = build_image_cache(root, cache_dir, size, resize=resize, progress=progress)
+            return cls(cached.images, cached.paths, cached.labels, cached.class_names, str(root), cached.unreadable, resize)
 
         from calibclust.io.images import list_image_folder, load_images
 
@@ -81,7 +89,9 @@ class TrainingData:
         """The images where ``mask`` (N,) is true, with their paths and labels."""
         idx = np.flatnonzero(mask)
         labels = None if self.labels is None else self.labels[idx]
-        return TrainingData(self.images[idx], [self.paths[i] for i in idx], labels, self.class_names, self.root,
+        # An on-disk cache gives a view (nothing read); an in-memory array a copy of the rows.
+        images = self.images.subset(idx) if hasattr(self.images, "subset") else self.images[idx]
+        return TrainingData(images, [self.paths[i] for i in idx], labels, self.class_names, self.root,
                             self.unreadable, self.resize)
 
 

@@ -60,10 +60,13 @@ def features_digest(features: torch.Tensor) -> str:
     return images_digest(features.detach().cpu().numpy())
 
 
-def images_digest(images: np.ndarray) -> str:
+def images_digest(images: np.ndarray, chunk: int = 4096) -> str:
+    """Digest of uint8 images, in chunks (the same value for an in-memory array and an on-disk cache
+    of the same pixels, and no full copy of either)."""
     h = hashlib.sha256()
-    h.update(str(images.shape).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(str(tuple(images.shape)).encode())
+    for start in range(0, len(images), chunk):
+        h.update(np.ascontiguousarray(images[start : start + chunk]).tobytes())
     return h.hexdigest()[:32]
 
 
