@@ -1,8 +1,10 @@
 """The ``calibclust`` command.
 
-Subcommands register themselves through the ``calibclust.commands`` entry-point group: each
-entry point names a ``register_cli(subparsers)`` function in a module that imports nothing
-heavy at module level, so ``calibclust --help`` never loads torch, onnx, tensorrt or gradio.
+calibclust's own subcommands are the static table :data:`COMMANDS`: each names a
+``register_cli(subparsers)`` function in a module that imports nothing heavy at module level, so
+``calibclust --help`` never loads torch, onnx, tensorrt or gradio. Other packages add commands
+through the ``calibclust.commands`` entry-point group (same kind of function), registered after
+these; a plugin cannot replace one of them.
 
 Exit codes (EXIT_* below): 0 ok, 1 failure, 2 bad usage, 3 finished with some inputs failed.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import import_module
 from importlib.metadata import entry_points
 
 from calibclust import __version__
@@ -20,6 +23,35 @@ from calibclust.cli_names import add_deprecated_aliases, resolve_legacy_model
 from calibclust.errors import CalibclustError
 
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+
+
+# (name, "module:function"): the function adds one command, or targets/methods to a command group
+# (``bench-label`` adds ``bench label``); registered in this order (the order of `calibclust --help`); `train`
+# before `train-spice`, which attaches `train spice` and `train compare` to the train group, and
+# `bench` before the modules that add bench targets.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("bench", "calibclust.bench:register_cli"),
+    ("bench-label", "calibclust.serve.bench:register_bench_label"),
+    ("bench-model", "calibclust.export.cli:register_bench_cli"),
+    ("demo", "calibclust.serve.demo:register_cli"),
+    ("embed", "calibclust.embed:register_cli"),
+    ("evaluate", "calibclust.evaluate:register_cli"),
+    ("exemplars", "calibclust.serve.exemplars_cli:register_cli"),
+    ("export", "calibclust.export.cli:register_cli"),
+    ("fit", "calibclust.app.fitting:register_cli"),
+    ("label", "calibclust.serve.cli:register_cli"),
+    ("predict", "calibclust.train.cli:register_predict_cli"),
+    ("pretrain", "calibclust.pretrain:register_cli"),
+    ("quickstart", "calibclust.quickstart:register_cli"),
+    ("train", "calibclust.train.cli:register_cli"),
+    ("train-spice", "calibclust.train.spice_cli:register_cli"),
+)
+PLUGIN_GROUP = "calibclust.commands"
+
+
+def _load(target: str):
+    module_name, _, function = target.partition(":")
+    return getattr(import_module(module_name), function)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"calibclust {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for ep in sorted(entry_points(group="calibclust.commands"), key=lambda e: e.name):
+    own = {target for _, target in COMMANDS}
+    plugins = [(ep.name, ep.value, ep.load) for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name)
+               if ep.value not in own]  # (an install of calibclust before the table listed its own commands there)
+    for name, target, load in [(n, t, lambda t=t: _load(t)) for n, t in COMMANDS] + plugins:
         try:
-            register = ep.load()
+            register = load()
         except ImportError as exc:
-            # One broken or half-installed plugin must not take every other command down with it.
-            print(f"calibclust: command {ep.name!r} unavailable ({exc})", file=sys.stderr)
+            # One broken or half-installed module must not take every other command down with it.
+            print(f"calibclust: command {name!r} unavailable ({exc})", file=sys.stderr)
             continue
         register(subparsers)
     add_deprecated_aliases(parser)

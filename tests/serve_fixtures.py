@@ -228,7 +228,7 @@ def read_metadata_json(path: Path) -> dict:
 
 def run_label_cli(*args: str, env: dict | None = None, timeout: float = 120):
     """``calibclust label ARGS`` in a subprocess, through the real ``calibclust`` command (the
-    ``label`` subcommand comes from the ``calibclust.commands`` entry point)."""
+    ``label`` subcommand comes from the static command table of ``calibclust.cli``)."""
     import os
     import subprocess
     import sys

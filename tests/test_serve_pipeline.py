@@ -222,10 +222,9 @@ def test_empty_folder_and_usage_errors(model, tmp_path):
 
 
 def test_label_command_is_registered_and_teaches():
-    from importlib.metadata import entry_points
+    from calibclust.cli import COMMANDS
 
-    eps = {ep.name: ep.value for ep in entry_points(group="calibclust.commands")}
-    assert eps["label"] == "calibclust.serve.cli:register_cli"
+    assert dict(COMMANDS)["label"] == "calibclust.serve.cli:register_cli"
     from calibclust.serve.cli import register_cli
 
     parser = argparse.ArgumentParser(prog="calibclust")
