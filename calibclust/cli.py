@@ -71,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, target, load in [(n, t, lambda t=t: _load(t)) for n, t in COMMANDS] + plugins:
         try:
             register = load()
-        except ImportError as exc:
-            # One broken or half-installed module must not take every other command down with it.
+            register(subparsers)
+        except (ImportError, argparse.ArgumentError) as exc:
+            # One broken, half-installed or clashing module (a plugin taking a built-in command's
+            # name) must not take every other command down with it.
             print(f"calibclust: command {name!r} unavailable ({exc})", file=sys.stderr)
-            continue
-        register(subparsers)
     add_deprecated_aliases(parser)
     return parser
 

@@ -6,8 +6,8 @@ fresh process, so that each peak resident size is that N's alone:
 1. **data**: the folder decoded, into the on-disk cache (:mod:`calibclust.io.cache`, what ``fit``
    uses) or into memory (``TrainingData.from_folder`` without a cache, as before the cache);
 2. **pretrain**: MoCo-v2 steps on the small backbone, batches read from the images of step 1;
-3. **features**: one backbone pass over every image (what CDC's prototype initialisation, the OOD
-   fit of export and the evaluation do).
+3. **features**: one backbone pass over every image (what CDC's prototype initialisation and the
+   evaluation do).
 
 It prints one table (peak RSS after each stage, images/s of each) and, per mode, the largest N's
 peak RSS over the peak at 10,000 images (or the smallest N). A benchmark, not a test.
@@ -65,9 +65,14 @@ def make_folder(root: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    # VmHWM: this process's own peak; ru_maxrss of a spawned child starts at its parent's peak.
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):  # not Linux
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
 
 
 def measure(folder: str, work: str, mode: str, size: int, steps: int, batch: int, threads: int | None) -> dict:
@@ -109,6 +114,20 @@ def _child(queue, *args) -> None:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
+def _result(queue, proc) -> dict:
+    """The child's measurement, or its exit code if it died without one (e.g. killed for memory)."""
+    import queue as queues
+
+    while True:
+        try:
+            r = queue.get(timeout=5)
+            proc.join()
+            return r
+        except queues.Empty:
+            if not proc.is_alive():
+                return {"error": f"the measuring process died (exit code {proc.exitcode})"}
+
+
 def run(args) -> int:
     import multiprocessing
 
@@ -134,8 +153,7 @@ def run(args) -> int:
             proc = context.Process(target=_child, args=(queue, str(folder), str(work / f"run-{mode}"), mode,
                                                         args.image_size, args.steps, args.batch_size, args.threads))
             proc.start()
-            r = queue.get()
-            proc.join()
+            r = _result(queue, proc)
             if "error" in r:
                 print(f"bench data: {n} images, {mode}: {r['error']}", file=sys.stderr)
                 continue
@@ -145,7 +163,7 @@ def run(args) -> int:
                           round(r["rss_features"]), round(n * args.image_size**2 * 3 / 2**20)])
     print(f"Peak resident memory (MB, of a fresh process per row) after each stage, and images/s, on "
           f"{os.cpu_count()} CPU core(s); pretraining counts both views of {args.steps} steps of {args.batch_size}.")
-    print_table(["N", "images", "decode img/s", "pretrain img/s", "features img/s", "RSS data", "RSS pretrain",
+    print_table(["N", "mode", "decode img/s", "pretrain img/s", "features img/s", "RSS data", "RSS pretrain",
                  "RSS features", "pixels MB"], table)
     base = 10_000 if 10_000 in sizes else min(sizes)
     for mode in modes:

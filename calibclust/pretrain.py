@@ -319,7 +319,7 @@ def pretrain(
     for splitting a run across jobs: a later ``resume=True`` call continues it exactly;
     ``stop_after_steps`` the same after that many steps (``calibclust bench data`` times a few steps).
     ``images`` may be a :class:`calibclust.io.cache.CachedImages`: each step then reads its batch
-    from disk, and memory does not grow with the number of images.
+    from disk, and the images take no memory however many there are.
     Under ``torch.distributed`` every rank calls this with the same images; rank 0 writes files.
     """
     import numpy as np
@@ -336,7 +336,9 @@ def pretrain(
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    on_disk = hasattr(images, "subset")  # calibclust.io.cache.CachedImages: batches are read as they are needed
+    from calibclust.io.cache import CachedImages
+
+    on_disk = isinstance(images, CachedImages)  # batches are read from disk as they are needed
     data = images if on_disk or torch.is_tensor(images) else torch.as_tensor(np.ascontiguousarray(images))
     if data.dtype not in (torch.uint8, np.uint8) or data.ndim != 4 or data.shape[-1] != 3:
         raise InputError(f"images must be uint8 (N, H, W, 3), got {data.dtype} {tuple(data.shape)}")
@@ -427,6 +429,8 @@ def pretrain(
             dist.barrier()
 
     end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    if stop_after_steps is not None and global_step >= stop_after_steps:
+        end_epoch = min(end_epoch, global_step // steps_per_epoch)  # already there: no step is run
     step_losses: list[float] = []
     first_step = global_step
     bar = None

@@ -45,7 +45,7 @@ def test_fit_cli_on_mixed_size_jpegs_writes_a_model_that_labels_a_new_folder(cli
     for name in ("model.onnx", "model-base.onnx", "report.html", "run.json", "commands.sh"):
         assert (out / name).is_file(), name
     # training read the images from the on-disk cache (every listed file has a row, bad ones too)
-    assert (out / "cache" / "images.u8").stat().st_size == (3 * 45 + 3) * 32 * 32 * 3
+    assert sum(f.stat().st_size for f in (out / "cache").glob("images-*.u8")) == (3 * 45 + 3) * 32 * 32 * 3
     run = json.loads((out / "run.json").read_text())
     plan = run["plan"]
     assert plan["resize"] == "center-crop" and "--resize center-crop" in (out / "commands.sh").read_text()
@@ -161,8 +161,10 @@ def test_fit_any_registered_method_kmeans(cli_run, mixed_folders, tmp_path):
     labeller = calibclust.load(out / "model.onnx")
     assert labeller.metadata.method == "kmeans" and not labeller.metadata.calibrated
     assert model.predict_proba(sorted(new.rglob("*.jpg"))[:3]).shape == (3, CLASSES)
+    again = calibclust.fit(train, out=out, clusters=CLASSES, resume=True)  # the run's own method
+    assert again.plan.method == "kmeans" and again.heldout == held
     with pytest.raises(calibclust.InputError, match="method: the run has kmeans, now cdc"):
-        calibclust.fit(train, out=out, clusters=CLASSES, resume=True)
+        calibclust.fit(train, out=out, clusters=CLASSES, resume=True, method="cdc")
     with pytest.raises(calibclust.InputError, match="method must be one of kmeans, spice, cdc, got 'dbscan'"):
         calibclust.fit(train, out=tmp_path / "x", clusters=CLASSES, method="dbscan")
 

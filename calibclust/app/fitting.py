@@ -30,6 +30,7 @@ training, :mod:`calibclust.export` and :mod:`calibclust.serve` together; the cor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ from calibclust.train.methods import method_names
 
 RUN_FORMAT = "calibclust-fit/1"
 # The decoded images at the input size (calibclust.io.cache): training reads them from disk, so
-# memory does not grow with the folder; a resumed run or FittedModel.export reuses them.
+# the images take no memory however large the folder; a resumed run or FittedModel.export reuses them.
 CACHE_DIR = "cache"
 DEFAULT_BUDGET_MINUTES = 10.0
 DEFAULT_HELDOUT_FRACTION = 0.1
@@ -317,15 +318,16 @@ def fit(
     progress: bool = True,
     resize: str = "auto",
     pretrain_epochs: int | None = None,
-    method: str = "cdc",
+    method: str | None = None,
 ) -> FitResult:
     """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring);
-    ``method`` is any registered method (:func:`calibclust.train.methods.method_names`)."""
+    ``method`` is any registered method (:func:`calibclust.train.methods.method_names`); None: CDC, or
+    on ``resume`` the run's own."""
     from calibclust.device import resolve_device
     from calibclust.train.data import TrainingData
 
     folder, out = Path(folder), Path(out)
-    _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs, method)
+    _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs, method or "cdc")
     run = FitRun(out)
     if run.exists() and not resume:
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
@@ -341,7 +343,7 @@ def fit(
         data = TrainingData.from_folder(folder, plan.input_size, progress=progress, resize=plan.resize,
                                         cache_dir=out / CACHE_DIR)
         differences = [f"{name}: the run has {then}, now {now}" for name, then, now in (
-            ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed), ("method", plan.method, method))
+            ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed), ("method", plan.method, method or plan.method))
             if then != now]
         if plan.files_digest and files_digest(data.paths) != plan.files_digest:
             differences.append(f"files: the run had {plan.n_images} readable files, now {len(data.paths)}"
@@ -365,12 +367,14 @@ def fit(
         heldout = heldout_by_path_hash(data.paths, heldout_fraction)
         n_train = int((~heldout).sum())
         if n_train < max(20, 2 * clusters):
-            if new_out:  # a refused run leaves nothing behind that would block the next try
-                shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out / CACHE_DIR, ignore_errors=True)  # a refused run leaves nothing behind
+            if new_out:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
             raise InputError(f"{n_train} training images for {clusters} clusters; fit needs at least "
                              f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
         plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed,
-                         pretrain_epochs, method)
+                         pretrain_epochs, method or "cdc")
         out.mkdir(parents=True, exist_ok=True)
         _write_commands(out, plan)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
@@ -461,8 +465,10 @@ def method_config(plan: FitPlan):
     if plan.method == "spice":
         from calibclust.train.spice import SpiceConfig
 
+        # SPICE caches 2 × views feature rows per image too: no more views than CDC would cache.
         return SpiceConfig(num_clusters=plan.clusters, batch_size=plan.cdc_batch, num_neighbors=SPICE_NEIGHBORS,
-                           head_epochs=SPICE_HEAD_EPOCHS, joint_steps=SPICE_JOINT_STEPS, seed=plan.seed)
+                           head_epochs=SPICE_HEAD_EPOCHS, joint_steps=SPICE_JOINT_STEPS,
+                           views=min(SpiceConfig.views, plan.cdc_views), seed=plan.seed)
     return None
 
 
@@ -638,7 +644,7 @@ def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -
     h = record["stages"].get("evaluate", {}).get("heldout", {})
     report.add_heading("Held-out split")
     if h.get("n"):
-        report.add_table([[k, v] for k, v in h.items() if not isinstance(v, dict)], header=["label-free figure", "value"],
+        report.add_table([[k, v] for k, v in h.items() if not isinstance(v, (dict, list))], header=["label-free figure", "value"],
                          caption=f"{h['n']} held-out images, never trained on, through the exported model")
         scored = [name for name in _rows(h) if name in h]
         if scored:
@@ -730,9 +736,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_MINUTES, metavar="MINUTES",
                    help=f"time to aim for on this machine; sizes the pretraining (default {DEFAULT_BUDGET_MINUTES:g}, "
                         "sized for 2 CPU cores)")
-    p.add_argument("--method", default="cdc", choices=method_names(),
-                   help="clustering method (default cdc: calibrated confidence from its calibration head; spice and "
-                        "kmeans are uncalibrated baselines, their confidence is not an accuracy estimate)")
+    p.add_argument("--method", choices=method_names(),
+                   help="clustering method (default cdc, or with --resume the run's own): cdc gives calibrated "
+                        "confidence from its calibration head; spice and kmeans are uncalibrated baselines, their "
+                        "confidence is not an accuracy estimate")
     p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
     p.add_argument("--pretrain-epochs", type=int, metavar="N", help="MoCo-v2 epochs, instead of sizing them to --budget")
     p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,

@@ -50,7 +50,7 @@ class TrainingData:
         """Decode an image folder with the one decoder (:mod:`calibclust.io.images`, ``resize`` policy);
         unreadable files are skipped and listed. Class sub-folders give labels used for reporting only.
         With ``cache_dir`` the images go to an on-disk cache (:mod:`calibclust.io.cache`: built once,
-        reused, resumable) and are read by index, so memory does not grow with the folder."""
+        reused, resumable) and are read by index, so the images take no memory however large the folder."""
         from tqdm.auto import tqdm
 
         if cache_dir is not None:

@@ -27,6 +27,7 @@ import copy
 import importlib
 import os
 import time
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
@@ -155,7 +156,8 @@ class ClusteringMethod:
         from calibclust.train.data import embed_images, head_probabilities
 
         model = self._fitted()
-        images = np.asarray(images)
+        if not hasattr(images, "subset"):  # an on-disk cache (calibclust.io.cache) is read in batches
+            images = np.asarray(images)
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] != 3:
             raise InputError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         unknown = [h for h in heads if h not in model.head_names]
@@ -192,7 +194,13 @@ class ClusteringMethod:
         model, metadata = load_model(path)
         cls = get_method(metadata.method)
         saved = metadata.train_stats.get("config")  # the settings it was trained with (older models: none)
-        config = cls.config_class.from_dict(saved) if saved and cls.config_class is not None else None
+        config = None
+        if saved and cls.config_class is not None:
+            try:
+                config = cls.config_class.from_dict(saved)
+            except InputError as exc:  # e.g. a model from a newer calibclust: predicting needs no settings
+                warnings.warn(f"{path}: its training settings are not readable here ({exc}); loaded with the defaults",
+                              stacklevel=2)
         method = cls(metadata.num_clusters, config, device=device)
         method.model, method.metadata = model.to(method.device).eval(), metadata
         return method
