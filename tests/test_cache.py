@@ -38,6 +38,7 @@ def test_cache_holds_the_pixels_paths_and_labels_of_the_in_memory_decode(folder,
     from calibclust.train.features import images_digest
 
     assert images_digest(x, chunk=5) == images_digest(m), "one digest for the same pixels wherever they live"
+    assert x.pixels_digest == images_digest(m) and sub.images.pixels_digest is None  # kept per view, not shared
 
 
 def test_cache_is_reused_rebuilt_when_the_folder_changes_and_resumed(folder, tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ class CachedImages:
         self.height, self.width = int(height), int(width)
         self.rows = np.asarray(rows, dtype=np.int64)
         self._row_bytes = self.height * self.width * 3
+        self.pixels_digest: str | None = None  # set by calibclust.train.features.images_digest
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

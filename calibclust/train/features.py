@@ -62,12 +62,19 @@ def features_digest(features: torch.Tensor) -> str:
 
 def images_digest(images: np.ndarray, chunk: int = 4096) -> str:
     """Digest of uint8 images, in chunks (the same value for an in-memory array and an on-disk cache
-    of the same pixels, and no full copy of either)."""
+    of the same pixels, and no full copy of either). An on-disk cache's views are read-only, so their
+    digest is kept on the view: CDC's checkpoint of every epoch does not read the whole cache again."""
+    known = getattr(images, "pixels_digest", None)
+    if known is not None:
+        return known
     h = hashlib.sha256()
     h.update(str(tuple(images.shape)).encode())
     for start in range(0, len(images), chunk):
         h.update(np.ascontiguousarray(images[start : start + chunk]).tobytes())
-    return h.hexdigest()[:32]
+    digest = h.hexdigest()[:32]
+    if hasattr(images, "pixels_digest"):  # calibclust.io.cache.CachedImages
+        images.pixels_digest = digest
+    return digest
 
 
 def module_digest(module: nn.Module) -> str:
