@@ -227,15 +227,14 @@ def _build_locked(listing, directory: Path, size: tuple[int, int], resize: str, 
         for start in range(state["rows_done"], n, chunk):
             part = listing.paths[start : start + chunk]
             batch, errors = load_images(part, size, resize=resize)
-            bad = {e.path for e in errors}
-            ok = [i for i, p in enumerate(part) if str(p) not in bad]
+            reasons = {e.path: e.reason for e in errors}
+            ok = [i for i, p in enumerate(part) if str(p) not in reasons]
             rows = np.zeros((len(part), row_bytes), np.uint8)
             rows[ok] = batch.reshape(len(ok), row_bytes)
             _write_all(fd, rows.tobytes(), start * row_bytes)
             os.fsync(fd)  # the rows are on disk before the index says so
-            state["unreadable"] += [[relative[start + i], e.reason] for i, e in
-                                    ((i, next(e for e in errors if e.path == str(p))) for i, p in enumerate(part)
-                                     if str(p) in bad)]
+            state["unreadable"] += [[relative[start + i], reasons[str(p)]] for i, p in enumerate(part)
+                                    if str(p) in reasons]
             state["rows_done"] = start + len(part)
             write_json_atomic(index_path, state)
             bar.update(len(part))

@@ -90,7 +90,9 @@ class TrainingData:
         idx = np.flatnonzero(mask)
         labels = None if self.labels is None else self.labels[idx]
         # An on-disk cache gives a view (nothing read); an in-memory array a copy of the rows.
-        images = self.images.subset(idx) if hasattr(self.images, "subset") else self.images[idx]
+        from calibclust.io.cache import CachedImages
+
+        images = self.images.subset(idx) if isinstance(self.images, CachedImages) else self.images[idx]
         return TrainingData(images, [self.paths[i] for i in idx], labels, self.class_names, self.root,
                             self.unreadable, self.resize)
 

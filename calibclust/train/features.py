@@ -64,15 +64,17 @@ def images_digest(images: np.ndarray, chunk: int = 4096) -> str:
     """Digest of uint8 images, in chunks (the same value for an in-memory array and an on-disk cache
     of the same pixels, and no full copy of either). An on-disk cache's views are read-only, so their
     digest is kept on the view: CDC's checkpoint of every epoch does not read the whole cache again."""
-    known = getattr(images, "pixels_digest", None)
-    if known is not None:
-        return known
+    from calibclust.io.cache import CachedImages
+
+    cached = isinstance(images, CachedImages)
+    if cached and images.pixels_digest is not None:
+        return images.pixels_digest
     h = hashlib.sha256()
     h.update(str(tuple(images.shape)).encode())
     for start in range(0, len(images), chunk):
         h.update(np.ascontiguousarray(images[start : start + chunk]).tobytes())
     digest = h.hexdigest()[:32]
-    if hasattr(images, "pixels_digest"):  # calibclust.io.cache.CachedImages
+    if cached:
         images.pixels_digest = digest
     return digest
 

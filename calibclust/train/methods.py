@@ -28,6 +28,7 @@ import importlib
 import os
 import time
 import warnings
+from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
@@ -77,7 +78,7 @@ def get_method(name: str) -> type["ClusteringMethod"]:
     return cls
 
 
-class ClusteringMethod:
+class ClusteringMethod(ABC):
     """Base of every method: ``fit`` / ``predict_proba`` / ``save`` / ``load``.
 
     Subclasses set :attr:`name` (the registry name, also ``ModelMetadata.method``), :attr:`config_class`
@@ -133,8 +134,9 @@ class ClusteringMethod:
             self.seconds.setdefault(row, time.perf_counter() - start)
         return self
 
+    @abstractmethod
     def _fit(self, data, backbone, backbone_info: dict, out_dir: Path | None, eval_data, resume: bool) -> None:
-        raise NotImplementedError
+        """Train on a copy of the backbone and set ``self.model`` and ``self.metadata`` (see :meth:`fit`)."""
 
     # --- inference --------------------------------------------------------------------------------
     def _fitted(self):
@@ -148,15 +150,17 @@ class ClusteringMethod:
         head = head or self._fitted().predict_head
         return self.head_probabilities(images, (head,))[head]
 
-    def head_probabilities(self, images, heads: tuple[str, ...], batch_size: int = 512) -> dict:
-        """Probabilities of several heads from one pass of the backbone, by head name."""
+    def head_probabilities(self, images, heads: tuple[str, ...], batch_size: int = 512, model=None) -> dict:
+        """Probabilities of several heads from one pass of the backbone, by head name; of ``model``
+        instead of the fitted one when given (SPICE's stage-2 model)."""
         import numpy as np
         import torch
 
+        from calibclust.io.cache import CachedImages
         from calibclust.train.data import embed_images, head_probabilities
 
-        model = self._fitted()
-        if not hasattr(images, "subset"):  # an on-disk cache (calibclust.io.cache) is read in batches
+        model = model or self._fitted()
+        if not isinstance(images, CachedImages):  # an on-disk cache is read in batches, never whole
             images = np.asarray(images)
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] != 3:
             raise InputError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")

@@ -673,9 +673,7 @@ class SpiceMethod(ClusteringMethod):
     def predictions(self, images) -> dict:
         if self.stage2_model is None:  # loaded from disk: only the saved model
             return {self.row_names()[-1]: self.predict_proba(images)}
-        stage2 = SpiceMethod(self.n_clusters, self.config, device=self.device)
-        stage2.model = self.stage2_model
-        out = {"SPICE_s": stage2.predict_proba(images)}
+        out = {"SPICE_s": self.head_probabilities(images, ("clustering",), model=self.stage2_model)["clustering"]}
         if self.config.joint:
             out["SPICE"] = self.predict_proba(images)
         return out
