@@ -318,7 +318,7 @@ def test_batch_redecide_rewrites_the_same_csv_and_limits(model, files, tmp_path,
         assert session.write_csv(strict, csv) == csv
         assert list(read_predictions(csv)["decision"]) == strict["decision"]
         assert session.redecide_table(table, 0.0, math.inf)["decision"] == ["accepted"] * 3  # OOD check off
-        monkeypatch.setattr(demo_mod, "MAX_BATCH_FILES", 2)
+        monkeypatch.setattr("calibclust.serve.demo_uploads.MAX_BATCH_FILES", 2)  # where it is read
         with pytest.raises(DemoError, match="more than 2 images"):
             session.label_batch([files["red.png"], files["teal.png"], files["grey.png"]])
         assert not list((tmp_path / "w").glob("batch-*")), "extracted batch files left behind"
@@ -465,7 +465,7 @@ class ExposedConfig(DemoConfig):
 def test_exposed_server_through_gradio_client(model, files, tmp_path, monkeypatch):
     """Through the real server with a login: the batch pixel budget (summed from headers, no decode),
     the cap on saved models, and no server folder in any message."""
-    monkeypatch.setattr(demo_mod, "MAX_SAVES", 2)
+    monkeypatch.setattr("calibclust.serve.demo_session.MAX_SAVES", 2)  # where it is read
     config = ExposedConfig(model=model, port=free_port(), auth=("ann", "pw"), save_dir=tmp_path / "saved",
                            max_batch_pixels=100_000, work_dir=tmp_path / "work")
     (tmp_path / "saved").mkdir()
