@@ -192,7 +192,7 @@ def build_image_cache(folder: str | os.PathLike, directory: str | os.PathLike, s
 
 def _build_locked(listing, directory: Path, size: tuple[int, int], resize: str, progress: bool,
                   chunk: int) -> tuple[dict, bool]:
-    from calibclust.io.images import load_images
+    from calibclust.io.images import iter_decoded_chunks
 
     index_path = directory / INDEX_FILE
     digest = _listing_digest(listing, size, resize)
@@ -224,17 +224,14 @@ def _build_locked(listing, directory: Path, size: tuple[int, int], resize: str, 
                disable=not progress)
     fd = os.open(data_path, os.O_WRONLY)
     try:
-        for start in range(state["rows_done"], n, chunk):
-            part = listing.paths[start : start + chunk]
-            batch, errors = load_images(part, size, resize=resize)
-            reasons = {e.path: e.reason for e in errors}
-            ok = [i for i, p in enumerate(part) if str(p) not in reasons]
-            rows = np.zeros((len(part), row_bytes), np.uint8)
+        for start, part, batch, failed in iter_decoded_chunks(listing.paths, size, resize=resize, start=state["rows_done"],
+                                                             chunk=chunk):
+            ok = [i for i in range(len(part)) if i not in failed]
+            rows = np.zeros((len(part), row_bytes), np.uint8)  # unreadable files: black rows, never read
             rows[ok] = batch.reshape(len(ok), row_bytes)
             _write_all(fd, rows.tobytes(), start * row_bytes)
             os.fsync(fd)  # the rows are on disk before the index says so
-            state["unreadable"] += [[relative[start + i], reasons[str(p)]] for i, p in enumerate(part)
-                                    if str(p) in reasons]
+            state["unreadable"] += [[relative[start + i], reason] for i, reason in failed.items()]
             state["rows_done"] = start + len(part)
             write_json_atomic(index_path, state)
             bar.update(len(part))

@@ -480,3 +480,16 @@ def load_images(
     height, width = size
     batch = np.stack(arrays) if arrays else np.zeros((0, height, width, 3), np.uint8)
     return batch, errors
+
+
+def iter_decoded_chunks(
+    paths: Sequence[str | os.PathLike], size: tuple[int, int], resize: str = "squash", start: int = 0, chunk: int = 512
+) -> Iterator[tuple[int, Sequence, np.ndarray, dict[int, str]]]:
+    """Decode ``paths[start:]`` ``chunk`` files at a time (bounded memory however many there are):
+    yields ``(offset, part, batch, failed)`` with the readable images of ``part`` in order and
+    ``failed`` mapping each unreadable file's index in ``part`` to its reason."""
+    for offset in range(start, len(paths), chunk):
+        part = paths[offset : offset + chunk]
+        batch, errors = load_images(part, size, resize=resize)
+        reasons = {e.path: e.reason for e in errors}
+        yield offset, part, batch, {i: reasons[str(p)] for i, p in enumerate(part) if str(p) in reasons}

@@ -59,7 +59,7 @@ class TrainingData:
             cached = build_image_cache(root, cache_dir, size, resize=resize, progress=progress)
             return cls(cached.images, cached.paths, cached.labels, cached.class_names, str(root), cached.unreadable, resize)
 
-        from calibclust.io.images import list_image_folder, load_images
+        from calibclust.io.images import iter_decoded_chunks, list_image_folder
 
         try:
             listing = list_image_folder(root)
@@ -67,14 +67,10 @@ class TrainingData:
             raise InputError(str(exc)) from None
         size = (size, size) if isinstance(size, int) else tuple(size)
         arrays, keep, unreadable = [], [], []
-        chunk = 512
         bar = tqdm(total=len(listing.paths), desc="decoding images", unit="img", disable=not progress)
-        for start in range(0, len(listing.paths), chunk):
-            part = listing.paths[start : start + chunk]
-            batch, errors = load_images(part, size, resize=resize)
-            bad = {e.path for e in errors}
-            unreadable += [(e.path, e.reason) for e in errors]
-            keep += [start + i for i, p in enumerate(part) if str(p) not in bad]
+        for start, part, batch, failed in iter_decoded_chunks(listing.paths, size, resize=resize):
+            unreadable += [(str(part[i]), reason) for i, reason in failed.items()]
+            keep += [start + i for i in range(len(part)) if i not in failed]
             arrays.append(batch)
             bar.update(len(part))
         bar.close()
