@@ -11,8 +11,10 @@ Targets register through one helper, so any module can add its own without touch
 :func:`add_bench_target` finds (or creates) the ``bench`` command on the top-level subparsers and
 adds ``bench model`` under it; entry-point load order does not matter. This module itself
 registers ``bench pretrain`` (MoCo-v2 step throughput), ``bench data`` (:mod:`calibclust.data_bench`:
-memory and speed against the number of images), ``bench kmeans`` (ours vs scikit-learn) and
-``bench zoo`` (:mod:`calibclust.zoo`: quality on held-out splits of the data zoo).
+memory and speed against the number of images), ``bench kmeans`` (ours vs scikit-learn), ``bench
+choose-k`` (:mod:`calibclust.zoo`) and ``bench calibration`` (:mod:`calibclust.train.calibration`) on
+the data zoo's held-out splits. ``bench zoo`` runs ``calibclust fit`` and so lives in the application
+layer (:mod:`calibclust.app.zoo_bench`), which adds it here through the same helper.
 Nothing heavy is imported at module level.
 """
 
@@ -330,44 +332,27 @@ def _inertia(x, centers, labels) -> float:
     return total
 
 
-# --- bench zoo (calibclust.zoo; imported when it runs: numpy and Pillow stay out of CLI start-up) ------
+# --- the data-zoo benches (calibclust.zoo; imported when they run: numpy and Pillow stay out of CLI start-up) --
 
 ZOO_SETS = ("digits", "digits-geometric", "digits-colour", "letters-fonts", "emoji")  # = calibclust.zoo.ZOO
-ZOO_EPILOG = f"""\
-sets: {", ".join(ZOO_SETS)} (what each varies: the calibclust.zoo docstring).
-Per set: the data (train / held-out split, near- and far-OOD folders), then the quick start's stages
-(MoCo-v2 pretraining of the small backbone, frozen-backbone CDC, ONNX export, label held-out + OOD)
-and K-means on raw pixels and on the pretrained features of the held-out images.
-
-examples:
-  calibclust bench zoo --fast digits letters-fonts     # a few minutes each on 2 CPU cores
-  calibclust bench zoo --out runs/zoo                  # every set with the full settings"""
 
 
-def _zoo_set_options(p: argparse.ArgumentParser, out: str, contents: str) -> None:
-    """The options every data-zoo bench shares: which sets, the working folder, settings, seed."""
+def zoo_set_options(p: argparse.ArgumentParser, out: str, contents: str) -> None:
+    """The options every data-zoo bench shares (``bench zoo``, ``choose-k``, ``calibration``): which
+    sets, the working folder, settings (:class:`calibclust.zoo.ZooSettings`), seed."""
     p.add_argument("sets", nargs="*", metavar="SET", help="zoo sets to run (default: all, in the order listed below)")
     p.add_argument("--out", default=out, help=f"working folder: {contents} (default {out})")
-    p.add_argument("--fast", action="store_true", help="the quick start's --fast settings (15 MoCo epochs)")
+    p.add_argument("--fast", action="store_true",
+                   help="15 MoCo-v2 pretraining epochs instead of 100 (fit --pretrain-epochs 15)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage (default 0)")
-    p.add_argument("--verbose", action="store_true", help="show each stage's output instead of logging it")
-
-
-def _zoo_options(p: argparse.ArgumentParser) -> None:
-    _zoo_set_options(p, "zoo-bench", "data, runs, logs, zoo.json")
-
-
-def _run_zoo(args) -> int:
-    from calibclust.zoo import run_zoo_bench
-
-    return run_zoo_bench(args)
+    p.add_argument("--verbose", action="store_true", help="progress bars inside the stages")
 
 
 # --- bench choose-k (calibclust.zoo + calibclust.cluster.choose_k) -----------------------------------
 
 CHOOSE_K_EPILOG = f"""\
-Per zoo set ({", ".join(ZOO_SETS)}): the quick start's MoCo-v2 pretraining on the train split, the
-backbone's features of the held-out split, then --clusters auto on those features (all classes, and the
+Per zoo set ({", ".join(ZOO_SETS)}): calibclust fit's MoCo-v2 pretraining on the train split (the split
+fit makes), the backbone's features of the held-out split, then --clusters auto on those features (all classes, and the
 first classes only for each --subsets value, to show the choice follows the data and not a constant),
 with every criterion's pick and K-means' ACC/NMI at the chosen and the true K.
 
@@ -386,7 +371,7 @@ def _class_counts(text: str) -> list[int]:
 def _choose_k_options(p: argparse.ArgumentParser) -> None:
     from calibclust.cluster.choose_k import DEFAULT_K_RANGE, argparse_type, parse_k_range
 
-    _zoo_set_options(p, "choose-k-bench", "data, pretraining, features, choose-k.json")
+    zoo_set_options(p, "choose-k-bench", "data, pretraining, features, choose-k.json")
     p.add_argument("--k-range", type=argparse_type(parse_k_range), default=DEFAULT_K_RANGE, metavar="LOW..HIGH",
                    help=f"K values compared (default {DEFAULT_K_RANGE[0]}..{DEFAULT_K_RANGE[1]})")
     p.add_argument("--subsets", type=_class_counts, default=[5],
@@ -402,9 +387,10 @@ def _run_choose_k(args) -> int:
 # --- bench calibration (calibclust.train.calibration) -------------------------------------------------
 
 CALIBRATION_EPILOG = f"""\
-Per zoo set ({", ".join(ZOO_SETS)}): the quick start's MoCo-v2 pretraining on the train split, then
-K-means, SPICE_s and CDC (the paper's mini-cluster rule K = B/2, the hard-data rule K = B/25, and the
-authors' L1-normalised mini-clusters; two seeds each) on its frozen features, every figure scored on the
+Per zoo set ({", ".join(ZOO_SETS)}): calibclust fit's MoCo-v2 pretraining on the train split (the split
+fit makes), then K-means, SPICE_s and CDC with fit's CPU settings (the paper's mini-cluster rule
+K = B/2, the hard-data rule K = B/25, and the authors' L1-normalised mini-clusters; two seeds each) on
+its frozen features, every figure scored on the
 held-out split. Beside each measured ECE: three label-free estimates of it (agreement across seeds, with
 nearest neighbours, across views) and, for diagnosis, the purity of Eq. 1's mini-clusters and Eq. 4's
 pseudo-label share and accuracy. Finished sets are reused from --out.
@@ -415,7 +401,7 @@ examples:
 
 
 def _calibration_options(p: argparse.ArgumentParser) -> None:
-    _zoo_set_options(p, "calibration-bench", "data, pretraining, calibration.json")
+    zoo_set_options(p, "calibration-bench", "data, pretraining, calibration.json")
 
 
 def _run_calibration(args) -> int:
@@ -458,14 +444,6 @@ def register_cli(subparsers) -> None:
             "examples:\n  calibclust bench kmeans                             # 60000x512x512 and 1000x512x500\n"
             "  calibclust bench kmeans --case 1000x512x500 --case 10000x128x100 --threads 2"
         ),
-    )
-    add_bench_target(
-        subparsers,
-        "zoo",
-        help="pretrain + CDC + label on each data-zoo set; held-out ACC/NMI/ECE, OOD AUROC, K-means baselines",
-        configure=_zoo_options,
-        run=_run_zoo,
-        epilog=ZOO_EPILOG,
     )
     add_bench_target(
         subparsers,

@@ -26,11 +26,13 @@ from calibclust.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
 
 # (name, "module:function"): the function adds one command, or targets/methods to a command group
-# (``bench-label`` adds ``bench label``); registered in this order (the order of `calibclust --help`); `train`
+# (``bench-label`` adds ``bench label``, ``bench-zoo`` adds ``bench zoo``: a bench that runs ``fit`` belongs to
+# the application layer, which the core's ``bench`` module may not import); registered in this order (the order of `calibclust --help`); `train`
 # before `train-spice`, which attaches `train spice` and `train compare` to the train group, and
 # `bench` before the modules that add bench targets.
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("bench", "calibclust.bench:register_cli"),
+    ("bench-zoo", "calibclust.app.zoo_bench:register_cli"),
     ("bench-label", "calibclust.serve.bench:register_bench_label"),
     ("bench-model", "calibclust.export.cli:register_bench_cli"),
     ("demo", "calibclust.serve.demo:register_cli"),
@@ -42,7 +44,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("label", "calibclust.serve.cli:register_cli"),
     ("predict", "calibclust.train.cli:register_predict_cli"),
     ("pretrain", "calibclust.pretrain:register_cli"),
-    ("quickstart", "calibclust.quickstart:register_cli"),
+    ("quickstart", "calibclust.app.quickstart:register_cli"),
     ("train", "calibclust.train.cli:register_cli"),
     ("train-spice", "calibclust.train.spice_cli:register_cli"),
 )

@@ -1,9 +1,12 @@
 """The data zoo: labelled image sets with known nuisances, made from data that ships with packages.
 
 Every set is generated, not downloaded: scikit-learn's digits, the fonts installed on the machine
-(Debian font packages), and Noto Color Emoji (Debian ``fonts-noto-color-emoji``). Each is split
-into ``train/`` and ``heldout/`` by a fixed rule (every fifth image of each class, in generation
-order, is held out) and comes with a near- and a far-out-of-distribution folder:
+(Debian font packages), and Noto Color Emoji (Debian ``fonts-noto-color-emoji``). Each set is one
+image folder that ``calibclust fit`` reads, split into train and held-out images by fit's own rule
+(:func:`calibclust.train.profiles.heldout_by_path_hash` on each image's path under ``images/``,
+fraction :data:`ZOO_HELDOUT_FRACTION`), so ``calibclust fit ROOT/images --heldout-fraction 0.2``
+holds out exactly the zoo's held-out images. Each set comes with a near- and a
+far-out-of-distribution folder:
 
 ================== ============================================================ ====================
 set                what varies (independent of the class)                       near-OOD
@@ -23,12 +26,22 @@ strawberry are red, frog / broccoli green, banana / sunflower yellow, whale / ge
 penguin black and white), so colour alone cannot solve it, and pose and background vary per
 image, so neither can position.
 
+The split is by path, not by font: a held-out letter of ``letters-fonts`` is usually drawn in a
+font whose other letters were trained on (as any folder a user hands ``fit`` would be split).
+
 Layout (ImageFolder, class folder names are ground truth for evaluation only)::
 
-    ROOT/train/<class>/<index>.png   ROOT/heldout/<class>/<index>.png
-    ROOT/ood/near/<index>.png        ROOT/ood/far/<index>.png      ROOT/zoo.json
+    ROOT/images/<class>/<index>.png     every image, once (the folder fit reads)
+    ROOT/train/<class>/<index>.png      links into images/: the train split
+    ROOT/heldout/<class>/<index>.png    links into images/: the held-out split
+    ROOT/ood/near/<index>.png           ROOT/ood/far/<index>.png      ROOT/zoo.json
 
-Torch-free and deterministic under ``seed``.
+(``train/`` and ``heldout/`` hold copies where the file system refuses symbolic links.)
+
+The sets are deterministic under ``seed`` and made without torch. The benches on them:
+``bench zoo`` (:mod:`calibclust.app.zoo_bench`: ``calibclust fit`` per set) and, here,
+``bench choose-k`` (:func:`run_choose_k_bench`), whose pretraining on the train split is fit's;
+``bench calibration`` is :mod:`calibclust.train.calibration`. All take :class:`ZooSettings`.
 """
 
 from __future__ import annotations
@@ -36,8 +49,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -46,10 +58,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from calibclust.datasets import dejavu_font_files, digits_images, letters_images, noise_images, photo_patches
 from calibclust.errors import InputError
-from calibclust.shortcut import LUMA, SHORTCUT_THRESHOLD
+from calibclust.io.files import link_or_copy
+from calibclust.shortcut import LUMA
+from calibclust.train.profiles import heldout_by_path_hash
 
 SIZE = 32
-HELDOUT_EVERY = 5  # every fifth image of a class (in generation order) is held out
+# A fifth held out, twice fit's default: ECE is a mean over 15 confidence bins, and a set of ~1,800
+# images leaves ~180 at fit's 10 %, a handful per bin (the quick start holds out a fifth too).
+ZOO_HELDOUT_FRACTION = 0.2
 FONT_GLOBS = ("/usr/share/fonts/**/*.ttf", "/usr/share/fonts/**/*.otf", "/usr/share/fonts/**/*.pfb")
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 # Five colour pairs, so that colour alone never names the class.
@@ -182,7 +198,7 @@ def _fonts_or_fail(minimum: int = 20) -> list[str]:
 def _letters_fonts(seed: int):
     fonts = _fonts_or_fail()
     images, labels = [], []
-    for path in fonts:  # generation order: font by font, so every fifth font's letters are held out
+    for path in fonts:
         for c, ch in enumerate(LETTERS_IN):
             images.append(_grey_to_rgb(_glyph(path, ch)))
             labels.append(c)
@@ -229,7 +245,7 @@ def _emoji(seed: int):
     rng = np.random.default_rng(seed)
     sprites = _emoji_sprites(EMOJI_CLASSES)
     images, labels = [], []
-    for i in range(EMOJI_PER_CLASS):  # interleaved, so the held-out rule takes every fifth of each class
+    for i in range(EMOJI_PER_CLASS):  # interleaved, as first drawn: another order would draw other images
         for c, sprite in enumerate(sprites):
             images.append(_emoji_image(sprite, rng))
             labels.append(c)
@@ -267,8 +283,14 @@ def far_ood(n: int, seed: int) -> np.ndarray:
     return np.concatenate([photo_patches(n - n // 2, SIZE, seed), noise_images(n // 2, SIZE, seed + 1)])
 
 
+# The split `train cdc`, `train compare` and `cdc-ablation` score on (calibclust.train.cli.split_heldout)
+# when given no --heldout folder; the zoo itself now splits as fit does (ZOO_HELDOUT_FRACTION).
+HELDOUT_EVERY = 5
+
+
 def heldout_mask(labels: np.ndarray) -> np.ndarray:
-    """The fixed split: within each class, every :data:`HELDOUT_EVERY`-th image in generation order."""
+    """Within each class, every :data:`HELDOUT_EVERY`-th image in the folder's order (the training
+    commands' held-out rule; not the zoo's, which is fit's path hash)."""
     mask = np.zeros(len(labels), bool)
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -276,17 +298,26 @@ def heldout_mask(labels: np.ndarray) -> np.ndarray:
     return mask
 
 
+def image_paths(labels: np.ndarray, classes: list[str]) -> list[str]:
+    """Each image's path under ``images/``: ``<class>/<index>.png`` (index in generation order), the
+    relative path fit's split hashes."""
+    return [f"{classes[label]}/{i:05d}.png" for i, label in enumerate(labels)]
+
+
 def make_zoo_set(name: str, root: str | os.PathLike, seed: int = 0, n_ood: int = 200) -> dict[str, Path]:
     """Write set ``name`` under ``root`` (layout in the module docstring) unless ``root/zoo.json``
-    says it is already there (same set, seed, OOD sizes and, for letters, font count); returns the
-    folders. Another set, or a folder left half-written without ``zoo.json``, is refused."""
+    says it is already there (same set, seed, OOD sizes, held-out fraction and, for letters, font
+    count); returns the folders. Another set, or a folder left half-written without ``zoo.json``, is
+    refused."""
     if name not in ZOO:
         raise InputError(f"unknown zoo set {name!r}; choose from {', '.join(ZOO)}")
     root = Path(root)
-    paths = {"root": root, "train": root / "train", "heldout": root / "heldout",
+    paths = {"root": root, "images": root / "images", "train": root / "train", "heldout": root / "heldout",
              "near": root / "ood" / "near", "far": root / "ood" / "far"}
     manifest = root / "zoo.json"
-    identity = {"set": name, "seed": seed, "near_ood": n_ood, "far_ood": n_ood,
+    # The held-out fraction is part of the identity: a set written under the earlier rule (every
+    # fifth image per class) has other train / held-out folders and is refused, not mixed in.
+    identity = {"set": name, "seed": seed, "near_ood": n_ood, "far_ood": n_ood, "heldout_fraction": ZOO_HELDOUT_FRACTION,
                 **({"fonts": len(installed_fonts())} if name == "letters-fonts" else {})}
     if manifest.is_file():
         saved = json.loads(manifest.read_text())
@@ -298,11 +329,13 @@ def make_zoo_set(name: str, root: str | os.PathLike, seed: int = 0, n_ood: int =
         raise InputError(f"{root} is not empty and holds no zoo.json (an interrupted build?); delete it first")
     spec = ZOO[name]
     images, labels, classes = spec.make(seed)
-    held = heldout_mask(labels)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        folder = paths["heldout" if held[i] else "train"] / classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    relative = image_paths(labels, classes)
+    held = heldout_by_path_hash(relative, ZOO_HELDOUT_FRACTION)
+    for image, rel, is_held in zip(images, relative, held):
+        target = paths["images"] / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(target)
+        link_or_copy(target, paths["heldout" if is_held else "train"] / rel)
     for kind, ood in (("near", spec.near_ood(n_ood, seed + 101)), ("far", far_ood(n_ood, seed + 202))):
         paths[kind].mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(ood):
@@ -311,189 +344,95 @@ def make_zoo_set(name: str, root: str | os.PathLike, seed: int = 0, n_ood: int =
     manifest.write_text(json.dumps({
         **identity, "description": spec.description, "classes": classes,
         "train": int((~held).sum()), "heldout": int(held.sum()),
-        "split": f"every {HELDOUT_EVERY}th image of each class in generation order is held out",
+        "split": (f"an image is held out when the hash of its path under images/ falls below {ZOO_HELDOUT_FRACTION} "
+                  f"(calibclust fit's rule: calibclust fit images/ --heldout-fraction {ZOO_HELDOUT_FRACTION} "
+                  "holds out the same images)"),
     }, indent=2))
     return paths
 
 
-# ----------------------------------------------------------------------------- calibclust bench zoo
+# ----------------------------------------------------------------------------- the zoo benches
 
 
-def _label_folder(paths: dict[str, Path]) -> Path:
-    """Held-out images + both OOD folders under ``_ood/`` (``calibclust evaluate``'s convention)."""
-    from calibclust.io.images import discover_images
-    from calibclust.quickstart import _link_or_copy
+@dataclass(frozen=True)
+class ZooSettings:
+    """What the zoo benches train with: ``calibclust fit --pretrain-epochs N`` (fit's CPU profile,
+    :mod:`calibclust.train.profiles`, for everything else), and ``n_ood`` near- and as many far-OOD
+    images per set."""
 
-    mixed = paths["root"] / "label-me"
-    for path in discover_images(paths["heldout"]):
-        _link_or_copy(path, mixed / path.relative_to(paths["heldout"]))
-    for kind in ("near", "far"):
-        for path in discover_images(paths[kind]):
-            _link_or_copy(path, mixed / "_ood" / kind / path.name)
-    return mixed
+    pretrain_epochs: int
+    n_ood: int
 
+    @classmethod
+    def full(cls) -> "ZooSettings":
+        # The pretraining the zoo's figures so far were measured with.
+        return cls(pretrain_epochs=100, n_ood=200)
 
-def _folder_pixels(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Raw pixels in [0, 1] (flattened) and class indices of an ImageFolder, via the one decoder."""
-    from calibclust.io.images import list_image_folder, load_images
-
-    listing = list_image_folder(folder)
-    images, errors = load_images(listing.paths, (SIZE, SIZE))
-    if errors:
-        raise InputError(f"{len(errors)} unreadable images in {folder}, e.g. {errors[0].path}: {errors[0].reason}")
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0, listing.labels
+    @classmethod
+    def fast(cls) -> "ZooSettings":
+        return cls(pretrain_epochs=15, n_ood=200)
 
 
-def _kmeans_acc(x: np.ndarray, y: np.ndarray, k: int, seed: int) -> float:
-    from sklearn.cluster import KMeans
-
-    from calibclust.metrics import hungarian_accuracy
-
-    pred = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
-    return float(hungarian_accuracy(y, pred).accuracy)
-
-
-def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool = False) -> dict:
-    """Pretrain + CDC on ``train/`` with the quick start's stages, label held-out + OOD with the
-    exported model, and measure what the zoo table prints (every figure on held-out images)."""
-    import dataclasses
-    import time
-
-    from calibclust.io.predictions import read_predictions
-    from calibclust.metrics import auroc
-    from calibclust.quickstart import _run_stage, stage_commands, summarise
-
-    start = time.perf_counter()
-    out = Path(out)
-    done = out / "row.json"
-    wanted = {**dataclasses.asdict(settings), "seed": seed}
-    if done.is_file():  # a finished set: its figures stand (delete the folder to measure again)
-        row = json.loads(done.read_text())
-        if row.get("settings") != wanted:
-            raise InputError(f"{out} holds this set measured with other settings ({row.get('settings')}); "
-                             "delete it or choose another --out")
-        return row
-    if (out / "pretrain").exists():
-        raise InputError(f"{out} holds an unfinished run of this benchmark; delete it (or choose another --out)")
-    paths = make_zoo_set(name, out / "data", seed=seed)
-    classes = json.loads((paths["root"] / "zoo.json").read_text())["classes"]
-    mixed = _label_folder(paths)
-    stages = stage_commands(out, {"digits": paths["train"], "mixed": mixed, "heads_on": paths["heldout"]},
-                            settings, seed, clusters=len(classes))
-    stages.append(("embed held-out", ["embed", str(paths["heldout"]), "--backbone-weights", str(out / "pretrain"),
-                                      "--out", str(out / "heldout-features.npy"), "--no-progress"]))
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    print(f"== {name}: {ZOO[name].description}", flush=True)
-    for i, (stage, argv) in enumerate(stages, 1):
-        _run_stage(i, len(stages), stage, argv, out / "logs", verbose)
-    summary = summarise(out)
-
-    table = read_predictions(out / "label" / "predictions.csv")
-    path = np.asarray(table["path"], dtype=object)
-    score = np.asarray(table["ood_score"], np.float64)
-    kind = np.array([p.split("/")[1] if p.startswith("_ood/") else "in" for p in path])
-    held = kind == "in"
-    flagged = float(np.mean(np.asarray(table["decision"], dtype=object)[held] == "ood"))
-
-    x, y = _folder_pixels(paths["heldout"])
-    features = np.load(out / "heldout-features.npy")
-    feature_files = (out / "heldout-features.files.txt").read_text().splitlines()
-    y_feat = np.asarray([classes.index(Path(f).parent.name) for f in feature_files])
-    row = {
-        "set": name,
-        "settings": wanted,
-        "train": int(len(list(paths["train"].rglob("*.png")))),
-        "heldout": int(held.sum()),
-        "cal_acc": summary["cdc_cal"]["acc"], "cal_nmi": summary["cdc_cal"]["nmi"], "cal_ece": summary["cdc_cal"]["ece"],
-        "clu_acc": summary["cdc_clu"]["acc"], "clu_nmi": summary["cdc_clu"]["nmi"], "clu_ece": summary["cdc_clu"]["ece"],
-        "flagged_ood": flagged,
-        "near_auroc": auroc(np.r_[score[held], score[kind == "near"]], np.r_[np.zeros(held.sum()), np.ones((kind == "near").sum())]),
-        "far_auroc": auroc(np.r_[score[held], score[kind == "far"]], np.r_[np.zeros(held.sum()), np.ones((kind == "far").sum())]),
-        "kmeans_pixels": _kmeans_acc(x, y, len(classes), seed),
-        "kmeans_features": _kmeans_acc(np.asarray(features, np.float32), y_feat, len(classes), seed),
-        "shortcut": _shortcut_cell(out / "cdc" / "model" / "config.json"),
-        "minutes": (time.perf_counter() - start) / 60.0,
-    }
-    done.write_text(json.dumps(row, indent=2))
-    return row
-
-
-def _shortcut_cell(model_config: Path) -> str:
-    """The trained model's shortcut check (:mod:`calibclust.shortcut`): its strongest statistic."""
-    check = json.loads(model_config.read_text())["metadata"]["train_stats"].get("shortcut_check")
-    if not check or not check.get("strongest"):
-        return "–"
-    name = check["strongest"]
-    fired = check["explained"][name] >= SHORTCUT_THRESHOLD  # today's threshold, also for rows stored earlier
-    return f"{name} {check['explained'][name]:.2f}{' WARN' if fired else ''}"
-
-
-ZOO_COLUMNS = [
-    ("set", "set"), ("train", "train"), ("heldout", "held-out"),
-    ("cal_acc", "Cal ACC"), ("cal_nmi", "Cal NMI"), ("cal_ece", "Cal ECE"),
-    ("clu_acc", "Clu ACC"), ("clu_nmi", "Clu NMI"), ("clu_ece", "Clu ECE"),
-    ("flagged_ood", "held-out flagged OOD"), ("near_auroc", "near-OOD AUROC"), ("far_auroc", "far-OOD AUROC"),
-    ("kmeans_pixels", "K-means pixels ACC"), ("kmeans_features", "K-means features ACC"),
-    ("shortcut", "shortcut check"), ("minutes", "minutes"),
-]
-
-
-def _bench_sets(args):
-    """The zoo sets a bench command names (all by default), its quick-start settings and folder."""
-    from calibclust.quickstart import QuickstartSettings
-
+def bench_sets(args) -> tuple[list[str], ZooSettings, Path]:
+    """The zoo sets a bench command names (all by default), its settings (``--fast``) and folder."""
     names = args.sets or list(ZOO)
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise InputError(f"unknown zoo set(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
-    return names, QuickstartSettings.fast() if args.fast else QuickstartSettings.full(), Path(args.out)
+    return names, ZooSettings.fast() if args.fast else ZooSettings.full(), Path(args.out)
 
 
-def run_zoo_bench(args) -> int:
-    """``calibclust bench zoo`` (options in :mod:`calibclust.bench`)."""
-    from calibclust.bench import print_table
+def embed_heldout(paths: dict[str, Path], backbone_dir: Path, features: Path, progress: bool = False) -> None:
+    """The backbone's L2-normalised features of the un-augmented held-out images into ``features``
+    (``.npy`` with its ``.files.txt``; :func:`calibclust.embed.embed_folder`, what ``calibclust
+    embed`` runs)."""
+    from calibclust.embed import embed_folder
 
-    names, settings, out = _bench_sets(args)
-    rows = []
-    for name in names:
-        rows.append(bench_one_set(name, out / name, settings, args.seed, args.verbose))
-        (out / "zoo.json").write_text(json.dumps(rows, indent=2))
-    print(f"\ncalibclust bench zoo ({'--fast' if args.fast else 'full'} quick-start settings, seed {args.seed}); "
-          "every figure on the held-out split (every 5th image per class, never trained on) or its OOD folders:")
-    print_table([h for _, h in ZOO_COLUMNS], [[r[k] for k, _ in ZOO_COLUMNS] for r in rows])
-    return 0
+    result = embed_folder(paths["heldout"], backbone_dir, features, progress=progress)
+    if result.errors:
+        raise InputError(f"{len(result.errors)} unreadable held-out images, e.g. {result.errors[0].path}")
 
 
-# --- bench choose-k ---------------------------------------------------------------------------------
-def heldout_features(name: str, out: Path, settings, seed: int = 0, verbose: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The zoo set's held-out features from a backbone pretrained on its train split (the quick
-    start's pretrain stage), and their class indices. Reused when ``out`` holds them for the same
-    settings and seed."""
-    import dataclasses
+def read_heldout_features(features: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Features written by :func:`embed_heldout` and their class indices (from each row's folder)."""
+    from calibclust.embed import sidecar_paths
 
-    from calibclust.quickstart import _run_stage, stage_commands
+    files = sidecar_paths(features)["files"].read_text().splitlines()
+    labels = np.asarray([classes.index(Path(f).parent.name) for f in files])
+    return np.load(features).astype(np.float32), labels
+
+
+def heldout_features(name: str, out: Path, settings: ZooSettings, seed: int = 0,
+                     verbose: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The zoo set's held-out features from a backbone pretrained on its train split as ``fit``
+    pretrains (:func:`calibclust.train.profiles.moco_config` with ``settings.pretrain_epochs``), and
+    their class indices. Reused when ``out`` holds them for the same settings and seed; an
+    interrupted pretraining continues."""
+    from calibclust.pretrain import pretrain
+    from calibclust.train.data import TrainingData
+    from calibclust.train.profiles import moco_config
+    from calibclust.train.state import has_state
 
     out = Path(out)
-    wanted = {**dataclasses.asdict(settings), "seed": seed}
+    wanted = {**asdict(settings), "seed": seed}
     done = out / "features.done.json"
     if done.is_file() and json.loads(done.read_text()) != wanted:
         raise InputError(f"{out} holds features made with other settings ({done.read_text().strip()}); "
                          "delete it or choose another --out")
+    paths = make_zoo_set(name, out / "data", seed=seed, n_ood=settings.n_ood)
     if not done.is_file():
-        paths = make_zoo_set(name, out / "data", seed=seed)
-        pretrain = stage_commands(out, {"digits": paths["train"], "mixed": paths["heldout"]}, settings, seed)[0]
-        shutil.rmtree(out / "pretrain", ignore_errors=True)  # an interrupted pretrain starts again
-        stages = [pretrain, ("embed held-out", ["embed", str(paths["heldout"]), "--backbone-weights", str(out / "pretrain"),
-                                                "--out", str(out / "heldout-features.npy"), "--no-progress"])]
-        (out / "logs").mkdir(parents=True, exist_ok=True)
         print(f"== {name}: {ZOO[name].description}", flush=True)
-        for i, (stage, argv) in enumerate(stages, 1):
-            _run_stage(i, len(stages), stage, argv, out / "logs", verbose)
+        train = TrainingData.from_folder(paths["train"], SIZE, progress=verbose)
+        config = moco_config(settings.pretrain_epochs, train.num_images, seed=seed)
+        print(f"pretrain: MoCo-v2, {config.epochs} epochs, batch {config.batch_size}, {train.num_images} train images",
+              flush=True)
+        pretrain(train.images, config, out / "pretrain", resume=has_state(out / "pretrain"), progress=verbose,
+                 data_info={"folder": str(paths["train"]), "split": "zoo train split", "n_images": train.num_images})
+        print("embed: the held-out split", flush=True)
+        embed_heldout(paths, out / "pretrain", out / "heldout-features.npy", progress=verbose)
         done.write_text(json.dumps(wanted))
-    classes = json.loads((out / "data" / "zoo.json").read_text())["classes"]
-    files = (out / "heldout-features.files.txt").read_text().splitlines()
-    labels = np.asarray([classes.index(Path(f).parent.name) for f in files])
-    return np.load(out / "heldout-features.npy").astype(np.float32), labels
+    classes = json.loads((paths["root"] / "zoo.json").read_text())["classes"]
+    return read_heldout_features(out / "heldout-features.npy", classes)
 
 
 def choose_k_row(name: str, features: np.ndarray, labels: np.ndarray, classes: int, k_range, seed: int) -> dict:
@@ -532,7 +471,7 @@ def run_choose_k_bench(args) -> int:
     """``calibclust bench choose-k`` (options in :mod:`calibclust.bench`)."""
     from calibclust.bench import print_table
 
-    names, settings, out = _bench_sets(args)
+    names, settings, out = bench_sets(args)
     rows = []
     for name in names:
         features, labels = heldout_features(name, out / name, settings, args.seed, args.verbose)
@@ -544,9 +483,9 @@ def run_choose_k_bench(args) -> int:
         (out / "choose-k.json").write_text(json.dumps(rows, indent=2))
     hits = sum(r["chosen_k"] == r["true_k"] for r in rows)
     near = sum(abs(r["chosen_k"] - r["true_k"]) <= 2 for r in rows)
-    print(f"\ncalibclust bench choose-k ({'--fast' if args.fast else 'full'} pretraining, seed {args.seed}, "
-          f"K in {args.k_range[0]}..{args.k_range[1]}); features of the held-out split (every 5th image per class, "
-          "never pretrained on); rows with fewer classes keep the first ones; labels only score the result:")
+    print(f"\ncalibclust bench choose-k ({settings.pretrain_epochs} pretraining epochs, seed {args.seed}, "
+          f"K in {args.k_range[0]}..{args.k_range[1]}); features of the held-out split ({ZOO_HELDOUT_FRACTION:.0%} of "
+          "each set by fit's path-hash rule, never pretrained on); rows with fewer classes keep the first ones; labels only score the result:")
     print_table([h for _, h in CHOOSE_K_COLUMNS], [[r[k] for k, _ in CHOOSE_K_COLUMNS] for r in rows])
     print(f"chosen = true K on {hits} of {len(rows)} rows; within ±2 on {near} of {len(rows)}")
     return 0

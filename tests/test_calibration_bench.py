@@ -72,9 +72,25 @@ def test_minicluster_purity_is_one_on_separated_classes():
         assert minicluster_purity(z, labels, cfg) == pytest.approx(1.0), norm
 
 
+def test_cdc_rows_start_from_fits_cpu_profile():
+    """The bench's CDC is what `calibclust fit` trains (the profile, sized to the train split), with
+    BatchNorm statistics kept so every row scores the same frozen features; overrides apply last."""
+    from calibclust.train import profiles
+    from calibclust.train.calibration import base_cdc_config
+
+    n_train = 1440
+    base = base_cdc_config(10, n_train, seed=3)
+    fit = profiles.cdc_config(10, n_train, seed=3)
+    assert base.recalibrate_bn == "no" and fit.recalibrate_bn != "no"
+    assert dataclasses.replace(base, recalibrate_bn=fit.recalibrate_bn) == fit
+    assert (base.epochs, base.batch_size, base.num_views, base.hidden_dim) == (
+        profiles.CDC_EPOCHS, profiles.cdc_batch(n_train), profiles.cdc_views(n_train), profiles.cdc_hidden(n_train))
+    assert base.freeze_backbone and base.views.flip_p == 0.0 and base.seed == 3
+    assert base_cdc_config(10, n_train, overrides={"hidden_dim": 16}).hidden_dim == 16
+
+
 def test_calibration_rows_on_three_shapes():
     from calibclust.models.backbones import build_backbone
-    from calibclust.quickstart import QuickstartSettings
 
     data = three_shapes(n=120, size=16)
     data.class_names = ["bars", "block", "noise"]
@@ -85,9 +101,9 @@ def test_calibration_rows_on_three_shapes():
                                paths=[p for p, k in zip(data.paths, held_idx) if k])
     torch.manual_seed(0)
     backbone = build_backbone("small", input_size=16)
-    settings = dataclasses.replace(QuickstartSettings.fast(), cdc_epochs=3, cdc_batch_size=48, cdc_views=2, orth_steps=20)
-    rows = calibration_rows(train, held, backbone, {}, settings, seed=0, log=lambda m: None,
-                            cdc_overrides={"hidden_dim": 16}, spice_overrides={"head_epochs": 5, "n_heads": 2})
+    small = {"hidden_dim": 16, "epochs": 3, "batch_size": 48, "sub_batch_size": 24, "num_views": 2, "orth_steps": 20}
+    rows = calibration_rows(train, held, backbone, {}, seed=0, log=lambda m: None,
+                            cdc_overrides=small, spice_overrides={"head_epochs": 5, "n_heads": 2})
     methods = [r["method"] for r in rows]
     assert methods[:2] == ["K-means (Student-t)", "SPICE_s"]
     assert len(methods) == 2 + 2 * 3 and all(m.startswith(("CDC-Clu", "CDC-Cal")) for m in methods[2:]), methods

@@ -26,7 +26,7 @@ from calibclust.io.predictions import read_predictions  # noqa: E402
 
 @pytest.fixture(scope="module")
 def mixed(quickstart_out, tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The quick start's labelling folder (1,797 digits + _ood/ letters, photos, noise), copied, plus
+    """The quick start's labelling folder (its held-out digits + _ood/ letters, photos, noise), copied, plus
     five unreadable files."""
     root = tmp_path_factory.mktemp("report") / "mixed"
     source = quickstart_out / "data" / "label-me"
@@ -49,7 +49,7 @@ def _titles(fragment: str) -> list[str]:
 
 
 def _label(quickstart_out, folder: Path, out: Path, *extra):
-    proc = run_label_cli(folder, "--model", quickstart_out / "model" / "model.onnx", "--out", out, "--no-progress",
+    proc = run_label_cli(folder, "--model", quickstart_out / "model.onnx", "--out", out, "--no-progress",
                          "--max-pixels", 30_000, *extra, timeout=300)  # refuses the fixture's 200x200 "bomb"
     assert proc.returncode == 3, proc.stderr[-2000:]  # 3: finished, some files unreadable
     table = read_predictions(out / "predictions.csv")

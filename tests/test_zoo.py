@@ -34,7 +34,8 @@ def test_bench_zoo_lists_exactly_the_zoo():
     assert ZOO_SETS == tuple(zoo.ZOO)
 
 
-def test_heldout_split_is_every_fifth_image_of_each_class():
+def test_heldout_mask_of_the_training_commands_is_every_fifth_image_of_each_class():
+    """`train cdc` / `train compare` / `cdc-ablation` score on this split without --heldout."""
     labels = np.repeat(np.arange(3), [10, 7, 5])
     held = zoo.heldout_mask(labels)
     assert held.sum() == 2 + 1 + 1
@@ -43,22 +44,73 @@ def test_heldout_split_is_every_fifth_image_of_each_class():
         assert held[idx].tolist() == [(i + 1) % 5 == 0 for i in range(len(idx))]
 
 
-def test_make_zoo_set_writes_split_and_ood_folders_once(tmp_path):
+def _relative(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+
+
+def test_make_zoo_set_writes_images_once_and_fits_split_as_link_trees(tmp_path):
     paths = zoo.make_zoo_set("digits-colour", tmp_path / "z", n_ood=20)
     manifest = json.loads((paths["root"] / "zoo.json").read_text())
-    train = sorted(paths["train"].rglob("*.png"))
-    held = sorted(paths["heldout"].rglob("*.png"))
-    assert (len(train), len(held)) == (manifest["train"], manifest["heldout"]) == (1442, 355)
-    assert not {p.name for p in train} & {p.name for p in held}, "an image is in both splits"
-    assert sorted(p.name for p in paths["train"].iterdir()) == [str(c) for c in range(10)]
+    images, train, held = (_relative(paths[k]) for k in ("images", "train", "heldout"))
+    assert len(images) == 1797 and sorted(train + held) == images, "every image in exactly one split"
+    assert (len(train), len(held)) == (manifest["train"], manifest["heldout"])
+    assert 0.15 < len(held) / len(images) < 0.25, len(held)
+    assert sorted(p.name for p in paths["images"].iterdir()) == [str(c) for c in range(10)]
+    # The split trees point at the one copy under images/ (links, or copies where links fail).
+    for split, rel in (("train", train[0]), ("heldout", held[-1])):
+        assert (paths[split] / rel).read_bytes() == (paths["images"] / rel).read_bytes()
+        if (paths[split] / rel).is_symlink():
+            assert (paths[split] / rel).resolve() == (paths["images"] / rel).resolve()
     assert len(list(paths["near"].iterdir())) == len(list(paths["far"].iterdir())) == 20
-    stamp = train[0].stat().st_mtime_ns
+    stamp = (paths["images"] / images[0]).stat().st_mtime_ns
     zoo.make_zoo_set("digits-colour", tmp_path / "z", n_ood=20)
-    assert train[0].stat().st_mtime_ns == stamp, "a second call with the same seed rewrote the set"
+    assert (paths["images"] / images[0]).stat().st_mtime_ns == stamp, "a second call with the same seed rewrote the set"
     with pytest.raises(Exception, match="unknown zoo set"):
         zoo.make_zoo_set("cifar", tmp_path / "c")
     with pytest.raises(Exception, match="holds another zoo set"):
         zoo.make_zoo_set("digits", tmp_path / "z", n_ood=20)
+    # A set written under the earlier rule (every fifth image per class) has no held-out fraction.
+    (paths["root"] / "zoo.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "heldout_fraction"}))
+    with pytest.raises(Exception, match="holds another zoo set"):
+        zoo.make_zoo_set("digits-colour", tmp_path / "z", n_ood=20)
+
+
+def test_zoo_heldout_split_is_fits_heldout_split(tmp_path):
+    """fit on ROOT/images with the zoo's fraction holds out exactly ROOT/heldout: the folder decoded
+    as fit decodes it, split by the rule and paths fit uses."""
+    from calibclust.app.fitting import INPUT_SIZE
+    from calibclust.train.data import TrainingData
+    from calibclust.train.profiles import heldout_by_path_hash
+
+    paths = zoo.make_zoo_set("digits", tmp_path / "z", n_ood=4)
+    data = TrainingData.from_folder(paths["images"], INPUT_SIZE, progress=False)
+    fit_held = heldout_by_path_hash(data.paths, zoo.ZOO_HELDOUT_FRACTION)
+    assert sorted(np.asarray(data.paths)[fit_held].tolist()) == _relative(paths["heldout"])
+    assert sorted(np.asarray(data.paths)[~fit_held].tolist()) == _relative(paths["train"])
+    # The labels fit reports with are the zoo's classes.
+    assert data.class_names == json.loads((paths["root"] / "zoo.json").read_text())["classes"]
+
+
+def test_heldout_features_pretrain_as_fit_on_the_train_split(tmp_path):
+    """`bench choose-k`'s features, in this process: fit's MoCo-v2 profile on the train split (one
+    epoch here), then the held-out split embedded; reused for the same settings, refused for others."""
+    from calibclust.train.profiles import PROJ_DIM, pretrain_batch
+
+    settings = zoo.ZooSettings(pretrain_epochs=1, n_ood=4)
+    out = tmp_path / "ck"
+    features, labels = zoo.heldout_features("digits", out, settings, seed=0)
+    held = _relative(out / "data" / "heldout")
+    assert features.shape[0] == len(held) and labels.tolist() == [int(p.split("/")[0]) for p in held]
+    assert np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-4), "rows are L2-normalised"
+    config = json.loads((out / "pretrain" / "config.json").read_text())
+    config = config.get("config", config)
+    n_train = len(_relative(out / "data" / "train"))
+    assert (config["epochs"], config["batch_size"], config["proj_dim"]) == (1, pretrain_batch(n_train), PROJ_DIM), config
+    stamp = (out / "heldout-features.npy").stat().st_mtime_ns
+    again, _ = zoo.heldout_features("digits", out, settings, seed=0)
+    assert (out / "heldout-features.npy").stat().st_mtime_ns == stamp and np.array_equal(again, features)
+    with pytest.raises(Exception, match="other settings"):
+        zoo.heldout_features("digits", out, zoo.ZooSettings(pretrain_epochs=2, n_ood=4), seed=0)
 
 
 def test_colour_nuisance_is_independent_of_the_digit(colour_digits):
@@ -125,26 +177,32 @@ def test_emoji_set_has_ten_balanced_classes():
     assert check.explained["mean colour"] < 0.25, check.explained
 
 
-def test_bench_zoo_fast_on_digits(tmp_path):
-    """`calibclust bench zoo --fast digits`: the whole pipeline on the train split, figures on the
-    held-out split. Measured (2 cores): Cal ACC 0.78 (ECE 0.12), Clu ACC 0.75 (ECE 0.18), near/far-OOD
-    AUROC 1.00, 4% of held-out digits flagged OOD, K-means on pixels 0.79 / on features 0.72."""
-    import subprocess
-    import sys
+def test_bench_zoo_fast_on_digits(tmp_path, capsys):
+    """`calibclust bench zoo --fast digits`: calibclust fit on the set's images (15 pretraining
+    epochs), figures on fit's held-out split, which is the zoo's. Measured before the zoo took fit's
+    split (2 cores, every fifth digit held out): Cal ACC 0.78 (ECE 0.12), near/far-OOD AUROC 1.00,
+    4 % of held-out digits flagged OOD, K-means on pixels 0.79 / on features 0.72."""
+    from calibclust.cli import main
 
     out = tmp_path / "zoo"
-    cmd = [sys.executable, "-m", "calibclust", "bench", "zoo", "--fast", "digits", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "every figure on the held-out split" in proc.stdout and "digits" in proc.stdout.splitlines()[-1]
+    argv = ["bench", "zoo", "--fast", "digits", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "every figure on fit's held-out split" in printed and "digits" in printed.splitlines()[-1]
     row = json.loads((out / "zoo.json").read_text())[0]
     print({k: v for k, v in row.items() if k != "settings"})
-    assert row["heldout"] == 355 and row["train"] == 1442, row
-    assert row["cal_acc"] >= 0.65 and row["cal_ece"] <= 0.2, row
+    run = json.loads((out / "digits" / "fit" / "run.json").read_text())
+    held = _relative(out / "digits" / "data" / "heldout")
+    assert run["plan"]["folder"] == str((out / "digits" / "data" / "images").resolve())
+    assert run["plan"]["pretrain_epochs"] == 15 and run["plan"]["heldout_fraction"] == zoo.ZOO_HELDOUT_FRACTION
+    assert row["heldout"] == run["plan"]["n_heldout"] == len(held), "fit's held-out split is the zoo's"
+    assert row["train"] == run["plan"]["n_train"] == 1797 - len(held), row
+    assert row["cal_acc"] == run["stages"]["evaluate"]["heldout"]["CDC-Cal"]["acc"], "read from fit's run.json"
+    assert row["cal_acc"] >= 0.6 and row["cal_ece"] <= 0.2, row
     assert row["near_auroc"] >= 0.9 and row["far_auroc"] >= 0.95 and row["flagged_ood"] <= 0.15, row
-    assert 0.7 <= row["kmeans_pixels"] <= 0.88, row
+    assert 0.7 <= row["kmeans_pixels"] <= 0.88 and 0.3 <= row["kmeans_features"] <= 1, row
     # A second call reuses the finished set; other settings are refused, not mixed in.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and json.loads((out / "zoo.json").read_text())[0] == row
-    other = subprocess.run([c for c in cmd if c != "--fast"], capture_output=True, text=True, timeout=300)
-    assert other.returncode != 0 and "other settings" in other.stderr, other.stderr[-500:]
+    assert main(argv) == 0 and json.loads((out / "zoo.json").read_text())[0] == row
+    capsys.readouterr()
+    assert main([a for a in argv if a != "--fast"]) != 0
+    assert "other settings" in capsys.readouterr().err

@@ -71,7 +71,7 @@ class FittedModel:
         """Export the checkpoint to a contract ONNX file at ``path`` (the OOD threshold refitted on the
         run's training split); ``int8`` also writes ``<path stem>.int8.onnx`` when its gate passes
         (``QuantizationError`` otherwise). Returns the export result."""
-        from calibclust.app.fitting import heldout_by_path_hash
+        from calibclust.train.profiles import heldout_by_path_hash
         from calibclust.export.int8 import Int8Config, quantize_int8
         from calibclust.export.onnx import OnnxExportConfig, export_onnx
         from calibclust.train.data import TrainingData

@@ -46,6 +46,9 @@ import numpy as np
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, InputError
 from calibclust.io.files import atomic_write_text, write_json_atomic
 from calibclust.train.methods import method_names
+from calibclust.train.profiles import (CDC_EPOCHS, CDC_VIEWS, SPICE_HEAD_EPOCHS, SPICE_JOINT_STEPS,
+                                       cdc_batch, cdc_hidden, cdc_views, heldout_by_path_hash, moco_config,
+                                       pretrain_batch)
 
 RUN_FORMAT = "calibclust-fit/1"
 # The decoded images at the input size (calibclust.io.cache): training reads them from disk, so
@@ -70,16 +73,6 @@ CPU_SECONDS_AFTER_PRETRAIN_PER_IMAGE = 0.016
 CPU_FP32_SLOWDOWN = 1.7
 FIXED_SECONDS = 10.0
 MIN_PRETRAIN_EPOCHS, MAX_PRETRAIN_EPOCHS = 5, 200
-# The quick start's CDC settings (measured there on digits: ACC ~0.8, CDC-Cal ECE ~0.05).
-CDC_EPOCHS, CDC_BATCH, CDC_VIEWS, CDC_ORTH_STEPS, CDC_HIDDEN = 40, 300, 8, 500, 512
-# CDC on a frozen backbone caches the features of its views (2 × views × images × D floats). Above
-# 10,000 images fewer views per image keep that cache at ~80,000 views of each kind (D = 128: 80 MB):
-# a large folder brings its variety in images rather than in views. Not measured at that scale.
-MAX_CACHED_VIEWS = 80_000
-# fit --method spice: `train compare`'s CPU example (batch 300, 20 neighbours), stage 2 shortened to
-# SPICE_HEAD_EPOCHS passes (the paper's 100 took ~7 min for 1,610 digits on 2 cores with the authors'
-# M-step schedule) and stage 3 to SPICE_JOINT_STEPS steps.
-SPICE_HEAD_EPOCHS, SPICE_JOINT_STEPS, SPICE_NEIGHBORS = 30, 300, 20
 SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH, SPICE_SECONDS_PER_JOINT_STEP = 0.0028, 0.4
 
 
@@ -133,7 +126,7 @@ class FitPlan:
             f"plan for {self.folder}:",
             f"  images      {self.n_images} readable ({self.n_unreadable} unreadable, skipped); "
             f"{self.n_train} train / {self.n_heldout} held out ({100 * self.heldout_fraction:.0f} %, by path hash)",
-            f"  labels      " + (f"{len(self.class_names)} class sub-folders: used for the report only, never to train"
+            "  labels      " + (f"{len(self.class_names)} class sub-folders: used for the report only, never to train"
                                  if self.labelled else "none (label-free diagnostics only)"),
             f"  sizes       median {sizes['median_width']}×{sizes['median_height']} px "
             f"(width {sizes['min_width']}–{sizes['max_width']}, aspect {sizes['min_aspect']:.2f}–{sizes['max_aspect']:.2f})",
@@ -146,15 +139,6 @@ class FitPlan:
         ]
         lines += [f"  note        {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def heldout_by_path_hash(paths: list[str], fraction: float) -> np.ndarray:
-    """True for the held-out files: a hash of each relative path below ``fraction`` (stable across
-    runs, listing order and added files; about ``fraction`` of any folder)."""
-    def unit(path: str) -> float:
-        return int.from_bytes(hashlib.sha1(path.encode("utf-8")).digest()[:8], "big") / 2.0**64
-
-    return np.array([unit(p) < fraction for p in paths], dtype=bool)
 
 
 def files_digest(paths: list[str]) -> str:
@@ -252,13 +236,11 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         n_train=n_train, n_heldout=int(heldout.sum()), labelled=data.labels is not None, class_names=list(data.class_names),
         image_sizes=sizes, device=device, cpu_bf16=bf16, threads=threads, backbone="small",
         backbone_weights=_absolute(backbone_weights), input_size=INPUT_SIZE, resize=data.resize,
-        pretrain_epochs=epochs, pretrain_batch=int(min(64, max(2, n_train // 2))), cdc_epochs=CDC_EPOCHS,
-        cdc_batch=int(min(CDC_BATCH, n_train)),
-        # Eq. 6's K-means over H prototypes needs at least H images; Tab. 6's H = 512 when there are.
-        cdc_hidden=int(min(CDC_HIDDEN, 2 ** int(np.log2(n_train)))), budget_minutes=float(budget_minutes),
+        pretrain_epochs=epochs, pretrain_batch=pretrain_batch(n_train), cdc_epochs=CDC_EPOCHS,
+        cdc_batch=cdc_batch(n_train), cdc_hidden=cdc_hidden(n_train), budget_minutes=float(budget_minutes),
         estimated_minutes=(epochs * per_epoch + after) / 60, heldout_fraction=float(heldout_fraction), seed=seed,
         files_digest=files_digest(data.paths), notes=notes, method=method,
-        cdc_views=int(min(CDC_VIEWS, max(1, MAX_CACHED_VIEWS // max(1, n_train)))),
+        cdc_views=cdc_views(n_train),
     )
 
 
@@ -428,7 +410,7 @@ def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: f
 
 
 def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
-    from calibclust.pretrain import MoCoConfig, pretrain
+    from calibclust.pretrain import pretrain
     from calibclust.train.data import load_backbone_dir
     from calibclust.train.state import has_state
 
@@ -437,11 +419,8 @@ def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
     pretrain_dir = run.out / "pretrain"
     if not run.done("pretrain"):
         start = time.perf_counter()
-        # The quick start's measured pretraining settings (small batches and a narrow projector
-        # learn in a few epochs; the paper's 4096-wide projector at batch 256 barely moves).
-        config = MoCoConfig(backbone=plan.backbone, input_size=plan.input_size, epochs=plan.pretrain_epochs,
-                            batch_size=plan.pretrain_batch, lr=0.06, proj_hidden_dim=512, proj_dim=128,
-                            seed=plan.seed, device=plan.device)
+        config = moco_config(plan.pretrain_epochs, plan.n_train, seed=plan.seed, device=plan.device, backbone=plan.backbone,
+                             input_size=plan.input_size, batch_size=plan.pretrain_batch)
         result = pretrain(train.images, config, pretrain_dir, resume=has_state(pretrain_dir), progress=progress,
                           data_info={"folder": plan.folder, "split": "fit train split", "n_images": train.num_images})
         run.finish("pretrain", time.perf_counter() - start, final_loss=result.history[-1]["loss"] if result.history else None)
@@ -449,26 +428,15 @@ def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
 
 
 def method_config(plan: FitPlan):
-    """The settings ``fit`` trains its method with (None: the method's defaults)."""
-    from calibclust.augment.views import ViewConfig
+    """The settings ``fit`` trains its method with (None: the method's defaults): the CPU profile
+    (:mod:`calibclust.train.profiles`) with the sizes the plan fixed."""
+    from calibclust.train.profiles import cdc_config, spice_config
 
-    # Flips off: a mirrored image is not always the same class (digits, letters), and the
-    # measurements behind these settings were made without them.
     if plan.method == "cdc":
-        from calibclust.train.cdc import CDCConfig
-        from calibclust.train.paper_settings import LR_BACKBONE
-
-        return CDCConfig(num_clusters=plan.clusters, epochs=plan.cdc_epochs, batch_size=plan.cdc_batch,
-                         sub_batch_size=max(2, plan.cdc_batch // 2), hidden_dim=plan.cdc_hidden, freeze_backbone=True,
-                         num_views=plan.cdc_views, orth_steps=CDC_ORTH_STEPS, lr_backbone=LR_BACKBONE["easy"],
-                         views=ViewConfig(flip_p=0.0), seed=plan.seed)
+        return cdc_config(plan.clusters, plan.n_train, seed=plan.seed, batch_size=plan.cdc_batch, hidden_dim=plan.cdc_hidden,
+                          num_views=plan.cdc_views, epochs=plan.cdc_epochs)
     if plan.method == "spice":
-        from calibclust.train.spice import SpiceConfig
-
-        # SPICE caches 2 × views feature rows per image too: no more views than CDC would cache.
-        return SpiceConfig(num_clusters=plan.clusters, batch_size=plan.cdc_batch, num_neighbors=SPICE_NEIGHBORS,
-                           head_epochs=SPICE_HEAD_EPOCHS, joint_steps=SPICE_JOINT_STEPS,
-                           views=min(SpiceConfig.views, plan.cdc_views), seed=plan.seed)
+        return spice_config(plan.clusters, plan.n_train, seed=plan.seed, batch_size=plan.cdc_batch, num_views=plan.cdc_views)
     return None
 
 

@@ -45,3 +45,19 @@ def json_default(value: Any):
 
 def write_json_atomic(path: str | os.PathLike, data: Any, allow_nan: bool = True) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=json_default, allow_nan=allow_nan) + "\n")
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` point at ``src`` by a relative symbolic link (a copy where links fail, e.g. on
+    some Windows or network file systems); an existing ``dst`` is left as it is, so a second pass
+    over an interrupted tree only adds what is missing."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() or dst.is_symlink():
+        return
+    try:
+        os.symlink(os.path.relpath(src, dst.parent), dst)
+    except OSError:
+        shutil.copyfile(src, dst)

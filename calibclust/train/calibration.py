@@ -1,7 +1,8 @@
 """How well CDC's confidence means accuracy off digits: ``calibclust bench calibration``.
 
-For each data-zoo set (:mod:`calibclust.zoo`) the backbone is the quick start's MoCo-v2 pretraining
-on the set's train split; every method is trained on the train split's frozen features and scored
+For each data-zoo set (:mod:`calibclust.zoo`) the backbone is ``calibclust fit``'s MoCo-v2
+pretraining (:mod:`calibclust.train.profiles`, ``ZooSettings.pretrain_epochs``) on the set's train
+split, the split fit makes; every method is trained on the train split's frozen features and scored
 on the held-out split (never trained on). Rows:
 
 - **K-means**: DEC's Student-t soft assignment to K-means centres fitted on the train features;
@@ -28,7 +29,8 @@ and for diagnosis, with the labels: the purity of the Eq. 1 mini-clusters (share
 mini-cluster in its majority class, on batches of the train split) and Eq. 4's selected share and
 pseudo-label accuracy in the last epoch. Labels never reach training; they only score.
 
-What it measured (``--fast``, seed 0, held-out ECE of CDC-Cal vs CDC-Clu):
+What it measured (``--fast``, seed 0, held-out ECE of CDC-Cal vs CDC-Clu; before the zoo took fit's
+split, on every fifth image per class, with the same CDC settings):
 
 - the calibration head's confidence follows the clustering head's, because Eq. 1's targets are
   mini-cluster means of the clustering head's probabilities. On held-out digits both heads are
@@ -52,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -145,26 +146,31 @@ def _view_agreement(head_probs, weak: torch.Tensor, pred) -> np.ndarray:
     return np.mean(votes, axis=0).astype(np.float64)
 
 
-def calibration_rows(train, held, backbone, info: dict, settings, seed: int = 0, log=print,
+def base_cdc_config(clusters: int, n_train: int, seed: int = 0, overrides: dict | None = None):
+    """The CDC settings every CDC row starts from: ``calibclust fit``'s CPU profile for ``n_train``
+    images (:func:`calibclust.train.profiles.cdc_config`) with the BatchNorm statistics left as
+    pretraining made them (every row then scores the same frozen features), then ``overrides``."""
+    from calibclust.train.profiles import cdc_config
+
+    return dataclasses.replace(cdc_config(clusters, n_train, seed=seed), recalibrate_bn="no", **(overrides or {}))
+
+
+def calibration_rows(train, held, backbone, info: dict, seed: int = 0, log=print,
                      cdc_overrides: dict | None = None, spice_overrides: dict | None = None) -> list[dict]:
     """Every row of the bench for one set: ``train`` / ``held`` are labelled
-    :class:`~calibclust.train.data.TrainingData`, ``backbone`` the set's pretrained backbone, and
-    ``settings`` the quick start's (:class:`calibclust.quickstart.QuickstartSettings`);
-    ``cdc_overrides`` / ``spice_overrides`` change settings the quick start does not name (tests: a
-    small H, few SPICE epochs)."""
+    :class:`~calibclust.train.data.TrainingData` and ``backbone`` the set's pretrained backbone. CDC
+    trains with ``calibclust fit``'s CPU profile (:func:`base_cdc_config`); ``cdc_overrides`` /
+    ``spice_overrides`` change settings on top of it (tests: a small H, few epochs)."""
     from calibclust.cluster.kmeans import kmeans
     from calibclust.models.clustering import PrototypeHead
-    from calibclust.train.cdc import CDCConfig, CDCTrainer, build_cdc_model, prototype_init
+    from calibclust.train.cdc import CDCTrainer, build_cdc_model, prototype_init
     from calibclust.train.data import head_probabilities
     from calibclust.train.features import compute_feature_cache, derive_seed
     from calibclust.train.spice import SpiceConfig, train_heads
 
     C = len(train.class_names)
     y = held.labels
-    base = CDCConfig(num_clusters=C, epochs=settings.cdc_epochs, batch_size=settings.cdc_batch_size,
-                     sub_batch_size=settings.cdc_batch_size // 2, num_views=settings.cdc_views,
-                     orth_steps=settings.orth_steps, freeze_backbone=True, recalibrate_bn="no",
-                     views={"flip_p": 0.0}, seed=seed, **(cdc_overrides or {}))
+    base = base_cdc_config(C, train.num_images, seed, cdc_overrides)
     quiet = lambda msg: None  # noqa: E731
     model = build_cdc_model(base, backbone, info.get("mean"), info.get("std")).eval()
     cache = compute_feature_cache(model.embed, model.preprocess, train.images, base.num_views, base.seed, base.views,
@@ -250,10 +256,10 @@ def run_calibration_bench(args) -> int:
     """``calibclust bench calibration`` (options in :mod:`calibclust.bench`)."""
     from calibclust.bench import print_table
     from calibclust.train.data import TrainingData, load_backbone_dir
-    from calibclust.zoo import SIZE, _bench_sets, heldout_features
+    from calibclust.zoo import SIZE, ZOO_HELDOUT_FRACTION, bench_sets, heldout_features
 
     torch.manual_seed(args.seed)
-    names, settings, out = _bench_sets(args)
+    names, settings, out = bench_sets(args)
     wanted = {**dataclasses.asdict(settings), "seed": args.seed}
     rows = []
     for name in names:
@@ -269,13 +275,13 @@ def run_calibration_bench(args) -> int:
         held = TrainingData.from_folder(data / "heldout", SIZE, progress=False)
         backbone, info = load_backbone_dir(folder / "pretrain")
         print(f"== {name}: {train.num_images} train / {held.num_images} held-out images", flush=True)
-        set_rows = [{"set": name, **r} for r in calibration_rows(train, held, backbone, info, settings, args.seed)]
+        set_rows = [{"set": name, **r} for r in calibration_rows(train, held, backbone, info, args.seed)]
         done.write_text(json.dumps({"settings": wanted, "rows": set_rows}, indent=2))
         rows += set_rows
     (out / "calibration.json").write_text(json.dumps(rows, indent=2))
-    print(f"\ncalibclust bench calibration ({'--fast' if args.fast else 'full'} quick-start settings, seed {args.seed}); "
-          "ACC, ECE and the estimates on the held-out split (every 5th image per class, never trained on); purity and "
-          "Eq. 4 on the train split, with its labels (diagnosis only):")
+    print(f"\ncalibclust bench calibration (fit's CPU profile, {settings.pretrain_epochs} pretraining epochs, seed {args.seed}); "
+          f"ACC, ECE and the estimates on the held-out split ({ZOO_HELDOUT_FRACTION:.0%} of each set by fit's path-hash rule, "
+          "never trained on); purity and Eq. 4 on the train split, with its labels (diagnosis only):")
     print_table([h for _, h in COLUMNS], table_rows(rows))
     rho = estimate_rank_correlations(rows)
     print("Spearman's rho, label-free estimate vs measured ECE over the CDC rows: "
