@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from calibclust.augment import AUGMENT_PRESETS, AugmentConfig
-from calibclust.cli_config import add_config_args
+from calibclust.cli_config import ConfigOptions, FieldOption, add_config_args, build_config
 from calibclust.config import Config
 from calibclust.cli_names import device_arg
 from calibclust.device import resolve_device
@@ -115,69 +115,14 @@ class PretrainResult:
 
 
 def _build_modules(config: MoCoConfig, n_images: int, world_batch: int):
-    import copy
-    from collections import OrderedDict
-
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
+    """The MoCo module of ``config``: backbone first, then (inside :class:`MoCo`) the projector,
+    the key encoder's copy and the queue, the order that fixes the initial weights for a seed."""
     from calibclust.models.backbones import build_backbone
+    from calibclust.models.moco import MoCo
 
-    class Projector(nn.Module):
-        """Linear → BN → ReLU → Linear (CDC appendix B.1)."""
-
-        def __init__(self, in_dim: int, hidden: int, out: int):
-            super().__init__()
-            self.fc1 = nn.Linear(in_dim, hidden)
-            self.bn = nn.BatchNorm1d(hidden)
-            self.fc2 = nn.Linear(hidden, out)
-
-        def forward(self, x):  # (N, D) -> (N, out)
-            return self.fc2(torch.relu(self.bn(self.fc1(x))))
-
-    class MoCo(nn.Module):
-        """Query encoder, momentum key encoder and the queue of negatives (SPICE Eq. (1))."""
-
-        def __init__(self):
-            super().__init__()
-            backbone = build_backbone(config.backbone, input_size=config.input_size, stem=config.stem, width=config.width)
-            self.encoder_q = nn.Sequential(
-                OrderedDict(backbone=backbone, projector=Projector(backbone.feature_dim, config.proj_hidden_dim, config.proj_dim))
-            )
-            self.encoder_k = copy.deepcopy(self.encoder_q)
-            for p in self.encoder_k.parameters():
-                p.requires_grad_(False)
-            k = queue_length(config.queue_size, n_images, world_batch)
-            g = torch.Generator().manual_seed(config.seed)
-            # MoCo starts from random unit vectors; they are flushed after k / batch steps.
-            self.register_buffer("queue", F.normalize(torch.randn(k, config.proj_dim, generator=g), dim=1))
-            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-
-        @property
-        def backbone(self):
-            return self.encoder_q.backbone
-
-        @torch.no_grad()
-        def momentum_update(self):
-            # θ_k ← μ θ_k + (1 − μ) θ_q  (SPICE §III-A after Eq. (1)); lerp_ does exactly this.
-            q = [p.detach() for p in self.encoder_q.parameters()]
-            k = list(self.encoder_k.parameters())
-            torch._foreach_lerp_(k, q, 1.0 - config.momentum)
-
-        @torch.no_grad()
-        def enqueue(self, keys):
-            n, size = keys.shape[0], self.queue.shape[0]
-            keys = keys.to(self.queue.dtype)
-            if n >= size:
-                self.queue.copy_(keys[-size:])
-                self.queue_ptr.zero_()
-                return
-            idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % size
-            self.queue[idx] = keys
-            self.queue_ptr.copy_((self.queue_ptr + n) % size)
-
-    return MoCo()
+    backbone = build_backbone(config.backbone, input_size=config.input_size, stem=config.stem, width=config.width)
+    return MoCo(backbone, config.proj_hidden_dim, config.proj_dim, queue_length(config.queue_size, n_images, world_batch),
+                config.momentum, config.seed)
 
 
 def queue_length(queue_size: int, n_images: int, batch: int) -> int:
@@ -606,6 +551,43 @@ Images are decoded once into memory at --image-size (N x S x S x 3 bytes).
 """
 
 
+# The options of MoCoConfig's fields (defaults: the fields'). All are left unset, so that --resume
+# reuses the checkpoint's settings and a new run takes MoCoConfig's defaults.
+MOCO_OPTIONS = ConfigOptions(MoCoConfig, {
+    "backbone": FieldOption(f"architecture (default %(default)s); {BACKBONE_HELP}", type=backbone_name, metavar="ARCH"),
+    "stem": FieldOption("ResNet stem (default %(default)s: CIFAR stem <= 64 px)", choices=("auto", "cifar", "imagenet")),
+    "width": FieldOption("width of the small backbone (default %(default)s)"),
+    "input_size": FieldOption("images are resized to PX×PX (default %(default)s)", flag="--image-size", metavar="PX"),
+    "proj_hidden_dim": FieldOption("projector hidden width (default %(default)s)"),
+    "proj_dim": FieldOption("projector output dimension (default %(default)s)"),
+    "momentum": FieldOption("key-encoder momentum μ (default %(default)s)"),
+    "temperature": FieldOption("InfoNCE temperature τ (default %(default)s)"),
+    "queue_size": FieldOption("negatives in the queue, capped by the data size (default %(default)s)"),
+    # The preset's values replace the whole augmentation set (config_from_args); --blur applies after.
+    "augment.preset": FieldOption(
+        f"augmentation preset: {', '.join(AUGMENT_PRESETS)} (default %(default)s; geometry adds zoom-out, rotation "
+        "and shift, colour adds hue rotation, channel permutation, inversion and stronger jitter, robust both)",
+        flag="--augment", choices=tuple(AUGMENT_PRESETS), metavar="PRESET"),
+    "augment.blur": FieldOption("Gaussian blur (default %(default)s: only above 32 px)", flag="--blur",
+                                choices=("auto", "on", "off")),
+    "epochs": FieldOption("passes over the images (default %(default)s)"),
+    "batch_size": FieldOption("global batch size (default %(default)s)"),
+    "lr": FieldOption("base learning rate at batch 256, scaled linearly (default %(default)s)"),
+    "weight_decay": FieldOption("SGD weight decay (default %(default)s)"),
+    "warmup_epochs": FieldOption("linear warm-up length (default 5%% of --epochs)"),
+    "seed": FieldOption("the one seed of the run (default %(default)s)"),
+    "device": FieldOption("auto | cpu | cuda | cuda:N | mps (default %(default)s)", type=device_arg),
+    "amp": FieldOption("fp32 only (default: bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16)", flag="--no-amp"),
+    "checkpoint_every_steps": FieldOption("also save resume state every N steps"),
+}, not_options={
+    "sgd_momentum": "SPICE §IV-A's SGD momentum; set in Python (MoCoConfig)",
+    **{f"augment.{name}": "a value of the --augment preset; set in Python (AugmentConfig)"
+       for name in ("crop_scale", "crop_ratio", "flip_p", "jitter_p", "brightness", "contrast", "saturation", "hue",
+                    "grayscale_p", "blur_p", "blur_sigma", "mean", "std", "zoom_out_p", "zoom_out_scale", "rotation",
+                    "translate", "channel_shuffle_p", "invert_p")},
+}, unset=True)
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain",
@@ -620,41 +602,21 @@ def register_cli(subparsers) -> None:
     )
     p.add_argument("folder", metavar="FOLDER", help="folder of images (sub-folders are searched)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, backbone)")
-    d = MoCoConfig()
-    a = AugmentConfig()
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", type=backbone_name, metavar="ARCH", help=f"architecture (default {d.backbone}); {BACKBONE_HELP}")
-    g.add_argument("--stem", choices=("auto", "cifar", "imagenet"), help="ResNet stem (default auto: CIFAR stem <= 64 px)")
-    g.add_argument("--width", type=int, help=f"width of the small backbone (default {d.width})")
-    g.add_argument("--image-size", type=int, metavar="PX", help=f"images are resized to PX×PX (default {d.input_size})")
-    g.add_argument("--proj-hidden-dim", type=int, help=f"projector hidden width (default {d.proj_hidden_dim})")
-    g.add_argument("--proj-dim", type=int, help=f"projector output dimension (default {d.proj_dim})")
+    MOCO_OPTIONS.add(g, "backbone", "stem", "width", "input_size", "proj_hidden_dim", "proj_dim")
     g = p.add_argument_group("MoCo")
-    g.add_argument("--momentum", type=float, help=f"key-encoder momentum μ (default {d.momentum})")
-    g.add_argument("--temperature", type=float, help=f"InfoNCE temperature τ (default {d.temperature})")
-    g.add_argument("--queue-size", type=int, help=f"negatives in the queue, capped by the data size (default {d.queue_size})")
-    g.add_argument("--augment", choices=tuple(AUGMENT_PRESETS), metavar="PRESET",
-                   help=f"augmentation preset: {', '.join(AUGMENT_PRESETS)} (default {a.preset}; geometry adds "
-                        "zoom-out, rotation and shift, colour adds hue rotation, channel permutation, inversion "
-                        "and stronger jitter, robust both)")
-    g.add_argument("--blur", choices=("auto", "on", "off"), help=f"Gaussian blur (default {a.blur}: only above 32 px)")
+    MOCO_OPTIONS.add(g, "momentum", "temperature", "queue_size", "augment.preset", "augment.blur")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"passes over the images (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
-    g.add_argument("--lr", type=float, help=f"base learning rate at batch 256, scaled linearly (default {d.lr})")
-    g.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (default 5%% of --epochs)")
+    MOCO_OPTIONS.add(g, "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, help=f"the one seed of the run (default {d.seed})")
-    g.add_argument("--device", type=device_arg, help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    g.add_argument("--no-amp", action="store_true", help="fp32 only (default: bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16)")
+    MOCO_OPTIONS.add(g, "seed", "device", "amp")
     g.add_argument(
         "--threads",
         type=int,
         help="CPU threads for torch (default: torch's choice). On a machine shared with other jobs use 1: "
         "oversubscribed OpenMP threads can make a step 5-10x slower",
     )
-    g.add_argument("--checkpoint-every-steps", type=int, help="also save resume state every N steps")
+    MOCO_OPTIONS.add(g, "checkpoint_every_steps")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (its settings are reused)")
     g.add_argument("--stop-after-epochs", type=int, metavar="E", help="stop (with a checkpoint) once E epochs are done")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -663,30 +625,15 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-# MoCoConfig field ← option dest, where the two differ
-_CLI_RENAMED = {"input_size": "image_size"}
-_CLI_FIELDS = (
-    "backbone", "stem", "width", "input_size", "proj_hidden_dim", "proj_dim", "momentum", "temperature",
-    "queue_size", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "device",
-    "checkpoint_every_steps",
-)
-
-
 def config_from_args(args, base: MoCoConfig | None = None) -> MoCoConfig:
     """Options given on the command line override ``base`` (defaults, or a run's saved config)."""
     d = (base or MoCoConfig()).to_dict()
-    for name in _CLI_FIELDS:
-        value = getattr(args, _CLI_RENAMED.get(name, name), None)
-        if value is not None:
-            d[name] = value
-    if getattr(args, "no_amp", False):
-        d["amp"] = False
-    if getattr(args, "augment", None):
-        d["augment"] = AugmentConfig.from_preset(args.augment, mean=d["augment"]["mean"], std=d["augment"]["std"],
+    values = MOCO_OPTIONS.values(args)
+    preset = values.pop("augment.preset", None)
+    if preset:
+        d["augment"] = AugmentConfig.from_preset(preset, mean=d["augment"]["mean"], std=d["augment"]["std"],
                                                  blur=d["augment"]["blur"]).to_dict()
-    if getattr(args, "blur", None):
-        d["augment"]["blur"] = args.blur
-    return MoCoConfig.from_dict(d)
+    return build_config(MoCoConfig, values, base=d)
 
 
 def run(args) -> int:

@@ -1,1 +1,1 @@
-"""Backbones, heads and the clustering model (imports torch)."""
+"""Backbones, heads, the clustering model and MoCo-v2's modules (imports torch)."""

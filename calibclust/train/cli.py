@@ -21,17 +21,16 @@ import json
 import sys
 from pathlib import Path
 
-from calibclust.cli_config import add_config_args
+from calibclust.cli_config import ConfigOptions, FieldOption, add_config_args, build_config
 from calibclust.cli_names import device_arg
 from calibclust.models.names import BACKBONE_HELP, backbone_name, is_timm
 from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
+from calibclust.train.cdc_config import DIFFICULTIES, HEAD_MODES, INIT_MODES, MINICLUSTER_NORMS, CDCConfig
 from calibclust.train.paper_settings import LR_BACKBONE, PAPER_SETTINGS
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
 _RAW = argparse.RawDescriptionHelpFormatter
-# Crop of CDC's views; set from the zoo measurements (calibclust/augment/views.py describes both).
-CDC_VIEW_CROP = "shift"
 
 
 def train_subparsers(subparsers) -> argparse._SubParsersAction:
@@ -135,6 +134,58 @@ examples (sklearn's digits, the small backbone, minutes on 2 CPU cores):
 """
 
 
+# The options of CDCConfig's fields; each default is the field's. Left unset (None), where the
+# command resolves the value: --batch-size by --paper-setting, --sub-batch-size as B/2 of the
+# resolved B, --single-head as "dual". --lr-backbone resolves to LR_BACKBONE[--difficulty] (the
+# config leaves it None): the saved settings name the lr a run used, so it resumes with it.
+CDC_OPTIONS = ConfigOptions(CDCConfig, {
+    "recalibrate_bn": FieldOption("re-estimate the backbone's BatchNorm statistics on the images first "
+                                  "(auto: only for randomly initialised backbones)", choices=("auto", "yes", "no")),
+    "epochs": FieldOption("epochs (default %(default)s)"),
+    "batch_size": FieldOption("batch B (default %(default)s, or by --paper-setting)", metavar="B", unset=True),
+    "sub_batch_size": FieldOption("sub-batch B_s (default B/2: the authors' 500 for B = 1000)", metavar="BS", unset=True),
+    "mini_clusters": FieldOption("mini-clusters K per batch for Eq. 1 (default: by --difficulty)", metavar="K"),
+    "difficulty": FieldOption("K rule of thumb when --mini-clusters is absent: easy K=B/2, hard K=B/25 (held-out: hard "
+                              "calibrates letters in many fonts and reframed digits better, plain digits worse; "
+                              "see calibclust bench calibration)", choices=DIFFICULTIES),
+    "minicluster_norm": FieldOption("normalisation of the features the Eq. 1 mini-cluster K-means runs on: l2, or l1 as the "
+                                    "authors' code does (held-out ECE within 0.005 of l2 on three zoo sets; default "
+                                    "%(default)s)", choices=MINICLUSTER_NORMS),
+    "top_size": FieldOption("|TOP(c)| of Eq. 4 (default ⌊B/C⌋)", metavar="T"),
+    "hidden_dim": FieldOption("head hidden units H (default %(default)s)", metavar="H"),
+    "lr_backbone": FieldOption("Adam lr of the backbone when it is trained (default 5e-5; 1e-5 with --difficulty hard, as "
+                               "the paper lowers it for CIFAR-20 and Tiny-ImageNet; or by --paper-setting)", metavar="LR"),
+    "lr_heads": FieldOption("Adam lr of the heads (default %(default)s)"),
+    "w_en": FieldOption("weight of the entropy term, Eq. 3 (default %(default)s)"),
+    "orth_steps": FieldOption("prototype separation steps at init (default %(default)s)"),
+    "freeze_backbone": FieldOption("train the heads only, on cached features of --views weak and strong views per image"),
+    "num_views": FieldOption("cached views per kind in --freeze-backbone mode (default %(default)s)", flag="--views"),
+    "views.flip_p": FieldOption("no horizontal flips in the views (for data where mirroring changes the class, e.g. digits)",
+                                flag="--no-flip", sets=0.0),
+    "views.crop": FieldOption("crop of the weak and strong views: resized = RandomResizedCrop (the CDC authors' code), "
+                              "shift = RandomCrop with 1/8 padding (SCAN/SPICE) (default %(default)s)",
+                              flag="--view-crop", choices=("resized", "shift")),
+    "seed": FieldOption("the one seed of the run (default %(default)s)"),
+    "select": FieldOption("pseudo-label selection: cdc (Eq. 4, default) | fixed:T (global threshold T, Tab. 2-II)",
+                          metavar="SPEC"),
+    "heads": FieldOption("one head only: clu = clustering loss only (Tab. 2-III); clu+cal = both losses on it (Tab. 2-IV)",
+                         flag="--single-head", choices=HEAD_MODES[1:], unset=True),
+    "stop_gradient": FieldOption("let the calibration loss reach the backbone and, via its targets, the clustering head "
+                                 "(Tab. 2-V)", flag="--no-stop-grad"),
+    "init": FieldOption("head initialisation: prototype (§3.3, default) | random (Tab. 2-I 'w/o Init')", choices=INIT_MODES),
+}, not_options={
+    "num_clusters": "--clusters (a number, or auto: chosen from the features)",
+    **dict.fromkeys(("weight_decay", "init_kmeans_restarts", "orth_scale", "orth_lr", "minicluster_restarts",
+                     "minicluster_iters", "eval_batch_size"), "the authors' value; set in Python (CDCConfig)"),
+    **dict.fromkeys(("views.crop_scale", "views.pad_fraction", "views.num_ops", "views.cutout", "views.cutout_fraction",
+                     "views.cutout_fill", "views.fill"), "SCAN's view setting; set in Python (ViewConfig)"),
+})
+# What cdc-ablation's rows vary, so the command has no option for them.
+ABLATED = ("select", "heads", "stop_gradient", "init")
+# cdc-ablation trains ten rows: shorter than a CDC run by default, so the table takes minutes on a CPU.
+ABLATION_DEFAULTS = {"epochs": 30, "batch_size": 300, "orth_steps": 500, "views": 4}
+
+
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default="small", type=backbone_name, metavar="ARCH",
@@ -147,14 +198,17 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
                         "(the timm model's pretrained weights, from the Hugging Face cache or the internet)")
     g.add_argument("--image-size", type=int, metavar="PX",
                    help="images are resized to PX×PX (default: the backbone's input size, else 32)")
-    g.add_argument("--recalibrate-bn", choices=("auto", "yes", "no"), default="auto",
-                   help="re-estimate the backbone's BatchNorm statistics on the images first "
-                        "(auto: only for randomly initialised backbones)")
+    # CDCConfig's field; the generic commands pass it to load_data_and_backbone with the same meaning.
+    CDC_OPTIONS.add(g, "recalibrate_bn")
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser, seed_default: int | None = None) -> None:
+    """The run group; ``--seed`` is CDCConfig's field, or (``seed_default``) a generic command's."""
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0, help="the one seed of the run (default %(default)s)")
+    if seed_default is None:
+        CDC_OPTIONS.add(r, "seed")
+    else:
+        r.add_argument("--seed", type=int, default=seed_default, help="the one seed of the run (default %(default)s)")
     r.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice; 1 is "
                                                             "faster on a machine whose cores are busy)")
@@ -167,9 +221,7 @@ def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = Tru
     add_cluster_args(p, allow_auto=allow_auto)
     add_backbone_args(p)
     t = p.add_argument_group("training (defaults: paper §4.1 / appendix B)")
-    t.add_argument("--epochs", type=int, default=100, help="epochs (default %(default)s)")
-    t.add_argument("--batch-size", type=int, metavar="B", help="batch B (default 1000, or by --paper-setting)")
-    t.add_argument("--sub-batch-size", type=int, metavar="BS", help="sub-batch B_s (default B/2: the authors' 500 for B = 1000)")
+    CDC_OPTIONS.add(t, "epochs", "batch_size", "sub_batch_size")
     if paper_setting:
         t.add_argument("--paper-setting", choices=sorted(PAPER_SETTINGS), metavar="NAME",
                        help="the paper's B, K and encoder lr for one of its benchmarks (§4.1): " + "; ".join(
@@ -177,43 +229,15 @@ def _add_common_training_args(p: argparse.ArgumentParser, allow_auto: bool = Tru
                            + (f" lr {v['lr_backbone']:g}" if "lr_backbone" in v else "")
                            for name, v in sorted(PAPER_SETTINGS.items()))
                        + "; --batch-size, --mini-clusters and --lr-backbone override it")
-    t.add_argument("--mini-clusters", type=int, metavar="K", help="mini-clusters K per batch for Eq. 1 (default: by --difficulty)")
-    t.add_argument("--difficulty", choices=("easy", "hard"), default="easy",
-                   help="K rule of thumb when --mini-clusters is absent: easy K=B/2, hard K=B/25 (held-out: hard "
-                        "calibrates letters in many fonts and reframed digits better, plain digits worse; "
-                        "see calibclust bench calibration)")
-    t.add_argument("--minicluster-norm", choices=("l2", "l1"), default="l2",
-                   help="normalisation of the features the Eq. 1 mini-cluster K-means runs on: l2, or l1 as the "
-                        "authors' code does (held-out ECE within 0.005 of l2 on three zoo sets; default %(default)s)")
-    t.add_argument("--top-size", type=int, metavar="T", help="|TOP(c)| of Eq. 4 (default ⌊B/C⌋)")
-    t.add_argument("--hidden-dim", type=int, default=512, metavar="H", help="head hidden units H (default %(default)s)")
-    t.add_argument("--lr-backbone", type=float, metavar="LR",
-                   help="Adam lr of the backbone when it is trained (default 5e-5; 1e-5 with --difficulty hard, as "
-                        "the paper lowers it for CIFAR-20 and Tiny-ImageNet; or by --paper-setting)")
-    t.add_argument("--lr-heads", type=float, default=1e-4, help="Adam lr of the heads (default %(default)s)")
-    t.add_argument("--w-en", type=float, default=1.0, help="weight of the entropy term, Eq. 3 (default %(default)s)")
-    t.add_argument("--orth-steps", type=int, default=2000, help="prototype separation steps at init (default %(default)s)")
-    t.add_argument("--freeze-backbone", action="store_true",
-                   help="train the heads only, on cached features of --views weak and strong views per image")
-    t.add_argument("--views", type=int, default=8, help="cached views per kind in --freeze-backbone mode (default %(default)s)")
-    t.add_argument("--no-flip", action="store_true", help="no horizontal flips in the views (for data where mirroring changes the class, e.g. digits)")
-    t.add_argument("--view-crop", choices=("resized", "shift"), default=CDC_VIEW_CROP,
-                   help="crop of the weak and strong views: resized = RandomResizedCrop (the CDC authors' code), "
-                        "shift = RandomCrop with 1/8 padding (SCAN/SPICE) (default %(default)s)")
+    CDC_OPTIONS.add(t, "mini_clusters", "difficulty", "minicluster_norm", "top_size", "hidden_dim", "lr_backbone",
+                    "lr_heads", "w_en", "orth_steps", "freeze_backbone", "num_views", "views.flip_p", "views.crop")
     add_run_args(p)
     add_config_args(p)
 
 
 def _add_ablation_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("ablations (paper Tab. 2)")
-    a.add_argument("--select", default="cdc", metavar="SPEC",
-                   help="pseudo-label selection: cdc (Eq. 4, default) | fixed:T (global threshold T, Tab. 2-II)")
-    a.add_argument("--single-head", choices=("clu", "clu+cal"),
-                   help="one head only: clu = clustering loss only (Tab. 2-III); clu+cal = both losses on it (Tab. 2-IV)")
-    a.add_argument("--no-stop-grad", action="store_true",
-                   help="let the calibration loss reach the backbone and, via its targets, the clustering head (Tab. 2-V)")
-    a.add_argument("--init", choices=("prototype", "random"), default="prototype",
-                   help="head initialisation: prototype (§3.3, default) | random (Tab. 2-I 'w/o Init')")
+    CDC_OPTIONS.add(a, *ABLATED)
 
 
 def register_cli(subparsers) -> None:
@@ -230,7 +254,7 @@ def register_cli(subparsers) -> None:
     a = sub.add_parser("cdc-ablation", help="print our own CDC Tab. 2 on a labelled folder",
                        description=ABLATION_DESCRIPTION, epilog=ABLATION_EPILOG, formatter_class=_RAW)
     _add_common_training_args(a, allow_auto=False)
-    a.set_defaults(func=run_cdc_ablation, epochs=30, batch_size=300, orth_steps=500, views=4)
+    a.set_defaults(func=run_cdc_ablation, **ABLATION_DEFAULTS)
     a.add_argument("--finetune-backbone", action="store_true",
                    help="train backbone and heads in every row, as the paper does (Eq. 5 updates θ; in 'no-stop-grad' "
                         "the calibration loss does too, Tab. 2-V); default: heads on shared frozen features, much faster")
@@ -243,7 +267,13 @@ def register_cli(subparsers) -> None:
 def _register_method_commands(sub) -> None:
     """``calibclust train NAME`` for every registered method without a command of its own: the same
     folder, backbone and run options, the method's default settings."""
-    from calibclust.train.methods import DEDICATED_COMMANDS, method_names
+    import inspect
+
+    from calibclust.train.methods import DEDICATED_COMMANDS, ClusteringMethod, method_names
+
+    # The seed goes to the method (ClusteringMethod(seed=...) fills its config's), so its default is
+    # the method interface's: a method's config class is not loaded to build the command line.
+    seed = inspect.signature(ClusteringMethod.__init__).parameters["seed"].default
 
     for name in method_names():
         if name in DEDICATED_COMMANDS or name in sub.choices:
@@ -255,7 +285,7 @@ def _register_method_commands(sub) -> None:
         p.add_argument("--out", required=True, metavar="DIR", help="output directory; the model goes to DIR/model")
         add_cluster_args(p, allow_auto=False)
         add_backbone_args(p)
-        add_run_args(p)
+        add_run_args(p, seed_default=seed)
         p.set_defaults(func=run_method, method_name=name)
 
 
@@ -337,26 +367,16 @@ def _set_threads(args) -> None:
 
 
 def _config_from_args(args, **overrides):
-    from calibclust.train.cdc import CDCConfig
-    from calibclust.augment.views import ViewConfig
-
-    heads = getattr(args, "single_head", None) or "dual"
+    values = CDC_OPTIONS.values(args)
     # explicit flags > --paper-setting > CDCConfig's defaults
-    chosen = {k: getattr(args, k) for k in ("batch_size", "mini_clusters", "lr_backbone") if getattr(args, k) is not None}
-    paper = {**PAPER_SETTINGS.get(getattr(args, "paper_setting", None) or "", {}), **chosen}
-    batch = paper.get("batch_size", 1000)
+    values = {**PAPER_SETTINGS.get(getattr(args, "paper_setting", None) or "", {}), **values}
+    batch = values.get("batch_size", CDC_OPTIONS.default("batch_size"))
+    if not values.get("sub_batch_size"):
+        values["sub_batch_size"] = max(2, batch // 2)
     # A concrete lr in the saved settings, so a run started before the hard rule resumes.
-    paper.setdefault("lr_backbone", LR_BACKBONE[args.difficulty])
-    fields = dict(
-        num_clusters=args.clusters, epochs=args.epochs, sub_batch_size=args.sub_batch_size or max(2, batch // 2),
-        difficulty=args.difficulty, minicluster_norm=args.minicluster_norm, top_size=args.top_size, hidden_dim=args.hidden_dim,
-        lr_heads=args.lr_heads, w_en=args.w_en, orth_steps=args.orth_steps, **paper,
-        select=getattr(args, "select", "cdc"), heads=heads, stop_gradient=not getattr(args, "no_stop_grad", False),
-        init=getattr(args, "init", "prototype"), freeze_backbone=args.freeze_backbone, num_views=args.views,
-        recalibrate_bn=args.recalibrate_bn, views=ViewConfig(flip_p=0.0 if args.no_flip else 0.5, crop=args.view_crop), seed=args.seed,
-    )
-    fields.update(overrides)
-    return CDCConfig(**fields)
+    values.setdefault("lr_backbone", LR_BACKBONE[values["difficulty"]])
+    values = {**values, "num_clusters": args.clusters, **overrides}
+    return build_config(CDCConfig, values)
 
 
 def _load_inputs(args):

@@ -14,13 +14,17 @@ from pathlib import Path
 
 # Imported at module level (it imports no torch) so that, if the train group is missing, this
 # module fails at load time and `calibclust` reports and skips it instead of crashing.
-from calibclust.cli_config import add_config_args
+from calibclust.augment.view_config import ViewConfig
+from calibclust.cli_config import ConfigOptions, FieldOption, add_config_args, build_config
 from calibclust.cli_names import device_arg
 from calibclust.tensorboard import add_tensorboard_arg, open_writer, require_tensorboard
 from calibclust.cluster.choose_k import add_cluster_args
 from calibclust.models.names import BACKBONE_HELP, backbone_name
 from calibclust.train.methods import method_names
+from calibclust.train.cdc_config import CDCConfig
+from calibclust.train.spice_config import JOINT_SCHEDULES, SpiceConfig
 from calibclust.train.cli import (
+    CDC_OPTIONS,
     add_features_arg,
     add_heldout_args,
     choose_clusters,
@@ -102,6 +106,91 @@ prototype pseudo-labels assume a pretrained embedding and collapse on random fea
 """
 
 
+def _mstep_batch(text: str) -> int | str:
+    # "all" stays a word here (settings.json must not read it back as null, i.e. the default).
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a sub-batch of at least 2 rows or 'all', got {text!r}")
+    return value
+
+
+def _repeats(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of passes >= 1, got {text!r}")
+    return int(text)
+
+
+# The options of SpiceConfig's fields; each default is the field's. Stage 3's steps and batches are
+# left unset (None): --joint-schedule resolves them.
+SPICE_OPTIONS = ConfigOptions(SpiceConfig, {
+    "n_heads": FieldOption("clustering heads trained at once (default %(default)s)", flag="--heads"),
+    "batch_size": FieldOption("E-step/M-step batch M (default %(default)s)", metavar="M"),
+    "score_batch_size": FieldOption("score a 'big batch' of N images per E-step (authors' code: 5000-10000)", metavar="N"),
+    "top_fraction": FieldOption("prototype from the top fraction·M/K images (Eq. 2: 1.0; authors' code 0.5)"),
+    "overlap": FieldOption("non-overlap assignment instead of Eq. 4's overlap (Fig. 4)", flag="--non-overlap"),
+    "head_lr": FieldOption("Adam lr of the heads (default %(default)s)", flag="--lr-heads"),
+    "head_epochs": FieldOption("stage-2 epochs (default %(default)s)"),
+    "mstep_batch_size": FieldOption("M-step sub-batch: after each E-step, Adam steps on N selected rows at a time, as the "
+                                    "authors' code does; 'all' = one step on every selected row (default %(default)s)",
+                                    type=_mstep_batch, metavar="N|all",
+                                    convert=lambda value: None if value == "all" else value),
+    "mstep_repeats": FieldOption("passes over the selected rows per E-step (authors' code: 8; default %(default)s)",
+                                 type=_repeats, metavar="R"),
+    "views": FieldOption("cached views per image (stage 2 trains on the strong ones; default %(default)s)"),
+    "head_batchnorm": FieldOption("heads D → 512 → ReLU → K without BatchNorm, as the authors' code (held-out SPICE_s ACC "
+                                  "on digits 0.70 vs 0.82 with it, so ours keeps it by default)", flag="--no-head-batchnorm"),
+    "num_neighbors": FieldOption("neighbours for Eq. 6 (default %(default)s)", flag="--neighbors", metavar="N_S"),
+    "reliable_threshold": FieldOption("Eq. 7 threshold (default %(default)s)", metavar="λ"),
+    "reliable_min_confidence": FieldOption("also require max prob > P (authors' code: 0.99)", metavar="P"),
+    "reliable_balance": FieldOption("subsample reliable samples of each cluster to the smallest cluster (authors' code)",
+                                    flag="--balance"),
+    "reliable_fallback": FieldOption("a cluster with no reliable sample: keep its most consistent images (top, default), "
+                                     "leave it empty, or stop", flag="--empty-cluster", choices=("top", "none", "error")),
+    "joint": FieldOption("stop after stage 2 (SPICE_s)", flag="--no-joint"),
+    "joint_steps": FieldOption("joint-training steps (default: by --joint-schedule)", metavar="N", unset=True),
+    "joint_threshold": FieldOption("Eq. 8 threshold (default %(default)s)", metavar="η"),
+    "joint_lr": FieldOption("SGD lr, cosine schedule (default %(default)s)"),
+    "joint_ema": FieldOption("keep the moving average of stage 3's weights, decay D, as the authors' FixMatch code "
+                             "evaluates (default %(default)s; 0: the last step's weights)", metavar="D"),
+    "labeled_batch": FieldOption("reliable images per step L (default: by --joint-schedule)", metavar="L", unset=True),
+    "unlabeled_ratio": FieldOption("U = R × L unlabelled images per step (default: by --joint-schedule)", metavar="R",
+                                   unset=True),
+    "seed": FieldOption("the one seed of the run (default %(default)s)"),
+}, not_options={
+    "num_clusters": "--clusters (a number, or auto: chosen from the features)",
+    "hidden_dim": "§IV-B's head width; set in Python (SpiceConfig)",
+    **dict.fromkeys(("joint_momentum", "joint_weight_decay"), "FixMatch's / §IV-B's value; set in Python (SpiceConfig)"),
+})
+# SPICE's views (the ViewConfig that train spice and train compare pass beside SpiceConfig).
+VIEW_OPTIONS = ConfigOptions(ViewConfig, {
+    "flip_p": FieldOption("no horizontal flips in the views (digits, text)", flag="--no-flip", sets=0.0),
+}, not_options={
+    "crop": "SCAN/SPICE's shift crop; set in Python (ViewConfig)",
+    **dict.fromkeys(("crop_scale", "pad_fraction", "num_ops", "cutout", "cutout_fraction", "cutout_fill", "fill"),
+                    "SCAN's view setting; set in Python (ViewConfig)"),
+})
+# --recalibrate-bn is CDCConfig's setting; SPICE and compare re-estimate BatchNorm by it before any method.
+BACKBONE_OPTIONS = ConfigOptions(CDCConfig, {
+    "recalibrate_bn": FieldOption("re-estimate BatchNorm statistics on the images (auto: random-init backbones only)",
+                                  choices=CDC_OPTIONS.options["recalibrate_bn"].choices),
+})
+# compare's CDC: train cdc's fields under --cdc-* names. Epochs and batch are compare's own (shorter,
+# so every method trains in minutes on a CPU); the others are CDCConfig's.
+COMPARE_CDC_OPTIONS = ConfigOptions(CDCConfig, {
+    "epochs": FieldOption("CDC epochs (default %(default)s)", flag="--cdc-epochs", default=40),
+    "batch_size": FieldOption("CDC batch B (default %(default)s)", flag="--cdc-batch-size", default=300),
+    "num_views": FieldOption("CDC's cached weak/strong views per image, frozen mode (default %(default)s, as train cdc)",
+                             flag="--cdc-views"),
+    "orth_steps": FieldOption("CDC's prototype separation steps (default %(default)s, the authors'; the quick start uses "
+                              "500, which measured 0.815 vs 0.719 ACC on digits)", flag="--cdc-orth-steps"),
+})
+
+
 def _add_data_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
     p.add_argument("folder", metavar="FOLDER", help="image folder (flat, or FOLDER/<class>/<image> for reporting)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -113,48 +202,21 @@ def _add_data_args(p: argparse.ArgumentParser, allow_auto: bool = True) -> None:
                    help="pretrained weights: a 'calibclust pretrain' directory, a trained model directory, a "
                         "checkpoint file, torchvision[:WEIGHTS] or, with --backbone timm:NAME, timm[:TAG]")
     g.add_argument("--image-size", type=int, metavar="PX", help="resize images to PX×PX (default: the backbone's, else 32)")
-    g.add_argument("--recalibrate-bn", choices=("auto", "yes", "no"), default="auto",
-                   help="re-estimate BatchNorm statistics on the images (auto: random-init backbones only)")
+    BACKBONE_OPTIONS.add(g, "recalibrate_bn")
     s = p.add_argument_group("SPICE stage 2 (defaults: paper §IV-B)")
-    s.add_argument("--heads", type=int, default=10, help="clustering heads trained at once (default %(default)s)")
-    s.add_argument("--batch-size", type=int, default=1000, metavar="M", help="E-step/M-step batch M (default %(default)s)")
-    s.add_argument("--score-batch-size", type=int, metavar="N", help="score a 'big batch' of N images per E-step (authors' code: 5000-10000)")
-    s.add_argument("--top-fraction", type=float, default=1.0, help="prototype from the top fraction·M/K images (Eq. 2: 1.0; authors' code 0.5)")
-    s.add_argument("--non-overlap", action="store_true", help="non-overlap assignment instead of Eq. 4's overlap (Fig. 4)")
-    s.add_argument("--lr-heads", type=float, default=0.005, help="Adam lr of the heads (default %(default)s)")
-    s.add_argument("--head-epochs", type=int, default=100, help="stage-2 epochs (default %(default)s)")
-    s.add_argument("--mstep-batch-size", type=_mstep_batch, default=128, metavar="N|all",
-                   help="M-step sub-batch: after each E-step, Adam steps on N selected rows at a time, as the "
-                        "authors' code does; 'all' = one step on every selected row (default %(default)s)")
-    s.add_argument("--mstep-repeats", type=_repeats, default=8, metavar="R",
-                   help="passes over the selected rows per E-step (authors' code: 8; default %(default)s)")
-    s.add_argument("--views", type=int, default=4, help="cached views per image (stage 2 trains on the strong ones; default %(default)s)")
-    s.add_argument("--no-head-batchnorm", action="store_true",
-                   help="heads D → 512 → ReLU → K without BatchNorm, as the authors' code (held-out SPICE_s ACC on "
-                        "digits 0.70 vs 0.82 with it, so ours keeps it by default)")
+    SPICE_OPTIONS.add(s, "n_heads", "batch_size", "score_batch_size", "top_fraction", "overlap", "head_lr", "head_epochs",
+                      "mstep_batch_size", "mstep_repeats", "views", "head_batchnorm")
     j = p.add_argument_group("SPICE stage 3 (defaults: paper §IV-B)")
-    j.add_argument("--neighbors", type=int, default=100, metavar="N_S", help="neighbours for Eq. 6 (default %(default)s)")
-    j.add_argument("--reliable-threshold", type=float, default=0.95, metavar="λ", help="Eq. 7 threshold (default %(default)s)")
-    j.add_argument("--reliable-min-confidence", type=float, metavar="P", help="also require max prob > P (authors' code: 0.99)")
-    j.add_argument("--balance", action="store_true", help="subsample reliable samples of each cluster to the smallest cluster (authors' code)")
-    j.add_argument("--empty-cluster", choices=("top", "none", "error"), default="top",
-                   help="a cluster with no reliable sample: keep its most consistent images (top, default), leave it empty, or stop")
-    j.add_argument("--no-joint", action="store_true", help="stop after stage 2 (SPICE_s)")
-    j.add_argument("--joint-schedule", choices=("cpu", "paper"), default="cpu",
+    SPICE_OPTIONS.add(j, "num_neighbors", "reliable_threshold", "reliable_min_confidence", "reliable_balance",
+                      "reliable_fallback", "joint")
+    j.add_argument("--joint-schedule", choices=tuple(JOINT_SCHEDULES), default="cpu",
                    help="stage 3's steps and batch: cpu = 2,000 steps of 64 reliable + 448 unlabelled images (minutes "
                         "on a CPU); paper = §IV-B's 1,048,576 steps of 16 + 112 (days on a GPU); --joint-steps, "
                         "--labeled-batch and --unlabeled-ratio override it (default %(default)s)")
-    j.add_argument("--joint-steps", type=int, metavar="N", help="joint-training steps (default: by --joint-schedule)")
-    j.add_argument("--joint-threshold", type=float, default=0.95, metavar="η", help="Eq. 8 threshold (default %(default)s)")
-    j.add_argument("--joint-lr", type=float, default=0.03, help="SGD lr, cosine schedule (default %(default)s)")
-    j.add_argument("--joint-ema", type=float, default=0.999, metavar="D",
-                   help="keep the moving average of stage 3's weights, decay D, as the authors' FixMatch code "
-                        "evaluates (default %(default)s; 0: the last step's weights)")
-    j.add_argument("--labeled-batch", type=int, metavar="L", help="reliable images per step L (default: by --joint-schedule)")
-    j.add_argument("--unlabeled-ratio", type=int, metavar="R", help="U = R × L unlabelled images per step (default: by --joint-schedule)")
+    SPICE_OPTIONS.add(j, "joint_steps", "joint_threshold", "joint_lr", "joint_ema", "labeled_batch", "unlabeled_ratio")
     r = p.add_argument_group("run")
-    r.add_argument("--no-flip", action="store_true", help="no horizontal flips in the views (digits, text)")
-    r.add_argument("--seed", type=int, default=0, help="the one seed of the run (default %(default)s)")
+    VIEW_OPTIONS.add(r, "flip_p")
+    SPICE_OPTIONS.add(r, "seed")
     r.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_args(p)
@@ -177,13 +239,7 @@ def register_cli(subparsers) -> None:
     c = sub.add_parser("compare", help="one table of held-out figures: every registered method on one folder",
                        description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG, formatter_class=_RAW)
     _add_data_args(c, allow_auto=False)
-    c.add_argument("--cdc-epochs", type=int, default=40, help="CDC epochs (default %(default)s)")
-    c.add_argument("--cdc-batch-size", type=int, default=300, help="CDC batch B (default %(default)s)")
-    c.add_argument("--cdc-views", type=int, default=8,
-                   help="CDC's cached weak/strong views per image, frozen mode (default %(default)s, as train cdc)")
-    c.add_argument("--cdc-orth-steps", type=int, default=2000,
-                   help="CDC's prototype separation steps (default %(default)s, the authors'; the quick start uses 500, "
-                        "which measured 0.815 vs 0.719 ACC on digits)")
+    COMPARE_CDC_OPTIONS.add(c, "epochs", "batch_size", "num_views", "orth_steps")
     c.add_argument("--finetune-backbone", action="store_true",
                    help="train CDC's backbone with its heads, as the paper does, so Eq. 5 updates θ (default: heads "
                         "on frozen features, much faster; SPICE's stage 3 always trains its backbone)")
@@ -200,19 +256,6 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
-def _mstep_batch(text: str) -> int | str:
-    # "all" stays a word here (settings.json must not read it back as null, i.e. the default).
-    if text == "all":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected a sub-batch of at least 2 rows or 'all', got {text!r}")
-    return value
-
-
 def _method_list(text: str) -> str:
     # Kept as one comma-separated string, so --print-config / --config round-trip it as written.
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -222,39 +265,29 @@ def _method_list(text: str) -> str:
     return ",".join(names)
 
 
-def _repeats(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of passes >= 1, got {text!r}")
-    return int(text)
-
-
 def spice_config_from_args(args, num_clusters: int | None = None):
-    from calibclust.train.spice import JOINT_SCHEDULES, SpiceConfig
+    # explicit flags > --joint-schedule
+    values = {**JOINT_SCHEDULES[args.joint_schedule], **SPICE_OPTIONS.values(args)}
+    values["num_clusters"] = args.clusters if num_clusters is None else num_clusters
+    return build_config(SpiceConfig, values)
 
-    schedule = {k: v if getattr(args, k) is None else getattr(args, k)
-                for k, v in JOINT_SCHEDULES[args.joint_schedule].items()}
-    return SpiceConfig(
-        num_clusters=args.clusters if num_clusters is None else num_clusters, n_heads=args.heads, batch_size=args.batch_size, score_batch_size=args.score_batch_size,
-        top_fraction=args.top_fraction, overlap=not args.non_overlap, head_lr=args.lr_heads, head_epochs=args.head_epochs,
-        mstep_batch_size=None if args.mstep_batch_size == "all" else args.mstep_batch_size,
-        mstep_repeats=args.mstep_repeats,
-        num_neighbors=args.neighbors, reliable_threshold=args.reliable_threshold,
-        reliable_min_confidence=args.reliable_min_confidence, reliable_balance=args.balance,
-        reliable_fallback=args.empty_cluster, joint=not args.no_joint, joint_threshold=args.joint_threshold,
-        joint_lr=args.joint_lr, joint_ema=args.joint_ema, views=args.views, seed=args.seed,
-        head_batchnorm=not args.no_head_batchnorm, **schedule,
-    )
+
+def compare_cdc_config(args, view_config):
+    """The CDCConfig ``train compare`` trains CDC with (frozen backbone unless --finetune-backbone)."""
+    values = COMPARE_CDC_OPTIONS.values(args)
+    values.update(num_clusters=args.clusters, sub_batch_size=max(2, values["batch_size"] // 2),
+                  freeze_backbone=not args.finetune_backbone, recalibrate_bn="no", views=view_config, seed=args.seed)
+    return build_config(CDCConfig, values)
 
 
 def _prepare(args):
     """Decoded data, a backbone (see :func:`calibclust.train.cli.load_data_and_backbone`), its
     normalisation, and the view settings."""
-    from calibclust.augment.views import ViewConfig
     from calibclust.train.cli import load_data_and_backbone
 
     data, backbone, info, pretrained = load_data_and_backbone(args, "SPICE's prototype pseudo-labels assume a pretrained "
                                                               "embedding and tend to collapse on random features")
-    view_config = ViewConfig(flip_p=0.0 if args.no_flip else 0.5)
+    view_config = build_config(ViewConfig, VIEW_OPTIONS.values(args))
     return data, backbone, info, (info["mean"], info["std"]), view_config, pretrained
 
 
@@ -400,7 +433,6 @@ def run_compare(args) -> int:
     import torch
 
     from calibclust.errors import InputError
-    from calibclust.train.cdc import CDCConfig
     from calibclust.train.cli import split_heldout
     from calibclust.train.methods import get_method
 
@@ -419,10 +451,7 @@ def run_compare(args) -> int:
     # Settings of the methods this command has options for; any other registered method runs with its defaults.
     configs = {
         "spice": spice_config_from_args(args),
-        "cdc": CDCConfig(num_clusters=args.clusters, epochs=args.cdc_epochs, batch_size=args.cdc_batch_size,
-                         sub_batch_size=max(2, args.cdc_batch_size // 2), freeze_backbone=not args.finetune_backbone,
-                         num_views=args.cdc_views, orth_steps=args.cdc_orth_steps, recalibrate_bn="no",
-                         views=view_config, seed=args.seed),
+        "cdc": compare_cdc_config(args, view_config),
     }
     options = {"spice": {"view_config": view_config}}
     rows, settings = [], {}
