@@ -74,6 +74,8 @@ def make_small_folder(root: Path, n: int, seed: int = 0) -> Path:
     """``n`` 32×32 JPEGs: scikit-learn's digits with random tint, shift and noise (all files differ)."""
     if _complete(root, n):
         return root
+    from PIL import Image
+
     from calibclust.datasets import digits_images
 
     base, _ = digits_images(32)
@@ -88,8 +90,6 @@ def make_small_folder(root: Path, n: int, seed: int = 0) -> Path:
             i = start + j
             folder = root / f"{i // 1000:04d}"
             folder.mkdir(parents=True, exist_ok=True)
-            from PIL import Image
-
             Image.fromarray(img).save(folder / f"{i:07d}.jpg", quality=90)
     (root / ".complete").write_text(str(n))
     return root
@@ -114,8 +114,6 @@ def make_large_folder(root: Path, n: int, seed: int = 0) -> Path:
             i = start + j
             folder = root / f"{i // 1000:04d}"
             folder.mkdir(parents=True, exist_ok=True)
-            from PIL import Image
-
             Image.fromarray(img).save(folder / f"{i:07d}.jpg", quality=90)
     (root / ".complete").write_text(str(n))
     return root

@@ -132,7 +132,7 @@ def register_cli(subparsers) -> None:
 
 
 def options_from_args(args):
-    from calibclust.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from calibclust.io.images import DEFAULT_MAX_PIXELS
     from calibclust.serve.pipeline import LabelOptions
     from calibclust.serve.policy import Policy
 

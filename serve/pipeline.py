@@ -27,20 +27,19 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from calibclust import __version__
-from calibclust.errors import CalibclustError, InputError
+from calibclust.errors import InputError
 from calibclust.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, iter_image_files
 from calibclust.io.predictions import FORMATS, PredictionsWriter
 from calibclust.serve.labeler import Labeler, topk_columns
 from calibclust.serve.policy import (
     Policy,
-    Thresholds,
     accuracy_coverage_curve,
     coverage_threshold,
     decide,

@@ -217,7 +217,7 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
         # One cluster fits as well as any split. Said plainly; the gap then votes with its best split,
         # so that the other two criteria are not overruled by a reference distribution (uniform in a
         # box) that high-dimensional features on a sphere often do not resemble.
-        message = (f"weak or no cluster structure: the gap statistic prefers one cluster to any split; "
+        message = ("weak or no cluster structure: the gap statistic prefers one cluster to any split; "
                    "check that the backbone separates these images before trusting K")
     picks = {"gap": gap_pick, "silhouette": ks[int(np.argmax(sils))], "stability": ks[int(np.argmax(stabs))]}
     votes = sorted(picks.values())
