@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from calibclust.device import resolve_device
 from calibclust.errors import InputError
-from calibclust.io.images import discover_images, load_images
+from calibclust.io.images import discover_images, iter_decoded_chunks
 from calibclust.io.predictions import PredictionsWriter
 from calibclust.models.clustering import load_model
 
@@ -79,11 +79,8 @@ def predict_folder(
     conf_sum, n_ok, n_err = 0.0, 0, 0
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
     with PredictionsWriter(out, columns) as writer, torch.no_grad():
-        for start in range(0, len(paths), batch_size):
-            part = paths[start : start + batch_size]
-            batch, errors = load_images(part, size, resize=metadata.resize)
-            reasons = {e.path: e.reason for e in errors}
-            ok = [p for p in part if str(p) not in reasons]
+        for _, part, batch, failed in iter_decoded_chunks(paths, size, resize=metadata.resize, chunk=batch_size):
+            ok = [q for i, q in enumerate(part) if i not in failed]
             if len(ok):
                 x = torch.from_numpy(batch).to(device)
                 p = F.softmax(model.head_logits(model.embed(model.preprocess(x)), head), 1).cpu()
@@ -106,15 +103,15 @@ def predict_folder(
                 sizes += np.bincount(label.numpy(), minlength=c)
                 conf_sum += float(conf.sum())
                 n_ok += len(ok)
-            if errors:
-                bad = [p for p in part if str(p) in reasons]
+            if failed:
+                bad = [part[i] for i in failed]
                 writer.write_rows(
                     {
                         "path": [q.relative_to(folder).as_posix() for q in bad],
                         "cluster": [-1] * len(bad),
                         "cluster_name": [""] * len(bad),
                         "confidence": [float("nan")] * len(bad),
-                        "error": [reasons[str(q)] for q in bad],
+                        "error": list(failed.values()),
                     }
                 )
                 n_err += len(bad)

@@ -60,12 +60,10 @@ from calibclust.datasets import dejavu_font_files, digits_images, letters_images
 from calibclust.errors import InputError
 from calibclust.io.files import link_or_copy
 from calibclust.shortcut import LUMA
-from calibclust.train.profiles import heldout_by_path_hash
+from calibclust.train.profiles import FIGURES_HELDOUT_FRACTION, heldout_by_path_hash
 
 SIZE = 32
-# A fifth held out, twice fit's default: ECE is a mean over 15 confidence bins, and a set of ~1,800
-# images leaves ~180 at fit's 10 %, a handful per bin (the quick start holds out a fifth too).
-ZOO_HELDOUT_FRACTION = 0.2
+ZOO_HELDOUT_FRACTION = FIGURES_HELDOUT_FRACTION  # a fifth, as the quick start
 FONT_GLOBS = ("/usr/share/fonts/**/*.ttf", "/usr/share/fonts/**/*.otf", "/usr/share/fonts/**/*.pfb")
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 # Five colour pairs, so that colour alone never names the class.
@@ -281,21 +279,6 @@ ZOO: dict[str, ZooSet] = {
 def far_ood(n: int, seed: int) -> np.ndarray:
     """Half photo patches (matplotlib's sample photographs), half noise."""
     return np.concatenate([photo_patches(n - n // 2, SIZE, seed), noise_images(n // 2, SIZE, seed + 1)])
-
-
-# The split `train cdc`, `train compare` and `cdc-ablation` score on (calibclust.train.cli.split_heldout)
-# when given no --heldout folder; the zoo itself now splits as fit does (ZOO_HELDOUT_FRACTION).
-HELDOUT_EVERY = 5
-
-
-def heldout_mask(labels: np.ndarray) -> np.ndarray:
-    """Within each class, every :data:`HELDOUT_EVERY`-th image in the folder's order (the training
-    commands' held-out rule; not the zoo's, which is fit's path hash)."""
-    mask = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        mask[idx[HELDOUT_EVERY - 1 :: HELDOUT_EVERY]] = True
-    return mask
 
 
 def image_paths(labels: np.ndarray, classes: list[str]) -> list[str]:

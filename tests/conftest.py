@@ -82,8 +82,9 @@ def quickstart_out(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_moco_backbone(quickstart_out):
-    """A small backbone pretrained with MoCo-v2 on the 1,797 digits (the quick start's pretrain
-    stage: 15 epochs with --fast, 100 in the full run): the paper's setting for frozen-feature tests."""
+    """A small backbone pretrained with MoCo-v2 on the quick start's training digits (fit's pretrain
+    stage on the 80 % it does not hold out: 15 epochs with --fast, fit's budget in the full run): the
+    paper's setting for frozen-feature tests."""
     path = quickstart_out / "pretrain"
     assert (path / "backbone.safetensors").is_file(), f"no pretrained backbone in {path}"
     return path

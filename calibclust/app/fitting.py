@@ -1,7 +1,8 @@
 """``calibclust fit FOLDER``: from a user's own image folder to a deployable, calibrated model.
 
-One command and one Python call (:func:`fit`) run, in this process, the stages the quick start
-runs as separate commands:
+One command and one Python call (:func:`fit`) run, in this process, the stages a user would
+otherwise chain as separate commands (``pretrain``, ``train``, ``export onnx``, ``exemplars``,
+``label``); ``calibclust quickstart`` is this on the bundled digits:
 
 1. **data**: list and decode the folder once (nested folders, mixed sizes, unreadable files
    skipped and listed); keep a held-out split (default 10 %, chosen by a hash of each file's
@@ -9,7 +10,7 @@ runs as separate commands:
 2. **plan**: look at the images (count, sizes, aspect ratios), the device and the CPU's bf16
    support, and size the pretraining to the time budget (printed before anything trains, saved);
 3. **pretrain**: MoCo-v2 on the training split (or ``--backbone-weights``);
-4. **train**: CDC on the frozen backbone (the quick start's measured settings), or any registered
+4. **train**: CDC on the frozen backbone (the CPU profile, :mod:`calibclust.train.profiles`), or any registered
    method (``--method``; :mod:`calibclust.train.methods`);
 5. **export**: ONNX with the OOD threshold (+ INT8 when its agreement gate passes);
 6. **exemplars**: each cluster's most confident training images in a sidecar (the demo's gallery);
@@ -216,7 +217,7 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         epochs = 0
     elif pretrain_epochs is not None:
         epochs = int(pretrain_epochs)
-        notes.append(f"{epochs} pretraining epochs as asked (--pretrain-epochs), whatever the budget")
+        notes.append(f"{epochs} pretraining epochs as given (--pretrain-epochs), whatever the budget")
     else:
         available = budget_minutes * 60 - after
         epochs = MAX_PRETRAIN_EPOCHS if per_epoch == 0 else int(available // per_epoch)
@@ -315,6 +316,10 @@ def fit(
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
     if resume and not run.exists():
         raise InputError(f"nothing to resume: {run.path} does not exist")
+    stale = [name for name in ("pretrain", method or "cdc") if not resume and (out / name).exists()]
+    if stale:  # another run's training state: a new run would resume it unasked, with other settings
+        raise InputError(f"{out} holds training state ({', '.join(n + '/' for n in stale)}) but no run.json; "
+                         "delete it or choose a new --out")
     started = time.perf_counter()
     print(f"[0/{len(STAGES)}] data: reading {folder}", flush=True)
     device = str(resolve_device(device))

@@ -18,7 +18,6 @@ holds the equivalent commands. Rerunning with the same settings continues an int
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import time
@@ -26,12 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from calibclust.errors import InputError
+from calibclust.app.runs import continue_or_refuse, record_settings, truth_folder
 from calibclust.io.files import atomic_write_text, link_or_copy, write_json_atomic
+from calibclust.train.profiles import FIGURES_HELDOUT_FRACTION
 
 DEFAULT_OUT = "quickstart-out"
-# A fifth of the digits (~350) is held out, twice fit's default: ECE is a mean over 15 confidence
-# bins, and with ~180 images (fit's 10 %) a bin holds a handful of digits.
-HELDOUT_FRACTION = 0.2
+HELDOUT_FRACTION = FIGURES_HELDOUT_FRACTION  # a fifth of the digits (~350)
 SETTINGS_FILE = "quickstart.json"
 
 
@@ -63,37 +62,23 @@ def build_data(out: Path, settings: QuickstartSettings, seed: int) -> dict[str, 
             "ood": make_ood_folder(data / "ood", n_per_kind=settings.n_ood_per_kind, seed=seed)}
 
 
-def heldout_folders(paths: dict[str, Path], fraction: float) -> dict[str, Path]:
-    """Links to the digits ``fit`` held out (``data/heldout``, class sub-folders) and the labelling
-    folder ``data/label-me``: those digits plus the OOD images under ``_ood/``."""
-    from calibclust.train.profiles import heldout_by_path_hash
+def heldout_folders(paths: dict[str, Path], fraction: float, n_heldout: int) -> dict[str, Path]:
+    """Links to the digits ``fit`` held out (``data/heldout``, class sub-folders; the same rule on the
+    same relative paths, checked against fit's count ``n_heldout``) and the labelling folder
+    ``data/label-me``: those digits plus the OOD images under ``_ood/``."""
     from calibclust.io.images import discover_images
+    from calibclust.train.profiles import heldout_by_path_hash
 
     digits, data = paths["digits"], paths["digits"].parent
     files = list(discover_images(digits))
     held = heldout_by_path_hash([f.relative_to(digits).as_posix() for f in files], fraction)
+    if int(held.sum()) != n_heldout:
+        raise InputError(f"fit held out {n_heldout} digits, the rule picks {int(held.sum())} of {digits} "
+                         "(an unreadable digit?); delete the quick start's folder and run it again")
     for path, is_held in zip(files, held):
         if is_held:
             link_or_copy(path, data / "heldout" / path.relative_to(digits))
-            link_or_copy(path, data / "label-me" / path.relative_to(digits))
-    for path in discover_images(paths["ood"]):
-        link_or_copy(path, data / "label-me" / "_ood" / path.relative_to(paths["ood"]))
-    return {"heldout": data / "heldout", "label-me": data / "label-me"}
-
-
-def _check_settings(out: Path, wanted: dict) -> bool:
-    """True when ``out`` holds an interrupted (or finished) quick start with the same settings: fit
-    continues it. Refuses one with other settings."""
-    path = out / SETTINGS_FILE
-    if not path.is_file():
-        if (out / "run.json").exists():
-            raise InputError(f"{out} holds a fit run that is not a quick start; choose another --out")
-        return False
-    found = json.loads(path.read_text())
-    if found != wanted:
-        raise InputError(f"{out} holds a quick start with other settings ({found}, now {wanted}); "
-                         "delete it or choose another --out")
-    return (out / "run.json").is_file()  # stopped before fit began: it starts afresh
+    return {"heldout": data / "heldout", "label-me": truth_folder(data / "label-me", data / "heldout", {"": paths["ood"]})}
 
 
 def summarise(run: dict, label_metrics: dict) -> dict:
@@ -158,16 +143,15 @@ def run_quickstart(out: str | os.PathLike = DEFAULT_OUT, fast: bool = False, see
     out = Path(out).resolve()
     settings = QuickstartSettings.fast() if fast else QuickstartSettings.full()
     wanted = {**asdict(settings), "seed": seed, "heldout_fraction": HELDOUT_FRACTION}
-    resume = _check_settings(out, wanted)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / SETTINGS_FILE, wanted)
+    resume = continue_or_refuse(out, SETTINGS_FILE, wanted, out, "quick start")
+    record_settings(out, SETTINGS_FILE, wanted)
     start = time.perf_counter()
     print(f"calibclust quickstart ({'fast' if fast else 'full'}) into {out}" + (" (continuing)" if resume else ""), flush=True)
     print("data: sklearn digits -> 32x32 PNGs, OOD letters/photos/noise", flush=True)
     paths = build_data(out, settings, seed)
     result = fit(paths["digits"], out, clusters=10, resume=resume, heldout_fraction=HELDOUT_FRACTION, seed=seed,
                  progress=verbose, pretrain_epochs=settings.pretrain_epochs)
-    folders = heldout_folders(paths, HELDOUT_FRACTION)
+    folders = heldout_folders(paths, result.plan.heldout_fraction, result.plan.n_heldout)
     _append_commands(out, folders)
     print(f"label: {folders['label-me']} (held-out digits + OOD) with the exported model", flush=True)
     Labeler(result.model_path).label_folder(folders["label-me"], out / "label", overwrite=True, top_k=3, progress=verbose)

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from calibclust.app.runs import continue_or_refuse, record_settings, truth_folder
+from calibclust.bench import ZOO_SETS
 from calibclust.errors import CalibclustError, InputError
-from calibclust.io.files import link_or_copy, write_json_atomic
-from calibclust.zoo import SIZE, ZOO, ZOO_HELDOUT_FRACTION, ZooSettings, bench_sets
+from calibclust.io.files import write_json_atomic
+from calibclust.train.profiles import FIGURES_HELDOUT_FRACTION as ZOO_HELDOUT_FRACTION  # = calibclust.zoo's
 
 SETTINGS_FILE = "bench.json"
 
@@ -43,22 +45,10 @@ ZOO_COLUMNS = [
 ]
 
 
-def label_folder(paths: dict[str, Path]) -> Path:
-    """Held-out images + both OOD folders under ``_ood/`` (``calibclust evaluate``'s convention)."""
-    from calibclust.io.images import discover_images
-
-    mixed = paths["root"] / "label-me"
-    for path in discover_images(paths["heldout"]):
-        link_or_copy(path, mixed / path.relative_to(paths["heldout"]))
-    for kind in ("near", "far"):
-        for path in discover_images(paths[kind]):
-            link_or_copy(path, mixed / "_ood" / kind / path.name)
-    return mixed
-
-
 def folder_pixels(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels in [0, 1] (flattened) and class indices of an ImageFolder, via the one decoder."""
     from calibclust.io.images import list_image_folder, load_images
+    from calibclust.zoo import SIZE
 
     listing = list_image_folder(folder)
     images, errors = load_images(listing.paths, (SIZE, SIZE))
@@ -88,29 +78,15 @@ def shortcut_cell(model_config: Path) -> str:
     return f"{name} {check['explained'][name]:.2f}{' WARN' if fired else ''}"
 
 
-def _continue(out: Path, wanted: dict) -> bool:
-    """True when ``out`` holds an unfinished run of this bench with the same settings (fit continues
-    it); refuses one with other settings or a folder this bench did not write."""
-    path = out / SETTINGS_FILE
-    if not path.is_file():
-        if (out / "fit").exists():
-            raise InputError(f"{out} holds a fit run this bench did not start; delete it or choose another --out")
-        return False
-    found = json.loads(path.read_text())
-    if found != wanted:
-        raise InputError(f"{out} holds an unfinished run of this set with other settings ({found}, now {wanted}); "
-                         "delete it or choose another --out")
-    return (out / "fit" / "run.json").is_file()
-
-
-def bench_one_set(name: str, out: Path, settings: ZooSettings, seed: int = 0, verbose: bool = False) -> dict:
+def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool = False) -> dict:
     """``calibclust fit`` on the set, its exported model labelling held-out + OOD images, and the
-    baselines: one row of the zoo table (every figure on held-out images or the OOD folders)."""
+    baselines: one row of the zoo table (every figure on held-out images or the OOD folders);
+    ``settings`` a :class:`calibclust.zoo.ZooSettings`."""
     from calibclust.app.fitting import fit
     from calibclust.io.predictions import read_predictions
     from calibclust.metrics import auroc
     from calibclust.serve.labeler import Labeler
-    from calibclust.zoo import embed_heldout, make_zoo_set, read_heldout_features
+    from calibclust.zoo import ZOO, embed_heldout, make_zoo_set, read_heldout_features
 
     start = time.perf_counter()
     out = Path(out)
@@ -122,9 +98,8 @@ def bench_one_set(name: str, out: Path, settings: ZooSettings, seed: int = 0, ve
             raise InputError(f"{out} holds this set measured with other settings ({row.get('settings')}); "
                              "delete it or choose another --out")
         return row
-    resume = _continue(out, wanted)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / SETTINGS_FILE, wanted)
+    resume = continue_or_refuse(out, SETTINGS_FILE, wanted, out / "fit", "data-zoo bench run")
+    record_settings(out, SETTINGS_FILE, wanted)  # before the data, which depends on the seed too
     print(f"== {name}: {ZOO[name].description}" + (" (continuing)" if resume else ""), flush=True)
     paths = make_zoo_set(name, out / "data", seed=seed, n_ood=settings.n_ood)
     classes = json.loads((paths["root"] / "zoo.json").read_text())["classes"]
@@ -134,7 +109,7 @@ def bench_one_set(name: str, out: Path, settings: ZooSettings, seed: int = 0, ve
     heldout = result.run["stages"]["evaluate"]["heldout"]
 
     print("label: held-out images + near- and far-OOD with the exported model", flush=True)
-    mixed = label_folder(paths)
+    mixed = truth_folder(paths["root"] / "label-me", paths["heldout"], {"near": paths["near"], "far": paths["far"]})
     Labeler(result.model_path).label_folder(mixed, out / "label", overwrite=True, progress=verbose)
     table = read_predictions(out / "label" / "predictions.csv")
     path = np.asarray(table["path"], dtype=object)
@@ -178,6 +153,7 @@ def bench_one_set(name: str, out: Path, settings: ZooSettings, seed: int = 0, ve
 def run_zoo_bench(args) -> int:
     """``calibclust bench zoo``."""
     from calibclust.bench import print_table
+    from calibclust.zoo import bench_sets
 
     names, settings, out = bench_sets(args)
     rows = []
@@ -192,7 +168,7 @@ def run_zoo_bench(args) -> int:
 
 
 ZOO_EPILOG = f"""\
-sets: {", ".join(ZOO)} (what each varies: the calibclust.zoo docstring).
+sets: {", ".join(ZOO_SETS)} (what each varies: the calibclust.zoo docstring).
 Per set: the data (one image folder, fit's train / held-out split of it, near- and far-OOD folders),
 then calibclust fit on it (--pretrain-epochs 100, or 15 with --fast; --heldout-fraction
 {ZOO_HELDOUT_FRACTION:g}), the exported model labelling held-out + OOD images, and K-means on raw pixels

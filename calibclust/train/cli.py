@@ -436,11 +436,26 @@ def add_heldout_args(p: argparse.ArgumentParser) -> None:
                         "say little about new ones)")
 
 
+# Without --heldout, `train cdc`, `train compare` and `cdc-ablation` score on every HELDOUT_EVERY-th
+# image of each class (balanced per class; fit and the data zoo hold out by path hash instead).
+HELDOUT_EVERY = 5
+
+
+def heldout_mask(labels):
+    """Within each class, every :data:`HELDOUT_EVERY`-th image in the folder's order."""
+    import numpy as np
+
+    mask = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        mask[idx[HELDOUT_EVERY - 1 :: HELDOUT_EVERY]] = True
+    return mask
+
+
 def split_heldout(args, data):
     """(training data, scored data, where the figures come from) per :func:`add_heldout_args`."""
     from calibclust.errors import InputError
     from calibclust.train.data import TrainingData
-    from calibclust.zoo import HELDOUT_EVERY, heldout_mask
 
     if args.heldout and args.no_holdout:
         raise InputError("--heldout FOLDER and --no-holdout contradict each other; give one")

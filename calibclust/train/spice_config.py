@@ -1,6 +1,6 @@
 """SPICE's settings (:class:`SpiceConfig`) and stage 3's named schedules, torch-free:
 ``calibclust train spice`` builds its options from these fields when the command line is read,
-before torch is loaded. Training is :mod:`calibclust.train.spice` (which exports the same names).
+before torch is loaded. Training is :mod:`calibclust.train.spice` (which re-exports ``SpiceConfig``).
 """
 
 from __future__ import annotations
