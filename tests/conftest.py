@@ -83,7 +83,7 @@ def quickstart_out(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_moco_backbone(quickstart_out):
     """A small backbone pretrained with MoCo-v2 on the quick start's training digits (fit's pretrain
-    stage on the 80 % it does not hold out: 15 epochs with --fast, fit's budget in the full run): the
+    stage on the 80 % it does not hold out: 30 epochs with --fast, fit's budget in the full run): the
     paper's setting for frozen-feature tests."""
     path = quickstart_out / "pretrain"
     assert (path / "backbone.safetensors").is_file(), f"no pretrained backbone in {path}"
