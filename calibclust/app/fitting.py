@@ -75,6 +75,10 @@ CPU_FP32_SLOWDOWN = 1.7
 FIXED_SECONDS = 10.0
 MIN_PRETRAIN_EPOCHS, MAX_PRETRAIN_EPOCHS = 5, 200
 SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH, SPICE_SECONDS_PER_JOINT_STEP = 0.0028, 0.4
+# Training seconds per training image of the methods with no plan settings of their own (their
+# default CPU profiles), from `train compare` on 1,442 digits with the two cores shared: DCCM 197 s,
+# SPC 141 s. Shared cores make these upper bounds.
+OTHER_METHOD_SECONDS_PER_IMAGE = {"dccm": 0.14, "spc": 0.10}
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -210,6 +214,7 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         if not bf16:
             per_epoch *= CPU_FP32_SLOWDOWN
     after = FIXED_SECONDS + CPU_SECONDS_AFTER_PRETRAIN_PER_IMAGE * len(data.paths) * (0.1 if device.startswith("cuda") else 1)
+    after += OTHER_METHOD_SECONDS_PER_IMAGE.get(method, 0.0) * n_train * (0.1 if device.startswith("cuda") else 1)
     if method == "spice":
         spice = SPICE_HEAD_EPOCHS * n_train * SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH + SPICE_JOINT_STEPS * SPICE_SECONDS_PER_JOINT_STEP
         after += spice * (0.1 if device.startswith("cuda") else 1)
@@ -711,8 +716,8 @@ def register_cli(subparsers) -> None:
                         "sized for 2 CPU cores)")
     p.add_argument("--method", choices=method_names(),
                    help="clustering method (default cdc, or with --resume the run's own): cdc gives calibrated "
-                        "confidence from its calibration head; spice and kmeans are uncalibrated baselines, their "
-                        "confidence is not an accuracy estimate")
+                        "confidence from its calibration head; the others (spice, kmeans, dccm, spc) are uncalibrated, "
+                        "their confidence is not an accuracy estimate")
     p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
     p.add_argument("--pretrain-epochs", type=int, metavar="N", help="MoCo-v2 epochs, instead of sizing them to --budget")
     p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,

@@ -40,6 +40,8 @@ METHODS: dict[str, str] = {
     "kmeans": "calibclust.train.kmeans_method:KMeansMethod",
     "spice": "calibclust.train.spice:SpiceMethod",
     "cdc": "calibclust.train.cdc:CDCMethod",
+    "dccm": "calibclust.train.dccm:DCCMMethod",
+    "spc": "calibclust.train.spc:SPCMethod",
 }
 ENTRY_POINT_GROUP = "calibclust.methods"
 # Methods with a `calibclust train NAME` command of their own (many method-specific options); every
