@@ -56,26 +56,26 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --- data ------------------------------------------------------------------------------------------
-def _write_jpegs(root: Path, images: np.ndarray, per_dir: int = 1000) -> None:
-    from PIL import Image
-
-    for i, img in enumerate(images):
-        folder = root / f"{i // per_dir:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i:07d}.jpg", quality=90)
-
-
 def _complete(root: Path, n: int) -> bool:
     marker = root / ".complete"
     return marker.is_file() and marker.read_text().strip() == str(n)
+
+
+def _write_jpegs(root: Path, start: int, images) -> None:
+    """Image ``start + j`` as ``root/<thousands>/<index>.jpg``: 1,000 files per sub-folder."""
+    from PIL import Image
+
+    for j, img in enumerate(images):
+        i = start + j
+        folder = root / f"{i // 1000:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:07d}.jpg", quality=90)
 
 
 def make_small_folder(root: Path, n: int, seed: int = 0) -> Path:
     """``n`` 32×32 JPEGs: scikit-learn's digits with random tint, shift and noise (all files differ)."""
     if _complete(root, n):
         return root
-    from PIL import Image
-
     from calibclust.datasets import digits_images
 
     base, _ = digits_images(32)
@@ -86,11 +86,7 @@ def make_small_folder(root: Path, n: int, seed: int = 0) -> Path:
         tint = rng.uniform(0.6, 1.0, (m, 1, 1, 3))
         noise = rng.normal(0, 12, (m, 32, 32, 3))
         imgs = np.clip(base[idx] * tint + noise + rng.uniform(0, 40, (m, 1, 1, 3)), 0, 255).astype(np.uint8)
-        for j, img in enumerate(imgs):
-            i = start + j
-            folder = root / f"{i // 1000:04d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(folder / f"{i:07d}.jpg", quality=90)
+        _write_jpegs(root, start, imgs)
     (root / ".complete").write_text(str(n))
     return root
 
@@ -110,11 +106,7 @@ def make_large_folder(root: Path, n: int, seed: int = 0) -> Path:
         small = photo_patches(m, size=56, seed=seed + start)
         imgs = [np.clip(np.asarray(Image.fromarray(p).resize((224, 224), Image.BICUBIC), np.float32)
                         + rng.normal(0, 6, (224, 224, 3)), 0, 255).astype(np.uint8) for p in small]
-        for j, img in enumerate(imgs):
-            i = start + j
-            folder = root / f"{i // 1000:04d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(folder / f"{i:07d}.jpg", quality=90)
+        _write_jpegs(root, start, imgs)
     (root / ".complete").write_text(str(n))
     return root
 
