@@ -65,7 +65,7 @@ def digits_folder(tmp_path_factory):
 def quickstart_out(tmp_path_factory):
     """A finished ``calibclust quickstart`` output folder: CALIBCLUST_QUICKSTART_OUT when set (CI
     points it at the README quick start's output), else one ``--fast`` run per test session (about
-    1.5 minutes on 2 idle cores), shared by every test that needs it."""
+    2 minutes on 2 idle cores), shared by every test that needs it."""
     import os
     import subprocess
     import sys

@@ -53,9 +53,13 @@ def test_pseudo_graph_links_pairs_whose_softmax_cosine_reaches_the_threshold():
 def test_graph_loss_is_the_binary_cross_entropy_of_the_cosines_against_the_graph():
     z = torch.tensor([[1.0, 0.0], [0.5, 0.5]], requires_grad=True)  # cosine 1/√2
     apart = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    # Mean over the 4 pairs; the diagonal (S = W = 1) costs nothing.
-    assert graph_loss(z, apart).item() == pytest.approx(0.5 * -math.log(1 - 1 / math.sqrt(2)), rel=1e-6)
-    assert graph_loss(z, torch.ones(2, 2)).item() == pytest.approx(0.5 * -math.log(1 / math.sqrt(2)), rel=1e-6)
+    # Mean over the 4 pairs; the diagonal (S = W = 1) costs nothing (−log(1 − 1e-6) after the clamp).
+    assert graph_loss(z, apart).item() == pytest.approx(0.5 * -math.log(1 - 1 / math.sqrt(2)), abs=1e-5)
+    assert graph_loss(z, torch.ones(2, 2)).item() == pytest.approx(0.5 * -math.log(1 / math.sqrt(2)), abs=1e-5)
+    # Two identical one-hot rows that the graph calls unlinked: S rounds to 1, which BCE would charge
+    # its log cap of 100 for; the clamp charges −log(1e-6) ≈ 13.8 per off-diagonal pair.
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert graph_loss(same, apart).item() == pytest.approx(0.5 * -math.log(1e-6), rel=1e-3)
     graph_loss(z, apart).backward()  # unlinked: the loss pulls the two rows apart
     assert z.grad is not None and float(z.grad.abs().sum()) > 0
 
@@ -123,7 +127,10 @@ def test_discriminator_is_three_1x1_convolutions_on_shallow_map_and_replicated_d
     positive, negative, valid = sample_pairs(SIMILARITY[:4, :4], GRAPH[:4, :4], 2, torch.Generator().manual_seed(0))
     loss = triplet_mi_loss(disc, deep, shallow, positive, negative, valid)
     anchors = torch.arange(4)
-    t_joint = disc(deep, shallow, torch.cat([anchors, anchors]), torch.cat([anchors, positive]))
+    other = positive != anchors
+    assert other.tolist() == [True, True, True, False], positive  # anchor 3 has no positive but itself
+    # Its own pair counts once, like every anchor's; the others add their positive's pair.
+    t_joint = disc(deep, shallow, torch.cat([anchors, anchors[other]]), torch.cat([anchors, positive[other]]))
     rows, cols = torch.nonzero(valid, as_tuple=True)
     t_marg = disc(deep, shallow, rows, negative[rows, cols])
     assert loss.item() == pytest.approx(-(-F.softplus(-t_joint).mean() + -F.softplus(t_marg).mean()).item(), rel=1e-6)

@@ -90,3 +90,13 @@ def spice_config(clusters: int, n_train: int, seed: int = 0, batch_size: int | N
     return SpiceConfig(num_clusters=clusters, batch_size=batch_size or cdc_batch(n_train), num_neighbors=SPICE_NEIGHBORS,
                        head_epochs=SPICE_HEAD_EPOCHS, joint_steps=SPICE_JOINT_STEPS,
                        views=min(SpiceConfig.views, num_views or cdc_views(n_train)), seed=seed)
+
+
+def dccm_config(clusters: int, seed: int = 0):
+    """DCCM's CPU profile with the profile's views: no flips, as for CDC (DCCM's transformed copies
+    are supervised with the originals' pseudo-labels, Eq. 12, so a mirrored digit would be taught to
+    be the same digit)."""
+    from calibclust.augment.view_config import ViewConfig
+    from calibclust.train.dccm import DCCMConfig
+
+    return DCCMConfig(num_clusters=clusters, views=ViewConfig(flip_p=0.0), seed=seed)
