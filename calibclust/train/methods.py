@@ -42,6 +42,7 @@ METHODS: dict[str, str] = {
     "cdc": "calibclust.train.cdc:CDCMethod",
     "dccm": "calibclust.train.dccm:DCCMMethod",
     "spc": "calibclust.train.spc:SPCMethod",
+    "gcc": "calibclust.train.gcc:GCCMethod",
 }
 ENTRY_POINT_GROUP = "calibclust.methods"
 # Methods with a `calibclust train NAME` command of their own (many method-specific options); every
