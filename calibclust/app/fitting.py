@@ -77,8 +77,8 @@ MIN_PRETRAIN_EPOCHS, MAX_PRETRAIN_EPOCHS = 5, 200
 SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH, SPICE_SECONDS_PER_JOINT_STEP = 0.0028, 0.4
 # Training seconds per training image of the methods with no plan settings of their own (their
 # default CPU profiles), from `train compare` on 1,442 digits: DCCM 257 s (2 idle cores), SPC
-# 141-207 s (11 rounds, or the 20-round cap; cores shared).
-OTHER_METHOD_SECONDS_PER_IMAGE = {"dccm": 0.18, "spc": 0.15}
+# 141-207 s (11 rounds, or the 20-round cap; cores shared); GCC 658 s on 1,455 (2 idle cores).
+OTHER_METHOD_SECONDS_PER_IMAGE = {"dccm": 0.18, "spc": 0.15, "gcc": 0.45}
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -718,8 +718,8 @@ def register_cli(subparsers) -> None:
                         "sized for 2 CPU cores)")
     p.add_argument("--method", choices=method_names(),
                    help="clustering method (default cdc, or with --resume the run's own): cdc gives calibrated "
-                        "confidence from its calibration head; the others (spice, kmeans, dccm, spc) are uncalibrated, "
-                        "their confidence is not an accuracy estimate")
+                        f"confidence from its calibration head; the others ({', '.join(n for n in method_names() if n != 'cdc')}) "
+                        "are uncalibrated, their confidence is not an accuracy estimate")
     p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
     p.add_argument("--pretrain-epochs", type=int, metavar="N", help="MoCo-v2 epochs, instead of sizing them to --budget")
     p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,

@@ -92,11 +92,11 @@ def spice_config(clusters: int, n_train: int, seed: int = 0, batch_size: int | N
                        views=min(SpiceConfig.views, num_views or cdc_views(n_train)), seed=seed)
 
 
-def dccm_config(clusters: int, seed: int = 0):
-    """DCCM's CPU profile with the profile's views: no flips, as for CDC (DCCM's transformed copies
-    are supervised with the originals' pseudo-labels, Eq. 12, so a mirrored digit would be taught to
-    be the same digit)."""
+def dccm_config(clusters: int, seed: int = 0, views=None):
+    """DCCM's CPU profile with the profile's views (``views`` None): no flips, as for CDC (DCCM's
+    transformed copies are supervised with the originals' pseudo-labels, Eq. 12, so a mirrored digit
+    would be taught to be the same digit); ``train compare`` passes the views its options chose."""
     from calibclust.augment.view_config import ViewConfig
     from calibclust.train.dccm import DCCMConfig
 
-    return DCCMConfig(num_clusters=clusters, views=ViewConfig(flip_p=0.0), seed=seed)
+    return DCCMConfig(num_clusters=clusters, views=views if views is not None else ViewConfig(flip_p=0.0), seed=seed)

@@ -72,7 +72,7 @@ examples:
 """
 
 COMPARE_DESCRIPTION = """\
-Train every registered method (--methods; built in: K-means, SPICE, CDC, DCCM, SPC) on the same labelled
+Train every registered method (--methods; built in: K-means, SPICE, CDC, DCCM, SPC, GCC) on the same labelled
 folder and backbone, and print one table: one row per prediction a method reports (SPICE: SPICE_s
 after stage 2 and SPICE after stage 3; CDC: both heads, CDC-Clu and CDC-Cal) × ACC / NMI / ARI /
 ECE / AURC (ECE: 15 bins; AURC:
@@ -91,8 +91,8 @@ column is each method's training time. Writes compare.md and compare.json into -
 """
 
 COMPARE_EPILOG = """\
-example (sklearn's digits, small backbone; ~3.5 min pretraining, then ~1.5 min of compare for K-means, SPICE
-and CDC and ~6 min more for DCCM and SPC on 2 CPU cores):
+example (sklearn's digits, small backbone; ~3.5 min pretraining, then on 2 idle CPU cores ~5 min of compare
+for K-means, SPICE and CDC, ~5 min more for DCCM and SPC and ~11 min for GCC; --methods picks fewer):
   python -c "from calibclust.datasets import make_digits_folder; make_digits_folder('digits')"
   calibclust pretrain digits --out runs/moco --epochs 100 --batch-size 64 --lr 0.06 \\
       --proj-hidden-dim 512 --proj-dim 128
@@ -455,9 +455,9 @@ def run_compare(args) -> int:
         "cdc": compare_cdc_config(args, view_config),
     }
     if "dccm" in args.methods.split(","):  # its transformed copies take the views too (--no-flip)
-        from calibclust.train.dccm import DCCMConfig
+        from calibclust.train.profiles import dccm_config
 
-        configs["dccm"] = DCCMConfig(num_clusters=args.clusters, views=view_config, seed=args.seed)
+        configs["dccm"] = dccm_config(args.clusters, seed=args.seed, views=view_config)
     options = {"spice": {"view_config": view_config}}
     rows, settings = [], {}
     for cls in methods:
