@@ -21,6 +21,7 @@ from calibclust.train.gcc import (
     from_diffusion,
     gaussian_kernel,
     pool_indices,
+    median_bandwidth,
     reliable_metric_loss,
     stage_two_epoch,
     to_diffusion,
@@ -76,6 +77,37 @@ class _OracleDenoiser(torch.nn.Module):
     def forward(self, x, t, labels):
         ab = self.schedule.alpha_bar[t].float().view(-1, 1, 1, 1)
         return (x - ab.sqrt() * self.target[labels]) / (1 - ab).sqrt()
+
+
+def test_reverse_step_adds_sigma_times_the_fresh_noise():
+    s = NoiseSchedule.linear(50)
+    x, eps, z = torch.randn(2, 3, 4, 4), 0.1 * torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for t in (1, 25, 49):
+        torch.testing.assert_close(s.reverse_step(x, eps, t, z) - s.reverse_step(x, eps, t, torch.zeros_like(z)),
+                                   s.sigma[t].item() * z)
+
+
+class _GaussianDenoiser(torch.nn.Module):
+    """The exact E[ε | x_t] of data whose pixels are i.i.d. N(c, s²): x_t ~ N(√ᾱ c, ᾱ s² + 1 − ᾱ), so
+    E[ε | x_t] = √(1 − ᾱ) (x_t − √ᾱ c) / (ᾱ s² + 1 − ᾱ)."""
+
+    def __init__(self, schedule: NoiseSchedule, c: float, s: float):
+        super().__init__()
+        self.schedule, self.c, self.s = schedule, c, s
+
+    def forward(self, x, t, labels):
+        ab = self.schedule.alpha_bar[t].float().view(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * self.c) / (ab * self.s**2 + 1 - ab)
+
+
+def test_ancestral_sampler_draws_from_the_data_distribution_with_the_exact_denoiser():
+    """The whole chain, σ included: samples of N(0.2, 0.3²) data come out with that mean and spread
+    (a wrong σ(t) at any step leaves its noise in the result)."""
+    s = NoiseSchedule.linear(1000)  # at T = 100 the reverse variance β̃ is coarse enough to shrink the spread to 0.27
+    out = sample(_GaussianDenoiser(s, 0.2, 0.3), s, torch.zeros(64, dtype=torch.long), 8,
+                 torch.Generator().manual_seed(0))
+    assert out.mean().item() == pytest.approx(0.2, abs=0.015), out.mean().item()  # measured 0.194
+    assert out.std().item() == pytest.approx(0.3, abs=0.015), out.std().item()  # measured 0.293
 
 
 def test_ancestral_sampler_with_the_exact_noise_returns_each_clusters_image():
@@ -141,9 +173,14 @@ def test_cluster_mmd_is_the_per_cluster_kernel_distance_between_mean_embeddings(
     expected = d_r + 1.0 - 2 * d_rg  # cluster 0 has no generated image: it adds nothing
     got = cluster_mmd(real, labels, torch.tensor([[5.0, 0.0]]), torch.tensor([1]), 2, bw)
     assert got.item() == pytest.approx(expected, rel=1e-5)
-    # The default bandwidth is the median squared distance between distinct rows of both sets.
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     torch.testing.assert_close(gaussian_kernel(x, x, torch.tensor(2.0))[0, 2], torch.tensor(math.exp(-2.0)))
+    # The default bandwidth is the median squared distance between distinct rows of both sets:
+    # here distances² 2, 2, 4 (each twice) → σ² = 2.
+    assert median_bandwidth(x).item() == pytest.approx(2.0)
+    one, two = x[:2], x[2:]
+    assert cluster_mmd(one, torch.tensor([0, 0]), two, torch.tensor([0]), 1).item() == pytest.approx(
+        cluster_mmd(one, torch.tensor([0, 0]), two, torch.tensor([0]), 1, torch.tensor(2.0)).item())
 
 
 def test_category_matching_contrasts_between_and_within_cluster_cosines():
@@ -171,8 +208,8 @@ def test_images_round_trip_between_uint8_and_the_diffusions_range():
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     x = to_diffusion(images, 32)
     assert x.shape == (4, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    assert torch.equal(from_diffusion(x, 32), images)
-    assert from_diffusion(to_diffusion(images, 16), 32).shape == (4, 32, 32, 3)
+    assert torch.equal(from_diffusion(x, (32, 32)), images)
+    assert from_diffusion(to_diffusion(images, 16), (24, 32)).shape == (4, 24, 32, 3)  # non-square inputs too
 
 
 def test_pool_pairs_every_real_image_with_a_generated_image_of_its_cluster():

@@ -46,7 +46,7 @@ import numpy as np
 
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, InputError
 from calibclust.io.files import atomic_write_text, write_json_atomic
-from calibclust.train.methods import method_names
+from calibclust.train.methods import METHODS, method_names
 from calibclust.train.profiles import (CDC_EPOCHS, CDC_VIEWS, SPICE_HEAD_EPOCHS, SPICE_JOINT_STEPS,
                                        cdc_batch, cdc_hidden, cdc_views, heldout_by_path_hash, moco_config,
                                        pretrain_batch)
@@ -718,7 +718,7 @@ def register_cli(subparsers) -> None:
                         "sized for 2 CPU cores)")
     p.add_argument("--method", choices=method_names(),
                    help="clustering method (default cdc, or with --resume the run's own): cdc gives calibrated "
-                        f"confidence from its calibration head; the others ({', '.join(n for n in method_names() if n != 'cdc')}) "
+                        f"confidence from its calibration head; the other built-in ones ({', '.join(n for n in METHODS if n != 'cdc')}) "
                         "are uncalibrated, their confidence is not an accuracy estimate")
     p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
     p.add_argument("--pretrain-epochs", type=int, metavar="N", help="MoCo-v2 epochs, instead of sizing them to --budget")

@@ -43,8 +43,9 @@ class NoiseSchedule:
 
     @classmethod
     def linear(cls, steps: int) -> "NoiseSchedule":
-        """β from 1e-4 to 0.02 at DDPM's T = 1000; for fewer steps both ends grow by 1000/T, so the
-        chain still ends in near-pure noise (ᾱ_T ≈ 4e-5 at T = 1000, ≈ 1e-5 at T = 100)."""
+        """β from 1e-4 to 0.02 at DDPM's T = 1000; for fewer steps both ends grow by 1000/T (β_T capped
+        at 0.999, which binds below T = 21), so the chain still ends in near-pure noise (ᾱ_T = 4.0e-5
+        at T = 1000, 2.0e-5 at T = 100)."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         scale = 1000.0 / steps
@@ -55,7 +56,8 @@ class NoiseSchedule:
         return len(self.betas)
 
     def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+        # Indexed on the CPU, cast, then moved: some devices (Apple's MPS) hold no float64.
+        return values[t.cpu()].to(like.dtype).to(like.device).view(-1, *([1] * (like.ndim - 1)))
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (Eq. 3's closed form)."""

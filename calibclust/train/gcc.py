@@ -44,7 +44,8 @@ Where this differs from the paper, and why:
   between-cluster pair and reaches its minimum −1, and L_d and L_ml reach 0. Fixed labels remove
   that trivial minimum (they do not make a weak G helpful; see below).
 * **L_ml is averaged over the batch** (Eq. 11 sums over it), so Eq. 12's unit weights balance at
-  any batch size.
+  any batch size, and p̃ is C's softmax (the paper writes p̃ = C(F(X̃)) and calls p "logits" at
+  Eq. 2; on raw logits the hinge would have no scale).
 * **BatchNorm statistics stay frozen in Stage II**: batches mix real and generated images, whose
   statistics differ (the paper's Fig. 4c: "obvious differences ... on color and resolution");
   the network keeps the real images' statistics, so a real image is scored at test time as in
@@ -96,9 +97,10 @@ from calibclust.train.methods import ClusteringMethod
 
 # The settings a profile decides (the fields left None). "paper": §4.1 (Adam 1e-4 for the clustering
 # branch and 2e-4 for the U-Net, 100 head and 300 diffusion epochs, then 5 + 2 epochs per round) and
-# DDPM's CIFAR-10 U-Net (128 channels, multipliers 1-2-2-2, 2 blocks per level: 16 residual blocks
-# down and up, as §4.1 counts them; T = 1000). The paper gives no round count and no batch size:
-# ours. "cpu": minutes on 2 cores (GCCConfig says what it measured).
+# the widths and depths of DDPM's CIFAR-10 U-Net (128 channels, multipliers 1-2-2-2, 2 blocks per
+# level: 16 residual blocks down and up, as §4.1 counts them; T = 1000), without its attention
+# layers. The paper gives no round count and no batch size: ours. "cpu": minutes on 2 cores (the
+# module docstring says what it measured).
 LOSS_TERMS = ("d", "cwm", "ml")  # L_d (Eq. 9), L_cwm (Eq. 10), L_ml (Eq. 11)
 PROFILES: dict[str, dict] = {
     "paper": {"unet_channels": 128, "unet_multipliers": (1, 2, 2, 2), "unet_blocks": 2, "diffusion_steps": 1000,
@@ -137,7 +139,7 @@ class GCCConfig(Config):
     # Eq. 12's terms; leaving one out gives the paper's ablations GCC-d, GCC-cwm, GCC-ml (Fig. 2a).
     losses: tuple[str, ...] = ("d", "cwm", "ml")
     pool_per_cluster: int | None = None  # generated images per cluster and round (module docstring)
-    mixed_precision: bool = True  # bf16 autocast for G where the device computes bf16 natively
+    mixed_precision: bool = True  # autocast for G: bf16 where the device has it natively, fp16 + loss scaling on older GPUs
     seed: int = 0
 
     def _coerce(self) -> None:
@@ -258,10 +260,10 @@ def to_diffusion(images_uint8: torch.Tensor, side: int) -> torch.Tensor:
     return x
 
 
-def from_diffusion(x: torch.Tensor, size: int) -> torch.Tensor:
-    """G's [−1, 1] (N, 3, S, S) → uint8 (N, size, size, 3), as a real image of the folder is."""
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+def from_diffusion(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """G's [−1, 1] (N, 3, S, S) → uint8 (N, H, W, 3) for ``size`` = (H, W), as a real image of the folder is."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
     return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
@@ -307,6 +309,7 @@ def train_diffusion(net: ConditionalUNet, opt, schedule: NoiseSchedule, images, 
                     config: GCCConfig, generator: torch.Generator, precision, device: str, bar=None) -> float:
     """Eq. 6 for ``epochs`` passes over the real images under labels ŷ; the last epoch's mean loss."""
     n, batch, last = len(images), min(config.diffusion_batch_size, len(images)), float("nan")
+    scaler = torch.amp.GradScaler(torch.device(device).type) if precision.grad_scaler else None  # fp16 GPUs
     net.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator).numpy()
@@ -317,8 +320,13 @@ def train_diffusion(net: ConditionalUNet, opt, schedule: NoiseSchedule, images, 
             with precision.autocast(torch.device(device)):
                 loss = denoising_loss(net, schedule, x0, labels[idx].to(device), generator)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             total, seen = total + loss.item() * len(idx), seen + len(idx)
             if bar is not None:
                 bar.update(1)
@@ -327,12 +335,13 @@ def train_diffusion(net: ConditionalUNet, opt, schedule: NoiseSchedule, images, 
     return last
 
 
-def generate_pool(net: ConditionalUNet, schedule: NoiseSchedule, config: GCCConfig, image_size: int,
-                  generator: torch.Generator, precision, device: str, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """``pool_per_cluster`` generated images of every cluster at the model's input size: uint8
-    (P, size, size, 3) and their generation labels (P,)."""
+def generate_pool(net: ConditionalUNet, schedule: NoiseSchedule, config: GCCConfig, image_size: tuple[int, int],
+                  clusters: torch.Tensor, generator: torch.Generator, precision, device: str,
+                  batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``pool_per_cluster`` generated images of each of ``clusters`` (the ones real images fall in:
+    only those are ever paired) at the model's input size: uint8 (P, H, W, 3) and their labels (P,)."""
     per = int(config.setting("pool_per_cluster"))
-    labels = torch.arange(config.num_clusters).repeat_interleave(per)
+    labels = clusters.cpu().repeat_interleave(per)
     images = []
     for start in range(0, len(labels), batch):
         part = labels[start : start + batch].to(device)
@@ -419,7 +428,7 @@ def train_gcc(backbone: nn.Module, images, config: GCCConfig, mean=(0.5, 0.5, 0.
     generator = torch.Generator().manual_seed(config.seed)
     seconds: dict[str, float] = {}
     history: list[dict] = []
-    image_size = int(images.shape[1])
+    image_size = (int(images.shape[1]), int(images.shape[2]))
     model = ClusteringModel(backbone, config.num_clusters, config.head_hidden_dim, head_names=("clustering",),
                             predict_head="clustering", mean=tuple(mean), std=tuple(std)).to(device).eval()
 
@@ -444,19 +453,23 @@ def train_gcc(backbone: nn.Module, images, config: GCCConfig, mean=(0.5, 0.5, 0.
     g_opt = torch.optim.Adam(net.parameters(), lr=float(config.setting("diffusion_lr")))
     c_opt = torch.optim.Adam(model.parameters(), lr=float(config.setting("cluster_lr")))
     rounds = int(config.setting("rounds"))
+    # G serves Stage II only: no rounds, no diffusion; the last round's labels train no later G.
+    g_epochs = int(config.setting("diffusion_epochs")) if rounds else 0
     n_batches = max(1, len(images) // min(config.diffusion_batch_size, len(images)))
-    bar = tqdm(total=n_batches * (int(config.setting("diffusion_epochs")) + rounds * config.diffusion_round_epochs),
+    bar = tqdm(total=n_batches * (g_epochs + (rounds - 1) * config.diffusion_round_epochs if rounds else 0),
                desc="GCC diffusion", unit="step", disable=not progress)
-    t0 = time.perf_counter()
+    seconds.update(diffusion=0.0, sampling=0.0, stage2=0.0)
     labels = cluster_labels(model, images, device)
-    g_loss = train_diffusion(net, g_opt, schedule, images, labels, int(config.setting("diffusion_epochs")), config,
-                             generator, precision, device, bar)
-    seconds["diffusion"] = time.perf_counter() - t0
-    record("diffusion", diffusion_loss=g_loss, precision=precision.label)
-    seconds.update(sampling=0.0, stage2=0.0)
+    if rounds:
+        t0 = time.perf_counter()
+        g_loss = train_diffusion(net, g_opt, schedule, images, labels, g_epochs, config, generator, precision, device,
+                                 bar)
+        seconds["diffusion"] = time.perf_counter() - t0
+        record("diffusion", diffusion_loss=g_loss, precision=precision.label)
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
-        pool, pool_labels = generate_pool(net, schedule, config, image_size, generator, precision, device)
+        pool, pool_labels = generate_pool(net, schedule, config, image_size, labels.unique(), generator, precision,
+                                          device)
         seconds["sampling"] += time.perf_counter() - t0
         if out_dir is not None:
             save_grid(pool, pool_labels, config.num_clusters, out_dir / f"generated_round{r}.png")
@@ -467,13 +480,15 @@ def train_gcc(backbone: nn.Module, images, config: GCCConfig, mean=(0.5, 0.5, 0.
             parts = stage_two_epoch(model, c_opt, images, labels, pool, pool_labels, config, generator, device)
         seconds["stage2"] += time.perf_counter() - t0
         pool_agreement = float((cluster_labels(model, pool, device).numpy() == pool_labels).mean())
-        t0 = time.perf_counter()
-        labels = cluster_labels(model, images, device)
-        g_loss = train_diffusion(net, g_opt, schedule, images, labels, config.diffusion_round_epochs, config,
-                                 generator, precision, device, bar)
-        seconds["diffusion"] += time.perf_counter() - t0
-        record(f"round{r}", **(parts if config.cluster_epochs else {}), pool_agreement_before=agreement_before,
-               pool_agreement=pool_agreement, diffusion_loss=g_loss)
+        row = {**(parts if config.cluster_epochs else {}), "pool_agreement_before": agreement_before,
+               "pool_agreement": pool_agreement}
+        if r < rounds:  # §3.4: G fine-tuned on the real images under the improved labels
+            t0 = time.perf_counter()
+            labels = cluster_labels(model, images, device)
+            row["diffusion_loss"] = train_diffusion(net, g_opt, schedule, images, labels, config.diffusion_round_epochs,
+                                                    config, generator, precision, device, bar)
+            seconds["diffusion"] += time.perf_counter() - t0
+        record(f"round{r}", **row)
     bar.close()
     model.eval()
     return GCCResult(model.cpu(), history, seconds, torch.bincount(pseudo.cpu(), minlength=config.num_clusters).tolist())
