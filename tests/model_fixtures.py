@@ -34,3 +34,26 @@ def three_shapes(n: int = 96, size: int = 16, seed: int = 0):
             imgs[i] = rng.integers(0, 256, (size, size, 3))
     imgs = np.clip(imgs.astype(int) + rng.integers(0, 40, imgs.shape), 0, 255).astype(np.uint8)
     return TrainingData(imgs, [f"{i}.png" for i in range(n)], labels)
+
+
+def assert_exports_and_labels(method, images, paths, folder, out):
+    """A fitted method's model exports to ONNX, onnxruntime gives its probabilities (1e-4), and
+    ``calibclust label FOLDER`` (whose files are ``paths``, in ``images``' order) gives its clusters."""
+    import csv
+
+    from calibclust.cli import main
+    from calibclust.export.onnx import export_onnx
+    from calibclust.serve.labeler import Labeler
+
+    probs = method.predict_proba(images)
+    exported = export_onnx(method.model, method.metadata, images, out / "model.onnx", log=lambda *a: None)
+    np.testing.assert_allclose(Labeler(str(exported.path)).predict_all(images[:20])["probs"], probs[:20], atol=1e-4)
+    rc = main(["label", str(folder), "--model", str(exported.path), "--out", str(out / "labelled"),
+               "--no-report", "--no-progress", "--confidence-threshold", "0"])
+    assert rc == 0
+    with open(out / "labelled" / "predictions.csv", newline="") as f:
+        rows = {r["path"]: int(r["cluster"]) for r in csv.DictReader(f)}
+    by_path = dict(zip(paths, probs.argmax(1).tolist()))
+    assert len(rows) == len(paths)
+    agree = np.mean([rows[p] == by_path[p] for p in paths])
+    assert agree >= 0.99, agree

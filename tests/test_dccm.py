@@ -26,6 +26,8 @@ from calibclust.train.dccm import (
     triplet_mi_loss,
 )
 
+from model_fixtures import assert_exports_and_labels
+
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
@@ -185,11 +187,6 @@ def test_dccm_fits_saves_loads_exports_and_labels_like_any_method(digits_folder,
     """A short fit on 200 real digits from a random small backbone: the loss falls, the head gives
     probabilities, and the model goes through save/load, ONNX export and `calibclust label`."""
     pytest.importorskip("onnxruntime")
-    import csv
-
-    from calibclust.cli import main
-    from calibclust.export.onnx import export_onnx
-    from calibclust.serve.labeler import Labeler
     from calibclust.train.data import TrainingData
     from calibclust.train.methods import ClusteringMethod, get_method
 
@@ -215,15 +212,4 @@ def test_dccm_fits_saves_loads_exports_and_labels_like_any_method(digits_folder,
     assert type(loaded).__name__ == "DCCMMethod" and loaded.config == config
     np.testing.assert_allclose(loaded.predict_proba(data.images), probs, atol=1e-5)
 
-    exported = export_onnx(method.model, meta, data.images, tmp_path / "dccm.onnx", log=lambda *a: None)
-    out = Labeler(str(exported.path)).predict_all(data.images[:20])
-    np.testing.assert_allclose(out["probs"], probs[:20], atol=1e-4)
-    rc = main(["label", str(digits_folder), "--model", str(exported.path), "--out", str(tmp_path / "labelled"),
-               "--no-report", "--no-progress", "--confidence-threshold", "0"])
-    assert rc == 0
-    with open(tmp_path / "labelled" / "predictions.csv", newline="") as f:
-        rows = {r["path"]: int(r["cluster"]) for r in csv.DictReader(f)}
-    assert len(rows) == 200
-    by_path = dict(zip(data.paths, probs.argmax(1).tolist()))
-    agree = np.mean([rows[p] == by_path[p] for p in data.paths if p in rows])
-    assert agree >= 0.99, agree
+    assert_exports_and_labels(method, data.images, data.paths, digits_folder, tmp_path / "onnx")

@@ -28,6 +28,8 @@ from calibclust.train.gcc import (
     train_head_on_kmeans,
 )
 
+from model_fixtures import assert_exports_and_labels
+
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
@@ -287,12 +289,7 @@ def test_gcc_fits_saves_loads_exports_and_labels_like_any_method(digits_folder, 
     """A tiny fit on 200 digits from a random backbone: every stage runs and is recorded, the given
     backbone is untouched, and the model goes through save/load, ONNX export and `calibclust label`."""
     pytest.importorskip("onnxruntime")
-    import csv
-
-    from calibclust.cli import main
-    from calibclust.export.onnx import export_onnx
     from calibclust.models.backbones import build_backbone
-    from calibclust.serve.labeler import Labeler
     from calibclust.train.data import TrainingData
     from calibclust.train.methods import ClusteringMethod, get_method
 
@@ -319,13 +316,4 @@ def test_gcc_fits_saves_loads_exports_and_labels_like_any_method(digits_folder, 
     assert type(loaded).__name__ == "GCCMethod" and loaded.config == config
     np.testing.assert_allclose(loaded.predict_proba(data.images), probs, atol=1e-5)
 
-    exported = export_onnx(method.model, meta, data.images, tmp_path / "gcc.onnx", log=lambda *a: None)
-    out = Labeler(str(exported.path)).predict_all(data.images[:20])
-    np.testing.assert_allclose(out["probs"], probs[:20], atol=1e-4)
-    rc = main(["label", str(digits_folder), "--model", str(exported.path), "--out", str(tmp_path / "labelled"),
-               "--no-report", "--no-progress", "--confidence-threshold", "0"])
-    assert rc == 0
-    with open(tmp_path / "labelled" / "predictions.csv", newline="") as f:
-        rows = {r["path"]: int(r["cluster"]) for r in csv.DictReader(f)}
-    by_path = dict(zip(data.paths, probs.argmax(1).tolist()))
-    assert len(rows) == 200 and np.mean([rows[p] == by_path[p] for p in data.paths]) >= 0.99
+    assert_exports_and_labels(method, data.images, data.paths, digits_folder, tmp_path / "onnx")

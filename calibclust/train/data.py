@@ -136,6 +136,36 @@ def embed_images(model: ClusteringModel, images: np.ndarray, batch_size: int = 5
     return torch.cat(out) if out else torch.zeros(0, model.feature_dim, device=device)
 
 
+def fit_head_to_targets(head: nn.Module, features: torch.Tensor, targets: torch.Tensor, epochs: int, lr: float,
+                        batch_size: int, generator: torch.Generator) -> float:
+    """Adam on a head over fixed features (N, D): cross-entropy against ``targets``, class indices
+    (N,) or probabilities (N, C) (soft cross-entropy); batches shuffled by ``generator``, a last
+    batch of one row skipped (BatchNorm). Returns the last epoch's mean loss; the head ends in eval mode."""
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    soft = targets.is_floating_point()
+    n, last = len(features), float("nan")
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(features.device)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:
+                continue
+            logits = head(features[idx])
+            if soft:
+                loss = -(targets[idx] * F.log_softmax(logits, 1)).sum(1).mean()
+            else:
+                loss = F.cross_entropy(logits, targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        last = total / n
+    head.eval()
+    return last
+
+
 def head_report(probs: torch.Tensor, labels: np.ndarray | None, reliability: bool = False) -> dict:
     """Cluster sizes and mean confidence of one head's probabilities; with ``labels``, ACC / NMI /
     ARI / ECE / AURC and the Hungarian map (and with ``reliability`` the reliability-diagram bins)."""

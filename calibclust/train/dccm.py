@@ -65,7 +65,6 @@ DCCM keeps no checkpoints (``fit(resume=True)`` starts over): its CPU profile ru
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -456,27 +455,11 @@ class DCCMMethod(ClusteringMethod):
         return ["DCCM"]
 
     def _fit(self, data, backbone, backbone_info, out_dir, eval_data, resume) -> None:
-        from calibclust.metadata import ModelMetadata
-        from calibclust.models.backbones import backbone_label
-        from calibclust.train.data import head_report
-
         mean, std = backbone_info.get("mean", (0.5, 0.5, 0.5)), backbone_info.get("std", (0.25, 0.25, 0.25))
-        # train_dccm seeds torch from the config; the caller's random state is left as it was.
-        with torch.random.fork_rng(devices=[self.device] if str(self.device).startswith("cuda") else []):
+        with self._forked_rng():  # train_dccm seeds torch from the config
             result = train_dccm(backbone, data.images, self.config, mean=mean, std=std, device=self.device,
                                 progress=self.progress, eval_data=eval_data)
         self.model = result.model.to(self.device).eval()
-        report = head_report(torch.from_numpy(self.predict_proba(data.images)), None)
-        stats = {"n_images": data.num_images, "mean_confidence": report["mean_confidence"],
-                 "cluster_sizes": report["cluster_sizes"], "seconds": result.seconds,
-                 "first_epoch": result.history[0], "last_epoch": result.history[-1],
-                 "config": self.config.to_dict(),  # ClusteringMethod.load rebuilds the method with it
-                 "backbone_source": backbone_info.get("source", "")}
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "history.json").write_text(json.dumps(result.history, indent=1))
-        self.metadata = ModelMetadata(
-            num_clusters=self.n_clusters, input_size=data.image_size, mean=tuple(self.model.mean.flatten().tolist()),
-            std=tuple(self.model.std.flatten().tolist()), method=self.name, resize=data.resize,
-            probs_head="clustering", calibrated=False, backbone=backbone_label(self.model.backbone),
-            embedding_dim=self.model.feature_dim, train_stats=stats)
+        self.metadata = self._single_head_metadata(
+            data, backbone_info, {"seconds": result.seconds, "first_epoch": result.history[0],
+                                  "last_epoch": result.history[-1]}, out_dir, result.history)

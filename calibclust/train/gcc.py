@@ -80,7 +80,6 @@ grid of generated images per round (the paper's Fig. 4c).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -273,27 +272,12 @@ def train_head_on_kmeans(model: ClusteringModel, features: torch.Tensor, config:
     """Stage I (§3.2.2): K-means pseudo-labels y_i on the frozen features, then Eq. 2 (cross-entropy
     of C's logits against them); returns the pseudo-labels and the last epoch's loss."""
     from calibclust.cluster.kmeans import kmeans
+    from calibclust.train.data import fit_head_to_targets
 
     pseudo = kmeans(F.normalize(features, dim=1), config.num_clusters, n_init=config.kmeans_restarts,
                     seed=config.seed).labels.to(features.device)
-    head = model.heads[model.predict_head]
-    opt = torch.optim.Adam(head.parameters(), lr=config.head_lr)
-    head.train()
-    n, last = len(features), float("nan")
-    for _ in range(config.head_epochs):
-        order = torch.randperm(n, generator=generator).to(features.device)
-        total = 0.0
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two rows
-                continue
-            loss = F.cross_entropy(head(features[idx]), pseudo[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        last = total / n
-    head.eval()
+    last = fit_head_to_targets(model.heads[model.predict_head], features, pseudo, config.head_epochs, config.head_lr,
+                               config.batch_size, generator)
     return pseudo, last
 
 
@@ -513,28 +497,13 @@ class GCCMethod(ClusteringMethod):
         return ["GCC"]
 
     def _fit(self, data, backbone, backbone_info, out_dir, eval_data, resume) -> None:
-        from calibclust.metadata import ModelMetadata
-        from calibclust.models.backbones import backbone_label
-        from calibclust.train.data import head_report
-
         mean, std = backbone_info.get("mean", (0.5, 0.5, 0.5)), backbone_info.get("std", (0.25, 0.25, 0.25))
         if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        # train_gcc seeds torch from the config; the caller's random state is left as it was.
-        with torch.random.fork_rng(devices=[self.device] if str(self.device).startswith("cuda") else []):
+            out_dir.mkdir(parents=True, exist_ok=True)  # the generated images' grids go there while training
+        with self._forked_rng():  # train_gcc seeds torch from the config
             result = train_gcc(backbone, data.images, self.config, mean=mean, std=std, device=self.device,
                                progress=self.progress, eval_data=eval_data, out_dir=out_dir)
         self.model = result.model.to(self.device).eval()
-        report = head_report(torch.from_numpy(self.predict_proba(data.images)), None)
-        stats = {"n_images": data.num_images, "mean_confidence": report["mean_confidence"],
-                 "cluster_sizes": report["cluster_sizes"], "kmeans_sizes": result.pseudo_label_sizes,
-                 "seconds": result.seconds, "history": result.history,
-                 "config": self.config.to_dict(),  # ClusteringMethod.load rebuilds the method with it
-                 "backbone_source": backbone_info.get("source", "")}
-        if out_dir is not None:
-            (out_dir / "history.json").write_text(json.dumps(result.history, indent=1))
-        self.metadata = ModelMetadata(
-            num_clusters=self.n_clusters, input_size=data.image_size, mean=tuple(self.model.mean.flatten().tolist()),
-            std=tuple(self.model.std.flatten().tolist()), method=self.name, resize=data.resize,
-            probs_head="clustering", calibrated=False, backbone=backbone_label(self.model.backbone),
-            embedding_dim=self.model.feature_dim, train_stats=stats)
+        self.metadata = self._single_head_metadata(
+            data, backbone_info, {"kmeans_sizes": result.pseudo_label_sizes, "seconds": result.seconds,
+                                  "history": result.history}, out_dir, result.history)

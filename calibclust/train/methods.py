@@ -141,6 +141,42 @@ class ClusteringMethod(ABC):
     def _fit(self, data, backbone, backbone_info: dict, out_dir: Path | None, eval_data, resume: bool) -> None:
         """Train on a copy of the backbone and set ``self.model`` and ``self.metadata`` (see :meth:`fit`)."""
 
+    def _forked_rng(self):
+        """A context that restores the caller's torch RNG (CPU, and this CUDA device) afterwards: the
+        methods that seed torch from their config leave the caller's random state as it was."""
+        import torch
+
+        return torch.random.fork_rng(devices=[self.device] if str(self.device).startswith("cuda") else [])
+
+    def _single_head_metadata(self, data, backbone_info: dict, stats: dict, out_dir: Path | None = None,
+                              history: list | None = None):
+        """The metadata of a fitted model whose one head, "clustering", predicts, uncalibrated;
+        ``stats`` (the method's own) gains the training images' count, cluster sizes and mean
+        confidence, the config and the backbone's source. ``history`` is written to
+        ``out_dir/history.json`` when both are given."""
+        import json
+
+        import torch
+
+        from calibclust.metadata import ModelMetadata
+        from calibclust.models.backbones import backbone_label
+        from calibclust.train.data import head_report
+
+        report = head_report(torch.from_numpy(self.predict_proba(data.images)), None)
+        stats = {"n_images": data.num_images, "mean_confidence": report["mean_confidence"],
+                 "cluster_sizes": report["cluster_sizes"], **stats,
+                 "config": self.config.to_dict(),  # ClusteringMethod.load rebuilds the method with it
+                 "backbone_source": backbone_info.get("source", "")}
+        if out_dir is not None and history is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        model = self.model
+        return ModelMetadata(
+            num_clusters=self.n_clusters, input_size=data.image_size, mean=tuple(model.mean.flatten().tolist()),
+            std=tuple(model.std.flatten().tolist()), method=self.name, resize=data.resize, probs_head="clustering",
+            calibrated=False, backbone=backbone_label(model.backbone), embedding_dim=model.feature_dim,
+            train_stats=stats)
+
     # --- inference --------------------------------------------------------------------------------
     def _fitted(self):
         if self.model is None:

@@ -447,25 +447,10 @@ def _train_spc(features, config, labels, progress) -> SPCResult:
 def fit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor, config: SPCConfig) -> float:
     """Train the model's head on raw backbone features (what it sees at inference) towards ``targets``
     (N, C) probabilities (soft cross-entropy); returns the last epoch's mean loss."""
-    generator = torch.Generator().manual_seed(_seed(config.seed, 4))
-    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
-    n, last = len(features), float("nan")
-    head.train()
-    for _ in range(config.head_epochs):
-        order = torch.randperm(n, generator=generator).to(features.device)
-        total = 0.0
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            if len(idx) < 2:
-                continue
-            loss = -(targets[idx] * F.log_softmax(head(features[idx]), 1)).sum(1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        last = total / n
-    head.eval()
-    return last
+    from calibclust.train.data import fit_head_to_targets
+
+    return fit_head_to_targets(head, features, targets, config.head_epochs, config.lr, config.batch_size,
+                               torch.Generator().manual_seed(_seed(config.seed, 4)))
 
 
 class SPCMethod(ClusteringMethod):
