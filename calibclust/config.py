@@ -42,6 +42,9 @@ class Config:
 
     TITLE: ClassVar[str] = "configuration"  # "invalid {TITLE}: ..." in errors
     RESUMABLE: ClassVar[frozenset[str]] = frozenset()  # fields --resume may change
+    # Named sets of values for the fields a config leaves None, picked by its ``profile`` field
+    # (DCCM's and GCC's "cpu" and "paper"); empty for configs without profiles.
+    PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def problems(self) -> list[str]:
         """What is wrong with these values, one sentence each; empty when they are valid."""
@@ -49,6 +52,11 @@ class Config:
 
     def _coerce(self) -> None:
         """Bring values to their canonical types before validation (e.g. lists to tuples)."""
+
+    def setting(self, name: str) -> Any:
+        """A profile-decided setting: the field when given, else its value in the ``profile`` of :attr:`PROFILES`."""
+        value = getattr(self, name)
+        return self.PROFILES[self.profile][name] if value is None else value
 
     def __post_init__(self):
         found = []

@@ -98,6 +98,7 @@ class DCCMConfig(Config):
     """DCCM settings; defaults are the paper's (§4 "Implementation Details") unless noted."""
 
     TITLE: ClassVar[str] = "DCCM configuration"
+    PROFILES: ClassVar[dict] = PROFILES
 
     num_clusters: int = 10
     profile: str = "cpu"  # "cpu" | "paper": the values of epochs, batch_size, lr, disc_channels left None
@@ -149,11 +150,6 @@ class DCCMConfig(Config):
         if not self.shallow_layer:
             problems.append("shallow_layer must name a backbone module")
         return problems
-
-    def setting(self, name: str) -> float:
-        """A profile-decided setting: the field when given, else the profile's value."""
-        value = getattr(self, name)
-        return PROFILES[self.profile][name] if value is None else value
 
 
 # --- §3.1–3.2: pseudo-graph and pseudo-labels ---------------------------------------------------

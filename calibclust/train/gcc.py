@@ -114,6 +114,7 @@ class GCCConfig(Config):
     """GCC settings: the paper's (§4.1) unless marked ours; the fields left None come from the profile."""
 
     TITLE: ClassVar[str] = "GCC configuration"
+    PROFILES: ClassVar[dict] = PROFILES
 
     num_clusters: int = 10
     profile: str = "cpu"  # "cpu" | "paper": the values of the fields left None (PROFILES)
@@ -136,7 +137,7 @@ class GCCConfig(Config):
     diffusion_lr: float | None = None
     rounds: int | None = None  # Stage II + diffusion fine-tuning rounds (§3.4: "many")
     # Eq. 12's terms; leaving one out gives the paper's ablations GCC-d, GCC-cwm, GCC-ml (Fig. 2a).
-    losses: tuple[str, ...] = ("d", "cwm", "ml")
+    losses: tuple[str, ...] = LOSS_TERMS
     pool_per_cluster: int | None = None  # generated images per cluster and round (module docstring)
     mixed_precision: bool = True  # autocast for G: bf16 where the device has it natively, fp16 + loss scaling on older GPUs
     seed: int = 0
@@ -183,11 +184,6 @@ class GCCConfig(Config):
         if not 0.0 <= self.unet_dropout < 1.0:
             problems.append(f"unet_dropout must be in [0, 1), got {self.unet_dropout}")
         return problems
-
-    def setting(self, name: str):
-        """A profile-decided setting: the field when given, else the profile's value."""
-        value = getattr(self, name)
-        return PROFILES[self.profile][name] if value is None else value
 
 
 # --- Stage II's losses (Eq. 9-11) ------------------------------------------------------------------
