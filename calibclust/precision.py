@@ -63,3 +63,15 @@ def training_precision(device: "torch.device", amp: bool = True, cpu_bf16: bool 
             return Precision(True, torch.bfloat16, True, False, "bf16 autocast + channels_last (CPU has native bf16)")
         return Precision(False, None, False, False, "fp32 (this CPU has no native bf16: AVX-512 BF16 / AMX)")
     return Precision(False, None, False, False, f"fp32 ({device.type})")
+
+
+def backward_and_step(loss: "torch.Tensor", optimizer, scaler=None) -> None:
+    """``loss.backward()`` and ``optimizer.step()``, through ``scaler`` (a ``torch.amp.GradScaler``,
+    what :attr:`Precision.grad_scaler` asks for with fp16) when there is one."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()

@@ -44,7 +44,7 @@ from calibclust.cli_names import device_arg
 from calibclust.device import resolve_device
 from calibclust.models.names import BACKBONE_HELP, backbone_name
 from calibclust.tensorboard import add_tensorboard_arg, open_writer
-from calibclust.precision import training_precision
+from calibclust.precision import backward_and_step, training_precision
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL
 
 STATE_FORMAT = "calibclust-pretrain-state/2"  # /2: written by calibclust.train.state
@@ -420,13 +420,7 @@ def pretrain(
                             k_all = k
                 loss = info_nce(q, k, moco.queue.clone(), config.temperature)
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                backward_and_step(loss, optimizer, scaler)
                 moco.enqueue(k_all)
                 value = float(loss.detach())
                 if not math.isfinite(value):

@@ -51,3 +51,19 @@ def test_pretrain_logs_and_records_its_precision(tmp_path, capsys):
     expected = training_precision(torch.device("cpu")).label
     assert f"precision {expected}" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == expected
+
+
+def test_backward_and_step_takes_the_same_step_with_and_without_a_loss_scaler():
+    import torch
+
+    from calibclust.precision import backward_and_step
+
+    steps = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        opt = torch.optim.SGD([w], lr=0.1)
+        backward_and_step((w * torch.tensor([3.0, 4.0])).sum(), opt, scaler)
+        steps.append(w.detach().clone())
+    # d/dw = (3, 4): w − 0.1 · (3, 4), the scale divided out again before the step.
+    torch.testing.assert_close(steps[0], torch.tensor([0.7, -2.4]))
+    torch.testing.assert_close(steps[1], steps[0])

@@ -92,6 +92,7 @@ from torch import nn
 from calibclust.config import Config
 from calibclust.models.clustering import ClusteringModel
 from calibclust.models.diffusion import ConditionalUNet, NoiseSchedule, denoising_loss, sample
+from calibclust.precision import backward_and_step
 from calibclust.train.methods import ClusteringMethod
 
 # The settings a profile decides (the fields left None). "paper": §4.1 (Adam 1e-4 for the clustering
@@ -300,13 +301,7 @@ def train_diffusion(net: ConditionalUNet, opt, schedule: NoiseSchedule, images, 
             with precision.autocast(torch.device(device)):
                 loss = denoising_loss(net, schedule, x0, labels[idx].to(device), generator)
             opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            backward_and_step(loss, opt, scaler)
             total, seen = total + loss.item() * len(idx), seen + len(idx)
             if bar is not None:
                 bar.update(1)
