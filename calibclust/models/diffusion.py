@@ -22,6 +22,7 @@ skip connections by concatenation. Images are (N, 3, S, S) in [−1, 1].
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -197,11 +198,8 @@ def sample(net: nn.Module, schedule: NoiseSchedule, labels: torch.Tensor, side: 
     x = torch.randn((len(labels), channels, side, side), generator=generator).to(device)
     for t in reversed(range(schedule.steps)):
         steps = torch.full((len(labels),), t, dtype=torch.long, device=device)
-        if autocast is None:
+        with (autocast or contextlib.nullcontext)():
             eps = net(x, steps, labels)
-        else:
-            with autocast():
-                eps = net(x, steps, labels)
         z = torch.randn(x.shape, generator=generator).to(device) if t > 0 else None
         x = schedule.reverse_step(x, eps.float(), t, z)
     net.train(was)

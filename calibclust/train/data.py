@@ -166,6 +166,13 @@ def fit_head_to_targets(head: nn.Module, features: torch.Tensor, targets: torch.
     return last
 
 
+def heldout_figures(probs: torch.Tensor, labels: np.ndarray) -> dict:
+    """ACC / NMI / ARI / ECE of one head's probabilities against known labels, as ``eval_*`` (the
+    columns of the training histories that score held-out images)."""
+    report = head_report(probs, labels)
+    return {f"eval_{key}": report[key] for key in ("acc", "nmi", "ari", "ece")}
+
+
 def head_report(probs: torch.Tensor, labels: np.ndarray | None, reliability: bool = False) -> dict:
     """Cluster sizes and mean confidence of one head's probabilities; with ``labels``, ACC / NMI /
     ARI / ECE / AURC and the Hungarian map (and with ``reliability`` the reliability-diagram bins)."""

@@ -428,7 +428,7 @@ def train_dccm(backbone: nn.Module, images, config: DCCMConfig, mean=(0.5, 0.5, 
 @torch.no_grad()
 def _score(model: ClusteringModel, logit_norm: nn.Module | None, data, device: str) -> dict:
     """Held-out figures of the model as it stands (eval mode, the logit normalisation's running statistics)."""
-    from calibclust.train.data import embed_images, head_report
+    from calibclust.train.data import embed_images, heldout_figures
 
     model.eval()
     head = model.heads[model.predict_head]
@@ -437,8 +437,7 @@ def _score(model: ClusteringModel, logit_norm: nn.Module | None, data, device: s
         logit_norm.eval()
         logits = logit_norm(logits)
         logit_norm.train()
-    report = head_report(torch.softmax(logits, 1).cpu(), data.labels)
-    return {f"eval_{key}": report[key] for key in ("acc", "nmi", "ari", "ece")}
+    return heldout_figures(torch.softmax(logits, 1).cpu(), data.labels)
 
 
 class DCCMMethod(ClusteringMethod):

@@ -397,7 +397,7 @@ def train_gcc(backbone: nn.Module, images, config: GCCConfig, mean=(0.5, 0.5, 0.
     from tqdm.auto import tqdm
 
     from calibclust.precision import training_precision
-    from calibclust.train.data import embed_images
+    from calibclust.train.data import embed_images, head_probabilities
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -431,10 +431,11 @@ def train_gcc(backbone: nn.Module, images, config: GCCConfig, mean=(0.5, 0.5, 0.
     # G serves Stage II only: no rounds, no diffusion; the last round's labels train no later G.
     g_epochs = int(config.setting("diffusion_epochs")) if rounds else 0
     n_batches = max(1, len(images) // min(config.diffusion_batch_size, len(images)))
-    bar = tqdm(total=n_batches * (g_epochs + (rounds - 1) * config.diffusion_round_epochs if rounds else 0),
+    bar = tqdm(total=n_batches * (g_epochs + max(0, rounds - 1) * config.diffusion_round_epochs),
                desc="GCC diffusion", unit="step", disable=not progress)
     seconds.update(diffusion=0.0, sampling=0.0, stage2=0.0)
-    labels = cluster_labels(model, images, device)
+    # ŷ for G: the backbone is as it was when ``features`` were computed, so no second pass.
+    labels = head_probabilities(model, features, model.predict_head).argmax(1)
     if rounds:
         t0 = time.perf_counter()
         g_loss = train_diffusion(net, g_opt, schedule, images, labels, g_epochs, config, generator, precision, device,
@@ -471,11 +472,10 @@ def train_gcc(backbone: nn.Module, images, config: GCCConfig, mean=(0.5, 0.5, 0.
 
 @torch.no_grad()
 def _score(model: ClusteringModel, data, device: str) -> dict:
-    from calibclust.train.data import embed_images, head_probabilities, head_report
+    from calibclust.train.data import embed_images, head_probabilities, heldout_figures
 
     probs = head_probabilities(model, embed_images(model, data.images, device=device), model.predict_head)
-    report = head_report(probs, data.labels)
-    return {f"eval_{key}": report[key] for key in ("acc", "nmi", "ari", "ece")}
+    return heldout_figures(probs, data.labels)
 
 
 class GCCMethod(ClusteringMethod):
