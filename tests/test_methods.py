@@ -27,7 +27,7 @@ def _backbone(size: int = 16):
 def test_registry_lists_builtin_methods_and_names_unknown_ones():
     # Built-ins first, in registry order; methods added later go after the first three.
     assert list(METHODS)[:3] == ["kmeans", "spice", "cdc"] and method_names()[:len(METHODS)] == list(METHODS)
-    assert {"dccm", "spc"} <= set(METHODS)
+    assert {"dccm", "spc", "gcc"} <= set(METHODS)
     for name in METHODS:
         cls = get_method(name)
         assert issubclass(cls, ClusteringMethod) and cls.name == name

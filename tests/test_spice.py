@@ -317,7 +317,7 @@ def test_cli_compare_table_on_digits_with_moco_backbone(quickstart_out, digits_m
     from calibclust.cli import main
 
     out = tmp_path / "cmp"
-    # SPICE's and CDC's rows (DCCM and SPC train for minutes; tests/test_dccm.py and test_spc.py run them).
+    # SPICE's and CDC's rows (the other methods train for minutes; their own test modules run them).
     rc = main(["train", "compare", str(quickstart_out / "data" / "digits"), "--clusters", "10", "--out", str(out),
                "--methods", "kmeans,spice,cdc", "--backbone-weights", str(digits_moco_backbone), "--heads", "3", "--head-epochs", "20",
                "--views", "2", "--neighbors", "10", "--joint-steps", "3", "--labeled-batch", "16",
