@@ -450,7 +450,7 @@ class DCCMMethod(ClusteringMethod):
         return ["DCCM"]
 
     def _fit(self, data, backbone, backbone_info, out_dir, eval_data, resume) -> None:
-        mean, std = backbone_info.get("mean", (0.5, 0.5, 0.5)), backbone_info.get("std", (0.25, 0.25, 0.25))
+        mean, std = backbone_info["mean"], backbone_info["std"]
         with self._forked_rng():  # train_dccm seeds torch from the config
             result = train_dccm(backbone, data.images, self.config, mean=mean, std=std, device=self.device,
                                 progress=self.progress, eval_data=eval_data)

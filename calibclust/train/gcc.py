@@ -488,7 +488,7 @@ class GCCMethod(ClusteringMethod):
         return ["GCC"]
 
     def _fit(self, data, backbone, backbone_info, out_dir, eval_data, resume) -> None:
-        mean, std = backbone_info.get("mean", (0.5, 0.5, 0.5)), backbone_info.get("std", (0.25, 0.25, 0.25))
+        mean, std = backbone_info["mean"], backbone_info["std"]
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)  # the generated images' grids go there while training
         with self._forked_rng():  # train_gcc seeds torch from the config

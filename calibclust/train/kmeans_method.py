@@ -51,8 +51,8 @@ class KMeansMethod(ClusteringMethod):
         from calibclust.train.data import embed_images
 
         model = ClusteringModel(backbone, self.n_clusters, head_names=("clustering",), predict_head="clustering",
-                                head_kind="prototype", mean=backbone_info.get("mean", (0.5, 0.5, 0.5)),
-                                std=backbone_info.get("std", (0.25, 0.25, 0.25))).to(self.device).eval()
+                                head_kind="prototype", mean=backbone_info["mean"],
+                                std=backbone_info["std"]).to(self.device).eval()
         # The head scores L2-normalised features, so the centres are fitted on them too.
         z = F.normalize(embed_images(model, data.images, device=self.device).float(), dim=1)
         result = kmeans(z, self.n_clusters, n_init=self.config.restarts, max_iter=self.config.max_iter,

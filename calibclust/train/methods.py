@@ -121,15 +121,20 @@ class ClusteringMethod(ABC):
     def fit(self, data, backbone, backbone_info: dict | None = None, out_dir: str | os.PathLike | None = None,
             eval_data=None, resume: bool = False) -> "ClusteringMethod":
         """Train on ``data`` (TrainingData) from ``backbone`` (pretrained, weights as ``backbone_info``
-        describes: ``mean``/``std``/``source``); ``out_dir`` keeps checkpoints and logs where the method
-        has any, and ``resume`` continues from them (methods without checkpoints start over);
-        ``eval_data`` is scored in the logs only, never trained on."""
+        describes: ``mean``/``std``, calibclust's defaults when absent, and ``source``); ``out_dir``
+        keeps checkpoints and logs where the method has any, and ``resume`` continues from them
+        (methods without checkpoints start over); ``eval_data`` is scored in the logs only, never
+        trained on."""
         if data.num_images < self.n_clusters:
             raise InputError(f"{self.name}: {data.num_images} images cannot form {self.n_clusters} clusters")
+        from calibclust.augment import DEFAULT_MEAN, DEFAULT_STD
+
         start = time.perf_counter()
         self.seconds = {}
-        self._fit(data, copy.deepcopy(backbone), dict(backbone_info or {}),
-                  None if out_dir is None else Path(out_dir), eval_data, resume)
+        info = dict(backbone_info or {})  # every method sees a normalisation: calibclust's when none is given
+        info.setdefault("mean", DEFAULT_MEAN)
+        info.setdefault("std", DEFAULT_STD)
+        self._fit(data, copy.deepcopy(backbone), info, None if out_dir is None else Path(out_dir), eval_data, resume)
         if self.model is None or self.metadata is None:
             raise RuntimeError(f"{type(self).__name__}._fit must set model and metadata")
         self.model.eval()

@@ -474,8 +474,8 @@ class SPCMethod(ClusteringMethod):
         with torch.random.fork_rng(devices=[]):  # the head's initialisation from the seed; the caller's RNG untouched
             torch.manual_seed(_seed(cfg.seed, 5))
             model = ClusteringModel(backbone, self.n_clusters, cfg.head_hidden_dim, head_names=("clustering",),
-                                    predict_head="clustering", mean=backbone_info.get("mean", (0.5, 0.5, 0.5)),
-                                    std=backbone_info.get("std", (0.25, 0.25, 0.25))).to(self.device).eval()
+                                    predict_head="clustering", mean=backbone_info["mean"],
+                                    std=backbone_info["std"]).to(self.device).eval()
         z = embed_images(model, data.images, device=self.device).float()
         result = train_spc(z, cfg, labels=data.labels, progress=self.progress)
         final = result.consensus

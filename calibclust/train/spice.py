@@ -582,7 +582,7 @@ class SpiceMethod(ClusteringMethod):
         return ["SPICE_s", "SPICE"] if self.config.joint else ["SPICE_s"]
 
     def _fit(self, data, backbone, backbone_info, out_dir, eval_data, resume) -> None:
-        mean, std = backbone_info.get("mean", (0.5, 0.5, 0.5)), backbone_info.get("std", (0.25, 0.25, 0.25))
+        mean, std = backbone_info["mean"], backbone_info["std"]
         frozen = copy.deepcopy(backbone)  # stage 3 trains `backbone` in place; SPICE_s keeps the start
         result = train_spice(backbone, data.images, self.config, mean=mean, std=std, view_config=self.view_config,
                              progress=self.progress, device=self.device, out_dir=out_dir,
