@@ -57,3 +57,13 @@ def assert_exports_and_labels(method, images, paths, folder, out):
     assert len(rows) == len(paths)
     agree = np.mean([rows[p] == by_path[p] for p in paths])
     assert agree >= 0.99, agree
+
+
+def assert_round_trips(method, images, path):
+    """``save`` then ``ClusteringMethod.load`` gives the same method class, settings and probabilities (1e-5)."""
+    from calibclust.train.methods import ClusteringMethod
+
+    method.save(path)
+    loaded = ClusteringMethod.load(path)
+    assert type(loaded) is type(method) and loaded.config == method.config
+    np.testing.assert_allclose(loaded.predict_proba(images), method.predict_proba(images), atol=1e-5)

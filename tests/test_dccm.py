@@ -26,7 +26,7 @@ from calibclust.train.dccm import (
     triplet_mi_loss,
 )
 
-from model_fixtures import assert_exports_and_labels
+from model_fixtures import assert_exports_and_labels, assert_round_trips
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -188,7 +188,7 @@ def test_dccm_fits_saves_loads_exports_and_labels_like_any_method(digits_folder,
     probabilities, and the model goes through save/load, ONNX export and `calibclust label`."""
     pytest.importorskip("onnxruntime")
     from calibclust.train.data import TrainingData
-    from calibclust.train.methods import ClusteringMethod, get_method
+    from calibclust.train.methods import get_method
 
     data = TrainingData.from_folder(digits_folder, 32, progress=False)
     backbone = _backbone(32)
@@ -207,9 +207,6 @@ def test_dccm_fits_saves_loads_exports_and_labels_like_any_method(digits_folder,
     assert len(np.unique(probs.argmax(1))) >= 3, "collapsed to fewer than 3 clusters"
     assert method.row_names() == ["DCCM"] and method.seconds["DCCM"] > 0
 
-    method.save(tmp_path / "model")
-    loaded = ClusteringMethod.load(tmp_path / "model")
-    assert type(loaded).__name__ == "DCCMMethod" and loaded.config == config
-    np.testing.assert_allclose(loaded.predict_proba(data.images), probs, atol=1e-5)
+    assert_round_trips(method, data.images, tmp_path / "model")
 
     assert_exports_and_labels(method, data.images, data.paths, digits_folder, tmp_path / "onnx")

@@ -28,7 +28,7 @@ from calibclust.train.gcc import (
     train_head_on_kmeans,
 )
 
-from model_fixtures import assert_exports_and_labels
+from model_fixtures import assert_exports_and_labels, assert_round_trips
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -291,7 +291,7 @@ def test_gcc_fits_saves_loads_exports_and_labels_like_any_method(digits_folder, 
     pytest.importorskip("onnxruntime")
     from calibclust.models.backbones import build_backbone
     from calibclust.train.data import TrainingData
-    from calibclust.train.methods import ClusteringMethod, get_method
+    from calibclust.train.methods import get_method
 
     data = TrainingData.from_folder(digits_folder, 32, progress=False)
     torch.manual_seed(0)
@@ -311,9 +311,6 @@ def test_gcc_fits_saves_loads_exports_and_labels_like_any_method(digits_folder, 
     assert probs.shape == (200, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert method.row_names() == ["GCC"] and method.seconds["GCC"] > 0
 
-    method.save(tmp_path / "model")
-    loaded = ClusteringMethod.load(tmp_path / "model")
-    assert type(loaded).__name__ == "GCCMethod" and loaded.config == config
-    np.testing.assert_allclose(loaded.predict_proba(data.images), probs, atol=1e-5)
+    assert_round_trips(method, data.images, tmp_path / "model")
 
     assert_exports_and_labels(method, data.images, data.paths, digits_folder, tmp_path / "onnx")

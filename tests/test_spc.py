@@ -22,6 +22,8 @@ from calibclust.train.spc import (
     spc_loss,
 )
 
+from model_fixtures import assert_round_trips
+
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
@@ -196,7 +198,6 @@ def digits_spc(digits_folder):
 
 def test_spc_on_digits_beats_chance_and_records_its_rounds(digits_spc, tmp_path):
     from calibclust.metrics import hungarian_accuracy
-    from calibclust.train.methods import ClusteringMethod
 
     data, spc, kmeans = digits_spc
     probs = spc.predict_proba(data.images)
@@ -215,10 +216,7 @@ def test_spc_on_digits_beats_chance_and_records_its_rounds(digits_spc, tmp_path)
     # where few points are agreed and the votes are split; 10 clusters: 0.1 by chance).
     assert stats["head_fidelity"] >= 0.5
 
-    spc.save(tmp_path / "model")
-    loaded = ClusteringMethod.load(tmp_path / "model")
-    assert type(loaded).__name__ == "SPCMethod" and loaded.config == spc.config
-    np.testing.assert_allclose(loaded.predict_proba(data.images), probs, atol=1e-5)
+    assert_round_trips(spc, data.images, tmp_path / "model")
 
 
 def test_spc_model_exports_to_onnx_and_labels_a_folder(digits_spc, digits_folder, tmp_path):
