@@ -27,6 +27,7 @@ import time
 from typing import Callable
 
 from calibclust.cli_names import device_arg
+from calibclust.models.names import INPUT_FILTERS
 
 _TARGETS_ATTR = "_calibclust_bench_targets"
 
@@ -345,6 +346,8 @@ def zoo_set_options(p: argparse.ArgumentParser, out: str, contents: str) -> None
     p.add_argument("--fast", action="store_true",
                    help="15 MoCo-v2 pretraining epochs instead of 100 (fit --pretrain-epochs 15)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage (default 0)")
+    p.add_argument("--input-filter", default="none", choices=INPUT_FILTERS,
+                   help="what the pretrained backbone sees, as fit --input-filter (default none)")
     p.add_argument("--verbose", action="store_true", help="progress bars inside the stages")
 
 

@@ -42,7 +42,7 @@ from calibclust.cli_config import ConfigOptions, FieldOption, add_config_args, b
 from calibclust.config import Config
 from calibclust.cli_names import device_arg
 from calibclust.device import resolve_device
-from calibclust.models.names import BACKBONE_HELP, backbone_name
+from calibclust.models.names import BACKBONE_HELP, INPUT_FILTER_HELP, INPUT_FILTERS, backbone_name
 from calibclust.tensorboard import add_tensorboard_arg, open_writer
 from calibclust.precision import backward_and_step, training_precision
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL
@@ -60,6 +60,9 @@ class MoCoConfig(Config):
     backbone: str = "resnet34"  # CDC B.1 (SPICE uses ResNet-18/34); "small" for CPU runs
     stem: str = "auto"  # CIFAR stem for inputs <= 64 px (CDC B.1), ImageNet stem above
     width: int = 32  # width of the "small" backbone only
+    # "gradient": the backbone sees Sobel gradient magnitudes instead of colours (GradientInput);
+    # not in the papers' setting, which gives the backbone the image ("none").
+    input_filter: str = "none"
     input_size: int = 32  # images are decoded once at this size (square)
     proj_hidden_dim: int = 4096  # CDC B.1: 2-layer MLP projector, hidden 4096-d with BN + ReLU
     proj_dim: int = 256  # CDC B.1: projector output 256-d
@@ -87,6 +90,8 @@ class MoCoConfig(Config):
             problems.append(f"momentum μ must be in [0, 1), got {self.momentum}")
         if self.temperature <= 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.input_filter not in INPUT_FILTERS:
+            problems.append(f"input_filter must be one of {INPUT_FILTERS}, got {self.input_filter!r}")
         for name in ("epochs", "batch_size", "queue_size", "proj_dim", "proj_hidden_dim", "input_size", "width"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -117,10 +122,11 @@ class PretrainResult:
 def _build_modules(config: MoCoConfig, n_images: int, world_batch: int):
     """The MoCo module of ``config``: backbone first, then (inside :class:`MoCo`) the projector,
     the key encoder's copy and the queue, the order that fixes the initial weights for a seed."""
-    from calibclust.models.backbones import build_backbone
+    from calibclust.models.backbones import build_backbone, with_input_filter
     from calibclust.models.moco import MoCo
 
-    backbone = build_backbone(config.backbone, input_size=config.input_size, stem=config.stem, width=config.width)
+    backbone = with_input_filter(build_backbone(config.backbone, input_size=config.input_size, stem=config.stem,
+                                                width=config.width), config.input_filter)
     return MoCo(backbone, config.proj_hidden_dim, config.proj_dim, queue_length(config.queue_size, n_images, world_batch),
                 config.momentum, config.seed)
 
@@ -552,6 +558,7 @@ MOCO_OPTIONS = ConfigOptions(MoCoConfig, {
     "stem": FieldOption("ResNet stem (default %(default)s: CIFAR stem <= 64 px)", choices=("auto", "cifar", "imagenet")),
     "width": FieldOption("width of the small backbone (default %(default)s)"),
     "input_size": FieldOption("images are resized to PX×PX (default %(default)s)", flag="--image-size", metavar="PX"),
+    "input_filter": FieldOption(INPUT_FILTER_HELP, choices=INPUT_FILTERS),
     "proj_hidden_dim": FieldOption("projector hidden width (default %(default)s)"),
     "proj_dim": FieldOption("projector output dimension (default %(default)s)"),
     "momentum": FieldOption("key-encoder momentum μ (default %(default)s)"),
@@ -597,7 +604,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("folder", metavar="FOLDER", help="folder of images (sub-folders are searched)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, backbone)")
     g = p.add_argument_group("model")
-    MOCO_OPTIONS.add(g, "backbone", "stem", "width", "input_size", "proj_hidden_dim", "proj_dim")
+    MOCO_OPTIONS.add(g, "backbone", "stem", "width", "input_size", "input_filter", "proj_hidden_dim", "proj_dim")
     g = p.add_argument_group("MoCo")
     MOCO_OPTIONS.add(g, "momentum", "temperature", "queue_size", "augment.preset", "augment.blur")
     g = p.add_argument_group("optimisation")

@@ -345,15 +345,24 @@ class ZooSettings:
 
     pretrain_epochs: int
     n_ood: int
+    input_filter: str = "none"  # fit --input-filter
 
     @classmethod
-    def full(cls) -> "ZooSettings":
+    def full(cls, input_filter: str = "none") -> "ZooSettings":
         # The pretraining the zoo's figures so far were measured with.
-        return cls(pretrain_epochs=100, n_ood=200)
+        return cls(pretrain_epochs=100, n_ood=200, input_filter=input_filter)
 
     @classmethod
-    def fast(cls) -> "ZooSettings":
-        return cls(pretrain_epochs=15, n_ood=200)
+    def fast(cls, input_filter: str = "none") -> "ZooSettings":
+        return cls(pretrain_epochs=15, n_ood=200, input_filter=input_filter)
+
+    def record(self, seed: int) -> dict:
+        """What a finished bench folder stores and is reused for: the settings and the seed (without
+        the input filter when it is none, so folders measured before the option still count)."""
+        record = {**asdict(self), "seed": seed}
+        if self.input_filter == "none":
+            del record["input_filter"]
+        return record
 
 
 def bench_sets(args) -> tuple[list[str], ZooSettings, Path]:
@@ -362,7 +371,8 @@ def bench_sets(args) -> tuple[list[str], ZooSettings, Path]:
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise InputError(f"unknown zoo set(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
-    return names, ZooSettings.fast() if args.fast else ZooSettings.full(), Path(args.out)
+    settings = (ZooSettings.fast if args.fast else ZooSettings.full)(getattr(args, "input_filter", "none"))
+    return names, settings, Path(args.out)
 
 
 def embed_heldout(paths: dict[str, Path], backbone_dir: Path, features: Path, progress: bool = False) -> None:
@@ -397,7 +407,7 @@ def heldout_features(name: str, out: Path, settings: ZooSettings, seed: int = 0,
     from calibclust.train.state import has_state
 
     out = Path(out)
-    wanted = {**asdict(settings), "seed": seed}
+    wanted = settings.record(seed)
     done = out / "features.done.json"
     if done.is_file() and json.loads(done.read_text()) != wanted:
         raise InputError(f"{out} holds features made with other settings ({done.read_text().strip()}); "
@@ -406,7 +416,7 @@ def heldout_features(name: str, out: Path, settings: ZooSettings, seed: int = 0,
     if not done.is_file():
         print(f"== {name}: {ZOO[name].description}", flush=True)
         train = TrainingData.from_folder(paths["train"], SIZE, progress=verbose)
-        config = moco_config(settings.pretrain_epochs, train.num_images, seed=seed)
+        config = moco_config(settings.pretrain_epochs, train.num_images, seed=seed, input_filter=settings.input_filter)
         print(f"pretrain: MoCo-v2, {config.epochs} epochs, batch {config.batch_size}, {train.num_images} train images",
               flush=True)
         pretrain(train.images, config, out / "pretrain", resume=has_state(out / "pretrain"), progress=verbose,

@@ -30,7 +30,7 @@ def _model(seed: int = 0) -> ClusteringModel:
 
 
 def _metadata(**kw) -> ModelMetadata:
-    return ModelMetadata(num_clusters=10, input_size=(32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, backbone="small", **kw)
+    return ModelMetadata(**{"num_clusters": 10, "input_size": (32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3, "backbone": "small", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +287,22 @@ def test_bench_gpu_rows(capsys):
     base = [float(r[-2]) for r in rows if " ".join(r[:-7]) == "torch eager"]
     assert base == [1.0, 1.0], out
     assert all(float(r[-5]) > 0 for r in rows), out
+
+
+def test_gradient_input_filter_is_part_of_the_exported_graph(digits, tmp_path):
+    """A model whose backbone sees gradient magnitudes (``--input-filter gradient``) exports with
+    the filter inside the graph: onnxruntime matches torch, and the saved model rebuilds it."""
+    from calibclust.export.onnx import export_onnx
+    from calibclust.models.backbones import backbone_label, with_input_filter
+    from calibclust.models.clustering import load_model
+
+    torch.manual_seed(0)
+    model = ClusteringModel(with_input_filter(build_backbone("small"), "gradient"), 10, hidden_dim=64).eval()
+    images = digits[0][:200]
+    result = export_onnx(model, _metadata(backbone=backbone_label(model.backbone)), images, tmp_path / "g.onnx", log=lambda s: None)
+    parity = read_model_metadata(result.path).parity["fp32"]
+    assert parity["passed"] and parity["label_mismatches"] == 0 and parity["max_abs_probs"] <= 1e-5, parity
+    assert any(node.op_type == "ReduceMax" for node in onnx.load(str(result.path)).graph.node), "the per-image maximum is in the graph"
+    save_model(model, tmp_path / "saved", _metadata(backbone="small+gradient"))
+    loaded, _ = load_model(tmp_path / "saved")
+    np.testing.assert_allclose(_torch_pipeline(loaded, images[:20])[0], _torch_pipeline(model, images[:20])[0], atol=1e-6)

@@ -89,6 +89,13 @@ def test_fit_refuses_an_existing_run_and_bad_settings(cli_run, mixed_folders, tm
         fit_module.fit(tmp_path / "missing", tmp_path / "x", 1, budget_minutes=0, heldout_fraction=0.7)
     message = str(err.value)  # every problem at once
     assert "not a folder" in message and "clusters" in message and "budget" in message and "held-out" in message
+    with pytest.raises(calibclust.InputError, match="--input-filter applies to the pretraining; --backbone-weights brings its own"):
+        fit_module.fit(train, tmp_path / "y", CLASSES, backbone_weights=str(out / "pretrain"), input_filter="gradient")
+    with pytest.raises(calibclust.InputError, match="input filter must be one of none, gradient, got 'sobel'"):
+        fit_module.fit(train, tmp_path / "y", CLASSES, input_filter="sobel")
+    # The filter is part of the plan: the run's commands.sh repeats it, the plan names it.
+    plan = fit_module.FitPlan(**{**json.loads((out / "run.json").read_text())["plan"], "input_filter": "gradient"})
+    assert fit_module.fit_command(plan, out)[-2:] == ["--input-filter", "gradient"] and "input filter gradient" in plan.describe()
 
 
 def test_heldout_split_is_stable_and_about_the_fraction():

@@ -239,3 +239,49 @@ def test_resolve_device_gives_cuda_an_index_and_refuses_clearly(monkeypatch):
         resolve_device("cuda:4")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("cuda") == torch.device("cuda", 1)
+
+
+class _Received(torch.nn.Identity):
+    """An inner backbone that returns what it is given."""
+    feature_dim, spec = 0, {"name": "received", "input_size": 32}
+
+
+def test_gradient_input_filter_sees_edges_not_colours_and_travels_with_the_weights(digits, tmp_path):
+    """``--input-filter gradient``: the backbone's output is the same for a shape in any ink/paper
+    colour pair, either polarity and any contrast, and the filter is part of the saved backbone."""
+    from calibclust.models.backbones import GradientInput, backbone_label, build_backbone, with_input_filter
+
+    backbone = with_input_filter(build_backbone("small", width=8), "gradient").eval()
+    shape = torch.zeros(1, 1, 32, 32)
+    shape[..., 8:24, 12:16] = 1.0
+    shape[..., 8:12, 12:24] = 1.0
+
+    def painted(ink, paper):
+        return shape * torch.tensor(ink).view(1, 3, 1, 1) + (1 - shape) * torch.tensor(paper).view(1, 3, 1, 1)
+
+    with torch.no_grad():
+        reference = backbone(painted([1.0, 1.0, 1.0], [0.0, 0.0, 0.0]))
+        for ink, paper in [([0.9, 0.1, 0.1], [0.1, 0.1, 0.8]), ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]), ([0.6, 0.6, 0.6], [0.4, 0.4, 0.4])]:
+            torch.testing.assert_close(backbone(painted(ink, paper)), reference, atol=1e-5, rtol=1e-4)
+        plain = with_input_filter(build_backbone("small", width=8), "none").eval()
+        plain.load_state_dict(backbone.inner.state_dict())
+        assert not torch.allclose(plain(painted([0.9, 0.1, 0.1], [0.1, 0.1, 0.8])), plain(painted([1.0] * 3, [0.0] * 3)), atol=1e-3)
+        # What the inner backbone receives: edges at full strength; a flat image is no edge at all,
+        # not its noise scaled up to full strength.
+        seen = GradientInput(_Received())
+        edges = seen(painted([0.9, 0.1, 0.1], [0.1, 0.1, 0.8]))
+        assert edges.shape == (1, 3, 32, 32) and float(edges.amax()) == pytest.approx(1.0) and float(edges[0, :, 0, 0].max()) < 1e-5
+        assert float(seen(torch.full((1, 3, 32, 32), 0.5) + 1e-4 * torch.randn(1, 3, 32, 32)).amax()) < 0.1
+    assert backbone_label(backbone) == "small+gradient"
+    with pytest.raises(ValueError, match="input filter must be one of"):
+        with_input_filter(plain, "sobel")
+
+    cfg = tiny_config(epochs=1, input_filter="gradient")
+    result = P.pretrain(digits[0][:64], cfg, tmp_path / "run", progress=False)
+    loaded = load_backbone(tmp_path / "run")
+    assert backbone_label(loaded) == "small+gradient" and json.loads((tmp_path / "run" / "config.json").read_text())["config"]["input_filter"] == "gradient"
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.backbone.eval()(x))
+    with pytest.raises(ValueError, match=r"input_filter must be one of \('none', 'gradient'\), got 'sobel'"):
+        P.MoCoConfig(input_filter="sobel")

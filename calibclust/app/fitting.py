@@ -46,6 +46,7 @@ import numpy as np
 
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, InputError
 from calibclust.io.files import atomic_write_text, write_json_atomic
+from calibclust.models.names import INPUT_FILTER_HELP, INPUT_FILTERS
 from calibclust.train.methods import METHODS, method_names
 from calibclust.train.profiles import (CDC_EPOCHS, CDC_VIEWS, SPICE_HEAD_EPOCHS, SPICE_JOINT_STEPS,
                                        cdc_batch, cdc_hidden, cdc_views, heldout_by_path_hash, moco_config,
@@ -115,6 +116,7 @@ class FitPlan:
     notes: list[str] = field(default_factory=list)
     method: str = "cdc"  # the registry name (calibclust.train.methods); runs before the option trained CDC
     cdc_views: int = CDC_VIEWS  # cached weak/strong views per image (fewer for large folders)
+    input_filter: str = "none"  # what the pretrained backbone sees (MoCoConfig.input_filter)
 
     def describe_method(self) -> str:
         if self.method == "cdc":
@@ -138,7 +140,8 @@ class FitPlan:
             f"  input       {self.input_size}×{self.input_size}, resize: {self.resize}",
             f"  device      {self.device}, {self.threads} thread(s), CPU bf16 {'native' if self.cpu_bf16 else 'not native (fp32)'}",
             f"  backbone    {self.backbone}: " + (f"weights from {self.backbone_weights}" if self.backbone_weights
-                                                  else f"MoCo-v2 pretraining, {self.pretrain_epochs} epochs, batch {self.pretrain_batch}"),
+                                                  else f"MoCo-v2 pretraining, {self.pretrain_epochs} epochs, batch {self.pretrain_batch}"
+                                                  + ("" if self.input_filter == "none" else f", input filter {self.input_filter}")),
             f"  clustering  {self.describe_method()}",
             f"  budget      {self.budget_minutes:g} min; estimated {self.estimated_minutes:.1f} min",
         ]
@@ -193,7 +196,7 @@ def _absolute(weights: str | None) -> str | None:
 
 def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int, budget_minutes: float, device: str,
               backbone_weights: str | None, heldout_fraction: float, seed: int, pretrain_epochs: int | None = None,
-              method: str = "cdc") -> FitPlan:
+              method: str = "cdc", input_filter: str = "none") -> FitPlan:
     import torch
 
     from calibclust.precision import cpu_bf16_supported
@@ -246,7 +249,7 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         cdc_batch=cdc_batch(n_train), cdc_hidden=cdc_hidden(n_train), budget_minutes=float(budget_minutes),
         estimated_minutes=(epochs * per_epoch + after) / 60, heldout_fraction=float(heldout_fraction), seed=seed,
         files_digest=files_digest(data.paths), notes=notes, method=method,
-        cdc_views=cdc_views(n_train),
+        cdc_views=cdc_views(n_train), input_filter=input_filter,
     )
 
 
@@ -307,15 +310,19 @@ def fit(
     resize: str = "auto",
     pretrain_epochs: int | None = None,
     method: str | None = None,
+    input_filter: str = "none",
 ) -> FitResult:
     """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring);
     ``method`` is any registered method (:func:`calibclust.train.methods.method_names`); None: CDC, or
-    on ``resume`` the run's own."""
+    on ``resume`` the run's own. ``input_filter`` is what the pretrained backbone sees
+    (:data:`calibclust.models.names.INPUT_FILTERS`; ``"gradient"`` for folders whose colours vary
+    independently of the classes)."""
     from calibclust.device import resolve_device
     from calibclust.train.data import TrainingData
 
     folder, out = Path(folder), Path(out)
-    _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs, method or "cdc")
+    _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs, method or "cdc",
+              input_filter, backbone_weights)
     run = FitRun(out)
     if run.exists() and not resume:
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
@@ -335,8 +342,8 @@ def fit(
         data = TrainingData.from_folder(folder, plan.input_size, progress=progress, resize=plan.resize,
                                         cache_dir=out / CACHE_DIR)
         differences = [f"{name}: the run has {then}, now {now}" for name, then, now in (
-            ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed), ("method", plan.method, method or plan.method))
-            if then != now]
+            ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed), ("method", plan.method, method or plan.method),
+            ("input filter", plan.input_filter, input_filter if input_filter != "none" else plan.input_filter)) if then != now]
         if plan.files_digest and files_digest(data.paths) != plan.files_digest:
             differences.append(f"files: the run had {plan.n_images} readable files, now {len(data.paths)}"
                                + (" (not the same ones)" if len(data.paths) == plan.n_images else ""))
@@ -366,7 +373,7 @@ def fit(
             raise InputError(f"{n_train} training images for {clusters} clusters; fit needs at least "
                              f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
         plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed,
-                         pretrain_epochs, method or "cdc")
+                         pretrain_epochs, method or "cdc", input_filter)
         out.mkdir(parents=True, exist_ok=True)
         _write_commands(out, plan)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
@@ -396,7 +403,8 @@ def fit(
 
 
 def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float, resize: str,
-              pretrain_epochs: int | None = None, method: str = "cdc") -> None:
+              pretrain_epochs: int | None = None, method: str = "cdc", input_filter: str = "none",
+              backbone_weights: str | None = None) -> None:
     from calibclust.metadata import RESIZE_POLICIES
     from calibclust.train.methods import method_names
 
@@ -415,6 +423,10 @@ def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: f
         problems.append(f"budget must be > 0 minutes, got {budget_minutes}")
     if not 0 < heldout_fraction < 0.5:
         problems.append(f"held-out fraction must be in (0, 0.5), got {heldout_fraction}")
+    if input_filter not in INPUT_FILTERS:
+        problems.append(f"input filter must be one of {', '.join(INPUT_FILTERS)}, got {input_filter!r}")
+    elif input_filter != "none" and backbone_weights:
+        problems.append("--input-filter applies to the pretraining; --backbone-weights brings its own (set when it was pretrained)")
     if problems:
         raise InputError("; ".join(problems))
 
@@ -430,7 +442,7 @@ def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
     if not run.done("pretrain"):
         start = time.perf_counter()
         config = moco_config(plan.pretrain_epochs, plan.n_train, seed=plan.seed, device=plan.device, backbone=plan.backbone,
-                             input_size=plan.input_size, batch_size=plan.pretrain_batch)
+                             input_size=plan.input_size, batch_size=plan.pretrain_batch, input_filter=plan.input_filter)
         result = pretrain(train.images, config, pretrain_dir, resume=has_state(pretrain_dir), progress=progress,
                           data_info={"folder": plan.folder, "split": "fit train split", "n_images": train.num_images})
         run.finish("pretrain", time.perf_counter() - start, final_loss=result.history[-1]["loss"] if result.history else None)
@@ -665,6 +677,7 @@ def fit_command(plan: FitPlan, out: Path) -> list[str]:
     argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters),
             "--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
     argv += ["--resize", plan.resize, "--method", plan.method]
+    argv += ["--input-filter", plan.input_filter] if plan.input_filter != "none" else []
     # The epochs the plan chose, so the same run repeats on a machine of another speed.
     argv += ["--backbone-weights", plan.backbone_weights] if plan.backbone_weights else ["--pretrain-epochs", str(plan.pretrain_epochs)]
     return argv
@@ -722,6 +735,8 @@ def register_cli(subparsers) -> None:
                         "are uncalibrated, their confidence is not an accuracy estimate")
     p.add_argument("--backbone-weights", metavar="PATH", help="skip pretraining: a 'calibclust pretrain' output folder")
     p.add_argument("--pretrain-epochs", type=int, metavar="N", help="MoCo-v2 epochs, instead of sizing them to --budget")
+    p.add_argument("--input-filter", default="none", choices=INPUT_FILTERS,
+                   help=INPUT_FILTER_HELP.replace("(default %(default)s)", "(default none; for the pretraining)"))
     p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
                    help=f"share of the images kept out of training for the report (default {DEFAULT_HELDOUT_FRACTION:g})")
     p.add_argument("--resize", default="auto", choices=("auto", "squash", "center-crop", "letterbox"),
@@ -742,5 +757,6 @@ def _run_cli(args) -> int:
         torch.set_num_threads(args.threads)
     result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
                  backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
-                 progress=not args.no_progress, resize=args.resize, pretrain_epochs=args.pretrain_epochs, method=args.method)
+                 progress=not args.no_progress, resize=args.resize, pretrain_epochs=args.pretrain_epochs, method=args.method,
+                 input_filter=args.input_filter)
     return EXIT_PARTIAL if result.run.get("unreadable") else EXIT_OK

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +90,7 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
     start = time.perf_counter()
     out = Path(out)
     done = out / "row.json"
-    wanted = {**asdict(settings), "seed": seed}
+    wanted = settings.record(seed)
     if done.is_file():  # a finished set: its figures stand (delete the folder to measure again)
         row = json.loads(done.read_text())
         if row.get("settings") != wanted:
@@ -105,7 +104,7 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
     classes = json.loads((paths["root"] / "zoo.json").read_text())["classes"]
     fit_out = out / "fit"
     result = fit(paths["images"], fit_out, clusters=len(classes), resume=resume, pretrain_epochs=settings.pretrain_epochs,
-                 heldout_fraction=ZOO_HELDOUT_FRACTION, seed=seed, progress=verbose)
+                 heldout_fraction=ZOO_HELDOUT_FRACTION, seed=seed, progress=verbose, input_filter=settings.input_filter)
     heldout = result.run["stages"]["evaluate"]["heldout"]
 
     print("label: held-out images + near- and far-OOD with the exported model", flush=True)
@@ -161,7 +160,7 @@ def run_zoo_bench(args) -> int:
         rows.append(bench_one_set(name, out / name, settings, args.seed, args.verbose))
         write_json_atomic(out / "zoo.json", rows)
     print(f"\ncalibclust bench zoo (calibclust fit --pretrain-epochs {settings.pretrain_epochs} --heldout-fraction "
-          f"{ZOO_HELDOUT_FRACTION:g}, seed {args.seed}); every figure on fit's held-out split (never trained on) "
+          f"{ZOO_HELDOUT_FRACTION:g} --input-filter {settings.input_filter}, seed {args.seed}); every figure on fit's held-out split (never trained on) "
           "or the OOD folders:")
     print_table([h for _, h in ZOO_COLUMNS], [[r[k] for k, _ in ZOO_COLUMNS] for r in rows])
     return 0

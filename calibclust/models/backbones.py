@@ -21,10 +21,11 @@ from __future__ import annotations
 import difflib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calibclust.errors import InputError, MissingDependencyError
-from calibclust.models.names import BACKBONES, TIMM_PREFIX, is_timm, timm_model_name
+from calibclust.models.names import BACKBONES, INPUT_FILTERS, TIMM_PREFIX, is_timm, timm_model_name
 
 STEMS = ("auto", "cifar", "imagenet")
 
@@ -192,17 +193,63 @@ class L2Normalized(nn.Module):
 L2_NORMALIZED = "l2-normalized"
 
 
+class GradientInput(nn.Module):
+    """A backbone that sees the edges of the image, not its colours: the per-pixel magnitude of the
+    Sobel gradients of the three channels, sqrt(Σ_c (∂x I_c)² + (∂y I_c)²), divided by its
+    maximum over the image and given to ``inner`` on all three channels.
+
+    A fixed front end, as DeepCluster ("Deep Clustering for Unsupervised Learning of Visual
+    Features", §4) and IIC feed Sobel-filtered images to stop clustering by colour: the magnitude is
+    blind to ink/paper polarity and to the colour pair, and the per-image division to contrast. It
+    runs inside the backbone, so training, ``calibclust embed`` and the exported ONNX graph apply
+    the same transform. Where colour *is* the class it throws that information away.
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.feature_dim = inner.feature_dim
+        self.spec = {"name": GRADIENT_INPUT, "input_size": inner.spec.get("input_size"), "inner": dict(inner.spec)}
+        sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        # (6, 1, 3, 3) with groups=3: ∂x and ∂y of each input channel. Not a state-dict entry: fixed.
+        self.register_buffer("sobel", torch.stack([sobel_x, sobel_x.T]).repeat(3, 1, 1).unsqueeze(1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Replicated borders: zero padding would draw an edge around every normalised image.
+        gradients = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.sobel.to(x.dtype), groups=3)
+        magnitude = gradients.square().sum(1, keepdim=True).add(1e-12).sqrt()
+        # A flat image stays near zero instead of being scaled up to its noise (0.05 ≈ one grey level
+        # of 255 after the usual normalisation, through the Sobel weights).
+        magnitude = magnitude / magnitude.amax(dim=(2, 3), keepdim=True).clamp_min(0.05)
+        return self.inner(magnitude.expand(-1, 3, -1, -1))
+
+
+GRADIENT_INPUT = "gradient-input"
+_WRAPPERS = {L2_NORMALIZED: (L2Normalized, "l2"), GRADIENT_INPUT: (GradientInput, "gradient")}
+
+
+def with_input_filter(backbone: nn.Module, input_filter: str) -> nn.Module:
+    """``backbone`` behind the named input filter (:data:`INPUT_FILTERS`)."""
+    if input_filter not in INPUT_FILTERS:
+        raise ValueError(f"input filter must be one of {INPUT_FILTERS}, got {input_filter!r}")
+    return GradientInput(backbone) if input_filter == "gradient" else backbone
+
+
 def backbone_label(module: nn.Module) -> str:
-    """The architecture's name for metadata and tables (``resnet18``, ``resnet18+l2`` when wrapped)."""
-    spec = module.spec
-    return f"{spec['inner']['name']}+l2" if spec["name"] == L2_NORMALIZED else spec["name"]
+    """The architecture's name for metadata and tables (``resnet18``; ``resnet18+l2``,
+    ``small+gradient`` when wrapped)."""
+    spec, suffixes = module.spec, []
+    while spec["name"] in _WRAPPERS:
+        suffixes.insert(0, _WRAPPERS[spec["name"]][1])
+        spec = spec["inner"]
+    return "+".join([spec["name"], *suffixes])
 
 
 def backbone_from_spec(spec: dict) -> nn.Module:
     """Rebuild a backbone from its ``spec`` (as stored in checkpoint JSON)."""
     spec = dict(spec)
-    if spec["name"] == L2_NORMALIZED:
-        return L2Normalized(backbone_from_spec(spec["inner"]))
+    if spec["name"] in _WRAPPERS:
+        return _WRAPPERS[spec["name"]][0](backbone_from_spec(spec["inner"]))
     name = spec.pop("name")
     stem = spec.pop("stem", "auto")
     if name == "small":

@@ -24,6 +24,14 @@ BACKBONE_HELP = (
     f"or {TIMM_PREFIX}vit_small_patch16_224; {TIMM_PREFIX}NAME needs pip install 'calibclust[timm]'"
 )
 
+# What the backbone is given (:func:`calibclust.models.backbones.with_input_filter`).
+INPUT_FILTERS = ("none", "gradient")
+INPUT_FILTER_HELP = (
+    "what the backbone sees (default %(default)s): none = the image; gradient = the magnitude of its "
+    "Sobel gradients (edges, blind to colours and to dark-on-light vs light-on-dark), for folders "
+    "whose colours vary independently of the classes"
+)
+
 
 def is_timm(name: str) -> bool:
     """Whether ``name`` asks for a timm model (``timm:NAME``)."""

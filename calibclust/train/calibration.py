@@ -260,7 +260,7 @@ def run_calibration_bench(args) -> int:
 
     torch.manual_seed(args.seed)
     names, settings, out = bench_sets(args)
-    wanted = {**dataclasses.asdict(settings), "seed": args.seed}
+    wanted = settings.record(args.seed)
     rows = []
     for name in names:
         folder = out / name

@@ -58,11 +58,11 @@ def cdc_views(n_train: int) -> int:
 
 
 def moco_config(epochs: int, n_train: int, seed: int = 0, device: str = "auto", backbone: str = "small",
-                input_size: int = 32, batch_size: int | None = None):
+                input_size: int = 32, batch_size: int | None = None, input_filter: str = "none"):
     """MoCo-v2 pretraining of the profile (``batch_size`` None: :func:`pretrain_batch`)."""
     from calibclust.pretrain import MoCoConfig
 
-    return MoCoConfig(backbone=backbone, input_size=input_size, epochs=epochs,
+    return MoCoConfig(backbone=backbone, input_size=input_size, epochs=epochs, input_filter=input_filter,
                       batch_size=batch_size or pretrain_batch(n_train), lr=PRETRAIN_LR, proj_hidden_dim=PROJ_HIDDEN_DIM,
                       proj_dim=PROJ_DIM, seed=seed, device=device)
 
