@@ -27,7 +27,7 @@ import time
 from typing import Callable
 
 from calibclust.cli_names import device_arg
-from calibclust.models.names import INPUT_FILTERS
+from calibclust.models.names import FIT_INPUT_FILTERS, INPUT_FILTERS
 
 _TARGETS_ATTR = "_calibclust_bench_targets"
 
@@ -338,7 +338,7 @@ def _inertia(x, centers, labels) -> float:
 ZOO_SETS = ("digits", "digits-geometric", "digits-colour", "letters-fonts", "emoji")  # = calibclust.zoo.ZOO
 
 
-def zoo_set_options(p: argparse.ArgumentParser, out: str, contents: str) -> None:
+def zoo_set_options(p: argparse.ArgumentParser, out: str, contents: str, fit_filters: bool = False) -> None:
     """The options every data-zoo bench shares (``bench zoo``, ``choose-k``, ``calibration``): which
     sets, the working folder, settings (:class:`calibclust.zoo.ZooSettings`), seed."""
     p.add_argument("sets", nargs="*", metavar="SET", help="zoo sets to run (default: all, in the order listed below)")
@@ -346,8 +346,12 @@ def zoo_set_options(p: argparse.ArgumentParser, out: str, contents: str) -> None
     p.add_argument("--fast", action="store_true",
                    help="15 MoCo-v2 pretraining epochs instead of 100 (fit --pretrain-epochs 15)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage (default 0)")
-    p.add_argument("--input-filter", default="none", choices=INPUT_FILTERS,
-                   help="what the pretrained backbone sees, as fit --input-filter (default none)")
+    if fit_filters:
+        p.add_argument("--input-filter", default="auto", choices=FIT_INPUT_FILTERS,
+                       help="what the pretrained backbone sees, as fit --input-filter (default auto, fit's)")
+    else:
+        p.add_argument("--input-filter", default="none", choices=INPUT_FILTERS,
+                       help="what the pretrained backbone sees, as pretrain --input-filter (default none)")
     p.add_argument("--verbose", action="store_true", help="progress bars inside the stages")
 
 

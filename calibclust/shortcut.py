@@ -32,8 +32,11 @@ STATS_SIDE = 64  # images are box-filtered down to this side first: the statisti
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma weights (the zoo uses them too)
 
 ADVICE = {
+    # Measured on the data zoo's nuisance-colour digits (held-out): stronger colour augmentation and
+    # the colour presets left the clusters at chance; the gradient input filter reached ACC 0.76.
     "mean colour": "the features respond to colour, not shape; if colour is not what should separate the "
-                   "clusters, train on greyscale copies of the images or with stronger colour augmentation",
+                   "clusters, pretrain again with --input-filter gradient (calibclust fit or pretrain): the "
+                   "backbone then sees edges, blind to ink and paper colours",
     "brightness": "the clusters follow how light or dark the images are; if that is not what should separate "
                   "them, normalise brightness or train with stronger brightness/contrast augmentation",
     "contrast": "the clusters follow image contrast; train with stronger contrast augmentation",

@@ -345,7 +345,7 @@ class ZooSettings:
 
     pretrain_epochs: int
     n_ood: int
-    input_filter: str = "none"  # fit --input-filter
+    input_filter: str = "none"  # fit --input-filter (bench zoo: auto, fit's default)
 
     @classmethod
     def full(cls, input_filter: str = "none") -> "ZooSettings":
@@ -416,7 +416,9 @@ def heldout_features(name: str, out: Path, settings: ZooSettings, seed: int = 0,
     if not done.is_file():
         print(f"== {name}: {ZOO[name].description}", flush=True)
         train = TrainingData.from_folder(paths["train"], SIZE, progress=verbose)
-        config = moco_config(settings.pretrain_epochs, train.num_images, seed=seed, input_filter=settings.input_filter)
+        # "auto" needs a trained method's clusters; these benches pretrain only, on the images.
+        config = moco_config(settings.pretrain_epochs, train.num_images, seed=seed,
+                             input_filter="none" if settings.input_filter == "auto" else settings.input_filter)
         print(f"pretrain: MoCo-v2, {config.epochs} epochs, batch {config.batch_size}, {train.num_images} train images",
               flush=True)
         pretrain(train.images, config, out / "pretrain", resume=has_state(out / "pretrain"), progress=verbose,

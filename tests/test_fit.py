@@ -55,6 +55,13 @@ def test_fit_cli_on_mixed_size_jpegs_writes_a_model_that_labels_a_new_folder(cli
     assert fit_module.MIN_PRETRAIN_EPOCHS < plan["pretrain_epochs"] <= fit_module.MAX_PRETRAIN_EPOCHS, plan
     assert plan["estimated_minutes"] <= plan["budget_minutes"] + 1e-9, plan
     assert set(run["stages"]) == set(fit_module.STAGES)
+    # The canvases' dark colours vary per image, and the first model's clusters followed them: fit
+    # (--input-filter auto, the default) pretrained and trained again on gradient magnitudes.
+    choice = run["input_filter"]
+    assert choice["chosen"] == "gradient" and choice["shortcut_check"]["strongest"] == "mean colour", choice
+    assert "input filter (auto): the clusters follow mean colour" in proc.stdout, proc.stdout
+    assert (out / "pretrain-none").is_dir() and (out / "cdc-none" / "model").is_dir(), "the first try is kept"
+    assert json.loads((out / "pretrain" / "backbone.json").read_text())["spec"]["name"] == "gradient-input"
     held = run["stages"]["evaluate"]["heldout"]
     assert held["n"] == plan["n_heldout"]
     assert held["onnx_torch_label_agreement"] >= 0.99, held
@@ -91,11 +98,12 @@ def test_fit_refuses_an_existing_run_and_bad_settings(cli_run, mixed_folders, tm
     assert "not a folder" in message and "clusters" in message and "budget" in message and "held-out" in message
     with pytest.raises(calibclust.InputError, match="--input-filter applies to the pretraining; --backbone-weights brings its own"):
         fit_module.fit(train, tmp_path / "y", CLASSES, backbone_weights=str(out / "pretrain"), input_filter="gradient")
-    with pytest.raises(calibclust.InputError, match="input filter must be one of none, gradient, got 'sobel'"):
+    with pytest.raises(calibclust.InputError, match="input filter must be one of auto, none, gradient, got 'sobel'"):
         fit_module.fit(train, tmp_path / "y", CLASSES, input_filter="sobel")
     # The filter is part of the plan: the run's commands.sh repeats it, the plan names it.
     plan = fit_module.FitPlan(**{**json.loads((out / "run.json").read_text())["plan"], "input_filter": "gradient"})
-    assert fit_module.fit_command(plan, out)[-2:] == ["--input-filter", "gradient"] and "input filter gradient" in plan.describe()
+    argv = fit_module.fit_command(plan, out)
+    assert argv[argv.index("--input-filter") + 1] == "gradient" and "input filter gradient" in plan.describe(), (argv, plan.describe())
 
 
 def test_heldout_split_is_stable_and_about_the_fraction():
@@ -187,3 +195,47 @@ def test_plan_caches_fewer_views_per_image_for_large_folders(n, views):
     sizes = {"median_width": 32, "median_height": 32, "min_width": 32, "max_width": 32, "min_aspect": 1.0, "max_aspect": 1.0}
     plan = fit_module.make_plan("f", data, sizes, np.zeros(n, bool), 10, 10.0, "cpu", None, 0.1, 0)
     assert plan.cdc_views == views and f"{views} cached views per image" in plan.describe()
+
+
+def _fake_trained_run(out, explained: dict):
+    """A fit folder after its first pretraining and training, with the shortcut check CDC stored."""
+    from calibclust.shortcut import ShortcutCheck
+
+    for name in ("pretrain", "cdc/model"):
+        (out / name).mkdir(parents=True)
+    check = ShortcutCheck(explained, n_images=100).to_dict()
+    (out / "cdc" / "model" / "config.json").write_text(json.dumps({"metadata": {"train_stats": {"shortcut_check": check}}}))
+    run = fit_module.FitRun(out)
+    run.record["stages"] = {"pretrain": {"seconds": 1.0}, "train": {"seconds": 2.0}}
+    run.save()
+    return run
+
+
+def test_input_filter_auto_pretrains_again_on_gradients_only_when_the_clusters_follow_colour(tmp_path):
+    """``--input-filter auto``: the label-free shortcut check of the first model decides; the first
+    try is set aside (not lost), run.json says why, and the choice is taken once."""
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(input_filter="auto", backbone_weights=None, method="cdc", seed=0)
+    run = _fake_trained_run(tmp_path / "colour", {"mean colour": 0.68, "foreground area": 0.1})
+    assert fit_module._choose_input_filter(run, plan, None, tmp_path / "colour" / "cdc" / "model") == "gradient"
+    assert not run.done("pretrain") and not run.done("train"), "both stages run again"
+    assert (tmp_path / "colour" / "pretrain-none").is_dir() and (tmp_path / "colour" / "cdc-none" / "model").is_dir()
+    assert not (tmp_path / "colour" / "pretrain").exists()
+    saved = json.loads((tmp_path / "colour" / "run.json").read_text())["input_filter"]
+    assert saved["chosen"] == "gradient" and saved["shortcut_check"]["strongest"] == "mean colour"
+    assert set(saved["first_try_stages"]) == {"pretrain", "train"}
+    assert fit_module.resolved_input_filter(run.record, plan) == "gradient"
+    # Taken once: the second try's own check does not start a third.
+    (tmp_path / "colour" / "pretrain").mkdir()
+    assert fit_module._choose_input_filter(run, plan, None, tmp_path / "nowhere") == "gradient"
+    assert (tmp_path / "colour" / "pretrain").is_dir(), "the second try is not set aside"
+
+    for name, explained in (("shape", {"mean colour": 0.05, "foreground area": 0.22}),
+                            ("size", {"mean colour": 0.05, "foreground area": 0.6})):  # not what gradients remove
+        run = _fake_trained_run(tmp_path / name, explained)
+        assert fit_module._choose_input_filter(run, plan, None, tmp_path / name / "cdc" / "model") == "none", name
+        assert run.done("train") and (tmp_path / name / "pretrain").is_dir()
+        assert json.loads((tmp_path / name / "run.json").read_text())["input_filter"]["chosen"] == "none"
+    fixed = SimpleNamespace(input_filter="none", backbone_weights=None, method="cdc", seed=0)
+    assert fit_module._choose_input_filter(_fake_trained_run(tmp_path / "fixed", {"mean colour": 0.9}), fixed, None, None) == "none"

@@ -40,7 +40,7 @@ ZOO_COLUMNS = [
     ("clu_acc", "Clu ACC"), ("clu_nmi", "Clu NMI"), ("clu_ece", "Clu ECE"),
     ("flagged_ood", "held-out flagged OOD"), ("near_auroc", "near-OOD AUROC"), ("far_auroc", "far-OOD AUROC"),
     ("kmeans_pixels", "K-means pixels ACC"), ("kmeans_features", "K-means features ACC"),
-    ("shortcut", "shortcut check"), ("minutes", "minutes"),
+    ("shortcut", "shortcut check"), ("input_filter", "input filter"), ("minutes", "minutes"),
 ]
 
 
@@ -81,7 +81,7 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
     """``calibclust fit`` on the set, its exported model labelling held-out + OOD images, and the
     baselines: one row of the zoo table (every figure on held-out images or the OOD folders);
     ``settings`` a :class:`calibclust.zoo.ZooSettings`."""
-    from calibclust.app.fitting import fit
+    from calibclust.app.fitting import fit, resolved_input_filter
     from calibclust.io.predictions import read_predictions
     from calibclust.metrics import auroc
     from calibclust.serve.labeler import Labeler
@@ -143,6 +143,8 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
         "kmeans_pixels": kmeans_acc(x, y, len(classes), seed),
         "kmeans_features": kmeans_acc(features, y_feat, len(classes), seed),
         "shortcut": shortcut_cell(result.checkpoint / "config.json"),
+        # the one the kept model was pretrained with (fit --input-filter auto chooses)
+        "input_filter": resolved_input_filter(result.run, result.plan),
         "minutes": (time.perf_counter() - start) / 60.0,
     }
     write_json_atomic(done, row)
@@ -162,7 +164,7 @@ def run_zoo_bench(args) -> int:
     print(f"\ncalibclust bench zoo (calibclust fit --pretrain-epochs {settings.pretrain_epochs} --heldout-fraction "
           f"{ZOO_HELDOUT_FRACTION:g} --input-filter {settings.input_filter}, seed {args.seed}); every figure on fit's held-out split (never trained on) "
           "or the OOD folders:")
-    print_table([h for _, h in ZOO_COLUMNS], [[r[k] for k, _ in ZOO_COLUMNS] for r in rows])
+    print_table([h for _, h in ZOO_COLUMNS], [[r.get(k, "–") for k, _ in ZOO_COLUMNS] for r in rows])  # – : not in older rows
     return 0
 
 
@@ -181,7 +183,7 @@ examples:
 def _zoo_options(p: argparse.ArgumentParser) -> None:
     from calibclust.bench import zoo_set_options
 
-    zoo_set_options(p, "zoo-bench", "data, fit runs, labelled tables, zoo.json")
+    zoo_set_options(p, "zoo-bench", "data, fit runs, labelled tables, zoo.json", fit_filters=True)
 
 
 def register_cli(subparsers) -> None:

@@ -26,6 +26,9 @@ BACKBONE_HELP = (
 
 # What the backbone is given (:func:`calibclust.models.backbones.with_input_filter`).
 INPUT_FILTERS = ("none", "gradient")
+# fit's choices: "auto" pretrains on the images and again on their gradients when the clusters
+# follow colour, brightness or contrast (calibclust.app.fitting).
+FIT_INPUT_FILTERS = ("auto", *INPUT_FILTERS)
 INPUT_FILTER_HELP = (
     "what the backbone sees (default %(default)s): none = the image; gradient = the magnitude of its "
     "Sobel gradients (edges, blind to colours and to dark-on-light vs light-on-dark), for folders "

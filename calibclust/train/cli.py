@@ -399,6 +399,7 @@ def load_data_and_backbone(args, why_pretrain: str):
     re-estimated per --recalibrate-bn, and ``info["mean"]`` / ``info["std"]`` always set."""
     import torch
 
+    from calibclust.augment import DEFAULT_MEAN, DEFAULT_STD
     from calibclust.models.backbones import build_backbone
     from calibclust.models.clustering import ClusteringModel
     from calibclust.train.data import TrainingData, load_backbone_dir
@@ -416,7 +417,7 @@ def load_data_and_backbone(args, why_pretrain: str):
         # Measured on digits: SPICE_s 0.29 ACC on random features vs 0.84 on a MoCo-v2 backbone.
         print(f"warning: no --backbone-weights: the backbone is randomly initialised; {why_pretrain}. Pretrain "
               "first ('calibclust pretrain FOLDER --out DIR') and pass --backbone-weights DIR.", file=sys.stderr)
-    info = {**info, "mean": info.get("mean", (0.5, 0.5, 0.5)), "std": info.get("std", (0.25, 0.25, 0.25))}
+    info = {**info, "mean": info.get("mean", DEFAULT_MEAN), "std": info.get("std", DEFAULT_STD)}
     if args.recalibrate_bn == "yes" or (args.recalibrate_bn == "auto" and not pretrained):
         pre = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", mean=info["mean"],
                               std=info["std"]).preprocess
