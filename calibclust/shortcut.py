@@ -38,8 +38,10 @@ ADVICE = {
                    "clusters, pretrain again with --input-filter gradient (calibclust fit or pretrain): the "
                    "backbone then sees edges, blind to ink and paper colours",
     "brightness": "the clusters follow how light or dark the images are; if that is not what should separate "
-                  "them, normalise brightness or train with stronger brightness/contrast augmentation",
-    "contrast": "the clusters follow image contrast; train with stronger contrast augmentation",
+                  "them, pretrain again with --input-filter gradient (blind to brightness by construction; "
+                  "measured on colour only) or normalise brightness",
+    "contrast": "the clusters follow image contrast; pretrain again with --input-filter gradient (blind to "
+                "contrast by construction; measured on colour only) or train with stronger contrast augmentation",
     "foreground area": "the clusters follow how large the object is drawn; train with zoom-out (scale) "
                        "augmentation so that size does not decide the cluster",
     "aspect ratio": "the clusters follow the shape of the object's bounding box; check whether that is the "

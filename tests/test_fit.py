@@ -70,6 +70,7 @@ def test_fit_cli_on_mixed_size_jpegs_writes_a_model_that_labels_a_new_folder(cli
     assert 0 <= held["CDC-Cal"]["ece"] <= 1
     commands = (out / "commands.sh").read_text()
     assert "calibclust fit" in commands and "--clusters 3" in commands and "calibclust label" in commands
+    assert "--input-filter auto" in commands, "the run repeats with its own filter policy"
     report = (out / "report.html").read_text()
     assert "Held-out split" in report and "CDC-Cal" in report and "reliability" in report
     # The exported model labels a second folder of the same kind (torch-free command).
@@ -178,6 +179,9 @@ def test_fit_any_registered_method_kmeans(cli_run, mixed_folders, tmp_path):
     assert model.predict_proba(sorted(new.rglob("*.jpg"))[:3]).shape == (3, CLASSES)
     again = calibclust.fit(train, out=out, clusters=CLASSES, resume=True)  # the run's own method
     assert again.plan.method == "kmeans" and again.heldout == held
+    # With --backbone-weights the filter is the weights' own: the default auto is no other setting.
+    assert again.plan.input_filter == "none" and calibclust.fit(train, out=out, clusters=CLASSES, resume=True,
+                                                                input_filter="auto").heldout == held
     with pytest.raises(calibclust.InputError, match="method: the run has kmeans, now cdc"):
         calibclust.fit(train, out=out, clusters=CLASSES, resume=True, method="cdc")
     with pytest.raises(calibclust.InputError, match=r"method must be one of kmeans, spice, cdc(, \w+)*, got 'dbscan'"):
@@ -226,6 +230,7 @@ def test_input_filter_auto_pretrains_again_on_gradients_only_when_the_clusters_f
     assert saved["chosen"] == "gradient" and saved["shortcut_check"]["strongest"] == "mean colour"
     assert set(saved["first_try_stages"]) == {"pretrain", "train"}
     assert fit_module.resolved_input_filter(run.record, plan) == "gradient"
+    assert saved["first_try_stages"]["train"]["model_dir"] == str(tmp_path / "colour" / "cdc-none" / "model")
     # Taken once: the second try's own check does not start a third.
     (tmp_path / "colour" / "pretrain").mkdir()
     assert fit_module._choose_input_filter(run, plan, None, tmp_path / "nowhere") == "gradient"
@@ -237,5 +242,10 @@ def test_input_filter_auto_pretrains_again_on_gradients_only_when_the_clusters_f
         assert fit_module._choose_input_filter(run, plan, None, tmp_path / name / "cdc" / "model") == "none", name
         assert run.done("train") and (tmp_path / name / "pretrain").is_dir()
         assert json.loads((tmp_path / name / "run.json").read_text())["input_filter"]["chosen"] == "none"
+    # A check that fails keeps the images and says why: it never costs the trained model.
+    broken = _fake_trained_run(tmp_path / "broken", {})
+    (tmp_path / "broken" / "cdc" / "model" / "config.json").write_text("{}")
+    assert fit_module._choose_input_filter(broken, plan, None, tmp_path / "broken" / "cdc" / "model") == "none"
+    assert "error" in broken.record["input_filter"]["shortcut_check"] and broken.done("train")
     fixed = SimpleNamespace(input_filter="none", backbone_weights=None, method="cdc", seed=0)
     assert fit_module._choose_input_filter(_fake_trained_run(tmp_path / "fixed", {"mean colour": 0.9}), fixed, None, None) == "none"

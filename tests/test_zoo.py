@@ -203,6 +203,9 @@ def test_bench_zoo_fast_on_digits(tmp_path, capsys):
     assert row["cal_acc"] >= 0.6 and row["cal_ece"] <= 0.2, row
     assert row["near_auroc"] >= 0.9 and row["far_auroc"] >= 0.95 and row["flagged_ood"] <= 0.15, row
     assert 0.7 <= row["kmeans_pixels"] <= 0.88 and 0.3 <= row["kmeans_features"] <= 1, row
+    # fit's default --input-filter auto: the shortcut check is silent on digits, so no second try.
+    assert run["plan"]["input_filter"] == "auto" and run["input_filter"]["chosen"] == row["input_filter"] == "none", row
+    assert not (out / "digits" / "fit" / "pretrain-none").exists()
     # A second call reuses the finished set; other settings are refused, not mixed in.
     assert main(argv) == 0 and json.loads((out / "zoo.json").read_text())[0] == row
     capsys.readouterr()

@@ -145,8 +145,8 @@ class FitPlan:
             f"  backbone    {self.backbone}: " + (f"weights from {self.backbone_weights}" if self.backbone_weights
                                                   else f"MoCo-v2 pretraining, {self.pretrain_epochs} epochs, batch {self.pretrain_batch}"
                                                   + ("" if self.input_filter == "none" else f", input filter {self.input_filter}")
-                                                  + (" (a second pretraining, on gradients, if the clusters follow colour)"
-                                                     if self.input_filter == "auto" else "")),
+                                                  + (" (pretraining and training again, on gradients, if the clusters "
+                                                     "follow colour: about twice the estimate)" if self.input_filter == "auto" else "")),
             f"  clustering  {self.describe_method()}",
             f"  budget      {self.budget_minutes:g} min; estimated {self.estimated_minutes:.1f} min",
         ]
@@ -335,7 +335,8 @@ def fit(
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
     if resume and not run.exists():
         raise InputError(f"nothing to resume: {run.path} does not exist")
-    stale = [name for name in ("pretrain", method or "cdc") if not resume and (out / name).exists()]
+    stale = [name for base in ("pretrain", method or "cdc") for name in (base, f"{base}-none")
+             if not resume and (out / name).exists()]
     if stale:  # another run's training state: a new run would resume it unasked, with other settings
         raise InputError(f"{out} holds training state ({', '.join(n + '/' for n in stale)}) but no run.json; "
                          "delete it or choose a new --out")
@@ -350,7 +351,9 @@ def fit(
                                         cache_dir=out / CACHE_DIR)
         differences = [f"{name}: the run has {then}, now {now}" for name, then, now in (
             ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed), ("method", plan.method, method or plan.method),
-            ("input filter", plan.input_filter, input_filter or plan.input_filter)) if then != now]
+            # with --backbone-weights the weights bring their filter: the plan's "none" is no choice
+            ("input filter", plan.input_filter, input_filter if input_filter and not plan.backbone_weights else plan.input_filter))
+            if then != now]
         if plan.files_digest and files_digest(data.paths) != plan.files_digest:
             differences.append(f"files: the run had {plan.n_images} readable files, now {len(data.paths)}"
                                + (" (not the same ones)" if len(data.paths) == plan.n_images else ""))
@@ -406,7 +409,8 @@ def fit(
     model_path = _exemplars_stage(run, plan, train, base)
     _progress(5, "evaluate (held-out split)", started, plan)
     _evaluate_stage(run, plan, held, checkpoint, model_path)
-    run.record["minutes"] = round(sum(s["seconds"] for s in run.record["stages"].values()) / 60, 2)
+    first_try = run.record.get("input_filter", {}).get("first_try_stages", {})  # set aside by --input-filter auto
+    run.record["minutes"] = round(sum(s["seconds"] for s in [*run.record["stages"].values(), *first_try.values()]) / 60, 2)
     run.save()
     print(format_summary(run.record), flush=True)
     print(f"model: {model_path}\nreport: {out / 'report.html'}\n"
@@ -485,7 +489,11 @@ def _choose_input_filter(run: FitRun, plan: FitPlan, train, checkpoint: Path) ->
     ``pretrain-none/`` and ``METHOD-none/``; ``run.json`` records the choice and the check."""
     if plan.input_filter != "auto" or plan.backbone_weights or "input_filter" in run.record:
         return resolved_input_filter(run.record, plan)
-    check = _shortcut_check_of(checkpoint, train, plan.seed)
+    try:
+        check = _shortcut_check_of(checkpoint, train, plan.seed)
+    except Exception as exc:  # noqa: BLE001 - advisory, as in CDC: never lose a trained model to it
+        check = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"warning: the shortcut check failed ({check['error']}); keeping the images (input filter none)", flush=True)
     strongest = check.get("strongest")
     follows = bool(check.get("fired")) and strongest in FILTERED_SHORTCUTS
     chosen = "gradient" if follows else "none"
@@ -494,7 +502,9 @@ def _choose_input_filter(run: FitRun, plan: FitPlan, train, checkpoint: Path) ->
         print(f"input filter (auto): the clusters follow {strongest} ({check['explained'][strongest]:.2f}, warning from "
               f"{check['threshold']:.2f}); pretraining again on the images' gradient magnitudes (the first try is kept in "
               f"pretrain-none/ and {plan.method}-none/)", flush=True)
-        run.record["input_filter"]["first_try_stages"] = {k: run.record["stages"].pop(k) for k in ("pretrain", "train")}
+        first = {k: run.record["stages"].pop(k) for k in ("pretrain", "train")}
+        first["train"]["model_dir"] = str(run.out / f"{plan.method}-none" / "model")
+        run.record["input_filter"]["first_try_stages"] = first
     run.save()
     if follows:
         _set_aside_first_try(run.out, plan.method)
@@ -691,7 +701,10 @@ def format_summary(record: dict) -> str:
         lines.append(f"  accuracy of the accepted images {pct(h['accepted_accuracy'])} %")
     minutes = record.get("minutes")
     if minutes is not None:
-        lines.append(f"finished in {minutes:.1f} min (" + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in record['stages'].items()) + ")")
+        first_try = record.get("input_filter", {}).get("first_try_stages", {})
+        parts = [f"{k} {v['seconds']:.0f}s" for k, v in record["stages"].items()]
+        parts += [f"first try without the input filter {sum(v['seconds'] for v in first_try.values()):.0f}s"] if first_try else []
+        lines.append(f"finished in {minutes:.1f} min (" + ", ".join(parts) + ")")
     return "\n".join(lines)
 
 
@@ -753,7 +766,7 @@ def fit_command(plan: FitPlan, out: Path) -> list[str]:
     argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters),
             "--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
     argv += ["--resize", plan.resize, "--method", plan.method]
-    argv += ["--input-filter", plan.input_filter] if plan.input_filter != "none" else []
+    argv += ["--input-filter", plan.input_filter]  # always: the default (auto) is not every run's
     # The epochs the plan chose, so the same run repeats on a machine of another speed.
     argv += ["--backbone-weights", plan.backbone_weights] if plan.backbone_weights else ["--pretrain-epochs", str(plan.pretrain_epochs)]
     return argv
@@ -786,7 +799,8 @@ ECE); they never reach training. Without labels the report shows label-free figu
 
 EPILOG = """outputs in OUT: model.onnx (+ .exemplars.npz; label folders with it, no torch needed),
 model-base.onnx, model-base.int8.onnx (when its gate passes), report.html, run.json (plan, stages,
-held-out figures), commands.sh, pretrain/, METHOD/ (torch checkpoint in METHOD/model/, e.g. cdc/model/).
+held-out figures), commands.sh, pretrain/, METHOD/ (torch checkpoint in METHOD/model/, e.g. cdc/model/);
+pretrain-none/ and METHOD-none/ when --input-filter auto set a first try aside.
 
 examples:
   calibclust fit photos/ --out runs/photos --clusters 8
