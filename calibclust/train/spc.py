@@ -471,7 +471,7 @@ class SPCMethod(ClusteringMethod):
 
         cfg = self.config
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):  # the head's initialisation from the seed; the caller's RNG untouched
+        with self._forked_rng():  # the head's initialisation from the seed; the caller's RNG untouched
             torch.manual_seed(_seed(cfg.seed, 5))
             model = ClusteringModel(backbone, self.n_clusters, cfg.head_hidden_dim, head_names=("clustering",),
                                     predict_head="clustering", mean=backbone_info["mean"],
