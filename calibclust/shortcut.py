@@ -118,6 +118,16 @@ class ShortcutCheck:
         return {**asdict(self), "strongest": self.strongest, "fired": self.fired, "message": self.message}
 
 
+def stored_shortcut_check(checkpoint) -> dict | None:
+    """The check a trained model's checkpoint folder (``config.json``) carries in its metadata
+    (CDC stores one; ``{"error": ...}`` when it failed), or None."""
+    import json
+    from pathlib import Path
+
+    metadata = json.loads((Path(checkpoint) / "config.json").read_text()).get("metadata", {})
+    return metadata.get("train_stats", {}).get("shortcut_check")
+
+
 def shortcut_check(images: np.ndarray, clusters: np.ndarray, seed: int = 0,
                    threshold: float = SHORTCUT_THRESHOLD) -> ShortcutCheck:
     """Check whether ``clusters`` (ids per image) are predictable from trivial statistics of

@@ -371,7 +371,7 @@ def bench_sets(args) -> tuple[list[str], ZooSettings, Path]:
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise InputError(f"unknown zoo set(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
-    settings = (ZooSettings.fast if args.fast else ZooSettings.full)(getattr(args, "input_filter", "none"))
+    settings = (ZooSettings.fast if args.fast else ZooSettings.full)(args.input_filter)
     return names, settings, Path(args.out)
 
 
@@ -416,9 +416,7 @@ def heldout_features(name: str, out: Path, settings: ZooSettings, seed: int = 0,
     if not done.is_file():
         print(f"== {name}: {ZOO[name].description}", flush=True)
         train = TrainingData.from_folder(paths["train"], SIZE, progress=verbose)
-        # "auto" needs a trained method's clusters; these benches pretrain only, on the images.
-        config = moco_config(settings.pretrain_epochs, train.num_images, seed=seed,
-                             input_filter="none" if settings.input_filter == "auto" else settings.input_filter)
+        config = moco_config(settings.pretrain_epochs, train.num_images, seed=seed, input_filter=settings.input_filter)
         print(f"pretrain: MoCo-v2, {config.epochs} epochs, batch {config.batch_size}, {train.num_images} train images",
               flush=True)
         pretrain(train.images, config, out / "pretrain", resume=has_state(out / "pretrain"), progress=verbose,

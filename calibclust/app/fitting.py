@@ -409,7 +409,7 @@ def fit(
     model_path = _exemplars_stage(run, plan, train, base)
     _progress(5, "evaluate (held-out split)", started, plan)
     _evaluate_stage(run, plan, held, checkpoint, model_path)
-    first_try = run.record.get("input_filter", {}).get("first_try_stages", {})  # set aside by --input-filter auto
+    first_try = first_try_stages(run.record)
     run.record["minutes"] = round(sum(s["seconds"] for s in [*run.record["stages"].values(), *first_try.values()]) / 60, 2)
     run.save()
     print(format_summary(run.record), flush=True)
@@ -511,6 +511,11 @@ def _choose_input_filter(run: FitRun, plan: FitPlan, train, checkpoint: Path) ->
     return chosen
 
 
+def first_try_stages(record: dict) -> dict:
+    """The stages (with their seconds) of the try ``--input-filter auto`` set aside; empty if none."""
+    return record.get("input_filter", {}).get("first_try_stages", {})
+
+
 def _set_aside_first_try(out: Path, method: str) -> None:
     """Rename the first try's ``pretrain/`` and ``METHOD/`` to ``*-none/`` (idempotent: a run
     interrupted between the choice and the renames finishes them on resume)."""
@@ -522,10 +527,10 @@ def _set_aside_first_try(out: Path, method: str) -> None:
 def _shortcut_check_of(checkpoint: Path, train, seed: int) -> dict:
     """The trained model's shortcut check: the one CDC stores in its metadata, else computed on (up to
     :data:`calibclust.shortcut.MAX_IMAGES`) training images."""
-    from calibclust.shortcut import MAX_IMAGES, shortcut_check
+    from calibclust.shortcut import MAX_IMAGES, shortcut_check, stored_shortcut_check
     from calibclust.train.methods import ClusteringMethod
 
-    stored = json.loads((checkpoint / "config.json").read_text())["metadata"].get("train_stats", {}).get("shortcut_check")
+    stored = stored_shortcut_check(checkpoint)
     if stored and "explained" in stored:
         return stored
     rng = np.random.default_rng(seed)
@@ -701,7 +706,7 @@ def format_summary(record: dict) -> str:
         lines.append(f"  accuracy of the accepted images {pct(h['accepted_accuracy'])} %")
     minutes = record.get("minutes")
     if minutes is not None:
-        first_try = record.get("input_filter", {}).get("first_try_stages", {})
+        first_try = first_try_stages(record)
         parts = [f"{k} {v['seconds']:.0f}s" for k, v in record["stages"].items()]
         parts += [f"first try without the input filter {sum(v['seconds'] for v in first_try.values()):.0f}s"] if first_try else []
         lines.append(f"finished in {minutes:.1f} min (" + ", ".join(parts) + ")")

@@ -65,11 +65,11 @@ def kmeans_acc(x: np.ndarray, y: np.ndarray, k: int, seed: int) -> float:
     return float(hungarian_accuracy(y, pred).accuracy)
 
 
-def shortcut_cell(model_config: Path) -> str:
+def shortcut_cell(checkpoint: Path) -> str:
     """The trained model's shortcut check (:mod:`calibclust.shortcut`): its strongest statistic."""
-    from calibclust.shortcut import SHORTCUT_THRESHOLD
+    from calibclust.shortcut import SHORTCUT_THRESHOLD, stored_shortcut_check
 
-    check = json.loads(model_config.read_text())["metadata"]["train_stats"].get("shortcut_check")
+    check = stored_shortcut_check(checkpoint)
     if not check or not check.get("strongest"):
         return "–"
     name = check["strongest"]
@@ -142,7 +142,7 @@ def bench_one_set(name: str, out: Path, settings, seed: int = 0, verbose: bool =
         "far_auroc": ood_auroc("far"),
         "kmeans_pixels": kmeans_acc(x, y, len(classes), seed),
         "kmeans_features": kmeans_acc(features, y_feat, len(classes), seed),
-        "shortcut": shortcut_cell(result.checkpoint / "config.json"),
+        "shortcut": shortcut_cell(result.checkpoint),
         # the one the kept model was pretrained with (fit --input-filter auto chooses)
         "input_filter": resolved_input_filter(result.run, result.plan),
         "minutes": (time.perf_counter() - start) / 60.0,
