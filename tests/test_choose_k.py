@@ -94,12 +94,14 @@ def test_k_range_and_clusters_parsing():
     (["--clusters", "many"], "integer ≥ 2 or 'auto'"),
     (["--clusters", "auto", "--k-range", "9..3"], "HIGH must be larger than LOW"),
 ])
-def test_cli_rejects_bad_clusters_and_k_range_before_any_work(argv, message, tmp_path, capsys):
+@pytest.mark.parametrize("command", [["train", "cdc"], ["fit"]])
+def test_cli_rejects_bad_clusters_and_k_range_before_any_work(command, argv, message, tmp_path, capsys):
     from calibclust.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["train", "cdc", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
+        main([*command, str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("command", [["train", "compare"], ["train", "cdc-ablation"]])

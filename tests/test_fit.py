@@ -222,6 +222,7 @@ def test_input_filter_auto_pretrains_again_on_gradients_only_when_the_clusters_f
 
     plan = SimpleNamespace(input_filter="auto", backbone_weights=None, method="cdc", seed=0)
     run = _fake_trained_run(tmp_path / "colour", {"mean colour": 0.68, "foreground area": 0.1})
+    run.record["clusters_choice"] = {"k": 7, "seconds": 3.0}  # --clusters auto on the colours' backbone
     assert fit_module._choose_input_filter(run, plan, None, tmp_path / "colour" / "cdc" / "model") == "gradient"
     assert not run.done("pretrain") and not run.done("train"), "both stages run again"
     assert (tmp_path / "colour" / "pretrain-none").is_dir() and (tmp_path / "colour" / "cdc-none" / "model").is_dir()
@@ -229,6 +230,9 @@ def test_input_filter_auto_pretrains_again_on_gradients_only_when_the_clusters_f
     saved = json.loads((tmp_path / "colour" / "run.json").read_text())["input_filter"]
     assert saved["chosen"] == "gradient" and saved["shortcut_check"]["strongest"] == "mean colour"
     assert set(saved["first_try_stages"]) == {"pretrain", "train"}
+    # K is chosen again on the gradients' backbone; the first choice stays on record, and in the minutes.
+    assert "clusters_choice" not in run.record and saved["first_try_clusters_choice"]["k"] == 7
+    assert fit_module.clusters_choices(run.record) == [{"k": 7, "seconds": 3.0}]
     assert fit_module.resolved_input_filter(run.record, plan) == "gradient"
     assert saved["first_try_stages"]["train"]["model_dir"] == str(tmp_path / "colour" / "cdc-none" / "model")
     # Taken once: the second try's own check does not start a third.
@@ -249,3 +253,44 @@ def test_input_filter_auto_pretrains_again_on_gradients_only_when_the_clusters_f
     assert "error" in broken.record["input_filter"]["shortcut_check"] and broken.done("train")
     fixed = SimpleNamespace(input_filter="none", backbone_weights=None, method="cdc", seed=0)
     assert fit_module._choose_input_filter(_fake_trained_run(tmp_path / "fixed", {"mean colour": 0.9}), fixed, None, None) == "none"
+
+
+def test_fit_clusters_auto_chooses_k_once_trains_it_and_reports_it(digits_folder, digits_moco_backbone, tmp_path, capsys):
+    """``fit --clusters auto`` (here from Python, with the K-means baseline to stay fast): K is chosen
+    without labels after pretraining, trained with, stored in run.json, the model metadata (what
+    ``label``'s report plots) and fit's report; commands.sh repeats it; --resume keeps it."""
+    out = tmp_path / "auto"
+    model = calibclust.fit(digits_folder, out=out, clusters="auto", k_range=(2, 8), backbone_weights=str(digits_moco_backbone),
+                           method="kmeans", progress=False)
+    choice = model.run["clusters_choice"]
+    first = capsys.readouterr().out
+    assert "--clusters auto: comparing K = 2..8" in first and f"K = {choice['k']} chosen without labels" in first
+    assert 2 <= choice["k"] <= 8 and choice["ks"] == list(range(2, 9)) and choice["n_points"] == model.plan.n_train
+    assert model.plan.clusters == "auto" and model.plan.k_range == [2, 8]
+    labeller = calibclust.load(out / "model.onnx")
+    assert labeller.num_clusters == choice["k"] and labeller.metadata.train_stats["clusters_choice"] == choice
+    assert model.predict_proba(sorted(digits_folder.rglob("*.png"))[:2]).shape == (2, choice["k"])
+    assert "How K was chosen" in (out / "report.html").read_text()
+    assert "--clusters auto --k-range 2..8" in (out / "commands.sh").read_text()
+    assert repr(model) == f"FittedModel({str(out)!r}, clusters={choice['k']})"
+    assert model.run["minutes"] * 60 >= choice["seconds"], "the search counts in the run's minutes"
+
+    again = calibclust.fit(digits_folder, out=out, clusters="auto", resume=True, progress=False)
+    assert again.run["clusters_choice"] == choice and "comparing K" not in capsys.readouterr().out
+    with pytest.raises(calibclust.InputError, match=r"K range: the run has \[2, 8\], now \[2, 5\]"):
+        calibclust.fit(digits_folder, out=out, clusters="auto", k_range="2..5", resume=True)
+    with pytest.raises(calibclust.InputError, match="clusters: the run has auto, now 4"):
+        calibclust.fit(digits_folder, out=out, clusters=4, resume=True)
+
+
+@pytest.mark.parametrize("clusters, k_range, message", [
+    (5, (2, 8), "k_range applies to clusters='auto' only"),
+    ("auto", (1, 8), "the lowest K must be at least 2"),
+    ("auto", "8..3", "HIGH must be larger than LOW"),
+    ("auto", 7, r"k_range must be \(LOW, HIGH\)"),
+    ("many", None, "clusters must be an integer >= 2 or 'auto'"),
+])
+def test_fit_refuses_bad_clusters_and_k_range_before_reading_images(clusters, k_range, message, tmp_path):
+    with pytest.raises(calibclust.InputError, match=message):
+        calibclust.fit(tmp_path, out=tmp_path / "o", clusters=clusters, k_range=k_range)
+    assert not (tmp_path / "o").exists()

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calibclust.cluster.choose_k import DEFAULT_K_RANGE, add_cluster_args
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, InputError
 from calibclust.io.files import atomic_write_text, write_json_atomic
 from calibclust.models.names import FIT_INPUT_FILTERS, INPUT_FILTER_HELP
@@ -83,6 +84,10 @@ SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH, SPICE_SECONDS_PER_JOINT_STEP = 0.0028, 0.4
 # default CPU profiles), from `train compare` on 1,442 digits: DCCM 257 s (2 idle cores), SPC
 # 141-207 s (11 rounds, or the 20-round cap; cores shared); GCC 658 s on 1,455 (2 idle cores).
 OTHER_METHOD_SECONDS_PER_IMAGE = {"dccm": 0.18, "spc": 0.15, "gcc": 0.45}
+# --clusters auto: one k-means sweep (calibclust.cluster.choose_k) on at most 2,000 images' features,
+# its cost about proportional to the images times the sum of the K compared: 36 s for K = 2..30
+# (sum 464) on 1,797 digits, 2 cores.
+CHOOSE_K_SECONDS_PER_IMAGE_K = 36 / (1797 * 464)
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -91,7 +96,7 @@ class FitPlan:
     """What ``fit`` decided before training, and why (saved in ``run.json``)."""
 
     folder: str
-    clusters: int
+    clusters: int | str  # K, or "auto": chosen without labels after pretraining (run.json's "clusters_choice")
     n_images: int
     n_unreadable: int
     n_train: int
@@ -120,15 +125,21 @@ class FitPlan:
     method: str = "cdc"  # the registry name (calibclust.train.methods); runs before the option trained CDC
     cdc_views: int = CDC_VIEWS  # cached weak/strong views per image (fewer for large folders)
     input_filter: str = "none"  # what the pretrained backbone sees (FIT_INPUT_FILTERS); runs before the option: none
+    k_range: list[int] | None = None  # the K values --clusters auto compares
+
+    def describe_clusters(self) -> str:
+        if self.clusters != "auto":
+            return f"{self.clusters} clusters"
+        return f"K clusters, K chosen without labels from {self.k_range[0]}..{self.k_range[1]} after pretraining"
 
     def describe_method(self) -> str:
         if self.method == "cdc":
-            return (f"CDC, {self.clusters} clusters, frozen backbone, {self.cdc_epochs} epochs, batch {self.cdc_batch}, "
+            return (f"CDC, {self.describe_clusters()}, frozen backbone, {self.cdc_epochs} epochs, batch {self.cdc_batch}, "
                     f"hidden {self.cdc_hidden}, {self.cdc_views} cached views per image")
         if self.method == "spice":
-            return (f"SPICE, {self.clusters} clusters, stage 2 on the frozen backbone ({SPICE_HEAD_EPOCHS} epochs, batch "
+            return (f"SPICE, {self.describe_clusters()}, stage 2 on the frozen backbone ({SPICE_HEAD_EPOCHS} epochs, batch "
                     f"{self.cdc_batch}), stage 3 {SPICE_JOINT_STEPS} steps training the backbone")
-        return f"{self.method}, {self.clusters} clusters, its default settings"
+        return f"{self.method}, {self.describe_clusters()}, its default settings"
 
     def describe(self) -> str:
         sizes = self.image_sizes
@@ -199,9 +210,9 @@ def _absolute(weights: str | None) -> str | None:
     return str(Path(weights).resolve()) if weights and Path(weights).exists() else weights
 
 
-def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int, budget_minutes: float, device: str,
+def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int | str, budget_minutes: float, device: str,
               backbone_weights: str | None, heldout_fraction: float, seed: int, pretrain_epochs: int | None = None,
-              method: str = "cdc", input_filter: str = "none") -> FitPlan:
+              method: str = "cdc", input_filter: str = "none", k_range: tuple[int, int] = DEFAULT_K_RANGE) -> FitPlan:
     import torch
 
     from calibclust.precision import cpu_bf16_supported
@@ -226,6 +237,10 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
     if method == "spice":
         after += SPICE_HEAD_EPOCHS * n_train * SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH + SPICE_JOINT_STEPS * SPICE_SECONDS_PER_JOINT_STEP
     after = FIXED_SECONDS + after * (0.1 if device.startswith("cuda") else 1)  # CPU measurements; a GPU taken as 10x
+    if clusters == "auto":  # the k-means sweep runs on the CPU whatever the device (calibclust.cluster.choose_k)
+        from calibclust.cluster.choose_k import DEFAULT_MAX_POINTS
+
+        after += CHOOSE_K_SECONDS_PER_IMAGE_K * min(n_train, DEFAULT_MAX_POINTS) * sum(range(k_range[0], k_range[1] + 1))
     if backbone_weights:
         epochs = 0
     elif pretrain_epochs is not None:
@@ -254,7 +269,7 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         cdc_batch=cdc_batch(n_train), cdc_hidden=cdc_hidden(n_train), budget_minutes=float(budget_minutes),
         estimated_minutes=(epochs * per_epoch + after) / 60, heldout_fraction=float(heldout_fraction), seed=seed,
         files_digest=files_digest(data.paths), notes=notes, method=method,
-        cdc_views=cdc_views(n_train), input_filter=input_filter,
+        cdc_views=cdc_views(n_train), input_filter=input_filter, k_range=list(k_range) if clusters == "auto" else None,
     )
 
 
@@ -304,7 +319,7 @@ def _progress(index: int, name: str, started: float, plan: FitPlan) -> None:
 def fit(
     folder: str | os.PathLike,
     out: str | os.PathLike,
-    clusters: int,
+    clusters: int | str,
     budget_minutes: float = DEFAULT_BUDGET_MINUTES,
     device: str = "auto",
     resume: bool = False,
@@ -316,6 +331,7 @@ def fit(
     pretrain_epochs: int | None = None,
     method: str | None = None,
     input_filter: str | None = None,
+    k_range: tuple[int, int] | str | None = None,
 ) -> FitResult:
     """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring);
     ``method`` is any registered method (:func:`calibclust.train.methods.method_names`); None: CDC, or
@@ -323,13 +339,16 @@ def fit(
     (:data:`calibclust.models.names.FIT_INPUT_FILTERS`): ``"none"`` the images, ``"gradient"`` their
     gradient magnitudes (for folders whose colours vary independently of the classes), ``"auto"``
     (None: the default, or on ``resume`` the run's own) the images, then their gradients when the
-    trained model's clusters follow colour, brightness or contrast (:func:`_choose_input_filter`)."""
+    trained model's clusters follow colour, brightness or contrast (:func:`_choose_input_filter`).
+    ``clusters`` is K, or ``"auto"``: K chosen without labels from ``k_range`` (LOW, HIGH) or
+    ``"LOW..HIGH"`` (None: 2..30) on the pretrained backbone's features of the training split
+    (:func:`_choose_clusters`)."""
     from calibclust.device import resolve_device
     from calibclust.train.data import TrainingData
 
     folder, out = Path(folder), Path(out)
-    _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs, method or "cdc",
-              input_filter or "auto", backbone_weights)
+    k_range = _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs, method or "cdc",
+                        input_filter or "auto", backbone_weights, k_range)
     run = FitRun(out)
     if run.exists() and not resume:
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
@@ -352,7 +371,8 @@ def fit(
         differences = [f"{name}: the run has {then}, now {now}" for name, then, now in (
             ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed), ("method", plan.method, method or plan.method),
             # with --backbone-weights the weights bring their filter: the plan's "none" is no choice
-            ("input filter", plan.input_filter, input_filter if input_filter and not plan.backbone_weights else plan.input_filter))
+            ("input filter", plan.input_filter, input_filter if input_filter and not plan.backbone_weights else plan.input_filter),
+            ("K range", plan.k_range, list(k_range) if k_range else plan.k_range))
             if then != now]
         if plan.files_digest and files_digest(data.paths) != plan.files_digest:
             differences.append(f"files: the run had {plan.n_images} readable files, now {len(data.paths)}"
@@ -375,15 +395,17 @@ def fit(
         data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress, resize=resize, cache_dir=out / CACHE_DIR)
         heldout = heldout_by_path_hash(data.paths, heldout_fraction)
         n_train = int((~heldout).sum())
-        if n_train < max(20, 2 * clusters):
+        fewest = k_range[0] if clusters == "auto" else clusters
+        if n_train < max(20, 2 * fewest):
             shutil.rmtree(out / CACHE_DIR, ignore_errors=True)  # a refused run leaves nothing behind
             if new_out:
                 with contextlib.suppress(OSError):
                     out.rmdir()
-            raise InputError(f"{n_train} training images for {clusters} clusters; fit needs at least "
+            raise InputError(f"{n_train} training images for {fewest} clusters; fit needs at least "
                              f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
         plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed,
-                         pretrain_epochs, method or "cdc", "none" if backbone_weights else input_filter or "auto")
+                         pretrain_epochs, method or "cdc", "none" if backbone_weights else input_filter or "auto",
+                         k_range or DEFAULT_K_RANGE)
         out.mkdir(parents=True, exist_ok=True)
         _write_commands(out, plan)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
@@ -396,11 +418,13 @@ def fit(
 
     _progress(1, "pretrain", started, plan)
     backbone, info = _pretrain_stage(run, plan, train, progress)
+    _choose_clusters(run, plan, train, backbone, info, progress)
     _progress(2, f"train ({plan.method})", started, plan)
     checkpoint = _train_stage(run, plan, train, held, backbone, info, progress)
     if _choose_input_filter(run, plan, train, checkpoint) == "gradient" and not run.done("train"):
         _progress(1, "pretrain again, on gradient magnitudes", started, plan)
         backbone, info = _pretrain_stage(run, plan, train, progress)
+        _choose_clusters(run, plan, train, backbone, info, progress)
         _progress(2, f"train ({plan.method}) again", started, plan)
         checkpoint = _train_stage(run, plan, train, held, backbone, info, progress)
     _progress(3, "export (ONNX + INT8 gate)", started, plan)
@@ -409,8 +433,9 @@ def fit(
     model_path = _exemplars_stage(run, plan, train, base)
     _progress(5, "evaluate (held-out split)", started, plan)
     _evaluate_stage(run, plan, held, checkpoint, model_path)
-    first_try = first_try_stages(run.record)
-    run.record["minutes"] = round(sum(s["seconds"] for s in [*run.record["stages"].values(), *first_try.values()]) / 60, 2)
+    seconds = [s["seconds"] for s in [*run.record["stages"].values(), *first_try_stages(run.record).values()]]
+    seconds += [c["seconds"] for c in clusters_choices(run.record)]
+    run.record["minutes"] = round(sum(seconds) / 60, 2)
     run.save()
     print(format_summary(run.record), flush=True)
     print(f"model: {model_path}\nreport: {out / 'report.html'}\n"
@@ -420,7 +445,9 @@ def fit(
 
 def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float, resize: str,
               pretrain_epochs: int | None = None, method: str = "cdc", input_filter: str = "auto",
-              backbone_weights: str | None = None) -> None:
+              backbone_weights: str | None = None, k_range=None) -> tuple[int, int] | None:
+    """Every problem with the arguments in one error; returns ``k_range`` parsed (None when not given)."""
+    from calibclust.cluster.choose_k import parse_k_range
     from calibclust.metadata import RESIZE_POLICIES
     from calibclust.train.methods import method_names
 
@@ -431,8 +458,15 @@ def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: f
         problems.append(f"resize must be auto or one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
     if not folder.is_dir():
         problems.append(f"not a folder: {folder}")
-    if not isinstance(clusters, (int, np.integer)) or clusters < 2:
-        problems.append(f"clusters must be an integer >= 2, got {clusters!r}")
+    if clusters != "auto" and (not isinstance(clusters, (int, np.integer)) or clusters < 2):
+        problems.append(f"clusters must be an integer >= 2 or 'auto', got {clusters!r}")
+    if k_range is not None:
+        if clusters != "auto":
+            problems.append(f"k_range applies to clusters='auto' only, got clusters={clusters!r}")
+        try:
+            k_range = parse_k_range(k_range if isinstance(k_range, str) else "..".join(str(int(k)) for k in k_range))
+        except (InputError, TypeError, ValueError) as exc:
+            problems.append(str(exc) if isinstance(exc, InputError) else f"k_range must be (LOW, HIGH) or 'LOW..HIGH', got {k_range!r}")
     if pretrain_epochs is not None and not (isinstance(pretrain_epochs, (int, np.integer)) and pretrain_epochs >= 1):
         problems.append(f"pretrain epochs must be an integer >= 1, got {pretrain_epochs!r}")
     if not budget_minutes > 0:
@@ -445,6 +479,7 @@ def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: f
         problems.append("--input-filter applies to the pretraining; --backbone-weights brings its own (set when it was pretrained)")
     if problems:
         raise InputError("; ".join(problems))
+    return k_range
 
 
 def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
@@ -466,6 +501,38 @@ def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
                           data_info={"folder": plan.folder, "split": "fit train split", "n_images": train.num_images})
         run.finish("pretrain", time.perf_counter() - start, final_loss=result.history[-1]["loss"] if result.history else None)
     return load_backbone_dir(pretrain_dir)
+
+
+def resolved_clusters(record: dict) -> int:
+    """The K a run (``run.json``'s ``record``) trains: the plan's, or under ``--clusters auto`` the one
+    chosen (for the try in progress)."""
+    clusters = record["plan"]["clusters"]
+    return int(record["clusters_choice"]["k"]) if clusters == "auto" else int(clusters)
+
+
+def _choose_clusters(run: FitRun, plan: FitPlan, train, backbone, info: dict, progress: bool) -> None:
+    """``--clusters auto``, after pretraining: K by :func:`calibclust.cluster.choose_k.choose_k` on the
+    backbone's features of (up to 2,000 of) the training images, saved in ``run.json`` before training
+    so that ``--resume`` keeps it; the method stores it in the model metadata, and ``label``'s report
+    plots it. The training split and not the held-out one: no label is read, so nothing leaks, and
+    the held-out split (10 % by default) is too small to compare K up to 30 with at least 3 images
+    per cluster. A second try of ``--input-filter auto`` chooses again on its own backbone."""
+    if plan.clusters != "auto" or "clusters_choice" in run.record:
+        return
+    from calibclust.train.data import choose_k_on_backbone
+
+    low, high = plan.k_range
+    print(f"      --clusters auto: comparing K = {low}..{high} on the backbone's features of the training images "
+          "(label-free)", flush=True)
+    report = (lambda k: print(f"      K = {k} compared", flush=True)) if progress else None
+    choice = choose_k_on_backbone(train.images, backbone, info, (low, high), seed=plan.seed, device=plan.device,
+                                  progress=report)
+    print("\n".join("    " + line for line in choice.format_table().splitlines()), flush=True)
+    if choice.ks[-1] < high:
+        print(f"      (K above {choice.ks[-1]} not compared: {choice.n_points} images allow at most {choice.ks[-1]} "
+              "clusters of at least 3)", flush=True)
+    run.record["clusters_choice"] = choice.to_dict()
+    run.save()
 
 
 # The statistics the gradient filter is blind to by construction (a per-image gradient magnitude
@@ -505,6 +572,8 @@ def _choose_input_filter(run: FitRun, plan: FitPlan, train, checkpoint: Path) ->
         first = {k: run.record["stages"].pop(k) for k in ("pretrain", "train")}
         first["train"]["model_dir"] = str(run.out / f"{plan.method}-none" / "model")
         run.record["input_filter"]["first_try_stages"] = first
+        if "clusters_choice" in run.record:  # the gradients' backbone chooses K again
+            run.record["input_filter"]["first_try_clusters_choice"] = run.record.pop("clusters_choice")
     run.save()
     if follows:
         _set_aside_first_try(run.out, plan.method)
@@ -514,6 +583,13 @@ def _choose_input_filter(run: FitRun, plan: FitPlan, train, checkpoint: Path) ->
 def first_try_stages(record: dict) -> dict:
     """The stages (with their seconds) of the try ``--input-filter auto`` set aside; empty if none."""
     return record.get("input_filter", {}).get("first_try_stages", {})
+
+
+def clusters_choices(record: dict) -> list[dict]:
+    """Every ``--clusters auto`` choice a run made: the first try's (set aside by ``--input-filter
+    auto``), then the current one."""
+    choices = [record.get("input_filter", {}).get("first_try_clusters_choice"), record.get("clusters_choice")]
+    return [c for c in choices if c]
 
 
 def _set_aside_first_try(out: Path, method: str) -> None:
@@ -540,18 +616,18 @@ def _shortcut_check_of(checkpoint: Path, train, seed: int) -> dict:
     return shortcut_check(images, clusters, seed=seed).to_dict()
 
 
-def method_config(plan: FitPlan):
-    """The settings ``fit`` trains its method with (None: the method's defaults): the CPU profile
-    (:mod:`calibclust.train.profiles`) with the sizes the plan fixed."""
+def method_config(plan: FitPlan, clusters: int):
+    """The settings ``fit`` trains its method with for ``clusters`` (None: the method's defaults): the
+    CPU profile (:mod:`calibclust.train.profiles`) with the sizes the plan fixed."""
     from calibclust.train.profiles import cdc_config, dccm_config, spice_config
 
     if plan.method == "cdc":
-        return cdc_config(plan.clusters, plan.n_train, seed=plan.seed, batch_size=plan.cdc_batch, hidden_dim=plan.cdc_hidden,
+        return cdc_config(clusters, plan.n_train, seed=plan.seed, batch_size=plan.cdc_batch, hidden_dim=plan.cdc_hidden,
                           num_views=plan.cdc_views, epochs=plan.cdc_epochs)
     if plan.method == "spice":
-        return spice_config(plan.clusters, plan.n_train, seed=plan.seed, batch_size=plan.cdc_batch, num_views=plan.cdc_views)
+        return spice_config(clusters, plan.n_train, seed=plan.seed, batch_size=plan.cdc_batch, num_views=plan.cdc_views)
     if plan.method == "dccm":
-        return dccm_config(plan.clusters, seed=plan.seed)
+        return dccm_config(clusters, seed=plan.seed)
     return None
 
 
@@ -564,10 +640,13 @@ def _train_stage(run: FitRun, plan: FitPlan, train, held, backbone, info, progre
     if not run.done("train"):
         start = time.perf_counter()
         options = {"view_config": ViewConfig(flip_p=0.0)} if plan.method == "spice" else {}
-        method = get_method(plan.method)(plan.clusters, method_config(plan), seed=plan.seed, device=plan.device,
+        clusters = resolved_clusters(run.record)
+        method = get_method(plan.method)(clusters, method_config(plan, clusters), seed=plan.seed, device=plan.device,
                                          progress=progress, **options)
         eval_data = held if (held.labels is not None and held.num_images) else None
         method.fit(train, backbone, info, out_dir=method_dir, eval_data=eval_data, resume=has_state(method_dir))
+        if "clusters_choice" in run.record:  # into the model metadata: label's report plots it
+            method.metadata.train_stats["clusters_choice"] = run.record["clusters_choice"]
         model_dir = method.save(method_dir / "model")
         run.finish("train", time.perf_counter() - start, model_dir=str(model_dir),
                    mean_confidence=method.metadata.train_stats.get("mean_confidence"))
@@ -692,7 +771,11 @@ def format_summary(record: dict) -> str:
     def pct(v):
         return "  –  " if v is None else f"{100 * v:5.1f}"
 
-    lines = [f"held-out split ({h['n']} images never trained on):",
+    choice = record.get("clusters_choice")
+    lines = [f"K = {choice['k']} chosen without labels from {choice['ks'][0]}..{choice['ks'][-1]} (runner-up "
+             f"{choice['runner_up']}; picks: " + ", ".join(f"{c} {k}" for c, k in choice["picks"].items()) + ")"
+             + (f"; {choice['message']}" if choice.get("message") else "")] if choice else []
+    lines += [f"held-out split ({h['n']} images never trained on):",
              f"  mean confidence {pct(h['mean_confidence'])} %   accepted at confidence >= {h['confidence_threshold']:.2f}: "
              f"{pct(h['accepted_share'])} %   flagged OOD {pct(h['ood_share'])} %",
              f"  cluster sizes {pct(h['cluster_share_min'])}–{pct(h['cluster_share_max'])} % of images "
@@ -708,6 +791,7 @@ def format_summary(record: dict) -> str:
     if minutes is not None:
         first_try = first_try_stages(record)
         parts = [f"{k} {v['seconds']:.0f}s" for k, v in record["stages"].items()]
+        parts += [f"choosing K {sum(c['seconds'] for c in clusters_choices(record)):.0f}s"] if choice else []
         parts += [f"first try without the input filter {sum(v['seconds'] for v in first_try.values()):.0f}s"] if first_try else []
         lines.append(f"finished in {minutes:.1f} min (" + ", ".join(parts) + ")")
     return "\n".join(lines)
@@ -721,12 +805,20 @@ def _rows(heldout: dict) -> list[str]:
 def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -> Path:
     """``report.html``: the plan, held-out figures, reliability diagram (with labels), clusters."""
     from calibclust.metrics import CalibrationResult
-    from calibclust.report import HTMLReport, plot_reliability_diagram
+    from calibclust.report import HTMLReport, plot_k_criteria, plot_reliability_diagram
 
     plan = record["plan"]
-    report = HTMLReport("calibclust fit", f"{plan['folder']} → {plan['clusters']} clusters")
+    clusters = resolved_clusters(record)
+    report = HTMLReport("calibclust fit", f"{plan['folder']} → {clusters} clusters")
     report.add_heading("Plan")
     report.add_html("<pre>" + _escape(FitPlan(**plan).describe()) + "</pre>")
+    choice = record.get("clusters_choice")
+    if choice:
+        report.add_heading("How K was chosen")
+        report.add_paragraph(f"--clusters auto: K = {choice['k']} ({choice['rule']}; runner-up {choice['runner_up']}), from "
+                             f"the backbone's features of {choice['n_points']} training images, without labels."
+                             + (f" {choice['message']}" if choice.get("message") else ""))
+        report.add_figure(plot_k_criteria(choice), alt="criteria against K")
     h = record["stages"].get("evaluate", {}).get("heldout", {})
     report.add_heading("Held-out split")
     if h.get("n"):
@@ -749,7 +841,7 @@ def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -
     if heldout_outputs is not None:
         held, outputs = heldout_outputs
         report.add_heading("Clusters: most confident held-out images")
-        for c in range(plan["clusters"]):
+        for c in range(clusters):
             idx = np.flatnonzero(outputs["label"] == c)
             idx = idx[np.argsort(-outputs["confidence"][idx])][:10]
             report.add_paragraph(f"cluster {c}: {int((outputs['label'] == c).sum())} held-out images")
@@ -768,8 +860,9 @@ def _escape(text: str) -> str:
 
 
 def fit_command(plan: FitPlan, out: Path) -> list[str]:
-    argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters),
-            "--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
+    argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters)]
+    argv += ["--k-range", "{}..{}".format(*plan.k_range)] if plan.clusters == "auto" else []
+    argv += ["--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
     argv += ["--resize", plan.resize, "--method", plan.method]
     argv += ["--input-filter", plan.input_filter]  # always: the default (auto) is not every run's
     # The epochs the plan chose, so the same run repeats on a machine of another speed.
@@ -811,6 +904,7 @@ examples:
   calibclust fit photos/ --out runs/photos --clusters 8
   calibclust fit photos/ --out runs/photos --clusters 8 --budget 30     # more pretraining
   calibclust fit photos/ --out runs/photos --clusters 8 --resume        # after Ctrl-C
+  calibclust fit photos/ --out runs/auto --clusters auto --k-range 2..20  # K chosen without labels
   calibclust fit photos/ --out runs/kmeans --clusters 8 --method kmeans # a baseline, same outputs
   calibclust label new_photos/ --model runs/photos/model.onnx --out labelled/ --target-accuracy 0.9"""
 
@@ -820,7 +914,7 @@ def register_cli(subparsers) -> None:
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="image folder (searched recursively)")
     p.add_argument("--out", required=True, help="output folder (new, or an interrupted run with --resume)")
-    p.add_argument("--clusters", type=int, required=True, help="number of clusters K (>= 2)")
+    add_cluster_args(p)
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_MINUTES, metavar="MINUTES",
                    help=f"time to aim for on this machine; sizes the pretraining (default {DEFAULT_BUDGET_MINUTES:g}, "
                         "sized for 2 CPU cores)")
@@ -856,5 +950,5 @@ def _run_cli(args) -> int:
     result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
                  backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
                  progress=not args.no_progress, resize=args.resize, pretrain_epochs=args.pretrain_epochs, method=args.method,
-                 input_filter=args.input_filter)
+                 input_filter=args.input_filter, k_range=args.k_range if args.clusters == "auto" else None)
     return EXIT_PARTIAL if result.run.get("unreadable") else EXIT_OK

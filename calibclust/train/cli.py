@@ -571,28 +571,18 @@ def choose_clusters(args, data, backbone, info: dict, device: str) -> dict | Non
         print(f"--clusters auto: resuming with K = {args.clusters}, chosen when the run started "
               f"({saved_path}; --k-range is not searched again)", file=sys.stderr)
         return saved
-    import numpy as np
-    import torch.nn.functional as F
-
-    from calibclust.cluster.choose_k import DEFAULT_MAX_POINTS, choose_k
+    from calibclust.cluster.choose_k import DEFAULT_MAX_POINTS
     from calibclust.device import resolve_device
-    from calibclust.models.clustering import ClusteringModel
-    from calibclust.train.data import embed_images
+    from calibclust.train.data import choose_k_on_backbone
 
-    device = str(resolve_device(device))
-    norm = {k: tuple(info[k]) for k in ("mean", "std") if info.get(k) is not None}
-    probe = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", **norm).to(device)
-    # The criteria are sample statistics: embed a fixed random subset, not the whole folder.
-    n = data.num_images
-    rows = np.sort(np.random.default_rng(args.seed).choice(n, DEFAULT_MAX_POINTS, replace=False)) if n > DEFAULT_MAX_POINTS else slice(None)
-    z = F.normalize(embed_images(probe, data.images[rows], device=device), dim=1).cpu().numpy()
     low, high = args.k_range
-    print(f"--clusters auto: comparing K = {low}..{high} on the backbone's features of {len(z)} of {n} images",
-          file=sys.stderr)
+    print(f"--clusters auto: comparing K = {low}..{high} on the backbone's features of "
+          f"{min(data.num_images, DEFAULT_MAX_POINTS)} of {data.num_images} images", file=sys.stderr)
     progress = None if args.no_progress else (lambda k: print(f"  K = {k} done", file=sys.stderr, flush=True))
-    choice = choose_k(z, (low, high), seed=args.seed, progress=progress)
+    choice = choose_k_on_backbone(data.images, backbone, info, (low, high), seed=args.seed,
+                                  device=str(resolve_device(device)), progress=progress)
     if choice.ks[-1] < high:
-        print(f"  (K above {choice.ks[-1]} not compared: {len(z)} images allow at most {choice.ks[-1]} clusters "
+        print(f"  (K above {choice.ks[-1]} not compared: {choice.n_points} images allow at most {choice.ks[-1]} clusters "
               "of at least 3)", file=sys.stderr)
     print(choice.format_table(), file=sys.stderr)
     args.clusters = choice.k

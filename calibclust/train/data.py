@@ -136,6 +136,23 @@ def embed_images(model: ClusteringModel, images: np.ndarray, batch_size: int = 5
     return torch.cat(out) if out else torch.zeros(0, model.feature_dim, device=device)
 
 
+def choose_k_on_backbone(images: np.ndarray, backbone: nn.Module, backbone_info: dict, k_range: tuple[int, int],
+                         seed: int = 0, device: str = "cpu", progress=None):
+    """``--clusters auto``: :func:`calibclust.cluster.choose_k.choose_k` on the L2-normalised eval-mode
+    features ``backbone`` (normalised as ``backbone_info`` says) gives a fixed random subset of
+    ``images`` (at most :data:`~calibclust.cluster.choose_k.DEFAULT_MAX_POINTS`: the criteria are
+    sample statistics, and the rest would only cost time). Returns the ``KChoice``."""
+    from calibclust.cluster.choose_k import DEFAULT_MAX_POINTS, choose_k
+
+    norm = {k: tuple(backbone_info[k]) for k in ("mean", "std") if backbone_info.get(k) is not None}
+    probe = ClusteringModel(backbone, 2, head_names=("clustering",), predict_head="clustering", **norm).to(device)
+    n = len(images)
+    rows = (np.sort(np.random.default_rng(seed).choice(n, DEFAULT_MAX_POINTS, replace=False)) if n > DEFAULT_MAX_POINTS
+            else slice(None))
+    z = F.normalize(embed_images(probe, np.asarray(images[rows]), device=device), dim=1).cpu().numpy()
+    return choose_k(z, k_range, seed=seed, progress=progress)
+
+
 def fit_head_to_targets(head: nn.Module, features: torch.Tensor, targets: torch.Tensor, epochs: int, lr: float,
                         batch_size: int, generator: torch.Generator) -> float:
     """Adam on a head over fixed features (N, D): cross-entropy against ``targets``, class indices
