@@ -255,7 +255,7 @@ def plot_risk_coverage(curve: "RiskCoverage", title: str | None = None) -> SVGFi
 
 def plot_k_criteria(choice: dict) -> SVGFigure:
     """The ``--clusters auto`` criteria against K (:class:`calibclust.cluster.choose_k.KChoice`'s dict),
-    each scaled to [0, 1] over the range so that the three share one axis; the chosen K is marked."""
+    each scaled to [0, 1] over the range so that they share one axis; the chosen K is marked."""
     ks = np.asarray(choice["ks"], float)
     chart = Chart(f"Choosing K without labels: chosen {choice['k']}, runner-up {choice['runner_up']}",
                   "K (number of clusters)", "criterion, each scaled to [0, 1] over the range",

@@ -454,7 +454,7 @@ def choose_k_row(name: str, features: np.ndarray, labels: np.ndarray, classes: i
 
 CHOOSE_K_COLUMNS = [
     ("set", "set"), ("n", "held-out"), ("true_k", "true K"), ("chosen_k", "chosen K"), ("runner_up", "runner-up"),
-    ("pick_gap", "gap"), ("pick_silhouette", "silhouette"), ("pick_stability", "stability"),
+    ("pick_eigengap", "eigengap"), ("pick_gap", "gap"), ("pick_silhouette", "silhouette"), ("pick_stability", "stability"),
     ("acc", "ACC @chosen"), ("nmi", "NMI @chosen"), ("acc_true_k", "ACC @true K"), ("nmi_true_k", "NMI @true K"),
     ("seconds", "seconds"),
 ]

@@ -30,6 +30,20 @@ def test_isotropic_blobs_give_their_k(k):
     assert choice.runner_up != choice.k and choice.runner_up in choice.ks
 
 
+def test_eigengap_decides_and_counts_well_separated_groups():
+    """The chosen K is the eigengap's pick (module docstring: measured on the data zoo); the Laplacian
+    of a graph of m well-apart groups has m eigenvalues near 0 and then a jump."""
+    from calibclust.cluster.choose_k import graph_neighbours, laplacian_spectrum
+
+    x, _ = _blobs(6, seed=6, n=360)
+    eigenvalues = laplacian_spectrum(x, 9, graph_neighbours(len(x)))
+    assert np.all(np.diff(eigenvalues) >= -1e-9) and eigenvalues[5] < 0.01 < eigenvalues[6], eigenvalues
+    assert graph_neighbours(300) == 20 and graph_neighbours(1500) == 100
+    choice = choose_k(x, (2, 12))
+    assert choice.k == choice.picks["eigengap"] == 6 and choice.runner_up != 6
+    assert int(np.argmax(choice.curves["eigengap"])) == choice.ks.index(6)
+
+
 def test_blobs_k_means_finds_hard_give_their_k():
     """Not k-means-friendly: very unequal spreads (0.5 / 1.5 / 3) and very unequal sizes (5:1)."""
     x, _ = make_blobs(450, 8, centers=3, cluster_std=[0.5, 1.5, 3.0], center_box=(-12, 12), random_state=1)
