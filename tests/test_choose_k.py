@@ -44,6 +44,14 @@ def test_eigengap_decides_and_counts_well_separated_groups():
     assert int(np.argmax(choice.curves["eigengap"])) == choice.ks.index(6)
 
 
+def test_more_groups_than_the_range_allows_is_said_and_duplicates_do_not_break_the_graph():
+    x, _ = _blobs(8, seed=8, n=400, std=0.3)
+    choice = choose_k(x, (2, 5))
+    assert choice.k == 5 and "more than 5 well-separated groups" in choice.message, choice.format_table()
+    doubled = np.concatenate([x, x])  # exact duplicates: each point's twin is a neighbour, never itself
+    assert choose_k(doubled, (2, 12)).k == 8
+
+
 def test_blobs_k_means_finds_hard_give_their_k():
     """Not k-means-friendly: very unequal spreads (0.5 / 1.5 / 3) and very unequal sizes (5:1)."""
     x, _ = make_blobs(450, 8, centers=3, cluster_std=[0.5, 1.5, 3.0], center_box=(-12, 12), random_state=1)

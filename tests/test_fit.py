@@ -281,10 +281,26 @@ def test_fit_clusters_auto_chooses_k_once_trains_it_and_reports_it(digits_folder
         calibclust.fit(digits_folder, out=out, clusters="auto", k_range="2..5", resume=True)
     with pytest.raises(calibclust.InputError, match="clusters: the run has auto, now 4"):
         calibclust.fit(digits_folder, out=out, clusters=4, resume=True)
+    from calibclust.cli import main  # the CLI's --k-range default is no other setting on resume
+
+    assert main(["fit", str(digits_folder), "--out", str(out), "--clusters", "auto", "--resume", "--no-progress"]) == 0
+
+
+def test_fit_clusters_auto_refuses_too_few_images_for_its_k_range_before_pretraining(tmp_path):
+    """choose_k compares K with at least 3 images per cluster: checked when the images are read."""
+    from calibclust.datasets import make_digits_folder
+
+    folder = make_digits_folder(tmp_path / "digits", limit=30, seed=0)
+    with pytest.raises(calibclust.InputError, match=r"training images for --k-range 10..30; fit needs at least 30"):
+        calibclust.fit(folder, out=tmp_path / "a", clusters="auto", k_range="10..30")
+    small = make_digits_folder(tmp_path / "small", limit=15, seed=0)
+    with pytest.raises(calibclust.InputError, match=r"training images for --k-range 2..30; fit needs at least 20"):
+        calibclust.fit(small, out=tmp_path / "b", clusters="auto")  # the default range
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("clusters, k_range, message", [
-    (5, (2, 8), "k_range applies to clusters='auto' only"),
+    (5, (2, 8), r"k_range \(--k-range\) applies to clusters='auto' only"),
     ("auto", (1, 8), "the lowest K must be at least 2"),
     ("auto", "8..3", "HIGH must be larger than LOW"),
     ("auto", 7, r"k_range must be \(LOW, HIGH\)"),

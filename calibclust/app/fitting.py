@@ -9,10 +9,11 @@ otherwise chain as separate commands (``pretrain``, ``train``, ``export onnx``, 
    relative path, so it is the same on every resume and independent of listing order);
 2. **plan**: look at the images (count, sizes, aspect ratios), the device and the CPU's bf16
    support, and size the pretraining to the time budget (printed before anything trains, saved);
-3. **pretrain**: MoCo-v2 on the training split (or ``--backbone-weights``);
+3. **pretrain**: MoCo-v2 on the training split (or ``--backbone-weights``); with ``--clusters auto``
+   K is then chosen without labels on its features (:func:`_choose_clusters`);
 4. **train**: CDC on the frozen backbone (the CPU profile, :mod:`calibclust.train.profiles`), or any registered
    method (``--method``; :mod:`calibclust.train.methods`); with ``--input-filter auto`` (the default)
-   3 and 4 run a second time, the backbone seeing gradient magnitudes instead of colours, when the
+   3 and 4 (and the choice of K) run a second time, the backbone seeing gradient magnitudes instead of colours, when the
    label-free shortcut check finds that the first model's clusters follow colour
    (:func:`_choose_input_filter`);
 5. **export**: ONNX with the OOD threshold (+ INT8 when its agreement gate passes);
@@ -395,17 +396,21 @@ def fit(
         data = TrainingData.from_folder(folder, INPUT_SIZE, progress=progress, resize=resize, cache_dir=out / CACHE_DIR)
         heldout = heldout_by_path_hash(data.paths, heldout_fraction)
         n_train = int((~heldout).sum())
-        fewest = k_range[0] if clusters == "auto" else clusters
-        if n_train < max(20, 2 * fewest):
+        k_range = k_range or DEFAULT_K_RANGE
+        # --clusters auto compares K with at least 3 images per cluster (calibclust.cluster.choose_k).
+        needed = max(20, 3 * k_range[0]) if clusters == "auto" else max(20, 2 * clusters)
+        if n_train < needed:
             shutil.rmtree(out / CACHE_DIR, ignore_errors=True)  # a refused run leaves nothing behind
             if new_out:
                 with contextlib.suppress(OSError):
                     out.rmdir()
-            raise InputError(f"{n_train} training images for {fewest} clusters; fit needs at least "
-                             f"max(20, 2 × clusters) after holding out {100 * heldout_fraction:.0f} %")
+            wanted = f"--k-range {k_range[0]}..{k_range[1]}" if clusters == "auto" else f"{clusters} clusters"
+            rule = "max(20, 3 × the lowest K)" if clusters == "auto" else "max(20, 2 × clusters)"
+            raise InputError(f"{n_train} training images for {wanted}; fit needs at least {needed} ({rule}) "
+                             f"after holding out {100 * heldout_fraction:.0f} %")
         plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed,
                          pretrain_epochs, method or "cdc", "none" if backbone_weights else input_filter or "auto",
-                         k_range or DEFAULT_K_RANGE)
+                         k_range)
         out.mkdir(parents=True, exist_ok=True)
         _write_commands(out, plan)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
@@ -462,7 +467,7 @@ def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: f
         problems.append(f"clusters must be an integer >= 2 or 'auto', got {clusters!r}")
     if k_range is not None:
         if clusters != "auto":
-            problems.append(f"k_range applies to clusters='auto' only, got clusters={clusters!r}")
+            problems.append(f"k_range (--k-range) applies to clusters='auto' only, got clusters={clusters!r}")
         try:
             k_range = parse_k_range(k_range if isinstance(k_range, str) else "..".join(str(int(k)) for k in k_range))
         except (InputError, TypeError, ValueError) as exc:
@@ -513,8 +518,8 @@ def resolved_clusters(record: dict) -> int:
 def _choose_clusters(run: FitRun, plan: FitPlan, train, backbone, info: dict, progress: bool) -> None:
     """``--clusters auto``, after pretraining: K by :func:`calibclust.cluster.choose_k.choose_k` on the
     backbone's features of (up to 2,000 of) the training images, saved in ``run.json`` before training
-    so that ``--resume`` keeps it; the method stores it in the model metadata, and ``label``'s report
-    plots it. The training split and not the held-out one: no label is read, so nothing leaks, and
+    so that ``--resume`` keeps it; :func:`_train_stage` stores it in the model metadata, and
+    ``label``'s report plots it. The training split and not the held-out one: no label is read, so nothing leaks, and
     the held-out split (10 % by default) is too small to compare K up to 30 with at least 3 images
     per cluster. A second try of ``--input-filter auto`` chooses again on its own backbone."""
     if plan.clusters != "auto" or "clusters_choice" in run.record:
@@ -914,7 +919,7 @@ def register_cli(subparsers) -> None:
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="image folder (searched recursively)")
     p.add_argument("--out", required=True, help="output folder (new, or an interrupted run with --resume)")
-    add_cluster_args(p)
+    add_cluster_args(p, resumable_k_range=True)
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_MINUTES, metavar="MINUTES",
                    help=f"time to aim for on this machine; sizes the pretraining (default {DEFAULT_BUDGET_MINUTES:g}, "
                         "sized for 2 CPU cores)")
@@ -950,5 +955,5 @@ def _run_cli(args) -> int:
     result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
                  backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
                  progress=not args.no_progress, resize=args.resize, pretrain_epochs=args.pretrain_epochs, method=args.method,
-                 input_filter=args.input_filter, k_range=args.k_range if args.clusters == "auto" else None)
+                 input_filter=args.input_filter, k_range=args.k_range)
     return EXIT_PARTIAL if result.run.get("unreadable") else EXIT_OK

@@ -7,7 +7,8 @@ is the **eigengap** pick, and the other three are printed and saved beside it as
   normalised Laplacian of a k-nearest-neighbour graph of the features has as many eigenvalues near 0
   as the graph has well-separated groups, then a jump; pick the K with the largest λ_{K+1} − λ_K.
   The graph has max(20, N/15) neighbours per point (:func:`graph_neighbours`), Gaussian weights with
-  the median neighbour distance as σ (:func:`laplacian_spectrum`).
+  the median neighbour distance as σ (:func:`laplacian_spectrum`). More unconnected groups than the
+  range's HIGH leave every gap at 0: then K = HIGH, with a message to widen the range.
 
 The other three share one k-means partition per K:
 
@@ -130,7 +131,9 @@ def _kmeans(x, k: int, seed: int, n_init: int):
 
 
 def graph_neighbours(n: int) -> int:
-    """Neighbours per point of the eigengap's graph: n/15, at least 20 (measured, module docstring)."""
+    """Neighbours per point of the eigengap's graph: n/15, at least 20 (measured, module docstring).
+    Groups much smaller than that merge in the graph: on folders with fewer than about 20 images per
+    cluster the eigengap counts too few."""
     return max(20, n // 15)
 
 
@@ -147,9 +150,10 @@ def laplacian_spectrum(x, count: int, neighbours: int):
 
     n = len(x)
     neighbours = min(neighbours, n - 1)
-    dist, index = NearestNeighbors(n_neighbors=neighbours + 1).fit(x).kneighbors(x)
-    dist, index = dist[:, 1:], index[:, 1:]  # each point's own row is not a neighbour
-    sigma = max(float(np.median(dist)), 1e-12)
+    # kneighbors() without points excludes each point itself, also among exact duplicates.
+    dist, index = NearestNeighbors(n_neighbors=neighbours).fit(x).kneighbors()
+    positive = dist[dist > 0]
+    sigma = float(np.median(positive)) if positive.size else 1.0
     weights = csr_matrix((np.exp(-(dist.ravel() ** 2) / (2 * sigma**2)), (np.repeat(np.arange(n), neighbours), index.ravel())),
                          shape=(n, n))
     weights = weights.maximum(weights.T)
@@ -246,6 +250,7 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
     # the curve at K is λ_{K+1} − λ_K (eigenvalues counted from 1).
     eigenvalues = laplacian_spectrum(x, high + 1, graph_neighbours(n))
     eigengaps = [float(eigenvalues[k] - eigenvalues[k - 1]) for k in ks]
+    too_many_groups = eigenvalues[high] < 1e-8  # more than HIGH + 1 unconnected groups: every gap is ~0
 
     def gap_rule(candidates, values, sds) -> int:
         """Tibshirani et al.'s rule: the smallest k with Gap(k) ≥ Gap(k+1) − s_{k+1}."""
@@ -264,6 +269,10 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
     picks = {"gap": gap_pick, "silhouette": ks[int(np.argmax(sils))], "stability": ks[int(np.argmax(stabs))],
              "eigengap": ks[int(np.argmax(eigengaps))]}
     order = [ks[i] for i in np.argsort(-np.asarray(eigengaps), kind="stable")]
+    if too_many_groups:
+        order = [high] + [k for k in reversed(ks) if k != high]
+        message = (f"more than {high} well-separated groups: the graph has over {high} unconnected parts, so no K "
+                   f"of the range fits; K = {high}, the largest compared (widen --k-range)")
     chosen = order[0]
     runner_up = order[1] if len(order) > 1 else chosen  # the second-largest eigengap
     return KChoice(
@@ -286,8 +295,10 @@ def argparse_type(parse):
     return convert
 
 
-def add_cluster_args(parser, allow_auto: bool = True) -> None:
-    """``--clusters`` (and, where ``auto`` is allowed, ``--k-range``) for a training command."""
+def add_cluster_args(parser, allow_auto: bool = True, resumable_k_range: bool = False) -> None:
+    """``--clusters`` (and, where ``auto`` is allowed, ``--k-range``) for a training command;
+    ``resumable_k_range``: ``--k-range`` defaults to None (the command applies the default to new runs
+    and keeps a resumed run's own range)."""
     if not allow_auto:
         parser.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters C")
         return
@@ -297,5 +308,6 @@ def add_cluster_args(parser, allow_auto: bool = True) -> None:
              "(the eigengap of a k-nearest-neighbour graph, with the gap-statistic, silhouette and stability picks "
              "as evidence; the curves are printed and saved)")
     parser.add_argument(
-        "--k-range", type=argparse_type(parse_k_range), default=DEFAULT_K_RANGE, metavar="LOW..HIGH",
-        help=f"K values that --clusters auto compares (default {DEFAULT_K_RANGE[0]}..{DEFAULT_K_RANGE[1]})")
+        "--k-range", type=argparse_type(parse_k_range), default=None if resumable_k_range else DEFAULT_K_RANGE,
+        metavar="LOW..HIGH", help=f"K values that --clusters auto compares (default {DEFAULT_K_RANGE[0]}..{DEFAULT_K_RANGE[1]}"
+                                  + (", or with --resume the run's own)" if resumable_k_range else ")"))

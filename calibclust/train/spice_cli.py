@@ -62,7 +62,7 @@ examples:
   # paper settings from a pretrained backbone
   calibclust train spice images/ --clusters 10 --backbone-weights pretrain_out/ --out runs/spice
 
-  # K chosen without labels (median of the gap, silhouette and stability picks over 2..30)
+  # K chosen without labels (the eigengap pick over 2..30)
   calibclust train spice images/ --clusters auto --backbone-weights pretrain_out/ --out runs/spice-auto
 
   # quick CPU run on sklearn's digits (small backbone, few steps)
