@@ -7,8 +7,8 @@ is the **eigengap** pick, and the other three are printed and saved beside it as
   normalised Laplacian of a k-nearest-neighbour graph of the features has as many eigenvalues near 0
   as the graph has well-separated groups, then a jump; pick the K with the largest λ_{K+1} − λ_K.
   The graph has max(20, N/15) neighbours per point (:func:`graph_neighbours`), Gaussian weights with
-  the median neighbour distance as σ (:func:`laplacian_spectrum`). More unconnected groups than the
-  range's HIGH leave every gap at 0: then K = HIGH, with a message to widen the range.
+  the median non-zero neighbour distance as σ (:func:`laplacian_spectrum`). More unconnected groups
+  than the range's HIGH leave every gap at 0: then K = HIGH (runner-up HIGH − 1), with a message.
 
 The other three share one k-means partition per K:
 
@@ -33,7 +33,7 @@ the held-out splits with 10 and 5) it was within ±2 of the true K on 21 of 30 r
 where the median of the other three, which this module used before, was within ±2 on 19 and exact
 on 7; on the ten-class rows, 7 of 10 against 3. The median of silhouette, stability and eigengap
 was within ±2 on 22 of 30 but on only 5 of the ten-class rows. The k-means criteria fail in their
-own directions (stability prefers 2–3, silhouette and the gap statistic drift to font or colour
+own directions (stability prefers 2–5, silhouette and the gap statistic drift to font or colour
 sub-styles). The neighbour count was chosen among fixed counts (20, 30), N/15, N/30, N/50, √N and
 2√N on the training splits' features. Figures and the misses: README, "Choosing K without labels"
 (``calibclust bench choose-k``).
@@ -100,7 +100,7 @@ class KChoice:
     n_points: int
     seconds: float
     rule: str = "largest eigengap of the k-nearest-neighbour graph's Laplacian"
-    message: str | None = None  # set when no cluster structure was found
+    message: str | None = None  # set when no cluster structure, or more groups than the range, was found
     gap_sd: list[float] = field(default_factory=list)
     gap_one: tuple[float, float] | None = None  # Gap(1) and s_1, the "no structure" evidence
 
@@ -135,15 +135,15 @@ def _kmeans(x, k: int, seed: int, n_init: int):
 
 def graph_neighbours(n: int) -> int:
     """Neighbours per point of the eigengap's graph: n/15, at least 20 (measured, module docstring).
-    Groups much smaller than that merge in the graph: on folders with fewer than about 20 images per
-    cluster the eigengap counts too few."""
+    A group of fewer images than that must link to others, so it cannot stand apart: groups under
+    about 1/15 of the images compared (and under 20 images) are counted with their neighbours."""
     return max(20, n // 15)
 
 
 def laplacian_spectrum(x, count: int, neighbours: int):
     """The ``count`` smallest eigenvalues of the symmetric normalised Laplacian I − D^-1/2 W D^-1/2 of
     the symmetrised k-nearest-neighbour graph of the rows of ``x``, Gaussian weights
-    exp(−d²/2σ²) with σ the median neighbour distance (von Luxburg, "A tutorial on spectral
+    exp(−d²/2σ²) with σ the median non-zero neighbour distance (von Luxburg, "A tutorial on spectral
     clustering", 2007: the graph of §2.2, L_sym of §3.2 (her Eq. in Prop. 3), the eigengap heuristic of §8.3)."""
     import numpy as np
     from scipy.linalg import eigh
@@ -253,7 +253,7 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
     # the curve at K is λ_{K+1} − λ_K (eigenvalues counted from 1).
     eigenvalues = laplacian_spectrum(x, high + 1, graph_neighbours(n))
     eigengaps = [float(eigenvalues[k] - eigenvalues[k - 1]) for k in ks]
-    too_many_groups = eigenvalues[high] < 1e-8  # more than HIGH + 1 unconnected groups: every gap is ~0
+    too_many_groups = eigenvalues[high] < 1e-8  # λ_{HIGH+1} ≈ 0: more than HIGH unconnected groups, every gap ~0
 
     def gap_rule(candidates, values, sds) -> int:
         """Tibshirani et al.'s rule: the smallest k with Gap(k) ≥ Gap(k+1) − s_{k+1}."""
@@ -262,22 +262,26 @@ def _choose_k(features, k_range, seed, references, pairs, max_points, progress) 
                 return candidates[i]
         return candidates[-1]
 
-    message = None
+    messages = []
     gap_pick = gap_rule(ks, gaps, sds)
     if gap_rule([1] + ks, [gap1] + gaps, [sd1] + sds) == 1:
         # One cluster fits as well as any split. Said plainly, not a veto: a reference distribution
         # (uniform in a box) that features on a sphere often do not resemble should not decide alone.
-        message = ("weak or no cluster structure: the gap statistic prefers one cluster to any split; "
-                   "check that the backbone separates these images before trusting K")
+        messages.append("weak or no cluster structure: the gap statistic prefers one cluster to any split; "
+                        "check that the backbone separates these images before trusting K")
     picks = {"gap": gap_pick, "silhouette": ks[int(np.argmax(sils))], "stability": ks[int(np.argmax(stabs))],
              "eigengap": ks[int(np.argmax(eigengaps))]}
     order = [ks[i] for i in np.argsort(-np.asarray(eigengaps), kind="stable")]
-    if too_many_groups:
+    if too_many_groups:  # the curve is flat: the largest K compared, then the next ones down
         order = [high] + [k for k in reversed(ks) if k != high]
-        message = (f"more than {high} well-separated groups: the graph has over {high} unconnected parts, so no K "
-                   f"of the range fits; K = {high}, the largest compared (widen --k-range)")
+        picks["eigengap"] = high
+        advice = ("widen --k-range" if high == k_range[1] else
+                  f"only {n} images or {distinct} distinct feature vectors allow K up to {high}")
+        messages.append(f"more than {high} well-separated groups: the graph has over {high} unconnected parts, so no K "
+                        f"of the range fits; K = {high}, the largest compared ({advice})")
     chosen = order[0]
-    runner_up = order[1] if len(order) > 1 else chosen  # the second-largest eigengap
+    runner_up = order[1] if len(order) > 1 else chosen  # the second-largest eigengap (else K = HIGH − 1)
+    message = "; ".join(messages) or None
     return KChoice(
         k=int(chosen), runner_up=int(runner_up), k_range=(low, k_range[1]), ks=ks,
         curves={"gap": gaps, "silhouette": sils, "stability": stabs, "eigengap": eigengaps}, picks=picks, n_points=n,
