@@ -268,6 +268,17 @@ def plot_k_criteria(choice: dict) -> SVGFigure:
     return chart.render()
 
 
+def add_k_choice_section(report: "HTMLReport", choice: dict) -> None:
+    """The "How K was chosen" section of a model trained with ``--clusters auto`` (fit's report and
+    label's): the choice in words and :func:`plot_k_criteria`."""
+    report.add_heading("How K was chosen")
+    report.add_paragraph(
+        f"The model was trained with --clusters auto: K = {choice['k']} of {choice['ks'][0]}..{choice['ks'][-1]} "
+        f"({choice['rule']}; runner-up {choice['runner_up']}), from the backbone's features of "
+        f"{choice['n_points']} training images, without labels." + (f" {choice['message']}" if choice.get("message") else ""))
+    report.add_figure(plot_k_criteria(choice), alt="criteria against K")
+
+
 def plot_training_curves(history: Sequence[Mapping[str, Any]], title: str, series: Sequence[tuple[str, Any]],
                          ylabel: str, ylim: tuple[float, float] | None = None, x: str = "epoch") -> SVGFigure:
     """One chart of per-epoch (or per-``x``) values from a training log: ``series`` = (label,

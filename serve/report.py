@@ -297,7 +297,7 @@ def write_report(
     """Write ``path``; ``thumbnails`` maps relative paths to images captured while labelling
     (:meth:`ThumbnailCache.lookup`). Returns how many shown images had to be decoded again."""
     from calibclust.charts import COLOR_BAD, COLOR_GOOD, Chart
-    from calibclust.report import HTMLReport, plot_cluster_counts, plot_k_criteria, plot_score_histograms
+    from calibclust.report import HTMLReport, add_k_choice_section, plot_cluster_counts, plot_score_histograms
 
     th = summary["thresholds"]
     counts = summary["counts"]
@@ -357,12 +357,7 @@ def write_report(
 
     choice = model.get("clusters_choice")
     if choice:
-        report.add_heading("How K was chosen")
-        report.add_paragraph(
-            f"The model was trained with --clusters auto: K = {choice['k']} of {choice['ks'][0]}..{choice['ks'][-1]} "
-            f"({choice['rule']}; runner-up {choice['runner_up']}), from the backbone's features of "
-            f"{choice['n_points']} training images, without labels." + (f" {choice['message']}" if choice.get("message") else ""))
-        report.add_figure(plot_k_criteria(choice), alt="criteria against K")
+        add_k_choice_section(report, choice)
 
     if len(curve["coverage"]):
         report.add_heading("Estimated accuracy vs coverage")

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibclust.cluster.choose_k import DEFAULT_K_RANGE, add_cluster_args
+from calibclust.cluster.choose_k import DEFAULT_K_RANGE, DEFAULT_MAX_POINTS, add_cluster_args
 from calibclust.errors import EXIT_OK, EXIT_PARTIAL, InputError
 from calibclust.io.files import atomic_write_text, write_json_atomic
 from calibclust.models.names import FIT_INPUT_FILTERS, INPUT_FILTER_HELP
@@ -239,8 +239,6 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         after += SPICE_HEAD_EPOCHS * n_train * SPICE_SECONDS_PER_IMAGE_HEAD_EPOCH + SPICE_JOINT_STEPS * SPICE_SECONDS_PER_JOINT_STEP
     after = FIXED_SECONDS + after * (0.1 if device.startswith("cuda") else 1)  # CPU measurements; a GPU taken as 10x
     if clusters == "auto":  # the k-means sweep runs on the CPU whatever the device (calibclust.cluster.choose_k)
-        from calibclust.cluster.choose_k import DEFAULT_MAX_POINTS
-
         after += CHOOSE_K_SECONDS_PER_IMAGE_K * min(n_train, DEFAULT_MAX_POINTS) * sum(range(k_range[0], k_range[1] + 1))
     if backbone_weights:
         epochs = 0
@@ -533,9 +531,6 @@ def _choose_clusters(run: FitRun, plan: FitPlan, train, backbone, info: dict, pr
     choice = choose_k_on_backbone(train.images, backbone, info, (low, high), seed=plan.seed, device=plan.device,
                                   progress=report)
     print("\n".join("    " + line for line in choice.format_table().splitlines()), flush=True)
-    if choice.ks[-1] < high:
-        print(f"      (K above {choice.ks[-1]} not compared: {choice.n_points} images allow at most {choice.ks[-1]} "
-              "clusters of at least 3)", flush=True)
     run.record["clusters_choice"] = choice.to_dict()
     run.save()
 
@@ -810,7 +805,7 @@ def _rows(heldout: dict) -> list[str]:
 def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -> Path:
     """``report.html``: the plan, held-out figures, reliability diagram (with labels), clusters."""
     from calibclust.metrics import CalibrationResult
-    from calibclust.report import HTMLReport, plot_k_criteria, plot_reliability_diagram
+    from calibclust.report import HTMLReport, add_k_choice_section, plot_reliability_diagram
 
     plan = record["plan"]
     clusters = resolved_clusters(record)
@@ -819,11 +814,7 @@ def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -
     report.add_html("<pre>" + _escape(FitPlan(**plan).describe()) + "</pre>")
     choice = record.get("clusters_choice")
     if choice:
-        report.add_heading("How K was chosen")
-        report.add_paragraph(f"--clusters auto: K = {choice['k']} ({choice['rule']}; runner-up {choice['runner_up']}), from "
-                             f"the backbone's features of {choice['n_points']} training images, without labels."
-                             + (f" {choice['message']}" if choice.get("message") else ""))
-        report.add_figure(plot_k_criteria(choice), alt="criteria against K")
+        add_k_choice_section(report, choice)
     h = record["stages"].get("evaluate", {}).get("heldout", {})
     report.add_heading("Held-out split")
     if h.get("n"):

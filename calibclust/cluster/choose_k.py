@@ -119,6 +119,9 @@ class KChoice:
             lines.append(f"  {k:3d}" + "".join(f"{self.curves[c][i]:11.3f}" for c in criteria) + mark)
         picks = ", ".join(f"{c} {self.picks[c]}" for c in criteria)
         lines.append(f"  picks: {picks}; chosen K = {self.k} ({self.rule}), runner-up {self.runner_up}")
+        if self.ks[-1] < self.k_range[1]:
+            lines.append(f"  (K above {self.ks[-1]} not compared: {self.n_points} images allow at most {self.ks[-1]} "
+                         "clusters of at least 3, or as many as their distinct feature vectors)")
         if self.message:
             lines.append(f"  note: {self.message}")
         return "\n".join(lines)

@@ -581,9 +581,6 @@ def choose_clusters(args, data, backbone, info: dict, device: str) -> dict | Non
     progress = None if args.no_progress else (lambda k: print(f"  K = {k} done", file=sys.stderr, flush=True))
     choice = choose_k_on_backbone(data.images, backbone, info, (low, high), seed=args.seed,
                                   device=str(resolve_device(device)), progress=progress)
-    if choice.ks[-1] < high:
-        print(f"  (K above {choice.ks[-1]} not compared: {choice.n_points} images allow at most {choice.ks[-1]} clusters "
-              "of at least 3)", file=sys.stderr)
     print(choice.format_table(), file=sys.stderr)
     args.clusters = choice.k
     saved_path.parent.mkdir(parents=True, exist_ok=True)
