@@ -73,6 +73,29 @@ class PrototypeHead(nn.Module):
         return -torch.log1p(sq_dist)
 
 
+class MergedHead(nn.Module):
+    """A head trained with more clusters than wanted, its clusters merged into groups
+    (``fit --overcluster``, :func:`calibclust.cluster.merge.merge_groups`): a group's logit is the
+    logsumexp of its members' logits, so the softmax is each group's summed member probabilities and
+    logsumexp over the clusters (the energy OOD score) is unchanged. Max, exp, a 0/1 matrix product
+    and log: plain ops for ONNX."""
+
+    def __init__(self, head: nn.Module, groups: list[int]):
+        super().__init__()
+        groups = torch.as_tensor(groups, dtype=torch.long)
+        n_groups = int(groups.max()) + 1
+        if sorted(set(groups.tolist())) != list(range(n_groups)):
+            raise ValueError(f"groups must number every group 0..{n_groups - 1} at least once, got {groups.tolist()}")
+        self.head = head
+        self.register_buffer("membership", F.one_hot(groups, n_groups).to(torch.float32))  # (trained K, K)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, K)
+        logits = self.head(z)
+        top = logits.amax(dim=1, keepdim=True)
+        # A floor, not 0: a group whose members all underflow gets a logit ~69 below the top, not -inf.
+        return top + torch.log((torch.exp(logits - top) @ self.membership).clamp_min(1e-30))
+
+
 HEAD_KINDS = ("mlp", "prototype")
 
 
@@ -88,7 +111,10 @@ class ClusteringModel(nn.Module):
         std: tuple[float, float, float] = (0.25, 0.25, 0.25),
         head_batchnorm: bool = True,
         head_kind: str = "mlp",
+        merged_groups: list[int] | None = None,
     ):
+        """``merged_groups``: a model whose heads were trained with ``len(merged_groups)`` clusters and
+        merged into ``num_clusters`` groups (:meth:`merge_clusters`), as it is rebuilt from a checkpoint."""
         super().__init__()
         if predict_head not in head_names:
             raise ValueError(f"predict_head {predict_head!r} is not one of the heads {head_names}")
@@ -101,7 +127,14 @@ class ClusteringModel(nn.Module):
         self.predict_head = predict_head
         self.head_batchnorm = bool(head_batchnorm)
         self.head_kind = head_kind
+        self.merged_groups: list[int] | None = None
+        if merged_groups is not None:  # built with the trained count, then merged as when it was saved
+            self.num_clusters = len(merged_groups)
         self.heads = nn.ModuleDict({h: self._make_head(backbone.feature_dim) for h in head_names})
+        if merged_groups is not None:
+            self.merge_clusters(merged_groups)
+            if self.num_clusters != int(num_clusters):
+                raise ValueError(f"merged_groups form {self.num_clusters} groups, num_clusters is {num_clusters}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -109,6 +142,23 @@ class ClusteringModel(nn.Module):
         if self.head_kind == "prototype":
             return PrototypeHead(in_dim, self.num_clusters)
         return MLPHead(in_dim, self.hidden_dim, self.num_clusters, self.head_batchnorm)
+
+    def merge_clusters(self, groups: list[int]) -> None:
+        """Merge every head's clusters into groups: cluster j of the trained heads becomes part of
+        group ``groups[j]`` (:class:`MergedHead`); ``num_clusters`` becomes the number of groups."""
+        if self.merged_groups is not None:
+            raise ValueError("the clusters of this model are merged already")
+        groups = [int(g) for g in groups]
+        if len(groups) != self.num_clusters:
+            raise ValueError(f"one group per trained cluster is needed: {len(groups)} groups for {self.num_clusters} clusters")
+        self.heads = nn.ModuleDict({name: MergedHead(head, groups) for name, head in self.heads.items()})
+        self.merged_groups = groups
+        self.num_clusters = max(groups) + 1
+
+    @property
+    def trained_clusters(self) -> int:
+        """How many clusters the heads were trained with (more than ``num_clusters`` when merged)."""
+        return self.num_clusters if self.merged_groups is None else len(self.merged_groups)
 
     @property
     def feature_dim(self) -> int:
@@ -141,6 +191,7 @@ class ClusteringModel(nn.Module):
             "std": self.std.flatten().tolist(),
             "head_batchnorm": self.head_batchnorm,
             "head_kind": self.head_kind,
+            **({} if self.merged_groups is None else {"merged_groups": list(self.merged_groups)}),
         }
 
     @classmethod
@@ -155,6 +206,7 @@ class ClusteringModel(nn.Module):
             std=tuple(arch["std"]),
             head_batchnorm=arch.get("head_batchnorm", True),  # checkpoints before the option had BN
             head_kind=arch.get("head_kind", "mlp"),  # checkpoints before K-means models had MLP heads
+            merged_groups=arch.get("merged_groups"),
         )
 
 
