@@ -91,15 +91,21 @@ class UInt8CalibrationReader:
 
 
 def backbone_nodes(model_proto, keep_stem_fp32: bool = False, residual_add: bool = True) -> list[str]:
-    """Names of the nodes to quantise: every Conv, and Adds of two computed tensors (residuals)."""
+    """Names of the nodes to quantise: every Conv, and Adds of two computed tensors (residuals)
+    before the head (the first Gemm/MatMul after the first Conv, TensorRT's fp16 boundary): a merged
+    head's ``top + log(...)`` (``fit --overcluster``) is an Add of two computed tensors too."""
     initializers = {t.name for t in model_proto.graph.initializer}
     constants = {o for n in model_proto.graph.node if n.op_type == "Constant" for o in n.output}
     fixed = initializers | constants
+    nodes = list(model_proto.graph.node)
+    first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), 0)
+    head = next((i for i, n in enumerate(nodes) if i > first_conv and n.op_type in ("Gemm", "MatMul")), len(nodes))
     names = []
-    for node in model_proto.graph.node:
+    for i, node in enumerate(nodes):
         if node.op_type == "Conv":
             names.append(node.name)
-        elif residual_add and node.op_type == "Add" and len(node.input) == 2 and not (set(node.input) & fixed):
+        elif (residual_add and i < head and node.op_type == "Add" and len(node.input) == 2
+              and not (set(node.input) & fixed)):
             names.append(node.name)
     if keep_stem_fp32:
         first_conv = next(n.name for n in model_proto.graph.node if n.op_type == "Conv")

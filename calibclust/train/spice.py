@@ -597,6 +597,13 @@ class SpiceMethod(ClusteringMethod):
         self.metadata = spice_metadata(result.model, data.image_size, train_stats=stats, resize=data.resize)
         self.seconds["SPICE_s"] = result.heads_seconds
 
+    def merge_clusters(self, k: int, data) -> list[int]:
+        groups = super().merge_clusters(k, data)
+        if self.stage2_model is not None and self.stage2_model is not self.model:
+            # SPICE_s: stage 3 trained on its labels, so its cluster j is the model's cluster j
+            self.stage2_model.merge_clusters(groups)
+        return groups
+
     def predictions(self, images) -> dict:
         if self.stage2_model is None:  # loaded from disk: only the saved model
             return {self.row_names()[-1]: self.predict_proba(images)}
