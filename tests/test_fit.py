@@ -310,3 +310,38 @@ def test_fit_refuses_bad_clusters_and_k_range_before_reading_images(clusters, k_
     with pytest.raises(calibclust.InputError, match=message):
         calibclust.fit(tmp_path, out=tmp_path / "o", clusters=clusters, k_range=k_range)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("overcluster, method, message", [
+    (1, "cdc", r"overcluster must be a factor in \(1, 5\], got 1"),
+    (6, "cdc", r"overcluster must be a factor in \(1, 5\], got 6"),
+    ("2", "cdc", r"overcluster must be a factor in \(1, 5\], got '2'"),
+    (2, "kmeans", "--overcluster does not apply to kmeans"),
+])
+def test_fit_refuses_a_bad_overcluster_factor_before_reading_images(overcluster, method, message, tmp_path):
+    with pytest.raises(calibclust.InputError, match=message):
+        calibclust.fit(tmp_path, out=tmp_path / "o", clusters=4, overcluster=overcluster, method=method)
+    assert not (tmp_path / "o").exists()
+
+
+def test_fit_overcluster_trains_more_clusters_and_exports_k(digits_folder, digits_moco_backbone, tmp_path, capsys):
+    """``fit --overcluster 2``: CDC trains 2K clusters, merged into K before export; run.json, the
+    summary and commands.sh say so; the exported model has K clusters; --resume keeps the factor."""
+    from calibclust.cli import main
+
+    out = tmp_path / "over"
+    assert main(["fit", str(digits_folder), "--out", str(out), "--clusters", "5", "--overcluster", "2",
+                 "--backbone-weights", str(digits_moco_backbone), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    merged = run["stages"]["train"]["overcluster"]
+    assert run["plan"]["overcluster"] == 2.0 and merged["trained_clusters"] == 10 and len(merged["groups"]) == 10
+    assert sorted(set(merged["groups"])) == list(range(5))
+    assert "merged 10 trained clusters into 5 by co-assignment" in printed
+    assert "trained 10 clusters, merged into 5" in printed and "trained as 10 = ⌈2·5⌉" in printed
+    labeller = calibclust.load(out / "model.onnx")
+    assert labeller.num_clusters == 5 and labeller.metadata.train_stats["overcluster"]["groups"] == merged["groups"]
+    assert "--overcluster 2" in (out / "commands.sh").read_text()
+    assert "Trained with 10 clusters (--overcluster), merged into 5: cluster 0 = trained" in (out / "report.html").read_text()
+    with pytest.raises(calibclust.InputError, match=r"overcluster: the run has 2.0, now 3.0"):
+        calibclust.fit(digits_folder, out=out, clusters=5, overcluster=3, resume=True)

@@ -103,18 +103,20 @@ def fit(folder: str | os.PathLike, out: str | os.PathLike, clusters: int | str, 
         device: str = "auto", resume: bool = False, backbone_weights: str | None = None,
         heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, progress: bool = True,
         resize: str = "auto", pretrain_epochs: int | None = None, method: str | None = None,
-        input_filter: str | None = None, k_range: tuple[int, int] | str | None = None) -> FittedModel:
+        input_filter: str | None = None, k_range: tuple[int, int] | str | None = None,
+        overcluster: float | None = None) -> FittedModel:
     """``calibclust fit`` from Python (same stages, same outputs): returns the :class:`FittedModel`;
     ``method`` any registered method (``calibclust.train.methods.method_names()``; None: CDC, or on
     ``resume`` the run's own); ``input_filter`` auto, none or gradient (None: auto, or on ``resume``
     the run's own; see ``calibclust fit --help``); ``clusters`` K or ``"auto"``, chosen without labels
-    from ``k_range`` (LOW, HIGH), default (2, 30)."""
+    from ``k_range`` (LOW, HIGH), default (2, 30); ``overcluster`` F > 1 trains ⌈F·K⌉ clusters and
+    merges them into K by how the head shares images between them."""
     from calibclust.app.fitting import fit as run_fit
 
     result = run_fit(folder, out, clusters, budget_minutes=budget_minutes, device=device, resume=resume,
                      backbone_weights=backbone_weights, heldout_fraction=heldout_fraction, seed=seed, progress=progress,
                      resize=resize, pretrain_epochs=pretrain_epochs, method=method, input_filter=input_filter,
-                     k_range=k_range)
+                     k_range=k_range, overcluster=overcluster)
     return FittedModel(result.out)
 
 

@@ -15,7 +15,8 @@ otherwise chain as separate commands (``pretrain``, ``train``, ``export onnx``, 
    method (``--method``; :mod:`calibclust.train.methods`); with ``--input-filter auto`` (the default)
    3 and 4 (and the choice of K) run a second time, the backbone seeing gradient magnitudes instead of colours, when the
    label-free shortcut check finds that the first model's clusters follow colour
-   (:func:`_choose_input_filter`);
+   (:func:`_choose_input_filter`); with ``--overcluster F`` the method trains ⌈F·K⌉ clusters, merged
+   into K afterwards by how its head shares the training images between them (:meth:`calibclust.train.methods.ClusteringMethod.merge_clusters`);
 5. **export**: ONNX with the OOD threshold (+ INT8 when its agreement gate passes);
 6. **exemplars**: each cluster's most confident training images in a sidecar (the demo's gallery);
 7. **evaluate**: the held-out split through the exported model: label-free diagnostics always,
@@ -38,6 +39,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -89,6 +91,9 @@ OTHER_METHOD_SECONDS_PER_IMAGE = {"dccm": 0.18, "spc": 0.15, "gcc": 0.45}
 # its cost about proportional to the images times the sum of the K compared: 36 s for K = 2..30
 # (sum 464) on 1,797 digits, 2 cores; with the eigengap added, 29 s on 1,455 training images.
 CHOOSE_K_SECONDS_PER_IMAGE_K = 36 / (1797 * 464)
+# --overcluster F trains ⌈F·K⌉ clusters (at most half the training images, checked once K is known);
+# only F = 2 is measured (README); beyond a few looks per class each cluster gets few images.
+MAX_OVERCLUSTER = 5.0
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -127,11 +132,19 @@ class FitPlan:
     cdc_views: int = CDC_VIEWS  # cached weak/strong views per image (fewer for large folders)
     input_filter: str = "none"  # what the pretrained backbone sees (FIT_INPUT_FILTERS); runs before the option: none
     k_range: list[int] | None = None  # the K values --clusters auto compares
+    overcluster: float | None = None  # train ⌈F·K⌉ clusters and merge them into K (calibclust.cluster.merge)
 
     def describe_clusters(self) -> str:
         if self.clusters != "auto":
-            return f"{self.clusters} clusters"
-        return f"K clusters, K chosen without labels from {self.k_range[0]}..{self.k_range[1]} after pretraining"
+            described = f"{self.clusters} clusters"
+        else:
+            described = f"K clusters, K chosen without labels from {self.k_range[0]}..{self.k_range[1]} after pretraining"
+        if self.overcluster and self.clusters != "auto":
+            described += (f" (trained as {trained_clusters(self.clusters, self.overcluster)} = ⌈{self.overcluster:g}·"
+                          f"{self.clusters}⌉, merged into {self.clusters} by co-assignment)")
+        elif self.overcluster:
+            described += f" (trained as ⌈{self.overcluster:g}·K⌉, merged into K by co-assignment)"
+        return described
 
     def describe_method(self) -> str:
         if self.method == "cdc":
@@ -213,7 +226,8 @@ def _absolute(weights: str | None) -> str | None:
 
 def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int | str, budget_minutes: float, device: str,
               backbone_weights: str | None, heldout_fraction: float, seed: int, pretrain_epochs: int | None = None,
-              method: str = "cdc", input_filter: str = "none", k_range: tuple[int, int] = DEFAULT_K_RANGE) -> FitPlan:
+              method: str = "cdc", input_filter: str = "none", k_range: tuple[int, int] = DEFAULT_K_RANGE,
+              overcluster: float | None = None) -> FitPlan:
     import torch
 
     from calibclust.precision import cpu_bf16_supported
@@ -269,6 +283,7 @@ def make_plan(folder: str, data, sizes: dict, heldout: np.ndarray, clusters: int
         estimated_minutes=(epochs * per_epoch + after) / 60, heldout_fraction=float(heldout_fraction), seed=seed,
         files_digest=files_digest(data.paths), notes=notes, method=method,
         cdc_views=cdc_views(n_train), input_filter=input_filter, k_range=list(k_range) if clusters == "auto" else None,
+        overcluster=float(overcluster) if overcluster else None,
     )
 
 
@@ -331,6 +346,7 @@ def fit(
     method: str | None = None,
     input_filter: str | None = None,
     k_range: tuple[int, int] | str | None = None,
+    overcluster: float | None = None,
 ) -> FitResult:
     """Train, export and check a calibrated clustering model on ``folder`` (see the module docstring);
     ``method`` is any registered method (:func:`calibclust.train.methods.method_names`); None: CDC, or
@@ -341,13 +357,14 @@ def fit(
     trained model's clusters follow colour, brightness or contrast (:func:`_choose_input_filter`).
     ``clusters`` is K, or ``"auto"``: K chosen without labels from ``k_range`` (LOW, HIGH) or
     ``"LOW..HIGH"`` (None: 2..30) on the pretrained backbone's features of the training split
-    (:func:`_choose_clusters`)."""
+    (:func:`_choose_clusters`). ``overcluster`` F > 1 trains ⌈F·K⌉ clusters and merges them into K by
+    how the head shares images between them (:meth:`calibclust.train.methods.ClusteringMethod.merge_clusters`)."""
     from calibclust.device import resolve_device
     from calibclust.train.data import TrainingData
 
     folder, out = Path(folder), Path(out)
     k_range = _validate(folder, clusters, budget_minutes, heldout_fraction, resize, pretrain_epochs, method or "cdc",
-                        input_filter or "auto", backbone_weights, k_range)
+                        input_filter or "auto", backbone_weights, k_range, overcluster)
     run = FitRun(out)
     if run.exists() and not resume:
         raise InputError(f"{out} already holds a fit run (run.json); pass --resume to continue it or choose a new --out")
@@ -371,7 +388,8 @@ def fit(
             ("clusters", plan.clusters, clusters), ("seed", plan.seed, seed), ("method", plan.method, method or plan.method),
             # with --backbone-weights the weights bring their filter: the plan's "none" is no choice
             ("input filter", plan.input_filter, input_filter if input_filter and not plan.backbone_weights else plan.input_filter),
-            ("K range", plan.k_range, list(k_range) if k_range else plan.k_range))
+            ("K range", plan.k_range, list(k_range) if k_range else plan.k_range),
+            ("overcluster", plan.overcluster, float(overcluster) if overcluster else plan.overcluster))
             if then != now]
         if plan.files_digest and files_digest(data.paths) != plan.files_digest:
             differences.append(f"files: the run had {plan.n_images} readable files, now {len(data.paths)}"
@@ -396,7 +414,7 @@ def fit(
         n_train = int((~heldout).sum())
         k_range = k_range or DEFAULT_K_RANGE
         # --clusters auto compares K with at least 3 images per cluster (calibclust.cluster.choose_k).
-        needed = max(20, 3 * k_range[0]) if clusters == "auto" else max(20, 2 * clusters)
+        needed = max(20, 3 * k_range[0]) if clusters == "auto" else max(20, 2 * trained_clusters(clusters, overcluster))
         if n_train < needed:
             shutil.rmtree(out / CACHE_DIR, ignore_errors=True)  # a refused run leaves nothing behind
             if new_out:
@@ -404,11 +422,14 @@ def fit(
                     out.rmdir()
             wanted = f"--k-range {k_range[0]}..{k_range[1]}" if clusters == "auto" else f"{clusters} clusters"
             rule = "max(20, 3 × the lowest K)" if clusters == "auto" else "max(20, 2 × clusters)"
+            if overcluster and clusters != "auto":
+                wanted += f" trained as {trained_clusters(clusters, overcluster)} (--overcluster {overcluster:g})"
+                rule = "max(20, 2 × the clusters trained)"
             raise InputError(f"{n_train} training images for {wanted}; fit needs at least {needed} ({rule}) "
                              f"after holding out {100 * heldout_fraction:.0f} %")
         plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed,
                          pretrain_epochs, method or "cdc", "none" if backbone_weights else input_filter or "auto",
-                         k_range)
+                         k_range, overcluster)
         out.mkdir(parents=True, exist_ok=True)
         _write_commands(out, plan)
         run.record.update(plan=asdict(plan), unreadable=[list(u) for u in data.unreadable])
@@ -448,7 +469,7 @@ def fit(
 
 def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: float, resize: str,
               pretrain_epochs: int | None = None, method: str = "cdc", input_filter: str = "auto",
-              backbone_weights: str | None = None, k_range=None) -> tuple[int, int] | None:
+              backbone_weights: str | None = None, k_range=None, overcluster=None) -> tuple[int, int] | None:
     """Every problem with the arguments in one error; returns ``k_range`` parsed (None when not given)."""
     from calibclust.cluster.choose_k import parse_k_range
     from calibclust.metadata import RESIZE_POLICIES
@@ -470,6 +491,15 @@ def _validate(folder: Path, clusters, budget_minutes: float, heldout_fraction: f
             k_range = parse_k_range(k_range if isinstance(k_range, str) else "..".join(str(int(k)) for k in k_range))
         except (InputError, TypeError, ValueError) as exc:
             problems.append(str(exc) if isinstance(exc, InputError) else f"k_range must be (LOW, HIGH) or 'LOW..HIGH', got {k_range!r}")
+    if overcluster is not None:
+        if isinstance(overcluster, bool) or not isinstance(overcluster, (int, float, np.integer, np.floating)) \
+                or not 1 < overcluster <= MAX_OVERCLUSTER:
+            problems.append(f"overcluster must be a factor in (1, {MAX_OVERCLUSTER:g}], got {overcluster!r}")
+        elif method == "kmeans":
+            # Its Student-t assignment spreads ~1/K over every cluster, so summed members favour the
+            # group with the most members whatever the image (measured on three shapes: ACC 1/3).
+            problems.append("--overcluster does not apply to kmeans: its soft assignment is nearly uniform, so merged "
+                            "clusters favour the largest group; train kmeans at K")
     if pretrain_epochs is not None and not (isinstance(pretrain_epochs, (int, np.integer)) and pretrain_epochs >= 1):
         problems.append(f"pretrain epochs must be an integer >= 1, got {pretrain_epochs!r}")
     if not budget_minutes > 0:
@@ -504,6 +534,11 @@ def _pretrain_stage(run: FitRun, plan: FitPlan, train, progress: bool):
                           data_info={"folder": plan.folder, "split": "fit train split", "n_images": train.num_images})
         run.finish("pretrain", time.perf_counter() - start, final_loss=result.history[-1]["loss"] if result.history else None)
     return load_backbone_dir(pretrain_dir)
+
+
+def trained_clusters(clusters: int, overcluster: float | None) -> int:
+    """How many clusters a method trains for K = ``clusters``: ⌈F·K⌉ under ``--overcluster F``."""
+    return int(math.ceil(overcluster * clusters - 1e-9)) if overcluster else int(clusters)
 
 
 def resolved_clusters(record: dict) -> int:
@@ -641,15 +676,26 @@ def _train_stage(run: FitRun, plan: FitPlan, train, held, backbone, info, progre
         start = time.perf_counter()
         options = {"view_config": ViewConfig(flip_p=0.0)} if plan.method == "spice" else {}
         clusters = resolved_clusters(run.record)
-        method = get_method(plan.method)(clusters, method_config(plan, clusters), seed=plan.seed, device=plan.device,
+        trained = trained_clusters(clusters, plan.overcluster)
+        if plan.overcluster and 2 * trained > train.num_images:  # under auto only known now; a fixed K was checked
+            raise InputError(f"--overcluster {plan.overcluster:g} with K = {clusters} trains {trained} clusters, more than "
+                             f"half of the {train.num_images} training images; use a smaller factor (or a new --out "
+                             "without --overcluster)")
+        method = get_method(plan.method)(trained, method_config(plan, trained), seed=plan.seed, device=plan.device,
                                          progress=progress, **options)
         eval_data = held if (held.labels is not None and held.num_images) else None
         method.fit(train, backbone, info, out_dir=method_dir, eval_data=eval_data, resume=has_state(method_dir))
+        merged = {}
+        if trained > clusters:
+            groups = method.merge_clusters(clusters, train)
+            merged = {"overcluster": {"trained_clusters": trained, "groups": groups}}
+            print(f"      merged {trained} trained clusters into {clusters} by co-assignment (label-free); "
+                  f"trained clusters per cluster: {np.bincount(groups, minlength=clusters).tolist()}", flush=True)
         if "clusters_choice" in run.record:  # into the model metadata: label's report plots it
             method.metadata.train_stats["clusters_choice"] = run.record["clusters_choice"]
         model_dir = method.save(method_dir / "model")
         run.finish("train", time.perf_counter() - start, model_dir=str(model_dir),
-                   mean_confidence=method.metadata.train_stats.get("mean_confidence"))
+                   mean_confidence=method.metadata.train_stats.get("mean_confidence"), **merged)
     return method_dir / "model"
 
 
@@ -775,6 +821,11 @@ def format_summary(record: dict) -> str:
     lines = [f"K = {choice['k']} chosen without labels from {choice['ks'][0]}..{choice['ks'][-1]} (runner-up "
              f"{choice['runner_up']}; picks: " + ", ".join(f"{c} {k}" for c, k in choice["picks"].items()) + ")"
              + (f"; {choice['message']}" if choice.get("message") else "")] if choice else []
+    merged = record["stages"].get("train", {}).get("overcluster")
+    if merged:
+        members = np.bincount(merged["groups"]).tolist()
+        lines.append(f"trained {merged['trained_clusters']} clusters, merged into {len(members)} by co-assignment "
+                     f"(trained clusters per cluster: {members})")
     lines += [f"held-out split ({h['n']} images never trained on):",
              f"  mean confidence {pct(h['mean_confidence'])} %   accepted at confidence >= {h['confidence_threshold']:.2f}: "
              f"{pct(h['accepted_share'])} %   flagged OOD {pct(h['ood_share'])} %",
@@ -815,6 +866,11 @@ def write_report(out: Path, record: dict, calibration_report, heldout_outputs) -
     choice = record.get("clusters_choice")
     if choice:
         add_k_choice_section(report, choice)
+    merged = record["stages"].get("train", {}).get("overcluster")
+    if merged:
+        report.add_paragraph(f"Trained with {merged['trained_clusters']} clusters (--overcluster), merged into {clusters}: "
+                             + "; ".join(f"cluster {g} = trained {', '.join(str(j) for j, gj in enumerate(merged['groups']) if gj == g)}"
+                                         for g in range(clusters)) + " (the clusters its head spreads the same training images over).")
     h = record["stages"].get("evaluate", {}).get("heldout", {})
     report.add_heading("Held-out split")
     if h.get("n"):
@@ -858,6 +914,7 @@ def _escape(text: str) -> str:
 def fit_command(plan: FitPlan, out: Path) -> list[str]:
     argv = ["fit", plan.folder, "--out", str(out.resolve()), "--clusters", str(plan.clusters)]
     argv += ["--k-range", "{}..{}".format(*plan.k_range)] if plan.clusters == "auto" else []
+    argv += ["--overcluster", f"{plan.overcluster:.17g}"] if plan.overcluster else []  # exact: --resume compares it
     argv += ["--budget", f"{plan.budget_minutes:g}", "--heldout-fraction", f"{plan.heldout_fraction:g}", "--seed", str(plan.seed)]
     argv += ["--resize", plan.resize, "--method", plan.method]
     argv += ["--input-filter", plan.input_filter]  # always: the default (auto) is not every run's
@@ -901,6 +958,7 @@ examples:
   calibclust fit photos/ --out runs/photos --clusters 8 --budget 30     # more pretraining
   calibclust fit photos/ --out runs/photos --clusters 8 --resume        # after Ctrl-C
   calibclust fit photos/ --out runs/auto --clusters auto --k-range 2..20  # K chosen without labels
+  calibclust fit photos/ --out runs/over --clusters 10 --overcluster 2  # train 20 clusters, merge into 10
   calibclust fit photos/ --out runs/kmeans --clusters 8 --method kmeans # a baseline, same outputs
   calibclust label new_photos/ --model runs/photos/model.onnx --out labelled/ --target-accuracy 0.9"""
 
@@ -911,6 +969,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("folder", help="image folder (searched recursively)")
     p.add_argument("--out", required=True, help="output folder (new, or an interrupted run with --resume)")
     add_cluster_args(p, resumable_k_range=True)
+    p.add_argument("--overcluster", type=float, metavar="F",
+                   help="train ⌈F·K⌉ clusters and merge them into K, the clusters the head spreads the same "
+                        "images over first (label-free): for classes made of several looks; F in (1, "
+                        f"{MAX_OVERCLUSTER:g}] (default: off, or with --resume the run's own)")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_MINUTES, metavar="MINUTES",
                    help=f"time to aim for on this machine; sizes the pretraining (default {DEFAULT_BUDGET_MINUTES:g}, "
                         "sized for 2 CPU cores)")
@@ -946,5 +1008,5 @@ def _run_cli(args) -> int:
     result = fit(args.folder, args.out, args.clusters, budget_minutes=args.budget, device=args.device, resume=args.resume,
                  backbone_weights=args.backbone_weights, heldout_fraction=args.heldout_fraction, seed=args.seed,
                  progress=not args.no_progress, resize=args.resize, pretrain_epochs=args.pretrain_epochs, method=args.method,
-                 input_filter=args.input_filter, k_range=args.k_range)
+                 input_filter=args.input_filter, k_range=args.k_range, overcluster=args.overcluster)
     return EXIT_PARTIAL if result.run.get("unreadable") else EXIT_OK
