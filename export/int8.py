@@ -90,21 +90,38 @@ class UInt8CalibrationReader:
         return -(-len(self.images) // self.batch_size)
 
 
+def _backbone_node_names(model_proto) -> set[str]:
+    """The nodes the ``embedding`` output is computed from (pre-processing and backbone; Linear
+    layers inside a timm backbone included), or without that output, those before the head (the
+    first Gemm/MatMul after the first Conv, TensorRT's fp16 boundary)."""
+    nodes = list(model_proto.graph.node)
+    if "embedding" in {o.name for o in model_proto.graph.output}:
+        producer = {o: n for n in nodes for o in n.output}
+        seen, todo = set(), ["embedding"]
+        while todo:
+            node = producer.get(todo.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                todo.extend(node.input)
+        return seen
+    first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), 0)
+    head = next((i for i, n in enumerate(nodes) if i > first_conv and n.op_type in ("Gemm", "MatMul")), len(nodes))
+    return {n.name for n in nodes[:head]}
+
+
 def backbone_nodes(model_proto, keep_stem_fp32: bool = False, residual_add: bool = True) -> list[str]:
-    """Names of the nodes to quantise: every Conv, and Adds of two computed tensors (residuals)
-    before the head (the first Gemm/MatMul after the first Conv, TensorRT's fp16 boundary): a merged
-    head's ``top + log(...)`` (``fit --overcluster``) is an Add of two computed tensors too."""
+    """Names of the nodes to quantise: every Conv, and the backbone's Adds of two computed tensors
+    (residuals; :func:`_backbone_node_names`): a merged head's ``top + log(...)`` (``fit
+    --overcluster``) is an Add of two computed tensors too, and stays fp32 with the head."""
     initializers = {t.name for t in model_proto.graph.initializer}
     constants = {o for n in model_proto.graph.node if n.op_type == "Constant" for o in n.output}
     fixed = initializers | constants
-    nodes = list(model_proto.graph.node)
-    first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), 0)
-    head = next((i for i, n in enumerate(nodes) if i > first_conv and n.op_type in ("Gemm", "MatMul")), len(nodes))
+    backbone = _backbone_node_names(model_proto)
     names = []
-    for i, node in enumerate(nodes):
+    for node in model_proto.graph.node:
         if node.op_type == "Conv":
             names.append(node.name)
-        elif (residual_add and i < head and node.op_type == "Add" and len(node.input) == 2
+        elif (residual_add and node.name in backbone and node.op_type == "Add" and len(node.input) == 2
               and not (set(node.input) & fixed)):
             names.append(node.name)
     if keep_stem_fp32:

@@ -345,3 +345,10 @@ def test_fit_overcluster_trains_more_clusters_and_exports_k(digits_folder, digit
     assert "Trained with 10 clusters (--overcluster), merged into 5: cluster 0 = trained" in (out / "report.html").read_text()
     with pytest.raises(calibclust.InputError, match=r"overcluster: the run has 2.0, now 3.0"):
         calibclust.fit(digits_folder, out=out, clusters=5, overcluster=3, resume=True)
+    again = calibclust.fit(digits_folder, out=out, clusters=5, resume=True, progress=False)  # the run's own factor
+    assert again.run["stages"]["train"]["overcluster"] == merged and again.plan.overcluster == 2.0
+    # --clusters auto: the trained count for the top of --k-range is checked when the images are read
+    with pytest.raises(calibclust.InputError, match=r"--k-range 2..30 trained as up to 120 \(--overcluster 4\); fit needs "
+                                                    r"at least 240"):
+        calibclust.fit(digits_folder, out=tmp_path / "too-many", clusters="auto", overcluster=4)
+    assert not (tmp_path / "too-many").exists()

@@ -45,6 +45,7 @@ def test_merge_groups_puts_together_the_clusters_that_share_images():
     empty = np.concatenate([probs, np.zeros((len(probs), 1))], axis=1)  # a cluster no image has any share of
     with_empty = np.asarray(merge_groups(empty, 3))
     assert all(len(set(with_empty[:6][look_of == look])) == 1 for look in range(3)), with_empty.tolist()
+    assert len(set(with_empty[:6])) == 3, f"the empty cluster took a group of its own: {with_empty.tolist()}"
 
 
 def test_merge_groups_refuses_impossible_counts():

@@ -91,7 +91,7 @@ OTHER_METHOD_SECONDS_PER_IMAGE = {"dccm": 0.18, "spc": 0.15, "gcc": 0.45}
 # its cost about proportional to the images times the sum of the K compared: 36 s for K = 2..30
 # (sum 464) on 1,797 digits, 2 cores; with the eigengap added, 29 s on 1,455 training images.
 CHOOSE_K_SECONDS_PER_IMAGE_K = 36 / (1797 * 464)
-# --overcluster F trains ⌈F·K⌉ clusters (at most half the training images, checked once K is known);
+# --overcluster F trains ⌈F·K⌉ clusters (at most half the training images, for the top of --k-range);
 # only F = 2 is measured (README); beyond a few looks per class each cluster gets few images.
 MAX_OVERCLUSTER = 5.0
 
@@ -414,7 +414,10 @@ def fit(
         n_train = int((~heldout).sum())
         k_range = k_range or DEFAULT_K_RANGE
         # --clusters auto compares K with at least 3 images per cluster (calibclust.cluster.choose_k).
+        # --overcluster trains ⌈F·K⌉ clusters, at most half the images (under auto, for the highest K).
         needed = max(20, 3 * k_range[0]) if clusters == "auto" else max(20, 2 * trained_clusters(clusters, overcluster))
+        if clusters == "auto" and overcluster:
+            needed = max(needed, 2 * trained_clusters(k_range[1], overcluster))
         if n_train < needed:
             shutil.rmtree(out / CACHE_DIR, ignore_errors=True)  # a refused run leaves nothing behind
             if new_out:
@@ -422,9 +425,10 @@ def fit(
                     out.rmdir()
             wanted = f"--k-range {k_range[0]}..{k_range[1]}" if clusters == "auto" else f"{clusters} clusters"
             rule = "max(20, 3 × the lowest K)" if clusters == "auto" else "max(20, 2 × clusters)"
-            if overcluster and clusters != "auto":
-                wanted += f" trained as {trained_clusters(clusters, overcluster)} (--overcluster {overcluster:g})"
-                rule = "max(20, 2 × the clusters trained)"
+            if overcluster:
+                top = k_range[1] if clusters == "auto" else clusters
+                wanted += f" trained as up to {trained_clusters(top, overcluster)} (--overcluster {overcluster:g})"
+                rule += ", and 2 × the clusters trained"
             raise InputError(f"{n_train} training images for {wanted}; fit needs at least {needed} ({rule}) "
                              f"after holding out {100 * heldout_fraction:.0f} %")
         plan = make_plan(str(folder), data, sizes, heldout, clusters, budget_minutes, device, backbone_weights, heldout_fraction, seed,
@@ -677,10 +681,6 @@ def _train_stage(run: FitRun, plan: FitPlan, train, held, backbone, info, progre
         options = {"view_config": ViewConfig(flip_p=0.0)} if plan.method == "spice" else {}
         clusters = resolved_clusters(run.record)
         trained = trained_clusters(clusters, plan.overcluster)
-        if plan.overcluster and 2 * trained > train.num_images:  # under auto only known now; a fixed K was checked
-            raise InputError(f"--overcluster {plan.overcluster:g} with K = {clusters} trains {trained} clusters, more than "
-                             f"half of the {train.num_images} training images; use a smaller factor (or a new --out "
-                             "without --overcluster)")
         method = get_method(plan.method)(trained, method_config(plan, trained), seed=plan.seed, device=plan.device,
                                          progress=progress, **options)
         eval_data = held if (held.labels is not None and held.num_images) else None
