@@ -66,10 +66,10 @@ def quickstart_out(tmp_path_factory):
     """A finished ``calibclust quickstart`` output folder: CALIBCLUST_QUICKSTART_OUT when set (CI
     points it at the README quick start's output), else one ``--fast`` run per test session (about
     2 minutes on 2 idle cores with native bf16, 4.5 on one fp32 thread), shared by every test that
-    needs it. On one torch thread, so every machine trains the same model from the same numerics: the
-    30-epoch model's calibration checks depend on them (measured on a CPU without bf16: with 2
-    threads CDC-Cal ACC 0.725 / ECE 0.077 against CDC-Clu's 0.075, --target-accuracy 0.90 realised
-    0.83; with 1 thread 0.855 / 0.059 against 0.075)."""
+    needs it. On one torch thread, so the machine's core count does not change the model (its bf16
+    support still does): the 30-epoch model's calibration checks depend on the numerics (measured on
+    a CPU without bf16: with 2 threads CDC-Cal ACC 0.725 / ECE 0.077 against CDC-Clu's 0.075,
+    --target-accuracy 0.90 realised 0.83; with 1 thread 0.855 / 0.059 against 0.075)."""
     import os
     import subprocess
     import sys
