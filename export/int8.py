@@ -104,9 +104,9 @@ def _backbone_node_names(model_proto) -> set[str]:
                 seen.add(node.name)
                 todo.extend(node.input)
         return seen
-    first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), 0)
-    head = next((i for i, n in enumerate(nodes) if i > first_conv and n.op_type in ("Gemm", "MatMul")), len(nodes))
-    return {n.name for n in nodes[:head]}
+    from calibclust.export.tensorrt import head_start
+
+    return {n.name for n in nodes[:head_start(nodes)]}
 
 
 def backbone_nodes(model_proto, keep_stem_fp32: bool = False, residual_add: bool = True) -> list[str]:

@@ -107,11 +107,18 @@ class EngineResult:
 
 
 # --- FP16 graph ----------------------------------------------------------------------------------
+def head_start(nodes) -> int:
+    """Index of the head's first node in a contract graph's ``nodes``: the first Gemm/MatMul after
+    the first Conv (``len(nodes)`` when there is none)."""
+    first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), 0)
+    return next((i for i, n in enumerate(nodes) if i > first_conv and n.op_type in ("Gemm", "MatMul")), len(nodes))
+
+
 def fp16_region(model_proto) -> list[str]:
     """Names of the nodes that stay fp32: everything before the first Conv and from the head on."""
     nodes = list(model_proto.graph.node)
     first_conv = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
-    head = next((i for i, n in enumerate(nodes) if i > first_conv and n.op_type in ("Gemm", "MatMul")), len(nodes))
+    head = head_start(nodes)
     return [n.name for i, n in enumerate(nodes) if i < first_conv or i >= head]
 
 
